@@ -39,6 +39,7 @@ class Unit:
     block: int = -1
     index: int | None = None
     tied_to: str | None = None
+    transposed: bool = False  # stored as (in, out), e.g. GPT-2's Conv1D
 
     @property
     def n_params(self) -> int:
@@ -53,6 +54,8 @@ def get_weight(model: nn.Module, unit: Unit) -> torch.Tensor:
     """The unit's weight as a 2-D (out, in) view sharing storage with the model."""
     p = _param(model, unit)
     w = p[unit.index] if unit.index is not None else p
+    if unit.transposed:
+        return w.t()
     return w.reshape(w.shape[0], -1)
 
 
@@ -61,4 +64,6 @@ def set_weight(model: nn.Module, unit: Unit, w2d: torch.Tensor) -> None:
     """Copy a 2-D (out, in) tensor into the unit's weight, in place (dtype of the model kept)."""
     p = _param(model, unit)
     target = p[unit.index] if unit.index is not None else p
+    if unit.transposed:
+        w2d = w2d.t()
     target.copy_(w2d.reshape(target.shape).to(target.dtype))

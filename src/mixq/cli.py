@@ -1,0 +1,199 @@
+"""The `mixq` command line: a thin layer over `mixq.api`. Each stage is a subcommand."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+from typing import Callable, Sequence
+
+from mixq.errors import MixqError
+
+log = logging.getLogger("mixq")
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _progress(args):
+    from mixq.progress import TqdmProgress
+
+    return TqdmProgress(disable=getattr(args, "quiet", False))
+
+
+# ---------------------------------------------------------------- tables
+
+
+def _fmt(v, digits: int = 3) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        if abs(v) >= 1000:
+            return f"{v:.0f}"
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def render_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
+    """A plain aligned text table (first column left-aligned, the rest right-aligned)."""
+    cells = [[str(h) for h in headers]] + [[_fmt(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = []
+    for k, r in enumerate(cells):
+        parts = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])]
+        lines.append("  ".join(parts))
+        if k == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def eval_table(result: dict) -> str:
+    """The table `mixq eval` prints: one row per format/plan, float first."""
+    rows = result["rows"]
+    is_lm = "ppl" in rows[0]
+    task_names = list(result.get("tasks", []))
+    if is_lm:
+        headers = ["format", "bpw blocks", "bpw all", "ppl", "KL", "top1 agree"] + task_names
+        body = [[r["label"], r["bpw_blocks"], r["bpw_all"], r["ppl"], r["kl"], r["top1_agree"]]
+                + [_task_acc(r["tasks"].get(t)) for t in task_names] for r in rows]
+        head = (f"model {result['model']}  data {result['data']}: {result['n_windows']} windows x "
+                f"{result['seqlen']} tokens = {result['n_tokens']} scored tokens")
+        if task_names:
+            head += f"; zero-shot acc_norm (acc for lambada) on {result.get('task_limit') or 'all'} examples per task"
+    else:
+        headers = ["format", "bpw quantized", "bpw all", "top1 %"]
+        body = [[r["label"], r["bpw_units"], r["bpw_all"], 100 * r["top1"]] for r in rows]
+        head = f"model {result['model']}  data {result['data']}: {result['n_images']} images"
+    foot = ("bpw blocks: all-in bits per weight of the units in the blocks; bpw all: every parameter, "
+            "embeddings/head/norms at 16 bits unless quantized")
+    note = f"\nnote: {result['note']}" if result.get("note") else ""
+    return f"{head}\n{render_table(headers, body)}\n{foot}{note}"
+
+
+def _task_acc(scores: dict | None):
+    if not scores:
+        return None
+    return scores.get("acc_norm", scores.get("acc"))
+
+
+# ---------------------------------------------------------------- commands
+
+
+def cmd_formats(args) -> int:
+    from mixq import formats
+
+    shape = (args.rows, args.cols)
+    rows = []
+    for spec in formats.catalogue():
+        fmt = formats.parse(spec)
+        rows.append([spec, fmt.bits(shape) / (shape[0] * shape[1])])
+    print(f"bits per weight (all-in: codes, scales, zero points) for a {shape[0]}x{shape[1]} matrix")
+    print(render_table(["format", "bits/weight"], rows))
+    return 0
+
+
+def _write_json(path, kind: str, schema: int, body: dict) -> None:
+    from mixq.artifacts import write_artifact
+
+    write_artifact(path, kind, schema, body)
+    print(f"wrote {path}")
+
+
+def cmd_eval(args) -> int:
+    from mixq import api
+
+    result = api.evaluate(
+        model=args.model,
+        formats=[f for spec in args.format for f in _split_formats(spec)],
+        plans=args.plan,
+        data=args.data,
+        seqlen=args.seqlen,
+        windows=None if args.windows == 0 else args.windows,
+        tasks=_csv(args.tasks) if args.tasks else [],
+        limit=args.limit,
+        include_head=args.include_head,
+        progress=_progress(args),
+    )
+    print(eval_table(result))
+    if args.json:
+        _write_json(args.json, "eval", api.EVAL_SCHEMA, result)
+    return 0
+
+
+def _split_formats(spec: str) -> list[str]:
+    # Several formats may be given comma-separated; a format spec itself never holds a comma.
+    return _csv(spec)
+
+
+DEMO_FORMATS = ["int8:ch", "int4:g64", "int4:g64:asym", "int3:g64", "mxfp4", "nvfp4", "nf4:g64"]
+
+
+def cmd_demo(args) -> int:
+    from mixq import api
+
+    print(f"mixq demo: default model, WikiText-2 test, {args.windows} windows x {args.seqlen} tokens, "
+          f"formats {', '.join(DEMO_FORMATS)} (round to nearest)")
+    result = api.evaluate(formats=DEMO_FORMATS, seqlen=args.seqlen, windows=args.windows,
+                          progress=_progress(args))
+    print(eval_table(result))
+    if args.json:
+        _write_json(args.json, "eval", api.EVAL_SCHEMA, result)
+    return 0
+
+
+# ---------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mixq", description="Mixed-precision quantization: measure, plan, quantize, evaluate.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    f = sub.add_parser("formats", help="list every numeric format with its all-in bits per weight")
+    f.add_argument("--rows", type=int, default=4096)
+    f.add_argument("--cols", type=int, default=4096)
+    f.set_defaults(func=cmd_formats)
+
+    e = sub.add_parser("eval", help="evaluate the float model and quantized versions of it")
+    e.add_argument("model", help="built-in alias (smollm2-135m, resnet20-cifar10, resnet56-cifar10), model directory, or hub id")
+    e.add_argument("--format", action="append", default=[], metavar="SPEC",
+                   help="format for every unit, e.g. int4:g64 (repeat or comma-separate for several)")
+    e.add_argument("--plan", action="append", default=[], metavar="PLAN_JSON", help="evaluate a plan.json")
+    e.add_argument("--data", default=None, help="wikitext2 (default), wikitext2-valid, ptb, ptb-valid, or a text file")
+    e.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
+    e.add_argument("--windows", type=int, default=8, help="number of windows from the start of the text; 0 = all (default 8)")
+    e.add_argument("--tasks", default="", help="zero-shot tasks, comma-separated: piqa,arc_easy,arc_challenge,winogrande,hellaswag,lambada,...")
+    e.add_argument("--limit", type=int, default=None, help="examples per zero-shot task (default all)")
+    e.add_argument("--include-head", action="store_true", help="also quantize lm_head (tied heads share the embedding)")
+    e.add_argument("--json", default=None, metavar="OUT", help="write the results as an eval artifact")
+    e.set_defaults(func=cmd_eval)
+
+    d = sub.add_parser("demo", help="run the default model through a few formats and print the table")
+    d.add_argument("--seqlen", type=int, default=512)
+    d.add_argument("--windows", type=int, default=8)
+    d.add_argument("--json", default=None, metavar="OUT")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    func: Callable = args.func
+    try:
+        return func(args)
+    except MixqError as e:
+        print(f"mixq {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""The `Plan` artifact: an explicit unit -> option mapping.
+
+An option is a numeric format plus the quantizer that produces it and any transforms applied
+first, written `FORMAT[+QUANTIZER][+TRANSFORM...]` (e.g. `int4:g64`, `int3:g64+gptq+rotate`).
+Every unit is named; nothing is left to patterns. A plan records the shape of every unit so
+that applying it to another model is refused with the first mismatches listed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from mixq import formats
+from mixq.artifacts import read_artifact, write_artifact
+from mixq.errors import ArtifactError, FormatError
+from mixq.models.units import Unit
+
+PLAN_SCHEMA = 1
+QUANTIZERS = ("rtn", "gptq")
+
+
+@dataclass(frozen=True)
+class Option:
+    """A format with the quantizer and transforms that produce it."""
+
+    format: str
+    quantizer: str = "rtn"
+    transforms: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        parts = [self.format]
+        if self.quantizer != "rtn":
+            parts.append(self.quantizer)
+        parts.extend(self.transforms)
+        return "+".join(parts)
+
+    @property
+    def fmt(self) -> formats.Format:
+        return formats.parse(self.format)
+
+    def bits(self, shape: tuple[int, int]) -> int:
+        """All-in bits of the unit under this option (format bits; transforms that store
+        extra tensors, such as a low-rank branch, add theirs)."""
+        extra = 0
+        for t in self.transforms:
+            if t.startswith("lowrank:"):
+                rank = int(t.split(":", 1)[1])
+                extra += 16 * rank * (shape[0] + shape[1])
+        return self.fmt.bits(shape) + extra
+
+
+def parse_option(text: str) -> Option:
+    """Parse `FORMAT[+QUANTIZER][+TRANSFORM...]`; the format is validated by formats.parse."""
+    parts = [p.strip() for p in text.strip().split("+") if p.strip()]
+    if not parts:
+        raise FormatError(f"empty option {text!r}; expected FORMAT[+gptq][+rotate|+smooth|+lowrank:R]")
+    fmt = str(formats.parse(parts[0]))
+    quantizer, transforms = "rtn", []
+    for p in parts[1:]:
+        low = p.lower()
+        if low in QUANTIZERS:
+            quantizer = low
+        elif low in ("rotate", "smooth") or low.startswith("lowrank:"):
+            if low.startswith("lowrank:") and not low.split(":", 1)[1].isdigit():
+                raise FormatError(f"option {text!r}: lowrank needs an integer rank, e.g. lowrank:16")
+            transforms.append(low)
+        else:
+            raise FormatError(
+                f"option {text!r}: unknown part {p!r}; expected a quantizer ({', '.join(QUANTIZERS)}) "
+                "or a transform (rotate, smooth, lowrank:R)"
+            )
+    return Option(fmt, quantizer, tuple(transforms))
+
+
+@dataclass
+class Plan:
+    """unit name -> Option for every quantized unit, plus each unit's shape and provenance."""
+
+    model: str
+    options: dict[str, Option]
+    shapes: dict[str, tuple[int, int]]
+    meta: dict = field(default_factory=dict)
+
+    @classmethod
+    def uniform(cls, model: str, units: list[Unit], option: str | Option, meta: dict | None = None) -> "Plan":
+        opt = parse_option(option) if isinstance(option, str) else option
+        quantized = [u for u in units if u.tied_to is None]
+        return cls(model, {u.name: opt for u in quantized}, {u.name: u.shape for u in quantized},
+                   dict(meta or {}))
+
+    def check_against(self, units: list[Unit], max_listed: int = 5) -> None:
+        """Raise ArtifactError if the plan names units the model lacks or shapes differ."""
+        by_name = {u.name: u for u in units}
+        problems = []
+        for name, shape in self.shapes.items():
+            u = by_name.get(name)
+            if u is None:
+                problems.append(f"unit {name!r} is not in the model")
+            elif tuple(u.shape) != tuple(shape):
+                problems.append(f"unit {name!r} has shape {tuple(u.shape)} in the model, {tuple(shape)} in the plan")
+        if problems:
+            more = f" (and {len(problems) - max_listed} more)" if len(problems) > max_listed else ""
+            raise ArtifactError(
+                f"plan for model {self.model!r} does not fit this model: " + "; ".join(problems[:max_listed]) + more
+            )
+
+    def unit_bits(self) -> dict[str, int]:
+        return {n: o.bits(self.shapes[n]) for n, o in self.options.items()}
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model,
+            "meta": self.meta,
+            "units": {n: {"option": str(o), "shape": list(self.shapes[n]), "bits": o.bits(self.shapes[n])}
+                      for n, o in self.options.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, doc: dict, source: str = "plan") -> "Plan":
+        try:
+            units = doc["units"]
+            options = {n: parse_option(u["option"]) for n, u in units.items()}
+            shapes = {n: (int(u["shape"][0]), int(u["shape"][1])) for n, u in units.items()}
+        except (KeyError, TypeError, IndexError) as e:
+            raise ArtifactError(f"{source}: malformed plan ({e.__class__.__name__}: {e})") from e
+        return cls(doc.get("model", ""), options, shapes, doc.get("meta", {}))
+
+    def save(self, path: str | os.PathLike) -> None:
+        write_artifact(path, "plan", PLAN_SCHEMA, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Plan":
+        return cls.from_dict(read_artifact(path, "plan", PLAN_SCHEMA), str(path))
