@@ -131,7 +131,9 @@ def iter_task(name: str, limit: int | None = None) -> Iterator[Example]:
             return
         try:
             if name == "lambada":
-                yield LastWordExample(row["context"].rstrip(), " " + row["continuation"].strip())
+                # " " + continuation restores the original text exactly (lm-evaluation-harness
+                # splits on the last " "); 7 targets hold line breaks ("of\n\nPower").
+                yield LastWordExample(row["context"].rstrip(), " " + row["continuation"])
             elif name == "winogrande":
                 yield _winogrande_example(row)
             else:
