@@ -132,8 +132,15 @@ def test_float_reference_detects_changed_model(tiny_llama, windows):
     ref.metrics()
     with torch.no_grad():
         model.lm_head.weight.mul_(1.5)
-    with pytest.raises(DataError, match="changed"):
+    with pytest.raises(DataError, match="changed.*copy_model=True"):
         lm_eval(tiny_llama, windows, reference=ref)
+    # a private copy keeps the reference valid while the caller's module changes in place
+    model = copy.deepcopy(tiny_llama)
+    ref = FloatReference(model, windows, cache_bytes=0, copy_model=True)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1.5)
+    r = lm_eval(model, windows, reference=ref)
+    assert r["ref_ppl"] == pytest.approx(lm_eval(tiny_llama, windows)["ppl"], rel=1e-6) and r["kl"] > 0
 
 
 def test_reference_windows_must_match(tiny_llama, windows):

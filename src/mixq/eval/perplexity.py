@@ -12,6 +12,7 @@ in float32 from `log_softmax` of the logits, sums accumulated in float64.
 
 from __future__ import annotations
 
+import copy
 from typing import Sequence
 
 import torch
@@ -75,11 +76,14 @@ class FloatReference:
     `log_probs(indices)` returns float32 log-probs (B, L-1, V) for windows `indices`. Each
     window is computed on first use; its log-probs are kept (on `cache_device`, default the
     model's device) while the cache stays under `cache_bytes`, and recomputed on demand
-    beyond that. The float model's own NLL is recorded on the first pass over each window,
-    so `metrics()` plus evaluating N other models costs 1 + N forward passes per cached
-    window. The float model must not change while this object is used: a recomputation
-    checks the weights against those seen at construction and raises `DataError` if they
-    differ (e.g. the model was quantized in place).
+    beyond that. A window costs (seqlen - 1) * vocab * 4 bytes (SmolLM2 at seqlen 2048:
+    0.4 GB). The float model's own NLL is recorded on the first pass over each window, so
+    `metrics()` plus evaluating N other models costs 1 + N forward passes per cached window.
+
+    Recomputing needs the float model unchanged: every recomputation checks its weights
+    against those seen at construction and raises `DataError` if they differ (e.g. the
+    model was fake-quantized in place). To quantize the same module in place with windows
+    beyond the cache, pass `copy_model=True` (a private deep copy on the same device).
     """
 
     def __init__(
@@ -89,8 +93,9 @@ class FloatReference:
         cache_bytes: float = 6e9,
         cache_device: str | torch.device | None = None,
         batch_size: int = 1,
+        copy_model: bool = False,
     ) -> None:
-        self.model = model
+        self.model = copy.deepcopy(model) if copy_model else model
         self.windows = _check_windows(windows).cpu()
         self.cache_bytes = float(cache_bytes)
         self.cache_device = torch.device(cache_device) if cache_device is not None else model_device(model)
@@ -99,7 +104,8 @@ class FloatReference:
         self._cache: dict[int, torch.Tensor] = {}
         self._cached_bytes = 0
         self._nll: dict[int, float] = {}
-        self._weights = _fingerprint(model)
+        self._bytes_per_window = 0
+        self._weights = _fingerprint(self.model)
 
     @property
     def n_cached(self) -> int:
@@ -116,9 +122,12 @@ class FloatReference:
 
     def _compute(self, indices: list[int]) -> torch.Tensor:
         if self.n_forward and _fingerprint(self.model) != self._weights:
+            n, seqlen = self.windows.shape
             raise DataError(
-                "the float reference model's weights changed since FloatReference was built; "
-                "keep an unmodified float copy (or raise cache_bytes so nothing is recomputed)"
+                "the float reference model's weights changed since FloatReference was built, "
+                f"and window(s) {indices} must be recomputed ({self.n_cached} of {n} windows cached in "
+                f"cache_bytes={self.cache_bytes:.3g}; all need {n * self._bytes_per_window:.3g}); "
+                "pass copy_model=True or a larger cache_bytes"
             )
         device = model_device(self.model)
         ids = self.windows[indices].to(device)  # (B, L)
@@ -126,12 +135,12 @@ class FloatReference:
             logp = _next_token_log_probs(self.model, ids)  # (B, L-1, V)
             nll = _window_nll(logp, ids)
         self.n_forward += 1
+        self._bytes_per_window = logp[0].numel() * logp.element_size()
         for j, i in enumerate(indices):
             self._nll.setdefault(i, float(nll[j]))
-            nbytes = logp[j].numel() * logp[j].element_size()
-            if i not in self._cache and self._cached_bytes + nbytes <= self.cache_bytes:
+            if i not in self._cache and self._cached_bytes + self._bytes_per_window <= self.cache_bytes:
                 self._cache[i] = logp[j].to(self.cache_device, copy=True)
-                self._cached_bytes += nbytes
+                self._cached_bytes += self._bytes_per_window
         return logp
 
     def log_probs(self, indices: int | Sequence[int]) -> torch.Tensor:
