@@ -36,6 +36,40 @@ class QTensor:
     tensor_scale: torch.Tensor | None = None
 
 
+@dataclass(frozen=True)
+class Layout:
+    """The streams a quantized weight is stored as, with their exact widths.
+
+    Codes and zeros are packed bitstreams at `code_bits` each (`formats.packing`); scales are
+    stored at `scale_bits` each (16: float16, 8: E8M0 / E4M3 bytes); `tensor_scale_bits` is 32
+    for the one float32 NVFP4 tensor scale, else 0. `bits` is the all-in total every bit count
+    in mixq reports.
+    """
+
+    code_bits: int
+    n_codes: int
+    scales_shape: tuple[int, int] | None = None
+    scale_dtype: torch.dtype | None = None
+    has_zeros: bool = False
+    tensor_scale_bits: int = 0
+
+    @property
+    def n_scales(self) -> int:
+        return 0 if self.scales_shape is None else self.scales_shape[0] * self.scales_shape[1]
+
+    @property
+    def scale_bits(self) -> int:
+        if self.scale_dtype is None:
+            return 0
+        return self.scale_dtype.itemsize * 8
+
+    @property
+    def bits(self) -> int:
+        n_zeros = self.n_scales if self.has_zeros else 0
+        return (self.code_bits * (self.n_codes + n_zeros) + self.scale_bits * self.n_scales
+                + self.tensor_scale_bits)
+
+
 @runtime_checkable
 class Format(Protocol):
     """What every format provides. Implementations are frozen dataclasses whose
@@ -47,7 +81,8 @@ class Format(Protocol):
 
     def group_size_for(self, cols: int) -> int:
         """Number of consecutive input elements sharing one scale, for a weight of `cols`
-        columns (cols for per-channel, rows*cols handled as one group for per-tensor)."""
+        columns: g for group/block formats (the last group of a row may be partial), cols for
+        per-channel, and cols for per-tensor too (whose one scale also spans all rows)."""
 
     def fake_quant(self, w: torch.Tensor) -> torch.Tensor:
         """Quantize then dequantize; same shape and dtype as `w` (computed in float32)."""
@@ -57,6 +92,9 @@ class Format(Protocol):
 
     def dequantize(self, q: QTensor) -> torch.Tensor:
         """Float32 weight from codes-plus-scales; `dequantize(quantize(w)) == fake_quant(w)`."""
+
+    def layout(self, shape: tuple[int, int]) -> Layout:
+        """The stored streams (codes, scales, zeros, tensor scale) for a weight of `shape`."""
 
     def bits(self, shape: tuple[int, int]) -> int:
         """Exact all-in storage bits for a weight of `shape`: codes, scales, zeros, tensor

@@ -1,0 +1,129 @@
+"""Shared plumbing of the formats: weight checks, the (rows, n_groups, g) group view, float16
+scale storage, and the MSE clip-ratio search.
+
+Granularity is one int, `group_size`: g > 0 is groups of g consecutive input elements
+(cols) per row, PER_CHANNEL (0) is one group per row, PER_TENSOR (-1) is one group for the
+whole weight. A partial last group (cols % g != 0) is zero-padded in the group view: zeros
+change no group statistic here (symmetric amax ignores them and asymmetric ranges always
+include 0) and quantize to exactly 0, so they add no error; they are never stored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from mixq.errors import DataError, FormatError
+
+PER_CHANNEL = 0
+PER_TENSOR = -1
+
+# float16 scale storage: scales are clamped to [2**-14, 65504] before rounding. 2**-14 is the
+# smallest *normal* float16; using it as the floor keeps the relative rounding error of every
+# stored scale <= 2**-11, which is what makes symmetric quantization exactly idempotent (and
+# turns an all-zero group's scale 0 into this constant). A group whose ideal scale is below it
+# (int8: amax < 127 * 2**-14 ~ 7.8e-3) is quantized with step 2**-14, error <= 3.1e-5.
+FP16_SCALE_MIN = 2.0**-14
+FP16_MAX = 65504.0
+
+# MSE clip search: the group's range is shrunk by each ratio and the ratio with the least
+# squared error per group wins; 1.0 comes first and wins ties, so the search is never worse.
+CLIP_RATIOS: tuple[float, ...] = tuple(round(1.0 - 0.05 * i, 2) for i in range(11))  # 1.0..0.5
+
+
+def granularity_str(group_size: int) -> str:
+    """'g<N>', 'ch' or 't'."""
+    return {PER_CHANNEL: "ch", PER_TENSOR: "t"}.get(group_size, f"g{group_size}")
+
+
+def check_weight(w: torch.Tensor) -> None:
+    """Raise FormatError for a non-2-D, non-float or empty weight, DataError for NaN/inf."""
+    if not isinstance(w, torch.Tensor) or w.dim() != 2:
+        shape = tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__
+        raise FormatError(f"expected a 2-D weight (rows, cols), got {shape}")
+    if not w.is_floating_point():
+        raise FormatError(f"expected a floating-point weight, got {w.dtype}")
+    if w.numel() == 0:
+        raise FormatError(f"cannot quantize an empty weight of shape {tuple(w.shape)}")
+    finite = torch.isfinite(w)
+    if not bool(finite.all()):
+        n_bad = int((~finite).sum())
+        raise DataError(f"weight contains NaN/inf ({n_bad} of {w.numel()} values)")
+
+
+def group_len(group_size: int, cols: int) -> int:
+    """Elements per group along cols (the padded length for a partial last group)."""
+    return group_size if group_size > 0 else cols
+
+
+def scales_shape(group_size: int, shape: tuple[int, int]) -> tuple[int, int]:
+    """(rows, ceil(cols/g)) for groups, (rows, 1) per channel, (1, 1) per tensor."""
+    rows, cols = shape
+    if group_size == PER_TENSOR:
+        return (1, 1)
+    if group_size == PER_CHANNEL:
+        return (rows, 1)
+    return (rows, -(-cols // group_size))
+
+
+def to_groups(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(rows, cols) -> (rows', n_groups, g), zero-padding a partial last group."""
+    rows, cols = w.shape
+    if group_size == PER_TENSOR:
+        return w.reshape(1, 1, rows * cols)
+    if group_size == PER_CHANNEL:
+        return w.unsqueeze(1)
+    n_groups = -(-cols // group_size)
+    pad = n_groups * group_size - cols
+    if pad:
+        w = torch.cat([w, w.new_zeros(rows, pad)], dim=1)  # (rows, n_groups * g)
+    return w.reshape(rows, n_groups, group_size)
+
+
+def from_groups(x: torch.Tensor, shape: tuple[int, int], group_size: int) -> torch.Tensor:
+    """Inverse of `to_groups`: (rows', n_groups, g) -> (rows, cols), dropping padding."""
+    rows, cols = shape
+    if group_size <= 0:
+        return x.reshape(rows, cols)
+    return x.reshape(rows, -1)[:, :cols].contiguous()
+
+
+def fp16_scale(s: torch.Tensor, *, round_up: bool = False) -> torch.Tensor:
+    """float32 scales rounded to float16 (nearest, or up), kept as float32 for compute."""
+    s = s.clamp(FP16_SCALE_MIN, FP16_MAX)
+    h = s.to(torch.float16)
+    if round_up:
+        # Positive finite float16: the next larger value is the bit pattern + 1.
+        bumped = (h.view(torch.int16) + 1).view(torch.float16)
+        h = torch.where(h.float() < s, bumped, h)
+    return h.float()
+
+
+Encoded = tuple  # (codes (R, G, g) uint8, values (R, G, g) f32, per-group tensors (R, G) | None...)
+
+
+def mse_search(x: torch.Tensor, encode: Callable[[float], Encoded]) -> Encoded:
+    """The per-group best of `encode(ratio)` over CLIP_RATIOS by squared error against x.
+
+    x: (R, G, g) float32. encode returns (codes, values, *params); codes and values are
+    (R, G, g), params are (R, G) or None; every tensor is selected group by group.
+    """
+    best = encode(CLIP_RATIOS[0])
+    best_err = (best[1] - x).square().sum(-1)  # (R, G)
+    for ratio in CLIP_RATIOS[1:]:
+        cand = encode(ratio)
+        err = (cand[1] - x).square().sum(-1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = tuple(
+            None if b is None else torch.where(better.view(better.shape + (1,) * (b.dim() - 2)), c, b)
+            for b, c in zip(best, cand)
+        )
+    return best
+
+
+def check_qtensor(q, fmt) -> None:
+    """Raise FormatError when a QTensor was not made by `fmt`."""
+    if q.fmt != str(fmt):
+        raise FormatError(f"QTensor of format {q.fmt!r} given to format {str(fmt)!r}")

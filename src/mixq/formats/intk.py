@@ -1,0 +1,117 @@
+"""INT-k: uniform integer grids with a float16 scale per group, channel or tensor.
+
+Symmetric (`int4:g64`): scale = amax / qmax with qmax = 2**(k-1) - 1 (scale rounded to
+float16 to nearest), q = clamp(round(w / scale), -qmax - 1, qmax), code = q + 2**(k-1),
+value = (code - 2**(k-1)) * scale.
+
+Asymmetric (`int3:g64:asym`): the range [lo, hi] = [min(min w, 0), max(max w, 0)] always
+includes 0 (so the zero point is an exact k-bit code), scale = (hi - lo) / (2**k - 1)
+rounded *up* to float16 (so hi still fits: in-range error stays within half a step),
+zero = clamp(round(-lo / scale), 0, 2**k - 1), code = clamp(round(w / scale) + zero, 0,
+2**k - 1), value = (code - zero) * scale. Asymmetric min-max quantization is not
+idempotent in general: the top code may round to 2**k - 2, shrinking the next range.
+
+Scales are clamped to >= 2**-14 (see `grouping.FP16_SCALE_MIN`); an all-zero group thus
+gets scale 2**-14 and zero point 0. `:mse` searches clip ratios per group (same bits).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mixq.errors import FormatError
+from mixq.formats.base import Layout, QTensor
+from mixq.formats.grouping import (PER_CHANNEL, PER_TENSOR, check_qtensor, check_weight,
+                                   fp16_scale, from_groups, granularity_str, group_len,
+                                   mse_search, scales_shape, to_groups)
+
+
+@dataclass(frozen=True)
+class IntFormat:
+    """k-bit integer codes, float16 scales (and k-bit zero points when `asym`)."""
+
+    code_bits: int
+    group_size: int  # g > 0, PER_CHANNEL (0) or PER_TENSOR (-1)
+    asym: bool = False
+    mse: bool = False
+
+    def __post_init__(self):
+        if not 2 <= self.code_bits <= 8:
+            raise FormatError(f"int bits must be 2..8, got {self.code_bits}")
+        if self.group_size < PER_TENSOR:
+            raise FormatError(f"bad group size {self.group_size}")
+
+    def __str__(self) -> str:
+        s = f"int{self.code_bits}:{granularity_str(self.group_size)}"
+        return s + (":asym" if self.asym else "") + (":mse" if self.mse else "")
+
+    def group_size_for(self, cols: int) -> int:
+        return group_len(self.group_size, cols)
+
+    def levels(self) -> torch.Tensor:
+        """code -> integer value before scaling (asymmetric: the code itself; subtract zero)."""
+        offset = 0 if self.asym else 2 ** (self.code_bits - 1)
+        return torch.arange(2**self.code_bits, dtype=torch.float32) - offset
+
+    def layout(self, shape: tuple[int, int]) -> Layout:
+        return Layout(self.code_bits, shape[0] * shape[1], scales_shape(self.group_size, shape),
+                      torch.float16, has_zeros=self.asym)
+
+    def bits(self, shape: tuple[int, int]) -> int:
+        return self.layout(shape).bits
+
+    # -- math on the group view (R, G, g) -------------------------------------------------
+
+    def _decode(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None):
+        """values (R, G, g) from codes (R, G, g), scale (R, G) f32 and zero (R, G) uint8."""
+        if self.asym:
+            q = codes.float() - zero.float().unsqueeze(-1)
+        else:
+            q = codes.float() - 2 ** (self.code_bits - 1)
+        return q * scale.unsqueeze(-1)
+
+    def _encode_ratio(self, x: torch.Tensor, ratio: float):
+        k = self.code_bits
+        if self.asym:
+            top = 2**k - 1
+            lo = x.amin(-1).clamp(max=0) * ratio  # (R, G)
+            hi = x.amax(-1).clamp(min=0) * ratio
+            scale = fp16_scale((hi - lo) / top, round_up=True)
+            zero = torch.clamp(torch.round(-lo / scale), 0, top)
+            q = torch.round(x / scale.unsqueeze(-1)) + zero.unsqueeze(-1)
+            codes = torch.clamp(q, 0, top).to(torch.uint8)
+            zero = zero.to(torch.uint8)
+        else:
+            qmax = 2 ** (k - 1) - 1
+            scale = fp16_scale(x.abs().amax(-1) * ratio / qmax)  # (R, G)
+            q = torch.clamp(torch.round(x / scale.unsqueeze(-1)), -qmax - 1, qmax)
+            codes = (q + 2 ** (k - 1)).to(torch.uint8)
+            zero = None
+        return codes, self._decode(codes, scale, zero), scale, zero
+
+    def _encode(self, x: torch.Tensor):
+        if self.mse:
+            return mse_search(x, lambda r: self._encode_ratio(x, r))
+        return self._encode_ratio(x, 1.0)
+
+    # -- the Format contract ----------------------------------------------------------------
+
+    def fake_quant(self, w: torch.Tensor) -> torch.Tensor:
+        check_weight(w)
+        _, values, _, _ = self._encode(to_groups(w.float(), self.group_size))
+        return from_groups(values, tuple(w.shape), self.group_size).to(w.dtype)
+
+    def quantize(self, w: torch.Tensor) -> QTensor:
+        check_weight(w)
+        shape = tuple(w.shape)
+        codes, _, scale, zero = self._encode(to_groups(w.float(), self.group_size))
+        return QTensor(str(self), shape, from_groups(codes, shape, self.group_size),
+                       scale.to(torch.float16), zero)
+
+    def dequantize(self, q: QTensor) -> torch.Tensor:
+        check_qtensor(q, self)
+        codes = to_groups(q.codes, self.group_size)
+        values = self._decode(codes, q.scales.float(), q.zeros)
+        return from_groups(values, q.shape, self.group_size)
