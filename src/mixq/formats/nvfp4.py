@@ -10,6 +10,11 @@ The tensor scale is stored multiplicatively (some runtimes store its reciprocal)
 all-zero weight has tensor_scale 0 (block scales are then computed against 1 and are 0); a
 block whose E4M3 scale underflows to 0 has all codes 0. Rounding is to nearest, ties to
 even, saturating. The last block of a row may be partial (cols % 16 != 0).
+
+Re-quantizing a quantized weight reproduces its codes and block scales wherever the block
+scale is an E4M3 normal (>= 2**-6, i.e. block amax >= amax(W) / 28672); a subnormal block
+scale has too few bits to survive the round trip, and the float32 tensor scale may move by an
+ulp, so NVFP4 is idempotent only up to those.
 """
 
 from __future__ import annotations
