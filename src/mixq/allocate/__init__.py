@@ -12,7 +12,7 @@ from mixq.allocate.greedy import solve_greedy
 from mixq.allocate.ilp import solve_ilp
 from mixq.allocate.problem import Option, Problem, ProblemError, UnitChoices, problem_from_rows
 from mixq.allocate.solution import FrontierPoint, Solution
-from mixq.allocate.solve import SOLVERS, solve, solver_fn
+from mixq.allocate.dispatch import SOLVERS, solve, solver_fn
 
 __all__ = [
     "SOLVERS",

@@ -10,7 +10,7 @@ import numpy as np
 from mixq.allocate.problem import Problem
 from mixq.allocate.reduce import budget_error, budget_for_bits, make_solution, reduce_problem
 from mixq.allocate.solution import FrontierPoint, Solution
-from mixq.allocate.solve import solver_fn
+from mixq.allocate.dispatch import solver_fn
 from mixq.errors import BudgetError, MixqError
 from mixq.progress import Progress, track
 

@@ -8,18 +8,24 @@ binary; the model is
     subject to sum_o x[g,o] = 1                              for each group g
                sum_{g,o} (bits[g,o] - bits[g,0]) * x[g,o] <= cap_bits - min_bits
 
-Before HiGHS sees it, the model is shrunk exactly by Lagrangian reduced-cost fixing:
+HiGHS never sees the whole model; it is shrunk exactly by Lagrangian reduced-cost fixing:
 - the convex-hull greedy gives the LP relaxation's bit price `lam` and a feasible choice,
-  improved by upgrades that fit the slack; its error is an upper bound UB on the optimum;
+  improved by upgrades that fit the slack;
+- a *core* model (each group's reduced-cost-0 options, the incumbent's, and the CORE_EXTRA
+  cheapest other options overall) is solved by HiGHS; its optimum is a feasible choice and,
+  usually, the global optimum. The better of the two is the incumbent, error UB;
 - for any choice x, error(x) >= L(lam) + sum_g [v(g, x_g) - min_o v(g, o)] with
   v(g, o) = error[g,o] + lam * bits[g,o] and L(lam) the Lagrangian dual bound, so an option
-  whose own term alone lifts the bound above UB cannot be in an optimum and is dropped.
-Typically all but a few groups keep a single option. Only non-dominated options are ever
-considered (reduce.py). The bits row is divided by the gcd of its coefficients (exact for
-integers), the objective is scaled so the largest per-group error range is OBJECTIVE_SCALE
-(keeping HiGHS's absolute gap tolerance, 1e-6, negligible) and mip_rel_gap is 0. The chosen x
-is rounded and its bit total re-checked in exact integers; if solver tolerances let it
-overshoot, the cap is tightened by the excess and the model re-solved.
+  whose own term alone lifts the bound above UB cannot be in a better choice and is dropped.
+  If every surviving option was in the core, the core optimum is optimal; otherwise HiGHS
+  solves the model of the survivors (typically tens of groups, not hundreds).
+
+Only non-dominated options are ever considered (reduce.py). The bits row is divided by the
+gcd of its coefficients (exact for integers), the objective is scaled so the largest
+per-group error range is OBJECTIVE_SCALE (keeping HiGHS's absolute gap tolerance, 1e-6,
+negligible) and mip_rel_gap is 0. The chosen x is rounded and its bit total re-checked in
+exact integers; if solver tolerances let it overshoot, the cap is tightened by the excess and
+the model re-solved. HiGHS is deterministic, so the same problem gives the same choice.
 """
 
 from __future__ import annotations
@@ -45,6 +51,8 @@ log = logging.getLogger(__name__)
 OBJECTIVE_SCALE = 1e3
 # Relative slack on the bound test, so float rounding never drops an optimal option.
 FIXING_RTOL = 1e-9
+# Options beyond the LP solution in the core model solved first for a strong incumbent.
+CORE_EXTRA = 32
 _MAX_RESOLVES = 3
 
 
@@ -57,8 +65,8 @@ def solve_ilp(
     time_limit_s: float | None = None,
 ) -> Solution:
     """Least total error with sum(bits) <= the cap set by `budget_bpw` and/or `max_bytes`
-    (see mixq.allocate.reduce for the exact cap). Optimal unless `time_limit_s` cuts HiGHS
-    short, in which case the best choice found is returned with optimal=False.
+    (see mixq.allocate.reduce for the exact cap). Optimal unless `time_limit_s` (per HiGHS
+    call) cuts HiGHS short, in which case the best choice found is returned, optimal=False.
     Raises BudgetError when the budget is below the minimum achievable."""
     t0 = time.perf_counter()
     red = reduce_problem(problem)
@@ -67,10 +75,18 @@ def solve_ilp(
         return make_solution(red, red.useful_picks(), "ilp", True, "unconstrained", t0)
     incumbent, price = hull_greedy(red, cap)
     incumbent = _fill_slack(red, incumbent, cap)
-    allowed = _reduced_cost_fixing(red, cap, price, incumbent)
-    if all(len(a) == 1 for a in allowed):
-        return make_solution(red, incumbent, "ilp", True, "optimal", t0)  # the bound proves it
-    picks, optimal, status = _solve_milp(red, allowed, cap, time_limit_s)
+    reduced_cost, bound = _lagrangian(red, cap, price)
+    core = _core(reduced_cost, incumbent, CORE_EXTRA)
+    core_optimal = True
+    if any(len(a) > 1 for a in core):
+        picks, core_optimal, _ = _solve_milp(red, core, cap, time_limit_s, incumbent)
+        if _error(red, picks) < _error(red, incumbent):
+            incumbent = picks
+    allowed = _fixing(red, reduced_cost, bound, incumbent)
+    if core_optimal and all(np.isin(a, c).all() for a, c in zip(allowed, core)):
+        # every option that could beat the core's optimum was in the core: it is optimal
+        return make_solution(red, incumbent, "ilp", True, "optimal", t0)
+    picks, optimal, status = _solve_milp(red, allowed, cap, time_limit_s, incumbent)
     return make_solution(red, picks, "ilp", optimal, status, t0)
 
 
@@ -96,24 +112,39 @@ def _fill_slack(red: Reduced, picks: list[int], cap: int) -> list[int]:
     return [int(i - f) for i, f in zip(at, first)]
 
 
-def _reduced_cost_fixing(red: Reduced, cap: int, price: float, incumbent: list[int]) -> list[np.ndarray]:
-    """Per group, the indices of options that may still be in an optimum (see module doc)."""
+def _lagrangian(red: Reduced, cap: int, price: float) -> tuple[list[np.ndarray], float]:
+    """Reduced costs v(g, o) - min_o v(g, o) per group and the dual bound L(price)."""
     lagr = [e + price * (b - b[0]) for b, e in zip(red.bits, red.error)]  # v(g, o), shifted
     mins = [float(v.min()) for v in lagr]
-    bound = math.fsum(mins) - price * (cap - red.min_bits)  # L(lam), same shift
-    upper = math.fsum(float(e[p]) for e, p in zip(red.error, incumbent))
+    bound = math.fsum(mins) - price * (cap - red.min_bits)  # L(price), same shift
+    return [v - m for v, m in zip(lagr, mins)], bound
+
+
+def _core(reduced_cost: list[np.ndarray], incumbent: list[int], n_extra: int) -> list[np.ndarray]:
+    """Per group, the options of reduced cost 0 (the LP solution), the incumbent's, and the
+    `n_extra` cheapest others overall: a small model whose optimum is usually the optimum."""
+    flat = np.concatenate(reduced_cost)
+    positive = np.sort(flat[flat > 0])
+    delta = positive[min(n_extra, len(positive)) - 1] if len(positive) and n_extra > 0 else 0.0
+    return [np.union1d(np.flatnonzero(rc <= delta), [p]) for rc, p in zip(reduced_cost, incumbent)]
+
+
+def _fixing(red: Reduced, reduced_cost: list[np.ndarray], bound: float, incumbent: list[int]) -> list[np.ndarray]:
+    """Per group, the indices of options that may still be in an optimum (see module doc)."""
+    upper = _error(red, incumbent)
     scale = math.fsum(float(e[0]) for e in red.error) + abs(bound)
     limit = upper + FIXING_RTOL * scale
-    allowed = []
-    for g, (v, m) in enumerate(zip(lagr, mins)):
-        keep = np.flatnonzero(bound + (v - m) <= limit)
-        if incumbent[g] not in keep:  # cannot happen in exact arithmetic; stay safe
-            keep = np.union1d(keep, [incumbent[g]])
-        allowed.append(keep)
-    return allowed
+    return [np.union1d(np.flatnonzero(bound + rc <= limit), [p]) for rc, p in zip(reduced_cost, incumbent)]
 
 
-def _solve_milp(red: Reduced, allowed: list[np.ndarray], cap: int, time_limit_s: float | None) -> tuple[list[int], bool, str]:
+def _error(red: Reduced, picks: list[int]) -> float:
+    return math.fsum(float(e[p]) for e, p in zip(red.error, picks))
+
+
+def _solve_milp(
+    red: Reduced, allowed: list[np.ndarray], cap: int, time_limit_s: float | None, fallback: list[int]
+) -> tuple[list[int], bool, str]:
+    """HiGHS on the options in `allowed`; `fallback` (feasible) if it stops with nothing."""
     picks = [int(a[0]) for a in allowed]
     free = [g for g, a in enumerate(allowed) if len(a) > 1]
     base_bits = sum(int(b[a[0]]) for b, a in zip(red.bits, allowed))  # cheapest allowed everywhere
@@ -135,6 +166,8 @@ def _solve_milp(red: Reduced, allowed: list[np.ndarray], cap: int, time_limit_s:
     for attempt in range(_MAX_RESOLVES + 1):
         constraints = [LinearConstraint(one_hot, 1, 1), LinearConstraint(csr_array(row), -np.inf, target // gcd)]
         res = milp(c, integrality=np.ones(n_vars), bounds=(0, 1), constraints=constraints, options=options)
+        if res.x is None and res.status == 1:  # time or node limit before any solution
+            return list(fallback), False, f"stopped: {res.message}"
         if res.x is None:
             raise MixqError(f"HiGHS found no allocation (status {res.status}: {res.message})")
         chosen = [int(np.argmax(res.x[s : s + k])) for s, k in zip(starts, sizes)]

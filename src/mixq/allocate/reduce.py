@@ -104,8 +104,8 @@ def bit_cap(red: Reduced, budget_bpw: float | None, max_bytes: int | None = None
 def budget_error(red: Reduced, budget_bpw: float | None, max_bytes: int | None, fixed_bits: int) -> BudgetError:
     """BudgetError whose message (and attributes `min_bits_per_weight`, `max_bits_per_weight`)
     give the achievable range: the fewest bits per weight any choice uses, and the most that
-    still lowers the error. Printed values are rounded up to 4 decimals, so a budget equal to
-    the printed minimum is feasible."""
+    still lowers the error. Printed values are the least 4-decimal budgets reaching them, so a
+    budget equal to the printed minimum is feasible."""
     lo_bpw = red.min_bits / red.n_params
     hi_bpw = red.useful_bits / red.n_params
     asked = []
@@ -115,7 +115,8 @@ def budget_error(red: Reduced, budget_bpw: float | None, max_bytes: int | None, 
         asked.append(f"max_bytes={max_bytes} with fixed_bits={fixed_bits}")
     msg = (
         f"budget of {' and '.join(asked)} cannot be met: achievable range under these constraints is "
-        f"{_ceil4(lo_bpw):g} to {_ceil4(hi_bpw):g} bits per weight (minimum possible to maximum useful)"
+        f"{_shown_budget(red.min_bits, red.n_params)} to {_shown_budget(red.useful_bits, red.n_params)} "
+        "bits per weight (minimum possible to maximum useful)"
     )
     if max_bytes is not None:
         lo_bytes = -(-(red.min_bits + fixed_bits) // 8)
@@ -160,6 +161,11 @@ def make_solution(red: Reduced, picks: list[int], solver: str, optimal: bool, st
     )
 
 
-def _ceil4(x: float) -> float:
-    """Round up to 4 decimals (with a hair of slack so 2.5 stays 2.5)."""
-    return math.ceil(x * 1e4 - 1e-6) / 1e4
+def _shown_budget(bits: int, n_params: int) -> str:
+    """The smallest 4-decimal budget_bpw whose cap reaches `bits`, trailing zeros dropped."""
+    ticks = math.ceil(bits / n_params * 1e4)
+    while ticks > 0 and math.floor((ticks - 1) / 1e4 * n_params) >= bits:
+        ticks -= 1  # float fuzz rounded up a tick too many
+    while math.floor(ticks / 1e4 * n_params) < bits:
+        ticks += 1
+    return f"{ticks / 1e4:.4f}".rstrip("0").rstrip(".")
