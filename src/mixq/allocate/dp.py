@@ -7,7 +7,8 @@ floor((cap_bits - min_bits) / resolution) cells. Rounding up keeps every DP choi
 the true cap. The resolution is the gcd of all costs whenever that needs at most
 `max_cells` cells -- then every cost is an exact multiple and the DP is exact (optimal=True)
 -- otherwise ceil(room / max_cells) bits, which may miss the optimum by a little.
-Time O(groups x options x cells), memory groups x cells bytes for the back-pointers.
+Time O(groups x options x cells); memory groups x cells bytes for the back-pointers
+(52 MB at 800 groups and the default 65536 cells).
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ def _knapsack(weights: list[np.ndarray], errors: list[np.ndarray], cells: int) -
     """One option per group minimising summed error with summed weight <= cells.
     best[c] is the least error of the groups so far using at most c cells."""
     best = np.zeros(cells + 1)
-    back = np.zeros((len(weights), cells + 1), dtype=np.uint16)
+    n_options = max(len(w) for w in weights)
+    back = np.zeros((len(weights), cells + 1), dtype=np.uint8 if n_options <= 256 else np.int32)
     for g, (w, e) in enumerate(zip(weights, errors)):
         new = np.full(cells + 1, np.inf)
         for o in range(len(w)):

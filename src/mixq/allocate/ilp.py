@@ -26,6 +26,11 @@ per-group error range is OBJECTIVE_SCALE (keeping HiGHS's absolute gap tolerance
 negligible) and mip_rel_gap is 0. The chosen x is rounded and its bit total re-checked in
 exact integers; if solver tolerances let it overshoot, the cap is tightened by the excess and
 the model re-solved. HiGHS is deterministic, so the same problem gives the same choice.
+
+Known upstream wart: the HiGHS inside scipy 1.17 may write a stray debug line
+("HighsMipSolverData::transformNewIntegerFeasibleSolution tmpSolver.run();") to the C-level
+stdout even with disp=False (ERGO-Code/HiGHS#2783). It does not affect the result; mixq
+itself never prints.
 """
 
 from __future__ import annotations
