@@ -78,7 +78,11 @@ def _eval_lm(loaded, planned, all_units, n_params, body, data, seqlen, n_windows
     body.update({"data": data, "data_sha256": sha256_text(text), "seqlen": seqlen,
                  "n_windows": int(windows.shape[0]), "n_tokens": int(windows.shape[0] * (seqlen - 1)),
                  "tasks": list(tasks), "task_limit": limit})
-    ref = FloatReference(loaded.model, windows)
+    # Float log-probs are cached; when they would not all fit, the reference keeps a private
+    # float copy of the model to recompute from while the shared one is fake-quantized.
+    logp_bytes = windows.shape[0] * (seqlen - 1) * _vocab_size(loaded) * 4
+    ref = FloatReference(loaded.model, windows, copy_model=logp_bytes > _REF_CACHE_BYTES,
+                         cache_bytes=_REF_CACHE_BYTES)
 
     def task_scores():
         return {t: zero_shot(loaded.model, loaded.encode, t, limit=limit, progress=progress) for t in tasks}
@@ -98,6 +102,13 @@ def _eval_lm(loaded, planned, all_units, n_params, body, data, seqlen, n_windows
         row["eval_s"] = time.perf_counter() - t0
         rows.append(row)
     return rows
+
+
+_REF_CACHE_BYTES = 6e9
+
+
+def _vocab_size(loaded: LoadedModel) -> int:
+    return int(loaded.model.get_output_embeddings().weight.shape[0])
 
 
 def _eval_image(loaded, planned, all_units, n_params, body, progress):

@@ -69,7 +69,9 @@ def eval_table(result: dict) -> str:
         body = [[r["label"], r["bpw_units"], r["bpw_all"], 100 * r["top1"]] for r in rows]
         head = f"model {result['model']}  data {result['data']}: {result['n_images']} images"
     foot = ("bpw blocks: all-in bits per weight of the units in the blocks; bpw all: every parameter, "
-            "embeddings/head/norms at 16 bits unless quantized")
+            "embeddings/head/norms at 16 bits unless quantized") if is_lm else (
+            "bpw quantized: all-in bits per weight of the conv/linear units; bpw all: every parameter, "
+            "batch-norm and biases at 16 bits")
     note = f"\nnote: {result['note']}" if result.get("note") else ""
     return f"{head}\n{render_table(headers, body)}\n{foot}{note}"
 

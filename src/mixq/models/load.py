@@ -140,13 +140,13 @@ def _load_smollm2(dtype: torch.dtype) -> LoadedModel:
 
 
 def _load_cifar_resnet(depth: int) -> LoadedModel:
-    from mixq.data.paths import data_file
+    from mixq.data.paths import data_dir
     from mixq.models.resnet_cifar import CifarResNet
 
-    folder = data_file("vision/resnet_cifar10")
+    folder = data_dir() / "vision" / "resnet_cifar10"
     hits = sorted(folder.glob(f"resnet{depth}-*.th"))
     if not hits:
-        raise NotFoundError(f"no resnet{depth}-*.th checkpoint in {folder}")
+        raise NotFoundError(f"no resnet{depth}-*.th checkpoint in {folder} (see the data directory's README)")
     state = torch.load(hits[0], map_location="cpu", weights_only=True)["state_dict"]
     state = {k.removeprefix("module."): v for k, v in state.items()}
     model = CifarResNet(depth)

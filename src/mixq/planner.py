@@ -1,0 +1,106 @@
+"""From a sensitivity table and a budget to an explicit plan (and the whole frontier).
+
+User patterns (`--keep PATTERN=OPTION`) are expanded here to concrete unit names before the
+plan is written. Tie rules name the units that must share an option:
+- `qkv`: q/k/v projections of one block (fused QKV runtimes);
+- `gate_up`: gate/up projections of one block;
+- `experts`: the experts of one MoE layer (per fused parameter); without it every expert
+  gets its own choice.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections import defaultdict
+
+from mixq.allocate import Problem, Solution, UnitChoices, frontier, solve
+from mixq.allocate import Option as AllocOption
+from mixq.errors import MixqError
+from mixq.plan import Plan, parse_option
+
+TIE_RULES = {
+    "qkv": ("q_proj", "k_proj", "v_proj"),
+    "gate_up": ("gate_proj", "up_proj"),
+    "experts": None,  # all experts of one layer, per parameter
+}
+
+
+def expand_pattern(pattern: str, names: list[str]) -> list[str]:
+    """Unit names matching a glob (`*.down_proj`) or, prefixed `re:`, a regex (search)."""
+    if pattern.startswith("re:"):
+        rx = re.compile(pattern[3:])
+        hits = [n for n in names if rx.search(n)]
+    else:
+        hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+    if not hits:
+        raise MixqError(f"pattern {pattern!r} matches no unit (units look like {names[0]!r}; "
+                        "use a glob such as '*.down_proj' or a regex as 're:layers\\.(0|1)\\.')")
+    return hits
+
+
+def tie_groups(units: list[dict], rules: list[str]) -> list[list[str]]:
+    """Concrete tie sets for the named rules over table units (dicts with name/role/block)."""
+    unknown = [r for r in rules if r not in TIE_RULES]
+    if unknown:
+        raise MixqError(f"unknown tie rule(s) {unknown}; known: {sorted(TIE_RULES)}")
+    groups: dict[tuple, list[str]] = defaultdict(list)
+    for u in units:
+        for rule in rules:
+            roles = TIE_RULES[rule]
+            if roles is None:
+                if u["role"].startswith("experts."):
+                    groups[(rule, u["block"], u["role"])].append(u["name"])
+            elif u["role"] in roles and u["block"] >= 0:
+                groups[(rule, u["block"])].append(u["name"])
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def build_problem(table_units: list[dict], rows: list[tuple[str, str, int, float]], *,
+                  keep: dict[str, str] | None = None, ties: list[str] | None = None,
+                  min_bits: float | None = None, max_bits: float | None = None) -> Problem:
+    """The allocation problem of a sensitivity table.
+
+    keep: pattern -> option. A kept option that is not among the table's candidates is
+    added to those units with error 0 (it is forced, so its error does not steer the solver).
+    """
+    names = [u["name"] for u in table_units]
+    shapes = {u["name"]: tuple(u["shape"]) for u in table_units}
+    options: dict[str, list[AllocOption]] = defaultdict(list)
+    for unit, opt, bits, err in rows:
+        options[unit].append(AllocOption(opt, bits, err))
+    pins: dict[str, str] = {}
+    for pattern, opt_text in (keep or {}).items():
+        opt = str(parse_option(opt_text))
+        for name in expand_pattern(pattern, names):
+            pins[name] = opt
+            if not any(o.name == opt for o in options[name]):
+                options[name].append(AllocOption(opt, parse_option(opt).bits(shapes[name]), 0.0))
+    units = [UnitChoices(u["name"], int(u["n_params"]), options[u["name"]]) for u in table_units]
+    return Problem(units, tie_groups(table_units, ties or []), pins, min_bits, max_bits)
+
+
+def plan_from_solution(model: str, table_units: list[dict], sol: Solution, meta: dict) -> Plan:
+    shapes = {u["name"]: (int(u["shape"][0]), int(u["shape"][1])) for u in table_units}
+    options = {n: parse_option(sol.choice[n]) for n in shapes}
+    return Plan(model, options, shapes, meta)
+
+
+def make_plan(model: str, table_units: list[dict], rows, budget_bpw: float, *, solver: str = "ilp",
+              max_bytes: int | None = None, keep=None, ties=None, min_bits=None, max_bits=None,
+              meta: dict | None = None) -> tuple[Plan, Solution]:
+    problem = build_problem(table_units, rows, keep=keep, ties=ties, min_bits=min_bits, max_bits=max_bits)
+    sol = solve(problem, budget_bpw, solver=solver, max_bytes=max_bytes)
+    info = {"budget_bpw": budget_bpw, "solver": solver, "optimal": sol.optimal, "status": sol.status,
+            "predicted_error": sol.total_error, "bits_per_weight": sol.bits_per_weight,
+            "total_bits": sol.total_bits, "ties": list(ties or []), "keep": dict(keep or {}),
+            "min_bits": min_bits, "max_bits": max_bits, **(meta or {})}
+    return plan_from_solution(model, table_units, sol, info), sol
+
+
+def make_frontier(table_units: list[dict], rows, *, budgets=None, n_points: int = 41, solver="ilp",
+                  keep=None, ties=None, min_bits=None, max_bits=None, progress=None) -> list[dict]:
+    problem = build_problem(table_units, rows, keep=keep, ties=ties, min_bits=min_bits, max_bits=max_bits)
+    pts = frontier(problem, budgets=budgets, n_points=n_points, solver=solver, progress=progress)
+    return [{"budget_bpw": p.budget_bpw, "bits_per_weight": p.bits_per_weight, "total_bits": p.total_bits,
+             "predicted_error": p.total_error, "choice": p.choice} for p in pts]
