@@ -8,9 +8,9 @@ import time
 from pathlib import Path
 
 from mixq.accounting import bit_totals
-from mixq.apply import fake_quantized
+from mixq.apply import check_finite, fake_quantized
 from mixq.artifacts import sha256_text
-from mixq.models import DEFAULT_MODEL, LoadedModel, load_model
+from mixq.models import DEFAULT_MODEL, LoadedModel, get_weight, load_model
 from mixq.plan import Plan
 from mixq.progress import Progress
 
@@ -57,6 +57,7 @@ def evaluate(
     planned = _plans_for(loaded, list(formats), list(plans), include_head)
     n_params = loaded.n_params
     all_units = loaded.units(include_head=True, include_embeddings=True)
+    _check_weights(loaded, all_units, planned)
     body: dict = {"model": loaded.name, "model_source": loaded.source, "note": loaded.note,
                   "model_params": n_params, "include_head": include_head}
     if loaded.kind == "causal_lm":
@@ -65,6 +66,14 @@ def evaluate(
         rows = _eval_image(loaded, planned, all_units, n_params, body, progress)
     body["rows"] = rows
     return body
+
+
+def _check_weights(loaded: LoadedModel, units, planned) -> None:
+    """Refuse NaN/inf weights in any unit a plan quantizes, naming the unit, before any work."""
+    wanted = {name for _, plan in planned for name in plan.options}
+    for u in units:
+        if u.name in wanted:
+            check_finite(u, get_weight(loaded.model, u))
 
 
 def _eval_lm(loaded, planned, all_units, n_params, body, data, seqlen, n_windows, tasks, limit, progress):
