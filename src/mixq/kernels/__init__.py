@@ -1,1 +1,52 @@
-"""mixq.kernels."""
+"""mixq.kernels: matmuls that read packed quantized weights directly.
+
+    kw = prepack(fmt.quantize(w), fmt)      # KernelWeights: int32 unit words + native scales
+    y = qmatmul(x, kw, bias)                # x @ dequant(W)^T (+ bias), x's dtype
+
+`qmatmul` runs the Triton kernel (`triton_qmm`) when Triton, a CUDA device, a bf16/fp16
+input and a supported layout are all present, and otherwise the pure-torch reference
+(`packed.reference_matmul`: dequantize, then one matmul), which the kernels are tested
+against. Importing this package never needs Triton or a GPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from mixq.errors import FormatError
+from mixq.kernels.packed import (KernelWeights, PackedLayout, dequantize, pack_codes, prepack,
+                                 reference_matmul, unpack_codes)
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def kernel_available(kw: KernelWeights, x: torch.Tensor) -> bool:
+    """True when the Triton kernel can compute `x @ dequant(kw)^T` (else: reference path)."""
+    if not (HAS_TRITON and x.is_cuda and kw.codes.is_cuda and x.dtype in (torch.float16, torch.bfloat16)):
+        return False
+    from mixq.kernels import triton_qmm
+
+    try:
+        triton_qmm.check_supported(kw.layout)
+    except FormatError:
+        return False
+    return True
+
+
+def qmatmul(x: torch.Tensor, kw: KernelWeights, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`x @ dequant(W)^T (+ bias)` for x of shape (..., in_features), in x's dtype."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if kernel_available(kw, x2):
+        from mixq.kernels import triton_qmm
+
+        y = triton_qmm.qmatmul(x2, kw, bias)
+    else:
+        y = reference_matmul(x2, kw, bias)
+    return y.reshape(*lead, y.shape[-1])
+
+
+__all__ = ["KernelWeights", "PackedLayout", "prepack", "qmatmul", "reference_matmul", "dequantize",
+           "pack_codes", "unpack_codes", "kernel_available", "HAS_TRITON"]
