@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from mixq.formats import parse
-from mixq.formats.elements import GRIDS, NF4_LEVELS, grid_levels, grid_tables, round_to_grid
+from mixq.formats.elements import (GRIDS, MINIFLOATS, NF4_LEVELS, grid_levels, grid_tables,
+                                   pow2, round_minifloat, round_to_grid)
 
 
 def positives(name: str) -> list[float]:
@@ -78,16 +79,36 @@ def test_fp8_rounding_matches_torch_cast(name, dtype):
     ]).clamp(-vmax, vmax)
     mids = grid_tables(GRIDS[name], y.device)[3]
     y = torch.cat([y, mids, -mids])  # every tie
-    ours = grid_levels(GRIDS[name], y.device)[round_to_grid(y, GRIDS[name]).long()]
-    assert torch.equal(ours, y.to(dtype).float())
+    codes, values = round_minifloat(y, name)
+    assert torch.equal(values, y.to(dtype).float())
+    assert torch.equal(grid_levels(GRIDS[name], y.device)[codes.long()], values)
+
+
+@pytest.mark.parametrize("name", list(MINIFLOATS))
+def test_round_minifloat_equals_table_search(name):
+    """The arithmetic rounding (production path) equals a nearest search over the value table
+    away from ties, saturates beyond max, and encodes zero as +0."""
+    g = torch.Generator().manual_seed(3)
+    y = torch.randn(100000, generator=g) * torch.exp2(torch.randint(-20, 20, (100000,), generator=g).float())
+    y = torch.cat([y, torch.tensor([0.0, -0.0, 1e30, -1e30, 1e-40, -1e-40])])
+    codes, values = round_minifloat(y, name)
+    assert torch.equal(codes, round_to_grid(y, GRIDS[name]))
+    assert torch.equal(grid_levels(GRIDS[name], y.device)[codes.long()], values)
+    assert values[-4:-2].tolist() == [GRIDS[name].max_abs, -GRIDS[name].max_abs]
+    assert round_minifloat(y, name, with_codes=False)[0] is None
+    assert torch.equal(round_minifloat(y, name, with_codes=False)[1], values)
+
+
+def test_pow2_exact():
+    e = torch.arange(-149, 128)
+    assert torch.equal(pow2(e), torch.tensor([math.ldexp(1.0, int(i)) for i in e], dtype=torch.float32))
 
 
 def test_e2m1_ties_to_even_and_saturation():
     y = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -2.5, -5.0, 7.0, 1e9, -1e9, -0.1, 0.0])
-    vals = grid_levels(GRIDS["fp4_e2m1"], y.device)[round_to_grid(y, GRIDS["fp4_e2m1"]).long()]
+    codes, vals = round_minifloat(y, "fp4_e2m1")
     assert vals.tolist() == [0, 1, 1, 2, 2, 4, 4, -2, -4, 6, 6, -6, 0, 0]
-    codes = round_to_grid(torch.tensor([-0.1, 0.0]), GRIDS["fp4_e2m1"])
-    assert codes.tolist() == [0, 0]  # zero is always the +0 pattern
+    assert codes.tolist() == [0, 2, 2, 4, 4, 6, 6, 12, 14, 7, 7, 15, 0, 0]  # zero is always +0
 
 
 def test_nf4_constants_match_construction():

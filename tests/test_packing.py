@@ -57,7 +57,7 @@ def test_pack_errors():
 
 
 @pytest.mark.parametrize("spec", catalogue())
-@pytest.mark.parametrize("shape", [(7, 100), (576, 576), (3, 33), (1, 1)])
+@pytest.mark.parametrize("shape", [(7, 100), (24, 576), (3, 33), (1, 1)])
 def test_bits_equal_packed_bytes(spec, shape):
     fmt = parse(spec)
     torch.manual_seed(0)

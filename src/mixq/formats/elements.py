@@ -80,6 +80,11 @@ class Grid:
         return int(math.log2(len(self.levels)))
 
     @property
+    def codes_ascending(self) -> bool:
+        """Whether code order is value order (NF4), so a sorted index is the code."""
+        return all(a < b for a, b in zip(self.levels, self.levels[1:]))
+
+    @property
     def max_abs(self) -> float:
         """Largest finite magnitude (the scale maps a group's amax onto it)."""
         return max(abs(v) for v in self.levels if math.isfinite(v))
@@ -103,8 +108,7 @@ GRIDS["nf4"] = Grid("nf4", NF4_LEVELS)
 def grid_tables(grid: Grid, device: torch.device) -> tuple[torch.Tensor, ...]:
     """(levels (2**k,), sorted values (n,), their codes (n,), midpoints (n-1,)) on `device`.
 
-    The sorted list holds each finite value once (+0 stands for both zeros); midpoints of
-    neighbouring values are exact in float32 for the minifloat grids.
+    The sorted list holds each finite value once (+0 stands for both zeros).
     """
     levels = torch.tensor(grid.levels, dtype=torch.float32)
     pairs = sorted(
@@ -118,19 +122,68 @@ def grid_tables(grid: Grid, device: torch.device) -> tuple[torch.Tensor, ...]:
 
 
 def round_to_grid(y: torch.Tensor, grid: Grid) -> torch.Tensor:
-    """Codes (uint8, same shape) of the grid values nearest to float32 `y`.
+    """Codes (uint8, same shape) of the grid values nearest to float32 `y`, by table search.
 
-    Values beyond the largest magnitude saturate to it. An exact tie between two neighbours
-    goes to the even code, which for minifloats is round-half-to-even on the mantissa.
+    Values beyond the largest magnitude saturate to it; an exact tie between two neighbours
+    goes to the lower value. This serves NF4 (whose ties have no rounding convention); the
+    minifloats use `round_minifloat` (ties to even), which tests check against this search.
     """
-    _, values, codes, mids = grid_tables(grid, y.device)
-    idx = torch.bucketize(y, mids)  # mids[i-1] < y <= mids[i] -> i (the lower neighbour on a tie)
-    tie = y == mids[idx.clamp(max=mids.numel() - 1)]
-    lower_odd = (codes[idx] & 1).bool()
-    idx = idx + (tie & lower_odd)  # the upper neighbour of an odd code is even
-    return codes[idx].to(torch.uint8)
+    _, _, codes, mids = grid_tables(grid, y.device)
+    idx = torch.bucketize(y, mids, out_int32=True)  # mids[i-1] < y <= mids[i] -> i
+    if not grid.codes_ascending:
+        idx = codes[idx]
+    return idx.to(torch.uint8)
 
 
 def grid_levels(grid: Grid, device: torch.device) -> torch.Tensor:
     """float32 (2**k,) code -> value table on `device`."""
     return grid_tables(grid, device)[0]
+
+
+def pow2(e: torch.Tensor) -> torch.Tensor:
+    """Exact float32 2**e for an integer tensor e in [-149, 127], built from bits (so it is
+    exact on every device, whatever its exp2/pow accuracy)."""
+    e = e.to(torch.int32)
+    normal = (e + 127).clamp(min=1) << 23  # biased exponent field, e >= -126
+    subnormal = torch.ones_like(e) << (e + 149).clamp(0, 22)  # 2**-149 .. 2**-127
+    return torch.where(e >= -126, normal, subnormal).view(torch.float32)
+
+
+def round_minifloat(y: torch.Tensor, name: str, *, with_codes: bool = True):
+    """(codes uint8 | None, values float32) of float32 `y` rounded to minifloat `name`:
+    nearest, ties to even mantissa, saturating at +-max. Arithmetic, no table search.
+
+    With e = max(floor(log2|y|), emin) (emin = 1 - bias, the lowest normal binade, whose step
+    subnormals share), step = 2**(e - m) and n = round(|y| / step) (half to even; |y|/step is
+    exact). n is the mantissa with its hidden bit, so the magnitude code is
+    ((e + bias - 1) << m) + n; a carry into the next binade (n = 2**(m+1)) and a subnormal
+    rounding up to the smallest normal both land on the right pattern by this formula.
+    """
+    mf, grid = MINIFLOATS[name], GRIDS[name]
+    a = y.abs()
+    _, ex = torch.frexp(a)  # a = f * 2**ex, f in [0.5, 1): floor(log2 a) = ex - 1
+    e = (ex - 1).clamp(min=1 - mf.bias)
+    step = pow2(e - mf.man_bits)
+    n = torch.round(a / step)
+    values = torch.copysign((n * step).clamp(max=grid.max_abs), y)
+    if not with_codes:
+        return None, values
+    field = ((e + (mf.bias - 1)) << mf.man_bits) + n.to(torch.int32)
+    field = torch.where(n > 0, field, 0).clamp(max=max_magnitude_code(name))  # frexp(0) has ex 0
+    sign = ((y < 0) & (field > 0)).to(torch.int32) << (mf.code_bits - 1)  # zero is always +0
+    return (field | sign).to(torch.uint8), values
+
+
+@functools.lru_cache(maxsize=None)
+def max_magnitude_code(name: str) -> int:
+    """The bit pattern of +max (E4M3 0x7E, E5M2 0x7B, FP6/FP4 all ones below the sign)."""
+    levels = GRIDS[name].levels
+    return levels.index(GRIDS[name].max_abs)
+
+
+def round_elements(y: torch.Tensor, name: str, *, with_codes: bool = True):
+    """(codes | None, values) of `y` on element grid `name` (a minifloat or 'nf4')."""
+    if name in MINIFLOATS:
+        return round_minifloat(y, name, with_codes=with_codes)
+    codes = round_to_grid(y, GRIDS[name])
+    return codes, grid_levels(GRIDS[name], y.device)[codes.long()]

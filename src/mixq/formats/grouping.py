@@ -28,7 +28,8 @@ FP16_SCALE_MIN = 2.0**-14
 FP16_MAX = 65504.0
 
 # MSE clip search: the group's range is shrunk by each ratio and the ratio with the least
-# squared error per group wins; 1.0 comes first and wins ties, so the search is never worse.
+# squared error per group wins; 1.0 comes first and wins ties, so the search is never worse
+# than plain min-max (per group, in squared error).
 CLIP_RATIOS: tuple[float, ...] = tuple(round(1.0 - 0.05 * i, 2) for i in range(11))  # 1.0..0.5
 
 
@@ -89,6 +90,13 @@ def from_groups(x: torch.Tensor, shape: tuple[int, int], group_size: int) -> tor
     return x.reshape(rows, -1)[:, :cols].contiguous()
 
 
+def div(a: torch.Tensor, b: float) -> torch.Tensor:
+    """a / b, correctly rounded on every device. (CUDA turns division by a Python number into
+    multiplication by its rounded reciprocal, which can differ from CPU in the last bit and so
+    flip a float16 scale; dividing by a same-device tensor is an IEEE division everywhere.)"""
+    return a / torch.tensor(b, dtype=a.dtype, device=a.device)
+
+
 def fp16_scale(s: torch.Tensor, *, round_up: bool = False) -> torch.Tensor:
     """float32 scales rounded to float16 (nearest, or up), kept as float32 for compute."""
     s = s.clamp(FP16_SCALE_MIN, FP16_MAX)
@@ -100,27 +108,20 @@ def fp16_scale(s: torch.Tensor, *, round_up: bool = False) -> torch.Tensor:
     return h.float()
 
 
-Encoded = tuple  # (codes (R, G, g) uint8, values (R, G, g) f32, per-group tensors (R, G) | None...)
-
-
-def mse_search(x: torch.Tensor, encode: Callable[[float], Encoded]) -> Encoded:
-    """The per-group best of `encode(ratio)` over CLIP_RATIOS by squared error against x.
-
-    x: (R, G, g) float32. encode returns (codes, values, *params); codes and values are
-    (R, G, g), params are (R, G) or None; every tensor is selected group by group.
-    """
-    best = encode(CLIP_RATIOS[0])
-    best_err = (best[1] - x).square().sum(-1)  # (R, G)
-    for ratio in CLIP_RATIOS[1:]:
-        cand = encode(ratio)
-        err = (cand[1] - x).square().sum(-1)
+def best_clip_ratio(x: torch.Tensor, values_at: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """(R, G) float32 clip ratio per group: the CLIP_RATIOS entry whose quantized values
+    `values_at(ratio)` (R, G, g) have the least squared error against x (R, G, g); the first
+    (1.0) wins ties. Callers then quantize once more with this ratio tensor: a ratio enters
+    the math as the same float32 number either way, so the result is the searched one."""
+    ratios = torch.tensor(CLIP_RATIOS, dtype=torch.float32, device=x.device)
+    best_err = (values_at(ratios[0]) - x).square().sum(-1)  # (R, G)
+    best_idx = torch.zeros(best_err.shape, dtype=torch.long, device=x.device)
+    for i in range(1, len(CLIP_RATIOS)):
+        err = (values_at(ratios[i]) - x).square().sum(-1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
-        best = tuple(
-            None if b is None else torch.where(better.view(better.shape + (1,) * (b.dim() - 2)), c, b)
-            for b, c in zip(best, cand)
-        )
-    return best
+        best_idx = torch.where(better, i, best_idx)
+    return ratios[best_idx]
 
 
 def check_qtensor(q, fmt) -> None:

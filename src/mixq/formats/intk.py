@@ -23,9 +23,9 @@ import torch
 
 from mixq.errors import FormatError
 from mixq.formats.base import Layout, QTensor
-from mixq.formats.grouping import (PER_CHANNEL, PER_TENSOR, check_qtensor, check_weight,
+from mixq.formats.grouping import (PER_TENSOR, best_clip_ratio, check_qtensor, check_weight, div,
                                    fp16_scale, from_groups, granularity_str, group_len,
-                                   mse_search, scales_shape, to_groups)
+                                   scales_shape, to_groups)
 
 
 @dataclass(frozen=True)
@@ -66,47 +66,50 @@ class IntFormat:
 
     def _decode(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None):
         """values (R, G, g) from codes (R, G, g), scale (R, G) f32 and zero (R, G) uint8."""
-        if self.asym:
-            q = codes.float() - zero.float().unsqueeze(-1)
-        else:
-            q = codes.float() - 2 ** (self.code_bits - 1)
-        return q * scale.unsqueeze(-1)
+        offset = zero.float().unsqueeze(-1) if self.asym else 2 ** (self.code_bits - 1)
+        return (codes.float() - offset) * scale.unsqueeze(-1)
 
-    def _encode_ratio(self, x: torch.Tensor, ratio: float):
+    def _encode(self, x: torch.Tensor, ratio: float | torch.Tensor, with_codes: bool = True):
+        """(codes (R, G, g) uint8 | None, values (R, G, g), scale (R, G), zero (R, G) | None)
+        of x (R, G, g), the group range shrunk by `ratio` (a float or (R, G))."""
         k = self.code_bits
         if self.asym:
             top = 2**k - 1
             lo = x.amin(-1).clamp(max=0) * ratio  # (R, G)
             hi = x.amax(-1).clamp(min=0) * ratio
-            scale = fp16_scale((hi - lo) / top, round_up=True)
+            scale = fp16_scale(div(hi - lo, top), round_up=True)
             zero = torch.clamp(torch.round(-lo / scale), 0, top)
-            q = torch.round(x / scale.unsqueeze(-1)) + zero.unsqueeze(-1)
-            codes = torch.clamp(q, 0, top).to(torch.uint8)
+            s3, z3 = scale.unsqueeze(-1), zero.unsqueeze(-1)
+            c = torch.clamp(torch.round(x / s3) + z3, 0, top)  # codes, as floats
+            values = (c - z3) * s3
             zero = zero.to(torch.uint8)
         else:
             qmax = 2 ** (k - 1) - 1
-            scale = fp16_scale(x.abs().amax(-1) * ratio / qmax)  # (R, G)
-            q = torch.clamp(torch.round(x / scale.unsqueeze(-1)), -qmax - 1, qmax)
-            codes = (q + 2 ** (k - 1)).to(torch.uint8)
-            zero = None
-        return codes, self._decode(codes, scale, zero), scale, zero
+            scale = fp16_scale(div(x.abs().amax(-1) * ratio, qmax))  # (R, G)
+            s3 = scale.unsqueeze(-1)
+            q = torch.clamp(torch.round(x / s3), -qmax - 1, qmax)
+            values = q * s3
+            c, zero = q + 2 ** (k - 1), None
+        return (c.to(torch.uint8) if with_codes else None), values, scale, zero
 
-    def _encode(self, x: torch.Tensor):
-        if self.mse:
-            return mse_search(x, lambda r: self._encode_ratio(x, r))
-        return self._encode_ratio(x, 1.0)
+    def _ratio(self, x: torch.Tensor) -> float | torch.Tensor:
+        if not self.mse:
+            return 1.0
+        return best_clip_ratio(x, lambda r: self._encode(x, r, with_codes=False)[1])
 
     # -- the Format contract ----------------------------------------------------------------
 
     def fake_quant(self, w: torch.Tensor) -> torch.Tensor:
         check_weight(w)
-        _, values, _, _ = self._encode(to_groups(w.float(), self.group_size))
+        x = to_groups(w.float(), self.group_size)  # (R, G, g)
+        _, values, _, _ = self._encode(x, self._ratio(x), with_codes=False)
         return from_groups(values, tuple(w.shape), self.group_size).to(w.dtype)
 
     def quantize(self, w: torch.Tensor) -> QTensor:
         check_weight(w)
         shape = tuple(w.shape)
-        codes, _, scale, zero = self._encode(to_groups(w.float(), self.group_size))
+        x = to_groups(w.float(), self.group_size)  # (R, G, g)
+        codes, _, scale, zero = self._encode(x, self._ratio(x))
         return QTensor(str(self), shape, from_groups(codes, shape, self.group_size),
                        scale.to(torch.float16), zero)
 

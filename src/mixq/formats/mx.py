@@ -23,7 +23,7 @@ import torch
 
 from mixq.errors import FormatError
 from mixq.formats.base import Layout, QTensor
-from mixq.formats.elements import GRIDS, grid_levels, round_to_grid
+from mixq.formats.elements import GRIDS, grid_levels, pow2, round_minifloat
 from mixq.formats.grouping import check_qtensor, check_weight, from_groups, scales_shape, to_groups
 
 MX_BLOCK = 32
@@ -95,27 +95,29 @@ class MXFormat:
 
     def _decode(self, codes: torch.Tensor, exp: torch.Tensor) -> torch.Tensor:
         """values from codes (R, B, 32) and unbiased exponents (R, B) int32."""
-        block_scale = torch.pow(2.0, exp.float()).unsqueeze(-1)  # exact powers of two
-        return self.levels(codes.device)[codes.long()] * block_scale
+        return self.levels(codes.device)[codes.long()] * pow2(exp).unsqueeze(-1)
 
-    def _encode(self, x: torch.Tensor):
+    def _encode(self, x: torch.Tensor, with_codes: bool = True):
+        """(codes (R, B, 32) uint8 | None, values (R, B, 32), exponents (R, B) int32)."""
         amax = x.abs().amax(-1)  # (R, B)
         _, e_amax = torch.frexp(amax)  # amax = m * 2**e_amax, m in [0.5, 1): floor(log2) = e_amax - 1
-        exp = torch.where(amax > 0, e_amax - 1 - self.emax, torch.full_like(e_amax, E8M0_MIN_EXP))
-        exp = exp.clamp(E8M0_MIN_EXP, E8M0_MAX_EXP)
-        y = x / torch.pow(2.0, exp.float()).unsqueeze(-1)  # (R, B, 32), exact
+        exp = torch.where(amax > 0, e_amax - 1 - self.emax, E8M0_MIN_EXP)
+        exp = exp.clamp(E8M0_MIN_EXP, E8M0_MAX_EXP).to(torch.int32)
+        block_scale = pow2(exp).unsqueeze(-1)  # (R, B, 1), exact power of two
+        y = x / block_scale
         if self.element == "int8":
-            q = torch.clamp(torch.round(y * 2**MXINT8_FRAC_BITS), -127, 127).to(torch.int16)
-            codes = (q & 0xFF).to(torch.uint8)  # two's complement byte
+            q = torch.clamp(torch.round(y * 2**MXINT8_FRAC_BITS), -127, 127)
+            elements = q * 2.0**-MXINT8_FRAC_BITS
+            codes = (q.to(torch.int16) & 0xFF).to(torch.uint8) if with_codes else None  # two's complement
         else:
-            codes = round_to_grid(y, GRIDS[self.element])
-        return codes, self._decode(codes, exp), exp
+            codes, elements = round_minifloat(y, self.element, with_codes=with_codes)
+        return codes, elements * block_scale, exp
 
     # -- the Format contract ----------------------------------------------------------------
 
     def fake_quant(self, w: torch.Tensor) -> torch.Tensor:
         check_weight(w)
-        _, values, _ = self._encode(to_groups(w.float(), MX_BLOCK))
+        _, values, _ = self._encode(to_groups(w.float(), MX_BLOCK), with_codes=False)
         return from_groups(values, tuple(w.shape), MX_BLOCK).to(w.dtype)
 
     def quantize(self, w: torch.Tensor) -> QTensor:

@@ -24,8 +24,9 @@ from dataclasses import dataclass
 import torch
 
 from mixq.formats.base import Layout, QTensor
-from mixq.formats.elements import GRIDS, grid_levels, round_to_grid
-from mixq.formats.grouping import check_qtensor, check_weight, from_groups, scales_shape, to_groups
+from mixq.formats.elements import GRIDS, grid_levels, round_minifloat
+from mixq.formats.grouping import (check_qtensor, check_weight, div, from_groups, scales_shape,
+                                   to_groups)
 
 NVFP4_BLOCK = 16
 E2M1 = GRIDS["fp4_e2m1"]
@@ -68,27 +69,26 @@ class NVFP4Format:
         denom = (block_scale * tensor_scale).unsqueeze(-1)  # (R, B, 1)
         return grid_levels(E2M1, codes.device)[codes.long()] * denom
 
-    def _encode(self, x: torch.Tensor, tensor_scale: torch.Tensor):
+    def _encode(self, x: torch.Tensor, tensor_scale: torch.Tensor, with_codes: bool = True):
+        """(codes (R, B, 16) | None, values (R, B, 16), block-scale codes (R, B) uint8)."""
         safe_ts = torch.where(tensor_scale > 0, tensor_scale, torch.ones_like(tensor_scale))
-        block_codes = round_to_grid(x.abs().amax(-1) / E2M1_MAX / safe_ts, E4M3)  # (R, B)
-        block_scale = grid_levels(E4M3, x.device)[block_codes.long()]
+        block_codes, block_scale = round_minifloat(div(x.abs().amax(-1), E2M1_MAX) / safe_ts, "fp8_e4m3")
         denom = (block_scale * tensor_scale).unsqueeze(-1)  # (R, B, 1)
-        y = x / torch.where(denom > 0, denom, torch.ones_like(denom))
-        codes = round_to_grid(y, E2M1)
-        codes = torch.where(denom > 0, codes, torch.zeros_like(codes))
-        return codes, self._decode(codes, block_codes, tensor_scale), block_codes
+        y = x / torch.where(denom > 0, denom, torch.ones_like(denom))  # denom 0: y is rounded to 0 below
+        codes, elements = round_minifloat(torch.where(denom > 0, y, 0.0), "fp4_e2m1", with_codes=with_codes)
+        return codes, elements * denom, block_codes
 
     @staticmethod
     def tensor_scale_of(w: torch.Tensor) -> torch.Tensor:
         """float32 scalar amax(W) / (6 * 448)."""
-        return w.abs().amax().float() / (E2M1_MAX * E4M3_MAX)
+        return div(w.abs().amax().float(), E2M1_MAX * E4M3_MAX)
 
     # -- the Format contract ----------------------------------------------------------------
 
     def fake_quant(self, w: torch.Tensor) -> torch.Tensor:
         check_weight(w)
         w32 = w.float()
-        _, values, _ = self._encode(to_groups(w32, NVFP4_BLOCK), self.tensor_scale_of(w32))
+        _, values, _ = self._encode(to_groups(w32, NVFP4_BLOCK), self.tensor_scale_of(w32), with_codes=False)
         return from_groups(values, tuple(w.shape), NVFP4_BLOCK).to(w.dtype)
 
     def quantize(self, w: torch.Tensor) -> QTensor:

@@ -3,7 +3,8 @@
 
 scale = amax / max|level| rounded to float16 to nearest (max|level| is the element's largest
 normal: E4M3 448, E5M2 57344, E3M2 28, E2M3 7.5, E2M1 6; NF4 1), code = the grid value
-nearest to w / scale (ties to the even code = even mantissa; saturating at +-max),
+nearest to w / scale (saturating at +-max; minifloat ties go to the even mantissa, NF4 ties
+to the lower value),
 value = levels[code] * scale. Scales are clamped to >= 2**-14 (see `grouping`); `:mse`
 searches clip ratios per group (same bits).
 """
@@ -16,9 +17,9 @@ import torch
 
 from mixq.errors import FormatError
 from mixq.formats.base import Layout, QTensor
-from mixq.formats.elements import GRIDS, Grid, grid_levels, round_to_grid
-from mixq.formats.grouping import (PER_TENSOR, check_qtensor, check_weight, fp16_scale,
-                                   from_groups, granularity_str, group_len, mse_search,
+from mixq.formats.elements import GRIDS, Grid, grid_levels, round_elements
+from mixq.formats.grouping import (PER_TENSOR, best_clip_ratio, check_qtensor, check_weight, div,
+                                   fp16_scale, from_groups, granularity_str, group_len,
                                    scales_shape, to_groups)
 
 GRID_ELEMENTS = ("fp8_e4m3", "fp8_e5m2", "fp6_e3m2", "fp6_e2m3", "fp4_e2m1", "nf4")
@@ -69,27 +70,32 @@ class GridFormat:
         levels = grid_levels(self.grid, codes.device)
         return levels[codes.long()] * scale.unsqueeze(-1)
 
-    def _encode_ratio(self, x: torch.Tensor, ratio: float):
-        scale = fp16_scale(x.abs().amax(-1) * ratio / self.grid.max_abs)  # (R, G)
-        codes = round_to_grid(x / scale.unsqueeze(-1), self.grid)  # (R, G, g)
-        return codes, self._decode(codes, scale), scale
+    def _encode(self, x: torch.Tensor, ratio: float | torch.Tensor, with_codes: bool = True):
+        """(codes (R, G, g) uint8 | None, values (R, G, g), scale (R, G)) of x (R, G, g), the
+        group amax shrunk by `ratio` (a float or (R, G))."""
+        scale = fp16_scale(div(x.abs().amax(-1) * ratio, self.grid.max_abs))  # (R, G)
+        s3 = scale.unsqueeze(-1)
+        codes, elements = round_elements(x / s3, self.element, with_codes=with_codes)
+        return codes, elements * s3, scale
 
-    def _encode(self, x: torch.Tensor):
-        if self.mse:
-            return mse_search(x, lambda r: self._encode_ratio(x, r))
-        return self._encode_ratio(x, 1.0)
+    def _ratio(self, x: torch.Tensor) -> float | torch.Tensor:
+        if not self.mse:
+            return 1.0
+        return best_clip_ratio(x, lambda r: self._encode(x, r, with_codes=False)[1])
 
     # -- the Format contract ----------------------------------------------------------------
 
     def fake_quant(self, w: torch.Tensor) -> torch.Tensor:
         check_weight(w)
-        _, values, _ = self._encode(to_groups(w.float(), self.group_size))
+        x = to_groups(w.float(), self.group_size)  # (R, G, g)
+        _, values, _ = self._encode(x, self._ratio(x), with_codes=False)
         return from_groups(values, tuple(w.shape), self.group_size).to(w.dtype)
 
     def quantize(self, w: torch.Tensor) -> QTensor:
         check_weight(w)
         shape = tuple(w.shape)
-        codes, _, scale = self._encode(to_groups(w.float(), self.group_size))
+        x = to_groups(w.float(), self.group_size)  # (R, G, g)
+        codes, _, scale = self._encode(x, self._ratio(x))
         return QTensor(str(self), shape, from_groups(codes, shape, self.group_size),
                        scale.to(torch.float16))
 
