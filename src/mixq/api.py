@@ -138,3 +138,84 @@ def _eval_image(loaded, planned, all_units, n_params, body, progress):
 def _describe(plan: Plan) -> str:
     opts = sorted({str(o) for o in plan.options.values()})
     return opts[0] if len(opts) == 1 else f"mixed ({len(opts)} options)"
+
+
+# ---------------------------------------------------------------- analyze / plan
+
+FRONTIER_SCHEMA = 1
+DEFAULT_CANDIDATES = ("int2:g64", "int3:g64", "int4:g64", "int8:ch")
+
+
+def calibration_data(loaded: LoadedModel, calib: str | None = None, samples: int = 8, seqlen: int = 512,
+                     seed: int = 0):
+    """Calibration inputs and a description: random token windows of a calibration text
+    (causal LMs; default `wikitext2-valid`), or the first `samples` images of the CIFAR-10
+    calibration half (image classifiers)."""
+    if loaded.kind == "causal_lm":
+        from mixq.data import DEFAULT_CALIBRATION, calibration_windows
+
+        name = calib or DEFAULT_CALIBRATION
+        ids = calibration_windows(loaded.encode, name, seqlen=seqlen, n_samples=samples, seed=seed)
+        return ids, f"{name}: {samples} random windows x {seqlen} tokens, seed {seed}"
+    from mixq.data import load_cifar10
+
+    images, labels = load_cifar10("calib")
+    n = min(samples, images.shape[0])
+    return (images[:n], labels[:n]), f"cifar10-calib: first {n} of {images.shape[0]} images"
+
+
+def analyze(model: str | LoadedModel = DEFAULT_MODEL, candidates=DEFAULT_CANDIDATES, method: str = "output",
+            calib: str | None = None, samples: int = 8, seqlen: int = 512, seed: int = 0,
+            include_head: bool = False, measure_cost: bool = True, progress: Progress | None = None,
+            **method_opts):
+    """Measure sensitivity once: a `SensitivityTable` over every unit x candidate option.
+
+    Its `timing` holds the analysis wall time and, with `measure_cost`, the wall time of
+    one float forward+backward over the same calibration set and their ratio."""
+    from mixq.sensitivity import analyze as run_analysis
+    from mixq.sensitivity import fwd_bwd_seconds
+
+    loaded = model if isinstance(model, LoadedModel) else load_model(model)
+    units = loaded.units(include_head=include_head)
+    data, description = calibration_data(loaded, calib, samples, seqlen, seed)
+    table = run_analysis(loaded.model, units, list(candidates), method, data, seed=seed, model_name=loaded.name,
+                         calib_description=description, progress=progress, **method_opts)
+    if measure_cost:
+        fb = fwd_bwd_seconds(loaded.model, data)
+        table.timing["fwd_bwd_s"] = fb
+        table.timing["ratio_to_fwd_bwd"] = table.timing["wall_s"] / fb
+    return table
+
+
+def plan(table, budget_bpw: float, *, solver: str = "ilp", max_bytes: int | None = None,
+         keep: dict[str, str] | None = None, ties: list[str] | None = None, min_bits: float | None = None,
+         max_bits: float | None = None, frontier_points: int = 0, progress: Progress | None = None):
+    """Allocate options under a budget from a sensitivity table (or its path).
+
+    Returns (plan, frontier) where frontier is a list of points (empty unless
+    `frontier_points` > 0): estimated error against bits, each with its explicit choice."""
+    from mixq.planner import make_frontier, make_plan
+    from mixq.sensitivity import SensitivityTable
+
+    if not isinstance(table, SensitivityTable):
+        source = str(table)
+        table = SensitivityTable.load(table)
+    else:
+        source = "in-memory table"
+    info = table.units_info
+    rows = table.to_rows()
+    meta = {"sensitivity": {"source": source, "method": table.method, "seed": table.seed,
+                            "calibration": table.calibration, "candidates": table.candidates}}
+    the_plan, _ = make_plan(table.model, info, rows, budget_bpw, solver=solver, max_bytes=max_bytes, keep=keep,
+                            ties=ties, min_bits=min_bits, max_bits=max_bits, meta=meta)
+    curve = []
+    if frontier_points:
+        curve = make_frontier(info, rows, n_points=frontier_points, solver=solver, keep=keep, ties=ties,
+                              min_bits=min_bits, max_bits=max_bits, progress=progress)
+    return the_plan, curve
+
+
+def save_frontier(path, curve: list[dict], meta: dict) -> None:
+    from mixq.artifacts import write_artifact
+
+    write_artifact(path, "frontier", FRONTIER_SCHEMA, {**meta, "points": curve})

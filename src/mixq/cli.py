@@ -147,6 +147,87 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _keep_arg(items: list[str]) -> dict[str, str]:
+    keep = {}
+    for item in items:
+        if "=" not in item:
+            raise MixqError(f"--keep {item!r}: expected PATTERN=OPTION, e.g. '*.down_proj=int8:ch'")
+        pattern, opt = item.rsplit("=", 1)
+        keep[pattern.strip()] = opt.strip()
+    return keep
+
+
+def cmd_analyze(args) -> int:
+    from mixq import api
+    from mixq.sensitivity import spiky_units
+
+    table = api.analyze(args.model, candidates=_csv(args.candidates), method=args.method, calib=args.calib,
+                        samples=args.samples, seqlen=args.seqlen, seed=args.seed, include_head=args.include_head,
+                        progress=_progress(args))
+    table.save(args.output)
+    t = table.timing
+    print(f"sensitivity ({table.method}) of {len(table.units)} units x {len(table.candidates)} candidates; "
+          f"calibration: {table.calibration.get('description', '')}")
+    print(f"analysis {t['wall_s']:.1f} s = {t.get('ratio_to_fwd_bwd', float('nan')):.1f} x one float "
+          f"forward+backward over the calibration set ({t.get('fwd_bwd_s', float('nan')):.2f} s)")
+    worst = sorted(table.units, key=lambda u: -u.options[0]["error"])[:8]
+    print(render_table(["most sensitive unit", f"error @ {table.candidates[0]}", "input max/median"],
+                       [[u.name, u.options[0]["error"], u.stats.get("ratio")] for u in worst]))
+    spiky = spiky_units(table, args.spike_ratio)
+    if spiky:
+        print(f"activation spikes (input max/median > {args.spike_ratio:g}): {', '.join(spiky)}")
+    print(f"wrote {args.output}")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from mixq import api
+
+    the_plan, curve = api.plan(args.sensitivity, args.budget, solver=args.solver, max_bytes=args.max_bytes,
+                               keep=_keep_arg(args.keep), ties=_csv(args.tie) if args.tie else [],
+                               min_bits=args.min_bits, max_bits=args.max_bits,
+                               frontier_points=args.points if args.frontier else 0, progress=_progress(args))
+    the_plan.save(args.output)
+    m = the_plan.meta
+    counts: dict[str, int] = {}
+    for o in the_plan.options.values():
+        counts[str(o)] = counts.get(str(o), 0) + 1
+    print(f"plan at {args.budget:g} bits/weight ({args.solver}, {m['status']}): "
+          f"{m['bits_per_weight']:.4f} bits/weight over {len(the_plan.options)} units, "
+          f"predicted error {m['predicted_error']:.6g}")
+    print(render_table(["option", "units"], sorted(counts.items())))
+    print(f"wrote {args.output}")
+    if args.frontier:
+        api.save_frontier(args.frontier, curve, {"model": the_plan.model, "solver": args.solver,
+                                                 "sensitivity": m["sensitivity"]})
+        print(f"wrote {args.frontier} ({len(curve)} points)")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from mixq.pipeline import run
+
+    res = run(args.model, budget_bpw=args.budget, out_dir=args.out, candidates=_csv(args.candidates),
+              method=args.method, calib=args.calib, samples=args.samples, seqlen=args.seqlen,
+              eval_windows=args.windows, n_checks=args.checks, seed=args.seed,
+              ties=_csv(args.tie) if args.tie else [], progress=_progress(args))
+    print(eval_table(res["eval"]))
+    chk = res["check"]
+    if chk.get("spearman") is not None:
+        print(f"additivity check over {len(chk['plans'])} frontier plans: Spearman(predicted error, measured "
+              f"{chk['metric']}) = {chk['spearman']:.3f}")
+    print(f"closest uniform format under {args.budget:g} bits: {res['eval'].get('closest_uniform')}")
+    print(f"run directory {res['out_dir']}; report {res['report']}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from mixq.report import write_report
+
+    print(f"wrote {write_report(args.run_dir)}")
+    return 0
+
+
 # ---------------------------------------------------------------- parser
 
 
@@ -174,6 +255,53 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--include-head", action="store_true", help="also quantize lm_head (tied heads share the embedding)")
     e.add_argument("--json", default=None, metavar="OUT", help="write the results as an eval artifact")
     e.set_defaults(func=cmd_eval)
+
+    a = sub.add_parser("analyze", help="measure per-unit sensitivity to every candidate format, once")
+    a.add_argument("model", nargs="?", default="smollm2-135m")
+    a.add_argument("--candidates", default="int2:g64,int3:g64,int4:g64,int8:ch", help="comma-separated options")
+    a.add_argument("--method", default="output", help="hutchinson, eigen, fisher, output, measure (default output)")
+    a.add_argument("--calib", default=None, help="calibration text (default wikitext2-valid); CIFAR models use the calibration half")
+    a.add_argument("--samples", type=int, default=8, help="calibration windows (or images)")
+    a.add_argument("--seqlen", type=int, default=512)
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--include-head", action="store_true")
+    a.add_argument("--spike-ratio", type=float, default=100.0, help="input max/median ratio that flags an activation spike")
+    a.add_argument("-o", "--output", default="sensitivity.json")
+    a.set_defaults(func=cmd_analyze)
+
+    pl = sub.add_parser("plan", help="choose a format per unit under a bit budget")
+    pl.add_argument("sensitivity", help="sensitivity.json from mixq analyze")
+    pl.add_argument("--budget", type=float, required=True, help="average all-in bits per weight over the units")
+    pl.add_argument("--max-bytes", type=int, default=None, help="also cap the total bytes of the units")
+    pl.add_argument("--keep", action="append", default=[], metavar="PATTERN=OPTION",
+                    help="pin units matching a glob (or re:REGEX) to an option, e.g. '*.down_proj=int8:ch'")
+    pl.add_argument("--tie", default="", help="units that must share an option: qkv, gate_up, experts (comma-separated)")
+    pl.add_argument("--min-bits", type=float, default=None, help="drop options under this many bits per weight")
+    pl.add_argument("--max-bits", type=float, default=None, help="drop options over this many bits per weight")
+    pl.add_argument("--solver", default="ilp", choices=["ilp", "greedy", "dp"])
+    pl.add_argument("-o", "--output", default="plan.json")
+    pl.add_argument("--frontier", default=None, metavar="FRONTIER_JSON", help="also write the whole error-vs-bits curve")
+    pl.add_argument("--points", type=int, default=41, help="frontier points")
+    pl.set_defaults(func=cmd_plan)
+
+    r = sub.add_parser("run", help="analyze, plan, eval and report in one go, into a run directory")
+    r.add_argument("model", nargs="?", default="smollm2-135m")
+    r.add_argument("--budget", type=float, default=3.5, help="average all-in bits per weight (default 3.5)")
+    r.add_argument("--candidates", default="int2:g64,int3:g64,int4:g64,int8:ch")
+    r.add_argument("--method", default="output")
+    r.add_argument("--calib", default=None)
+    r.add_argument("--samples", type=int, default=8)
+    r.add_argument("--seqlen", type=int, default=512)
+    r.add_argument("--windows", type=int, default=8, help="evaluation windows")
+    r.add_argument("--checks", type=int, default=5, help="frontier plans measured for the additivity check")
+    r.add_argument("--tie", default="")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--out", default="runs/default", help="run directory")
+    r.set_defaults(func=cmd_run)
+
+    rp = sub.add_parser("report", help="write report.html for a run directory")
+    rp.add_argument("run_dir")
+    rp.set_defaults(func=cmd_report)
 
     d = sub.add_parser("demo", help="run the default model through a few formats and print the table")
     d.add_argument("--seqlen", type=int, default=512)

@@ -29,14 +29,17 @@ the model re-solved. HiGHS is deterministic, so the same problem gives the same 
 
 Known upstream wart: the HiGHS inside scipy 1.17 may write a stray debug line
 ("HighsMipSolverData::transformNewIntegerFeasibleSolution tmpSolver.run();") to the C-level
-stdout even with disp=False (ERGO-Code/HiGHS#2783). It does not affect the result; mixq
-itself never prints.
+stdout even with disp=False (ERGO-Code/HiGHS#2783). It does not affect the result; each
+solve runs with the process's stdout file descriptor pointed at /dev/null.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
+import sys
 import time
 from functools import reduce as fold
 
@@ -146,6 +149,26 @@ def _error(red: Reduced, picks: list[int]) -> float:
     return math.fsum(float(e[p]) for e, p in zip(red.error, picks))
 
 
+@contextlib.contextmanager
+def _quiet_stdout():
+    """Silence C-level writes to stdout (the HiGHS debug line) for the duration of a solve,
+    so that a command printing JSON or a table to stdout is not corrupted."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # stdout replaced (pytest capture, notebooks)
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(fd)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), fd)
+            yield
+    finally:
+        os.dup2(saved, fd)
+        os.close(saved)
+
+
 def _solve_milp(
     red: Reduced, allowed: list[np.ndarray], cap: int, time_limit_s: float | None, fallback: list[int]
 ) -> tuple[list[int], bool, str]:
@@ -170,7 +193,8 @@ def _solve_milp(
     target = room
     for attempt in range(_MAX_RESOLVES + 1):
         constraints = [LinearConstraint(one_hot, 1, 1), LinearConstraint(csr_array(row), -np.inf, target // gcd)]
-        res = milp(c, integrality=np.ones(n_vars), bounds=(0, 1), constraints=constraints, options=options)
+        with _quiet_stdout():
+            res = milp(c, integrality=np.ones(n_vars), bounds=(0, 1), constraints=constraints, options=options)
         if res.x is None and res.status == 1:  # time or node limit before any solution
             return list(fallback), False, f"stopped: {res.message}"
         if res.x is None:

@@ -324,7 +324,9 @@ def pick_config(m: int, layout: PackedLayout, n_sms: int = 132) -> KernelConfig:
     block_n, block_j = 64, 32
     n_tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     split = _split_for(n_tiles, n_units, block_j, n_sms, target_waves=2)
-    return KernelConfig("gemm", block_m, block_n, block_j, split, num_warps=4, num_stages=2)
+    # pipelining the dependent table gathers of "lut" grids only fills shared memory
+    stages = 1 if layout.value_mode == "lut" else 2
+    return KernelConfig("gemm", block_m, block_n, block_j, split, num_warps=4, num_stages=stages)
 
 
 def check_supported(layout: PackedLayout) -> None:

@@ -103,8 +103,9 @@ def analyze(
     check_units(model, units)
     ctx = Context(model, units, options, calib, task, loss, seed, progress, quantize_fn)
     t0 = time.perf_counter()
-    torch.manual_seed(seed)  # any draw a model makes internally
-    result = METHODS[method](ctx, **method_opts)
+    with torch.random.fork_rng(devices=[]):  # the caller's global RNG state is left alone
+        torch.manual_seed(seed)  # any draw a model makes internally
+        result = METHODS[method](ctx, **method_opts)
     stats = result.get("stats")
     if stats is None:
         stats, _, _ = capture(ctx, want_gram=False)

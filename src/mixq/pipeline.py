@@ -1,0 +1,120 @@
+"""`mixq run`: analyze -> plan -> eval -> report on one model, into a run directory.
+
+Because the solver assumes that per-unit errors add up, the run also checks that assumption:
+it measures the real KL (causal LMs) or top-1 error (image models) of plans at several
+budgets along the frontier and reports the rank correlation of predicted and measured.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+
+from mixq import api
+from mixq.artifacts import write_artifact
+from mixq.errors import BudgetError
+from mixq.models import DEFAULT_MODEL, LoadedModel, load_model
+from mixq.plan import Plan, parse_option
+from mixq.progress import Progress
+
+log = logging.getLogger(__name__)
+
+CHECK_SCHEMA = 1
+
+
+def closest_uniform(candidates: list[str], shapes: dict[str, tuple[int, int]], budget_bpw: float) -> str | None:
+    """The uniform candidate with the most bits per weight that fits the budget."""
+    n = sum(r * c for r, c in shapes.values())
+    fits = []
+    for c in candidates:
+        opt = parse_option(c)
+        bpw = sum(opt.bits(s) for s in shapes.values()) / n
+        if bpw <= budget_bpw + 1e-12:
+            fits.append((bpw, c))
+    return max(fits)[1] if fits else None
+
+
+def check_points(curve: list[dict], n_checks: int) -> list[dict]:
+    """`n_checks` frontier points spread evenly in bits (endpoints included)."""
+    if len(curve) <= n_checks:
+        return list(curve)
+    idx = np.unique(np.round(np.linspace(0, len(curve) - 1, n_checks)).astype(int))
+    return [curve[i] for i in idx]
+
+
+def _rank_check(predicted: list[float], measured: list[float]) -> dict:
+    from scipy.stats import pearsonr, spearmanr
+
+    if len(predicted) < 3:
+        return {"spearman": None, "pearson_log": None}
+    rho = spearmanr(predicted, measured).statistic
+    logs = [(math.log(p), math.log(m)) for p, m in zip(predicted, measured) if p > 0 and m > 0]
+    pl = pearsonr(*zip(*logs)).statistic if len(logs) >= 3 else None
+    return {"spearman": float(rho), "pearson_log": None if pl is None else float(pl)}
+
+
+def run(model: str | LoadedModel = DEFAULT_MODEL, budget_bpw: float = 3.5, out_dir: str | Path = "runs/default",
+        candidates=api.DEFAULT_CANDIDATES, method: str = "output", calib: str | None = None, samples: int = 8,
+        seqlen: int = 512, eval_data: str | None = None, eval_windows: int = 8, n_checks: int = 5, seed: int = 0,
+        ties: list[str] | None = None, progress: Progress | None = None) -> dict:
+    """Run the whole pipeline; returns a summary and leaves in `out_dir`: sensitivity.json,
+    plan.json (ILP), plan_greedy.json, frontier.json, eval.json, check.json, report.html."""
+    from mixq.report import write_report
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    loaded = model if isinstance(model, LoadedModel) else load_model(model)
+    table = api.analyze(loaded, candidates=candidates, method=method, calib=calib, samples=samples, seqlen=seqlen,
+                        seed=seed, progress=progress)
+    table.save(out / "sensitivity.json")
+    plan, curve = api.plan(table, budget_bpw, ties=ties, frontier_points=41, progress=progress)
+    plan.meta["label"] = f"mixed ILP @ {budget_bpw:g}"
+    plan.save(out / "plan.json")
+    api.save_frontier(out / "frontier.json", curve, {"model": loaded.name, "solver": "ilp",
+                                                     "sensitivity": plan.meta["sensitivity"]})
+    plans = [plan]
+    try:
+        greedy, _ = api.plan(table, budget_bpw, solver="greedy", ties=ties)
+        greedy.meta["label"] = f"mixed greedy @ {budget_bpw:g}"
+        greedy.save(out / "plan_greedy.json")
+        plans.append(greedy)
+    except BudgetError as e:
+        log.warning("greedy found no plan at %g: %s", budget_bpw, e)
+    checks = []
+    for p in check_points(curve, n_checks):
+        cp, _ = api.plan(table, p["budget_bpw"], ties=ties)
+        cp.meta["label"] = f"frontier @ {p['bits_per_weight']:.3f}"
+        checks.append(cp)
+    shapes = {u.name: tuple(u.shape) for u in table.units}
+    uniform = closest_uniform(list(table.candidates), shapes, budget_bpw)
+    formats = list(table.candidates)
+    res = api.evaluate(loaded, formats=formats, plans=plans + checks, data=eval_data, windows=eval_windows,
+                       seqlen=seqlen, progress=progress)
+    res["budget_bpw"] = budget_bpw
+    res["closest_uniform"] = uniform
+    write_artifact(out / "eval.json", "eval", api.EVAL_SCHEMA, res)
+    check = _check(res, checks, formats, loaded.kind)
+    write_artifact(out / "check.json", "check", CHECK_SCHEMA, check)
+    report = write_report(out)
+    return {"out_dir": str(out), "report": str(report), "eval": res, "check": check, "plan": plan}
+
+
+def _measured(row: dict, kind: str) -> float:
+    return row["kl"] if kind == "causal_lm" else 1.0 - row["top1"]
+
+
+def _check(res: dict, checks: list[Plan], formats: list[str], kind: str) -> dict:
+    by_label = {r["label"]: r for r in res["rows"]}
+    metric = "KL" if kind == "causal_lm" else "top-1 error"
+    pts = []
+    for cp in checks:
+        r = by_label[cp.meta["label"]]
+        pts.append({"budget_bpw": cp.meta["budget_bpw"], "bits_per_weight": cp.meta["bits_per_weight"],
+                    "predicted": cp.meta["predicted_error"], "measured": _measured(r, kind), "ppl": r.get("ppl")})
+    uni = [{"format": f, "bits_per_weight": by_label[f]["bpw_units"], "measured": _measured(by_label[f], kind)}
+           for f in formats]
+    return {"metric": metric, "plans": pts, "uniform": uni,
+            **_rank_check([p["predicted"] for p in pts], [p["measured"] for p in pts])}
