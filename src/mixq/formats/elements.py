@@ -158,19 +158,20 @@ def round_minifloat(y: torch.Tensor, name: str, *, with_codes: bool = True):
     exact). n is the mantissa with its hidden bit, so the magnitude code is
     ((e + bias - 1) << m) + n; a carry into the next binade (n = 2**(m+1)) and a subnormal
     rounding up to the smallest normal both land on the right pattern by this formula.
+    floor(log2|y|) + 127 is read off float32's exponent field (float32 subnormals and 0 read
+    as below emin, which the clamp takes care of); step is built from bits, exactly.
     """
     mf, grid = MINIFLOATS[name], GRIDS[name]
     a = y.abs()
-    _, ex = torch.frexp(a)  # a = f * 2**ex, f in [0.5, 1): floor(log2 a) = ex - 1
-    e = (ex - 1).clamp(min=1 - mf.bias)
-    step = pow2(e - mf.man_bits)
-    n = torch.round(a / step)
-    values = torch.copysign((n * step).clamp(max=grid.max_abs), y)
+    biased_e = (a.view(torch.int32) >> 23).clamp_(min=128 - mf.bias)  # e + 127, e >= emin
+    step = ((biased_e - mf.man_bits) << 23).view(torch.float32)  # 2**(e - m), a float32 normal
+    n = a.div_(step).round_()  # (reuses a's memory)
+    values = (n * step).clamp_(max=grid.max_abs).copysign_(y)
     if not with_codes:
         return None, values
-    field = ((e + (mf.bias - 1)) << mf.man_bits) + n.to(torch.int32)
-    field = torch.where(n > 0, field, 0).clamp(max=max_magnitude_code(name))  # frexp(0) has ex 0
-    sign = ((y < 0) & (field > 0)).to(torch.int32) << (mf.code_bits - 1)  # zero is always +0
+    field = ((biased_e + (mf.bias - 128)) << mf.man_bits) + n.to(torch.int32)
+    field = torch.where(n > 0, field, 0).clamp_(max=max_magnitude_code(name))  # n = 0: code +0
+    sign = ((y < 0) & (field > 0)).to(torch.int32) << (mf.code_bits - 1)
     return (field | sign).to(torch.uint8), values
 
 
