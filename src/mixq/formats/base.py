@@ -21,9 +21,11 @@ import torch
 class QTensor:
     """A quantized 2-D weight in codes-plus-scales form.
 
-    codes:  (rows, cols) uint8, each < 2**code_bits (unpacked; see `formats.packing`).
+    codes:  (rows, cols) uint8, each < 2**code_bits (unpacked; see `formats.packing`). The
+            unquantized bf16/fp16/fp32 formats keep the cast tensor itself here instead.
     scales: (rows, n_groups) in the format's scale storage dtype: float16 for INT/FP/NF,
-            uint8 biased exponents for MX (E8M0), uint8 E4M3 bit patterns for NVFP4.
+            uint8 biased exponents for MX (E8M0), uint8 E4M3 bit patterns for NVFP4;
+            (rows, 1) per channel, (1, 1) per tensor; None for unquantized formats.
     zeros:  (rows, n_groups) uint8 zero points (asymmetric INT only), else None.
     tensor_scale: float32 scalar tensor (NVFP4 only), else None.
     """
