@@ -209,8 +209,10 @@ def _qgemm_kernel(
     ATOMIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, INPLACE: tl.constexpr,
 ):
-    """Tensor-core GEMM: for each code position i of a unit, the (BLOCK_J, BLOCK_N) tile of
-    levels * scale (in x's dtype) meets x[:, C * j + i] in one tl.dot."""
+    """Tensor-core GEMM: a (BLOCK_J units, C codes, BLOCK_N rows) tile of levels * scale is
+    decoded in x's dtype, viewed as (BLOCK_J * C, BLOCK_N) in natural input order, and meets
+    one contiguous (BLOCK_M, BLOCK_J * C) activation tile in a single tl.dot."""
+    BLOCK_K: tl.constexpr = BLOCK_J * C
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -218,44 +220,48 @@ def _qgemm_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < M
     n_mask = offs_n < N
-    j_start = pid_k * J_PER_SPLIT
-    w_cols = w_ptr + offs_n[None, :].to(tl.int64) * stride_wn  # (1, BN): tiles are (BJ, BN)
-    s_cols = offs_n[None, :].to(tl.int64) * stride_sn
+    P = tl.arange(0, C)[None, :, None] * BITS  # (1, C, 1) bit offset of each code in its unit
+    WORD = P // 32
+    S = P % 32
+    SCALED_X: tl.constexpr = VALUE_MODE == 0 and INPLACE
+    offs_kk = tl.arange(0, BLOCK_K)
+    # x is scaled by 2**-E of the code position (k % C) to undo the in-place 2**E of the levels
+    XS = 1.0 / (1 << _shift_exponent((offs_kk % C) * BITS % 32, BITS, SCALED_X)).to(tl.float32)
+    w_cols = w_ptr + offs_n[None, None, :].to(tl.int64) * stride_wn  # (1, 1, BN)
+    s_cols = offs_n[None, None, :].to(tl.int64) * stride_sn
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
-    zero_i = tl.zeros((BLOCK_J, BLOCK_N), dtype=tl.int32)
+    j_start = pid_k * J_PER_SPLIT
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for j0 in range(0, J_PER_SPLIT, BLOCK_J):
         offs_j = j_start + j0 + tl.arange(0, BLOCK_J)
         j_mask = offs_j < J
-        mask = j_mask[:, None] & n_mask[None, :]  # (BJ, BN)
-        w0 = tl.load(w_cols + offs_j[:, None], mask=mask, other=0).to(tl.uint32, bitcast=True)
+        mask = j_mask[:, None, None] & n_mask[None, None, :]  # (BJ, 1, BN)
+        wp = w_cols + offs_j[:, None, None]
+        w0 = tl.load(wp, mask=mask, other=0).to(tl.uint32, bitcast=True)  # (BJ, 1, BN)
         if U > 1:
-            w1 = tl.load(w_cols + J + offs_j[:, None], mask=mask, other=0).to(tl.uint32, bitcast=True)
+            w1 = tl.load(wp + J, mask=mask, other=0).to(tl.uint32, bitcast=True)
         else:
             w1 = w0
         if U > 2:
-            w2 = tl.load(w_cols + 2 * J + offs_j[:, None], mask=mask, other=0).to(tl.uint32, bitcast=True)
+            w2 = tl.load(wp + 2 * J, mask=mask, other=0).to(tl.uint32, bitcast=True)
         else:
             w2 = w1
-        s_off = s_cols + (offs_j // UNITS_PER_GROUP)[:, None]
-        scale = _scale(tl.load(s_ptr + s_off, mask=mask, other=0), SCALE_MODE) * VALUE_MULT
+        v = _decode_unit(w0, w1, w2, lut_ptr, MAGIC, S, WORD, BITS, VALUE_MODE, CODE_OFFSET, HAS_ZERO,
+                         SCALED_X)  # (BJ, C, BN)
+        s_off = s_cols + (offs_j // UNITS_PER_GROUP)[:, None, None]
+        scale = _scale(tl.load(s_ptr + s_off, mask=mask, other=0), SCALE_MODE) * VALUE_MULT  # (BJ, 1, BN)
         if HAS_ZERO:
             zs = tl.load(z_ptr + s_off, mask=mask, other=0).to(tl.float32)
-        xmask = m_mask[:, None] & j_mask[None, :]  # (BM, BJ)
-        for i in tl.static_range(C):
-            S = zero_i + (BITS * i) % 32
-            v = _decode_unit(w0, w1, w2, lut_ptr, MAGIC, S, zero_i + (BITS * i) // 32, BITS,
-                             VALUE_MODE, CODE_OFFSET, HAS_ZERO, INPLACE)
-            xi = tl.load(x_rows + (offs_j * C + i)[None, :], mask=xmask, other=0.0)  # (BM, BJ)
-            if VALUE_MODE == 0 and INPLACE:
-                pow2_e = (1 << _shift_exponent((BITS * i) % 32, BITS, True)).to(tl.float32)  # scalar
-                if HAS_ZERO:
-                    v = v - zs * pow2_e
-                xi = (xi.to(tl.float32) * (1.0 / pow2_e)).to(x_ptr.dtype.element_ty)
-            elif VALUE_MODE == 0 and HAS_ZERO:
+            if SCALED_X:
+                v = v - zs * (1 << _shift_exponent(S, BITS, True)).to(tl.float32)
+            else:
                 v = v - zs
-            wt = (v * scale).to(x_ptr.dtype.element_ty)  # (BJ, BN)
-            acc = tl.dot(xi, wt, acc)
+        wt = tl.reshape((v * scale).to(x_ptr.dtype.element_ty), (BLOCK_K, BLOCK_N))
+        offs_k = j_start * C + j0 * C + offs_kk
+        x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & (offs_k < J * C)[None, :], other=0.0)
+        if SCALED_X:
+            x = (x.to(tl.float32) * XS[None, :]).to(x_ptr.dtype.element_ty)
+        acc = tl.dot(x, wt, acc)
     out = acc
     if HAS_TS:
         out = out * tl.load(ts_ptr)
@@ -314,19 +320,27 @@ def _split_for(n_tiles: int, n_units: int, block_j: int, n_sms: int, target_wave
 
 
 def pick_config(m: int, layout: PackedLayout, n_sms: int = 132) -> KernelConfig:
-    """Block shapes by batch size (M) and weight shape; tuned on an H100 (bench/KERNEL_NOTES.md)."""
-    n, n_units = layout.out_features, layout.n_units
+    """Block shapes by batch size (M) and weight shape, from the H100 sweeps recorded in
+    bench/KERNEL_NOTES.md: CUDA-core GEMV up to 4 rows, tensor-core GEMM above; split-K
+    (fp32 atomics) when the output tiles alone give fewer than ~2 programs per SM."""
+    n, n_units, c_per_unit = layout.out_features, layout.n_units, layout.codes_per_unit
     if m <= 4:
-        block_n, block_j = 8, 64
-        split = _split_for(triton.cdiv(n, block_n), n_units, block_j, n_sms, target_waves=4)
-        return KernelConfig("gemv", _pow2_at_least(m), block_n, block_j, split, num_warps=4)
+        block_m = _pow2_at_least(m)
+        if m == 1 and n_units >= 256:
+            block_n, block_j, warps = 8, 256, 8
+        else:
+            block_n, block_j, warps = 4, 128, 4
+        block_j = min(block_j, _pow2_at_least(n_units))
+        split = _split_for(triton.cdiv(n, block_n), n_units, block_j, n_sms, target_waves=2)
+        return KernelConfig("gemv", block_m, block_n, block_j, split, num_warps=warps)
     block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
-    block_n, block_j = 64, 32
+    block_n, warps = (64, 4) if m <= 32 else (128, 8)
+    block_j = max(1, 128 // c_per_unit)  # a 128-deep K tile per tl.dot
     n_tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     split = _split_for(n_tiles, n_units, block_j, n_sms, target_waves=2)
     # pipelining the dependent table gathers of "lut" grids only fills shared memory
     stages = 1 if layout.value_mode == "lut" else 2
-    return KernelConfig("gemm", block_m, block_n, block_j, split, num_warps=4, num_stages=stages)
+    return KernelConfig("gemm", block_m, block_n, block_j, split, num_warps=warps, num_stages=stages)
 
 
 def check_supported(layout: PackedLayout) -> None:
