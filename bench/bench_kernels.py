@@ -153,7 +153,9 @@ def sweep(copy_bw: float, results: dict) -> dict:
               for st in (2,)] + [KernelConfig("gemm", 16, 64, 16, 2, 4, 3), KernelConfig("gemm", 16, 128, 16, 2, 8, 3)]
     gemm64 = [KernelConfig("gemm", 64, bn, bj, sk, nw, 2) for bn, nw in ((64, 4), (128, 8)) for bj in (8, 16)
               for sk in (1, 2)]
-    cands_for = {1: gemv1, 4: gemv4 + [c for c in gemm16 if c.split_k == 2][:3], 16: gemm16, 64: gemm64}
+    gemv1 = [c for c in gemv1 if c.block_n >= 8]
+    gemm16 = [KernelConfig("gemm", 16, bn, 16, sk, 4, 2) for bn in (64, 128) for sk in (2, 4, 8)]
+    cands_for = {1: gemv1, 4: gemv4[:2], 16: gemm16, 64: gemm64[:0]}
     best = {}
     for n, k in SHAPES[:3]:
         kw = random_weights("int4:g128", n, k)
@@ -167,8 +169,10 @@ def sweep(copy_bw: float, results: dict) -> dict:
                     continue
                 gbs = io_bytes(nbytes, m, n, k) / (t_us * 1e-6) / 1e9
                 rows.append((t_us, cfg, gbs))
-            rows.sort(key=lambda r: r[0])
             heur = pick_config(m, kw.layout)
+            if not rows:
+                continue
+            rows.sort(key=lambda r: r[0])
             t_h, _ = bench_one(kw, m, heur)
             best[(n, k, m)] = rows[0][1]
             results.setdefault("sweep", {})[f"{n}x{k}:M{m}"] = {

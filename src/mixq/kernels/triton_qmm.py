@@ -86,6 +86,21 @@ def _decode_unit(w0, w1, w2, lut_ptr, MAGIC, S, WORD, BITS: tl.constexpr,
 
 
 @triton.jit
+def _load_words(wp, mask, J, U: tl.constexpr):
+    """The U planes of unit words at pointers wp (plane u is u * J words further)."""
+    w0 = tl.load(wp, mask=mask, other=0)
+    if U > 1:
+        w1 = tl.load(wp + J, mask=mask, other=0)
+    else:
+        w1 = w0
+    if U > 2:
+        w2 = tl.load(wp + 2 * J, mask=mask, other=0)
+    else:
+        w2 = w1
+    return w0, w1, w2
+
+
+@triton.jit
 def _scale(s, SCALE_MODE: tl.constexpr):
     """Stored scales (fp16, or uint8 E8M0 / E4M3) -> float32."""
     if SCALE_MODE == 0:
@@ -163,23 +178,25 @@ def _qgemv_kernel(
     acc2 = tl.zeros((BLOCK_J, BLOCK_N), dtype=tl.float32)
     acc3 = tl.zeros((BLOCK_J, BLOCK_N), dtype=tl.float32)
     j_start = pid_k * J_PER_SPLIT  # J_PER_SPLIT is a multiple of BLOCK_J
+    j_end = j_start + J_PER_SPLIT
+    # software pipelining by hand: the words of the next tile are loaded before this one is
+    # decoded, so every thread keeps a tile of loads in flight while it computes
+    offs_j = j_start + tl.arange(0, BLOCK_J)
+    mask2 = (offs_j < J)[:, None] & n_mask[None, :]  # (BJ, BN)
+    n0, n1, n2 = _load_words(w_cols + offs_j[:, None, None], mask2[:, :, None], J, U)  # (BJ, BN, 1)
     for j0 in range(0, J_PER_SPLIT, BLOCK_J):
-        offs_j = j_start + j0 + tl.arange(0, BLOCK_J)
+        w0 = n0.to(tl.uint32, bitcast=True)
+        w1 = n1.to(tl.uint32, bitcast=True)
+        w2 = n2.to(tl.uint32, bitcast=True)
         j_mask = offs_j < J
-        mask2 = j_mask[:, None] & n_mask[None, :]  # (BJ, BN)
-        wp = w_cols + offs_j[:, None, None]
-        w0 = tl.load(wp, mask=mask2[:, :, None], other=0).to(tl.uint32, bitcast=True)  # (BJ, BN, 1)
-        if U > 1:
-            w1 = tl.load(wp + J, mask=mask2[:, :, None], other=0).to(tl.uint32, bitcast=True)
-        else:
-            w1 = w0
-        if U > 2:
-            w2 = tl.load(wp + 2 * J, mask=mask2[:, :, None], other=0).to(tl.uint32, bitcast=True)
-        else:
-            w2 = w1
-        v = _decode_unit(w0, w1, w2, lut_ptr, MAGIC, S, WORD, BITS, VALUE_MODE, CODE_OFFSET, HAS_ZERO, True)
+        mask2 = j_mask[:, None] & n_mask[None, :]
+        offs_next = offs_j + BLOCK_J
+        mask_next = ((offs_next < J) & (offs_next < j_end))[:, None] & n_mask[None, :]
+        n0, n1, n2 = _load_words(w_cols + offs_next[:, None, None], mask_next[:, :, None], J, U)
         s_off = s_cols + (offs_j // UNITS_PER_GROUP)[:, None]
-        scale = _scale(tl.load(s_ptr + s_off, mask=mask2, other=0), SCALE_MODE) * VALUE_MULT  # (BJ, BN)
+        s_raw = tl.load(s_ptr + s_off, mask=mask2, other=0)
+        v = _decode_unit(w0, w1, w2, lut_ptr, MAGIC, S, WORD, BITS, VALUE_MODE, CODE_OFFSET, HAS_ZERO, True)
+        scale = _scale(s_raw, SCALE_MODE) * VALUE_MULT  # (BJ, BN)
         if HAS_ZERO:
             zf = tl.load(z_ptr + s_off, mask=mask2, other=0).to(tl.float32)
         else:
@@ -190,6 +207,7 @@ def _qgemv_kernel(
         if BLOCK_M > 2:
             acc2 += _row_partial(x_ptr, 2, M, stride_xm, offs_j, j_mask, v, zf, XS, C, HAS_ZERO, SCALED_X) * scale
             acc3 += _row_partial(x_ptr, 3, M, stride_xm, offs_j, j_mask, v, zf, XS, C, HAS_ZERO, SCALED_X) * scale
+        offs_j = offs_next
     _store_row(y_ptr, 0, M, stride_ym, offs_n, n_mask, acc0, ts_ptr, b_ptr, pid_k, HAS_TS, HAS_BIAS, ATOMIC)
     if BLOCK_M > 1:
         _store_row(y_ptr, 1, M, stride_ym, offs_n, n_mask, acc1, ts_ptr, b_ptr, pid_k, HAS_TS, HAS_BIAS, ATOMIC)
@@ -231,21 +249,20 @@ def _qgemm_kernel(
     s_cols = offs_n[None, None, :].to(tl.int64) * stride_sn
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
     j_start = pid_k * J_PER_SPLIT
+    j_end = j_start + J_PER_SPLIT
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    offs_j = j_start + tl.arange(0, BLOCK_J)
+    mask = (offs_j < J)[:, None, None] & n_mask[None, None, :]  # (BJ, 1, BN)
+    n0, n1, n2 = _load_words(w_cols + offs_j[:, None, None], mask, J, U)  # prefetched tile
     for j0 in range(0, J_PER_SPLIT, BLOCK_J):
-        offs_j = j_start + j0 + tl.arange(0, BLOCK_J)
+        w0 = n0.to(tl.uint32, bitcast=True)
+        w1 = n1.to(tl.uint32, bitcast=True)
+        w2 = n2.to(tl.uint32, bitcast=True)
         j_mask = offs_j < J
-        mask = j_mask[:, None, None] & n_mask[None, None, :]  # (BJ, 1, BN)
-        wp = w_cols + offs_j[:, None, None]
-        w0 = tl.load(wp, mask=mask, other=0).to(tl.uint32, bitcast=True)  # (BJ, 1, BN)
-        if U > 1:
-            w1 = tl.load(wp + J, mask=mask, other=0).to(tl.uint32, bitcast=True)
-        else:
-            w1 = w0
-        if U > 2:
-            w2 = tl.load(wp + 2 * J, mask=mask, other=0).to(tl.uint32, bitcast=True)
-        else:
-            w2 = w1
+        mask = j_mask[:, None, None] & n_mask[None, None, :]
+        offs_next = offs_j + BLOCK_J
+        mask_next = ((offs_next < J) & (offs_next < j_end))[:, None, None] & n_mask[None, None, :]
+        n0, n1, n2 = _load_words(w_cols + offs_next[:, None, None], mask_next, J, U)
         v = _decode_unit(w0, w1, w2, lut_ptr, MAGIC, S, WORD, BITS, VALUE_MODE, CODE_OFFSET, HAS_ZERO,
                          SCALED_X)  # (BJ, C, BN)
         s_off = s_cols + (offs_j // UNITS_PER_GROUP)[:, None, None]
@@ -257,11 +274,12 @@ def _qgemm_kernel(
             else:
                 v = v - zs
         wt = tl.reshape((v * scale).to(x_ptr.dtype.element_ty), (BLOCK_K, BLOCK_N))
-        offs_k = j_start * C + j0 * C + offs_kk
+        offs_k = (j_start + j0) * C + offs_kk
         x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & (offs_k < J * C)[None, :], other=0.0)
         if SCALED_X:
             x = (x.to(tl.float32) * XS[None, :]).to(x_ptr.dtype.element_ty)
         acc = tl.dot(x, wt, acc)
+        offs_j = offs_next
     out = acc
     if HAS_TS:
         out = out * tl.load(ts_ptr)
@@ -326,8 +344,8 @@ def pick_config(m: int, layout: PackedLayout, n_sms: int = 132) -> KernelConfig:
     n, n_units, c_per_unit = layout.out_features, layout.n_units, layout.codes_per_unit
     if m <= 4:
         block_m = _pow2_at_least(m)
-        if m == 1 and n_units >= 256:
-            block_n, block_j, warps = 8, 256, 8
+        if m == 1:
+            block_n, block_j, warps = (16, 256, 8) if n_units >= 256 else (16, 128, 4)
         else:
             block_n, block_j, warps = 4, 128, 4
         block_j = min(block_j, _pow2_at_least(n_units))
