@@ -340,19 +340,23 @@ def _split_for(n_tiles: int, n_units: int, block_j: int, n_sms: int, target_wave
 def pick_config(m: int, layout: PackedLayout, n_sms: int = 132) -> KernelConfig:
     """Block shapes by batch size (M) and weight shape, from the H100 sweeps recorded in
     bench/KERNEL_NOTES.md: CUDA-core GEMV up to 4 rows, tensor-core GEMM above; split-K
-    (fp32 atomics) when the output tiles alone give fewer than ~2 programs per SM."""
+    (fp32 atomics) when the output tiles alone give fewer than ~2 programs per SM.
+
+    A GEMV thread holds one unit (C codes) of BLOCK_N rows, so BLOCK_N shrinks as C grows
+    (int3's 32-code units would otherwise spill registers)."""
     n, n_units, c_per_unit = layout.out_features, layout.n_units, layout.codes_per_unit
-    if m <= 4:
+    if m == 1 or (m <= 4 and c_per_unit <= 16):  # 32-code units x 4 rows: the GEMM is cheaper
         block_m = _pow2_at_least(m)
-        if m == 1:
-            block_n, block_j, warps = (16, 256, 8) if n_units >= 256 else (16, 128, 4)
-        else:
-            block_n, block_j, warps = 4, 128, 4
-        block_j = min(block_j, _pow2_at_least(n_units))
+        budget = 64 if m == 1 else 32  # values per thread per activation row
+        block_n = min(8, max(1, budget // c_per_unit))
+        block_j = min(128, _pow2_at_least(n_units))
         split = _split_for(triton.cdiv(n, block_n), n_units, block_j, n_sms, target_waves=2)
-        return KernelConfig("gemv", block_m, block_n, block_j, split, num_warps=warps)
+        return KernelConfig("gemv", block_m, block_n, block_j, split, num_warps=4)
     block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
-    block_n, warps = (64, 4) if m <= 32 else (128, 8)
+    if m <= 32:
+        block_n, warps = (128 if n >= 8192 else 64), 4
+    else:
+        block_n, warps = 128, 8
     block_j = max(1, 128 // c_per_unit)  # a 128-deep K tile per tl.dot
     n_tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     split = _split_for(n_tiles, n_units, block_j, n_sms, target_waves=2)
