@@ -1,0 +1,408 @@
+"""Calibrated application of a plan: GPTQ, smoothing and the other data-dependent options,
+applied to a model block by block.
+
+`quantize_model(model, units, plan, calib_ids)` writes every planned unit's quantized weight
+into the model, in place (keep a float copy or state dict to restore it), and returns a
+JSON-serialisable `Manifest`. When some planned option needs calibration data (gptq,
+smooth), it runs sequentially, as GPTQ does:
+
+    capture the inputs of block 0 on the calibration windows (the model runs up to block 0)
+    for each decoder block b:
+        run block b on its inputs, accumulating for each calibrated unit its input Hessian
+            H = 2 XᵀX / n and per-channel mean |x| (a fused expert: its routed tokens only)
+        quantize the block's units (`quantizers.quantize_unit`), write them into the model
+        run the *quantized* block on the same inputs: the next block's inputs
+    units outside the blocks (lm_head) last, from the quantized last block's outputs
+
+so each block is calibrated on the inputs the already-quantized blocks before it produce,
+and only one block's activations are held (two lists of (windows, seqlen, hidden) tensors).
+Within a block all units see the block's float-weight inputs (no "true sequential" order
+inside a block). Embeddings are quantized first (round to nearest: an embedding table has
+no input Hessian), before block 0's inputs are captured. An expert that receives no
+calibration token, or an embedding planned with a calibrated option, falls back to round
+to nearest with a warning in the manifest. RTN-only plans need no calibration pass.
+
+`quantize_fn_for_sensitivity` gives sensitivity analysis a `quantize_fn(unit, w, option)`
+that can run GPTQ/smoothing with per-unit statistics from one float capture pass
+(non-sequential), so "int3:g64+gptq+rotate" can be weighed against "int4:g64".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from mixq.errors import DataError, MixqError
+from mixq.models.capture import find_blocks, forward_logits, unit_inputs
+from mixq.models.units import Unit, get_weight, set_weight
+from mixq.plan import Option, Plan
+from mixq.progress import Progress, track
+from mixq.quantizers.unit import UnitInfo, needs_calibration, quantize_unit
+
+log = logging.getLogger(__name__)
+
+MANIFEST_SCHEMA = 1
+
+
+# ---------------------------------------------------------------------------------------
+# Input statistics
+
+
+class UnitStats:
+    """Running XᵀX (float32) and Σ|x| (float64) of one unit's inputs x (tokens, in)."""
+
+    def __init__(self) -> None:
+        self.xtx: torch.Tensor | None = None  # (in, in)
+        self.abs_sum: torch.Tensor | None = None  # (in,)
+        self.n_tokens = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().float().reshape(-1, x.shape[-1])  # (tokens, in)
+        if x.shape[0] == 0:
+            return
+        if self.xtx is None:
+            self.xtx = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+            self.abs_sum = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+        self.xtx.addmm_(x.t(), x)
+        self.abs_sum += x.abs().sum(0, dtype=torch.float64)
+        self.n_tokens += x.shape[0]
+
+    def hessian(self) -> torch.Tensor:
+        """H = 2 XᵀX / n (in, in) float32."""
+        return self.xtx * (2.0 / self.n_tokens)
+
+    def absmean(self) -> torch.Tensor:
+        """Mean |x| per input channel (in,) float32."""
+        return (self.abs_sum / self.n_tokens).float()
+
+
+class StatsCollector:
+    """A `unit_inputs` consumer accumulating `UnitStats` per unit. Units fed the very same
+    input tensor (q/k/v, gate/up) share one accumulator (their Hessians are equal)."""
+
+    def __init__(self) -> None:
+        self.stats: dict[str, UnitStats] = {}
+        self._last: tuple[torch.Tensor, UnitStats] | None = None
+
+    def __call__(self, unit: Unit, x: torch.Tensor) -> None:
+        if unit.kind == "embedding":
+            return
+        if self._last is not None:
+            px, pacc = self._last
+            same = (x.data_ptr() == px.data_ptr() and x.shape == px.shape and x.stride() == px.stride()
+                    and x.dtype == px.dtype)
+            if same and self.stats.setdefault(unit.name, pacc) is pacc:
+                return
+        acc = self.stats.setdefault(unit.name, UnitStats())
+        acc.add(x)
+        self._last = (x, acc)
+
+    def release(self) -> None:
+        self._last = None
+
+    def get(self, name: str) -> UnitStats | None:
+        s = self.stats.get(name)
+        return s if s is not None and s.n_tokens > 0 else None
+
+
+def collect_stats(model: nn.Module, units: list[Unit], calib_ids: torch.Tensor, *, batch_size: int = 8,
+                  progress: Progress | None = None) -> dict[str, UnitStats]:
+    """One float forward pass over the calibration windows: input statistics of every unit
+    (embeddings excluded; a unit that got no input is absent)."""
+    calib_ids = _check_ids(calib_ids)
+    collector = StatsCollector()
+    device = _device(model)
+    batches = calib_ids.split(batch_size)
+    with torch.no_grad(), unit_inputs(model, [u for u in units if u.kind != "embedding"], collector):
+        for ids in track(batches, "calibration stats", len(batches), progress):
+            forward_logits(model, ids.to(device))
+    collector.release()
+    return {n: s for n, s in collector.stats.items() if s.n_tokens > 0}
+
+
+def quantize_fn_for_sensitivity(model: nn.Module, units: list[Unit], calib_ids: torch.Tensor, *, seed: int = 0,
+                                batch_size: int = 8, progress: Progress | None = None,
+                                **quantize_opts) -> Callable[[Unit, torch.Tensor, Option], torch.Tensor]:
+    """A `quantize_fn(unit, w, option) -> w_hat` for `mixq.sensitivity.analyze`: options that
+    need calibration (gptq, smooth) use per-unit statistics from one float capture pass made
+    here (non-sequential: every unit's Hessian comes from the float model's inputs); others
+    (RTN, rotate, lowrank) need none. `quantize_opts` go to `quantize_unit` (block_size,
+    damp, act_order, smooth_grid). A unit without statistics (an embedding, an expert that
+    got no token) gets round to nearest for calibrated options."""
+    stats = collect_stats(model, units, calib_ids, batch_size=batch_size, progress=progress)
+
+    def quantize_fn(unit: Unit, w: torch.Tensor, option: Option) -> torch.Tensor:
+        st = stats.get(unit.name)
+        if needs_calibration(option) and st is None:
+            option = Option(option.format, "rtn", tuple(t for t in option.transforms if t != "smooth"))
+        H = st.hessian() if st is not None else None
+        act = st.absmean() if st is not None else None
+        try:
+            w_hat, _ = quantize_unit(w, option, H=H, act_absmean=act, seed=seed, **quantize_opts)
+        except MixqError as e:
+            raise type(e)(f"unit {unit.name!r}, option {option}: {e}") from e
+        return w_hat.to(w.dtype)
+
+    return quantize_fn
+
+
+# ---------------------------------------------------------------------------------------
+# The manifest
+
+
+@dataclass
+class Manifest:
+    """What `quantize_model` did: per unit its option, damping, α, rank, warnings and wall
+    time; how it was calibrated. `to_dict()` is JSON-serialisable."""
+
+    seed: int
+    sequential: bool
+    calibration: dict
+    settings: dict
+    units: dict[str, dict] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    wall_s: float = 0.0
+    timing: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"schema_version": MANIFEST_SCHEMA, "seed": self.seed, "sequential": self.sequential,
+                "calibration": dict(self.calibration), "settings": dict(self.settings),
+                "units": {n: dict(u) for n, u in self.units.items()}, "warnings": list(self.warnings),
+                "wall_s": self.wall_s, "timing": dict(self.timing)}
+
+
+def _check_ids(calib_ids) -> torch.Tensor:
+    if not isinstance(calib_ids, torch.Tensor) or calib_ids.dim() != 2 or calib_ids.dtype != torch.long:
+        raise DataError("calib_ids must be a LongTensor (n_windows, seqlen) of token ids (see mixq.data.calibration_windows)")
+    if calib_ids.shape[0] < 1 or calib_ids.shape[1] < 1:
+        raise DataError(f"calib_ids {tuple(calib_ids.shape)}: need at least one window")
+    return calib_ids
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _calibration_record(calib_ids: torch.Tensor | None) -> dict:
+    if calib_ids is None:
+        return {"n_windows": 0, "seqlen": 0, "sha256": None}
+    digest = hashlib.sha256(calib_ids.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+    return {"n_windows": int(calib_ids.shape[0]), "seqlen": int(calib_ids.shape[1]), "sha256": digest}
+
+
+# ---------------------------------------------------------------------------------------
+# Block-by-block execution
+
+
+class _StopForward(Exception):
+    """Raised by the block-0 hook once its inputs are captured: nothing after it runs."""
+
+
+class _Cached(nn.Module):
+    """Stands in for every block: returns the cached output of the last block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.output = None
+
+    def forward(self, *args, **kwargs):
+        return self.output
+
+
+@dataclass
+class _BlockInput:
+    hidden: torch.Tensor  # (batch, seq, hidden)
+    args: tuple  # further positional arguments
+    kwargs: dict  # attention mask, position embeddings, ...
+
+
+def _block_inputs(model: nn.Module, block: nn.Module, calib_ids: torch.Tensor, batch_size: int) -> list[_BlockInput]:
+    """What the model passes to `block` (the first decoder block) for each calibration batch."""
+    captured: list[_BlockInput] = []
+
+    def hook(module, args, kwargs):
+        kwargs = dict(kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.append(_BlockInput(hidden.detach(), tuple(args[1:]), kwargs))
+        raise _StopForward
+
+    device = _device(model)
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for ids in calib_ids.split(batch_size):
+                try:
+                    forward_logits(model, ids.to(device))
+                except _StopForward:
+                    pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _run_block(block: nn.Module, inp: _BlockInput):
+    """(raw output, hidden states) of the block on one captured input."""
+    out = block(inp.hidden, *inp.args, **inp.kwargs)
+    hidden = out[0] if isinstance(out, (tuple, list)) else out
+    return out, hidden
+
+
+class _Applier:
+    """Quantizes units one by one and records them in the manifest."""
+
+    def __init__(self, model: nn.Module, plan: Plan, manifest: Manifest, seed: int, quantize_opts: dict) -> None:
+        self.model, self.plan, self.manifest = model, plan, manifest
+        self.seed, self.opts = seed, quantize_opts
+
+    def apply(self, unit: Unit, stats: UnitStats | None) -> None:
+        opt = self.plan.options[unit.name]
+        warnings: list[str] = []
+        fallback = None
+        if needs_calibration(opt) and stats is None:
+            why = ("an embedding has no input Hessian" if unit.kind == "embedding"
+                   else "it received no calibration tokens")
+            fallback = Option(opt.format, "rtn", tuple(t for t in opt.transforms if t != "smooth"))
+            warnings.append(f"{opt} needs calibration but {why}: quantized with {fallback} instead")
+            log.warning("unit %s: %s", unit.name, warnings[-1])
+        used = fallback or opt
+        w = get_weight(self.model, unit)
+        if not torch.isfinite(w).all():
+            raise DataError(f"unit {unit.name!r}: weight contains NaN/inf values; refusing to quantize it")
+        H = stats.hessian() if stats is not None else None
+        act = stats.absmean() if stats is not None else None
+        try:
+            w_hat, info = quantize_unit(w.detach(), used, H=H, act_absmean=act, seed=self.seed, **self.opts)
+        except MixqError as e:
+            raise type(e)(f"unit {unit.name!r} (shape {tuple(w.shape)}), option {used}: {e}") from e
+        set_weight(self.model, unit, w_hat)
+        rec = info.to_dict()
+        rec.update({"planned": str(opt), "n_tokens": stats.n_tokens if stats is not None else 0,
+                    "fallback": str(fallback) if fallback is not None else None})
+        rec["warnings"] = warnings + rec["warnings"]
+        self.manifest.units[unit.name] = rec
+        self.manifest.warnings.extend(f"{unit.name}: {m}" for m in rec["warnings"])
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, units: list[Unit], plan: Plan, calib_ids: torch.Tensor | None = None, *,
+                   progress: Progress | None = None, seed: int = 0, batch_size: int = 8, block_size: int = 128,
+                   damp: float = 0.01, act_order: bool = False, smooth_grid: int = 20) -> Manifest:
+    """Quantize every planned unit of `model` in place with its option (see the module
+    docstring) and return the manifest. `calib_ids` (n_windows, seqlen) LongTensor is needed
+    when some option needs calibration (gptq, smooth); `batch_size` windows run through a
+    block at a time. `seed` seeds the rotations. block_size, damp, act_order go to GPTQ,
+    smooth_grid to the smoothing search."""
+    t_start = time.perf_counter()
+    plan.check_against(units)
+    planned = [u for u in units if u.name in plan.options and u.tied_to is None]
+    calibrated = [u for u in planned if needs_calibration(plan.options[u.name])]
+    opts = {"block_size": block_size, "damp": damp, "act_order": act_order, "smooth_grid": smooth_grid}
+    sequential = bool(calibrated)
+    if sequential:
+        calib_ids = _check_ids(calib_ids)
+    manifest = Manifest(seed=int(seed), sequential=sequential,
+                        calibration=_calibration_record(calib_ids if sequential else None),
+                        settings={**opts, "batch_size": batch_size})
+    applier = _Applier(model, plan, manifest, seed, opts)
+    was_training = model.training
+    model.eval()
+    try:
+        if not sequential:
+            for u in track(planned, "quantize", len(planned), progress):
+                applier.apply(u, None)
+        else:
+            _sequential(model, planned, calib_ids, applier, batch_size, progress, manifest)
+    finally:
+        model.train(was_training)
+    manifest.wall_s = time.perf_counter() - t_start
+    return manifest
+
+
+def _sequential(model, planned, calib_ids, applier: _Applier, batch_size, progress, manifest: Manifest) -> None:
+    found = find_blocks(model)
+    if found is None:
+        raise MixqError("sequential calibration needs a decoder-block list (model.layers, transformer.h, ...); "
+                        "none found in this model")
+    prefix, blocks = found
+    head = prefix + "."
+
+    def block_of(u: Unit) -> int:
+        if not u.param.startswith(head):
+            return -1
+        idx = u.param[len(head):].split(".", 1)[0]
+        return int(idx) if idx.isdigit() else -1
+
+    by_block: dict[int, list[Unit]] = {}
+    for u in planned:
+        by_block.setdefault(block_of(u), []).append(u)
+    outside = by_block.pop(-1, [])
+    # Embeddings first (no Hessian): block 0 then sees the quantized embedding's output.
+    for u in [u for u in outside if u.kind == "embedding"]:
+        applier.apply(u, None)
+    outside = [u for u in outside if u.kind != "embedding"]
+    needs = {b for b, us in by_block.items() for u in us if needs_calibration(applier.plan.options[u.name])}
+    last_needed = len(blocks) if any(needs_calibration(applier.plan.options[u.name]) for u in outside) else max(needs, default=-1)
+
+    t0 = time.perf_counter()
+    inputs = _block_inputs(model, blocks[0], calib_ids, batch_size)
+    timing = {"capture_s": time.perf_counter() - t0, "stats_s": 0.0, "quantize_s": 0.0, "forward_s": 0.0}
+    raw_outputs: list = []
+    for b in track(range(len(blocks)), "calibrate blocks", len(blocks), progress):
+        block = blocks[b]
+        us = by_block.get(b, [])
+        calibrated = [u for u in us if needs_calibration(applier.plan.options[u.name])]
+        collector = StatsCollector()
+        t0 = time.perf_counter()
+        if calibrated:
+            with unit_inputs(model, calibrated, collector):
+                for inp in inputs:
+                    _run_block(block, inp)
+                    collector.release()
+        timing["stats_s"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for u in us:
+            applier.apply(u, collector.get(u.name))
+        del collector
+        timing["quantize_s"] += time.perf_counter() - t0
+        if b >= last_needed:
+            continue  # no later block or head needs these activations
+        t0 = time.perf_counter()
+        raw_outputs = []
+        next_inputs = []
+        for inp in inputs:
+            raw, hidden = _run_block(block, inp)
+            next_inputs.append(_BlockInput(hidden.detach(), inp.args, inp.kwargs))
+            if b == len(blocks) - 1:
+                raw_outputs.append(raw)
+        inputs = next_inputs
+        timing["forward_s"] += time.perf_counter() - t0
+
+    if outside:
+        t0 = time.perf_counter()
+        collector = StatsCollector()
+        calibrated = [u for u in outside if needs_calibration(applier.plan.options[u.name])]
+        if calibrated:
+            stand_in = _Cached()
+            originals = list(blocks)
+            device = _device(model)
+            try:
+                for i in range(len(blocks)):
+                    blocks[i] = stand_in
+                with unit_inputs(model, calibrated, collector):
+                    for ids, raw in zip(calib_ids.split(batch_size), raw_outputs):
+                        stand_in.output = raw
+                        forward_logits(model, ids.to(device))
+                        collector.release()
+            finally:
+                for i, m in enumerate(originals):
+                    blocks[i] = m
+        for u in outside:
+            applier.apply(u, collector.get(u.name))
+        timing["outside_s"] = time.perf_counter() - t0
+    manifest.timing = timing

@@ -1,0 +1,205 @@
+"""GPTQ (Frantar et al., 2023): quantize a weight column by column, spreading each column's
+rounding error onto the columns not yet quantized so that the layer's output error on the
+calibration inputs, tr(ΔW H ΔWᵀ) with H = 2 XᵀX / n, stays small.
+
+With U the upper Cholesky factor of H⁻¹ (H⁻¹ = Uᵀ U), quantizing column j to q_j and
+updating the remaining columns by
+
+    w_{j+1:} -= (w_j - q_j) / U_jj * U_{j, j+1:}
+
+is the optimal (OBS) compensation given the columns before j are fixed. Columns are
+processed in blocks of `block_size`: inside a block updates are immediate, the rest of the
+weight receives the block's errors in one matrix product ("lazy batch" updates).
+
+Group parameters (scales, zero points, MX exponents, NVFP4 block scales):
+- group formats, `act_order=False`: a group's parameters are computed from the *current*
+  (error-updated) weights of its columns when the quantizer reaches the group's first
+  column. Blocks are aligned to whole groups (the effective block size is the largest
+  multiple of g not above `block_size`, or g itself when g > block_size), so those columns
+  hold every update made so far.
+- group formats, `act_order=True` (columns in decreasing order of H_ii): "static groups",
+  each group's parameters computed from the original W (after dead-input zeroing) before
+  reordering, since a group's columns are then no longer quantized together.
+- per-channel and per-tensor formats: parameters from the whole W up front (NVFP4's
+  float32 tensor scale likewise).
+`:mse` formats run their clip-ratio search wherever parameters are computed.
+
+Every output value lies on the format's grid for the recorded parameters
+(`info.params`), so `formats.fixed.fake_quant_with(fmt, w_hat, info.params) == w_hat`;
+`fmt.fake_quant(w_hat)` re-derives scales from w_hat and reproduces it when each group's
+largest magnitude sits on the grid's top level (always for H = identity, where GPTQ is RTN).
+
+Damping: `damp * mean(diag(H))` is added to the diagonal; if a Cholesky factorisation
+fails (H not positive definite), the relative damping is multiplied by 10 and retried up to
+`MAX_DAMP`; the damping used is recorded. Dead inputs (H_ii = 0: an input channel that is
+zero on every calibration token) get H_ii = 1 and their weights set to 0, as in the
+reference implementation (IST-DASLab/gptq); their count is recorded.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from mixq import formats
+from mixq.errors import DataError, MixqError
+from mixq.formats.fixed import GroupParams, group_params, round_columns
+from mixq.formats.plain import PlainFormat
+
+MAX_DAMP = 100.0  # largest relative damping tried before giving up (×10 steps from `damp`)
+
+
+@dataclass
+class GPTQInfo:
+    """What one GPTQ run did. `params` (tensors) are the group parameters of the result;
+    `to_dict()` gives the JSON-serialisable rest."""
+
+    damp: float  # relative damping used (multiple of mean(diag(H)))
+    damp_abs: float  # the absolute value added to diag(H)
+    damp_retries: int  # how many times the damping was raised ×10
+    n_dead: int  # inputs with H_ii = 0
+    block_size: int  # effective block size
+    act_order: bool
+    loss: float  # sum over columns of (w - q)² / U_jj², GPTQ's own error estimate (/2)
+    params: GroupParams | None = field(default=None, repr=False)
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"damp": self.damp, "damp_abs": self.damp_abs, "damp_retries": self.damp_retries,
+                "n_dead": self.n_dead, "block_size": self.block_size, "act_order": self.act_order,
+                "gptq_loss": self.loss}
+
+
+def check_hessian(H: torch.Tensor, cols: int) -> None:
+    """Raise DataError unless H is a finite (cols, cols) matrix."""
+    if not isinstance(H, torch.Tensor) or H.dim() != 2 or tuple(H.shape) != (cols, cols):
+        shape = tuple(H.shape) if isinstance(H, torch.Tensor) else type(H).__name__
+        raise DataError(f"Hessian must be ({cols}, {cols}) for a weight with {cols} input columns, got {shape}")
+    if not torch.isfinite(H).all():
+        raise DataError("Hessian contains NaN/inf values")
+
+
+def inverse_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float, float, int]:
+    """(U, relative damping, absolute damping, retries): U upper triangular with
+    Uᵀ U = (H + λI)⁻¹, λ = damp * mean(diag(H)), raising damp ×10 while a factorisation
+    fails. H must already have no zero diagonal entries. Raises MixqError past MAX_DAMP."""
+    mean_diag = float(torch.diagonal(H).mean())
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    rel, retries = float(damp), 0
+    while True:
+        lam = rel * mean_diag
+        L, info = torch.linalg.cholesky_ex(H + lam * eye)
+        if int(info) == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if int(info) == 0 and torch.isfinite(U).all():
+                return U, rel, lam, retries
+        if rel * 10 > MAX_DAMP * (1 + 1e-9):
+            raise MixqError(
+                f"GPTQ: Hessian not positive definite even with damping {rel:g} x mean(diag(H)) "
+                f"(mean diag {mean_diag:.3g}); its inputs may be degenerate"
+            )
+        rel *= 10
+        retries += 1
+
+
+def _block_len(block_size: int, group: int, grouped: bool) -> int:
+    if not grouped:
+        return block_size
+    return (block_size // group) * group if group <= block_size else group
+
+
+@torch.no_grad()
+def gptq(w: torch.Tensor, H: torch.Tensor, fmt, *, block_size: int = 128, damp: float = 0.01,
+         act_order: bool = False) -> tuple[torch.Tensor, GPTQInfo]:
+    """GPTQ-quantize w (out, in) against the input Hessian H (in, in) (e.g. 2XᵀX/n) in format
+    `fmt` (a Format or spec). Returns (w_hat (out, in) float32, GPTQInfo). See the module
+    docstring for group parameters, damping and dead inputs."""
+    fmt = formats.parse(fmt)
+    if w.dim() != 2:
+        raise DataError(f"GPTQ needs a 2-D weight (out, in), got {tuple(w.shape)}")
+    rows, cols = w.shape
+    check_hessian(H, cols)
+    if not torch.isfinite(w).all():
+        raise DataError("weight contains NaN/inf values")
+    if block_size < 1:
+        raise DataError(f"block_size must be positive, got {block_size}")
+    W = w.detach().float().clone()  # (out, in)
+    H = H.detach().float().clone()  # (in, in)
+    dead = torch.diagonal(H) == 0
+    n_dead = int(dead.sum())
+    if n_dead:
+        H[dead, dead] = 1.0
+        W[:, dead] = 0.0
+
+    plain = isinstance(fmt, PlainFormat)
+    g = fmt.group_size_for(cols)
+    grouped = not plain and g < cols  # per-channel/per-tensor: g == cols
+    nvfp4_ts = fmt.tensor_scale_of(W) if isinstance(fmt, formats.NVFP4Format) else None
+    # Up-front parameters: the whole W (per channel / tensor), or static groups (act order).
+    up_front = None if plain or (grouped and not act_order) else group_params(fmt, W, tensor_scale=nvfp4_ts)
+
+    perm = None
+    if act_order:
+        perm = torch.argsort(torch.diagonal(H), descending=True)
+        W, H = W[:, perm], H[perm][:, perm]
+
+    U, rel, lam, retries = inverse_cholesky(H, damp)
+    del H
+    B = _block_len(block_size, g, grouped and not act_order)
+    Q = torch.zeros_like(W)
+    n_groups = -(-cols // g) if grouped else 1
+    dyn_steps = torch.zeros(rows, n_groups) if grouped and not act_order else None
+    dyn_zeros = None
+    loss = torch.zeros(rows, dtype=torch.float64)
+    step = zero = None
+    for i1 in range(0, cols, B):
+        i2 = min(i1 + B, cols)
+        W1 = W[:, i1:i2].clone()  # (out, b), updated in place
+        U1 = U[i1:i2, i1:i2]
+        Err1 = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            j = i1 + i  # column in processing order
+            if plain:
+                step = zero = None
+            elif dyn_steps is not None:
+                if j % g == 0:  # first column of a group: parameters from the updated weights
+                    p = group_params(fmt, W1[:, i : i + g], tensor_scale=nvfp4_ts)
+                    step, zero = p.step, p.zero
+                    dyn_steps[:, j // g] = step[:, 0]
+                    if zero is not None:
+                        if dyn_zeros is None:
+                            dyn_zeros = torch.zeros(rows, n_groups)
+                        dyn_zeros[:, j // g] = zero[:, 0]
+            else:
+                orig = int(perm[j]) if perm is not None else j
+                step, zero = up_front.column(orig // g if grouped else 0)
+            col = W1[:, i : i + 1]  # (out, 1)
+            q = round_columns(fmt, col, step, zero)  # (out, 1)
+            Q[:, j : j + 1] = q
+            d = U1[i, i]
+            err = (col - q) / d  # (out, 1)
+            loss += (err[:, 0].double() ** 2) / 2
+            W1[:, i:] -= err * U1[i : i + 1, i:]  # OBS update of this block's later columns
+            Err1[:, i : i + 1] = err
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]  # lazy batch update of the columns after the block
+
+    if perm is not None:
+        Q = Q[:, torch.argsort(perm)]
+    params = None
+    if dyn_steps is not None:
+        params = GroupParams(dyn_steps, dyn_zeros)
+    elif up_front is not None:
+        params = up_front
+    warnings = []
+    if n_dead:
+        warnings.append(f"{n_dead} of {cols} inputs never active in calibration (H_ii = 0): their weights set to 0")
+    if retries:
+        warnings.append(f"Hessian not positive definite at damp {damp:g}: used {rel:g} x mean(diag(H))")
+    info = GPTQInfo(damp=rel, damp_abs=lam, damp_retries=retries, n_dead=n_dead, block_size=B,
+                    act_order=act_order, loss=float(loss.sum()), params=params, warnings=warnings)
+    if not math.isfinite(info.loss):
+        raise MixqError("GPTQ produced non-finite values (ill-conditioned Hessian?)")
+    return Q, info
