@@ -1,22 +1,28 @@
 """Triton weight-only matmul `y = x @ dequant(W)^T` reading the packed layout of
 `mixq.kernels.packed` directly: codes and group scales are decoded in registers, no
-dequantized copy of W is ever written.
+dequantized copy of W is ever written. Entry point: `qmatmul(x, kw, bias, config)`.
 
-Two kernels share the decoding helpers:
+* `_qgemv_kernel` (batch 1, and 2..4 for units of <= 16 codes): CUDA-core FMAs on 3-D tiles
+  (BLOCK_J units, BLOCK_N rows, C codes). A thread owns whole units: the C codes of a word
+  and the C matching activations (one 16-byte load), reused across its BLOCK_N rows, so
+  decoding needs no data exchange between threads. All codes of a unit share a group:
+  scales are decoded once per unit and applied to the unit's partial sum.
+* `_qgemm_kernel` (larger batch): a (BLOCK_J, C, BLOCK_N) tile of levels * scale in x's dtype
+  is viewed as (BLOCK_J * C, BLOCK_N) in natural input order and meets one contiguous
+  activation tile in a single tensor-core `tl.dot`.
 
-* `_qgemv_kernel` (small batch, M <= 4): CUDA-core FMAs. Each program owns BLOCK_N rows and a
-  K-range (split-K across programs, fp32 atomics, when rows alone do not fill the SMs).
-* `_qgemm_kernel` (larger batch): tensor-core `tl.dot` on tiles dequantized to x's dtype.
+Both prefetch the next tile of words by hand (Triton's pipeliner leaves these loads alone)
+and split K across programs (fp32 atomics into a zeroed buffer, then a cast) when the output
+tiles alone do not give ~2 programs per SM.
 
-Both walk the input dim one *unit* column at a time: a tile holds the words of BLOCK_J units
-per row; the static loop over the C code positions i of a unit extracts codes
-`(N, BLOCK_J)` and pairs them with `x[:, C * j + i]` (a strided load of the small
-activation). All codes of one unit share a group, so scales are decoded once per unit.
-
-Code -> level decoding (`VALUE_MODE`): 0 "affine" builds `code - offset` from the fp32 bits
-of 2**23 + code (no int->float conversion instruction); 1 "lut" gathers from the 2**b-entry
-float32 table (NF4, FP4 E2M1, ... : L1-resident); 2 "e4m3" moves the FP8 bit pattern into an
-fp16 (exact, subnormals included) and folds the 2**8 exponent-bias difference into the scale.
+Code -> level decoding (`VALUE_MODE`): 0 "affine": the code is OR-ed *in place* into the
+mantissa of 2**23 (one LOP3 with the 2**23 bits in a register, since MAGIC is a kernel
+argument), one FADD then gives (code - offset) * 2**E exactly, E being the code's bit
+position in its word (codes ending above bit 23 are read from word >> 16); the activation
+(GEMV: fp32; GEMM: bf16 only, fp16 would overflow) is pre-scaled by 2**-E, so no shift or
+int->float conversion is spent per weight. 1 "lut": a gather from the 2**b-entry float32
+table (NF4, FP4 E2M1, FP6, E5M2, MXINT8; L1-resident). 2 "e4m3": the FP8 bit pattern moved
+into an fp16 (exact, subnormals included), the 2**8 bias difference folded into the scale.
 """
 
 from __future__ import annotations
