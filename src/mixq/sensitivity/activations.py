@@ -7,16 +7,19 @@ fused expert only the tokens routed to it. From them:
 - `stats` (recorded in every sensitivity table):
     n_tokens      rows of X seen (routed tokens for an expert; 0: the unit got none)
     max_abs       max |x| over all elements
-    median_abs    median |x| over a deterministic subsample of the elements (up to
-                  `_SAMPLE_PER_CALL` per forward call, taken with a stride co-prime to `in`
-                  so every channel is represented)
+    median_abs    median of the nonzero |x| (exact zeros, e.g. after a ReLU, are left out)
+                  over a deterministic subsample of the elements (up to `_SAMPLE_PER_CALL`
+                  per forward call, taken with a stride co-prime to `in` so every channel
+                  is represented)
     ratio         max_abs / median_abs: large for the "activation spikes" of LLaMA-style
                   models (a few huge values among small ones)
     kurtosis      Pearson kurtosis E[(x - mean)^4] / Var(x)^2 over all elements (3 for a
-                  Gaussian), from float64 power sums
+                  Gaussian), from power sums (float32 per call, float64 across calls)
     channel_ratio max over channels of the per-channel max |x|, divided by the median over
                   channels of that per-channel max: large for outlier channels
-    top_channel   the channel holding max_abs
+    top_channel   the channel (column of X; for a Conv2d an (in, kh, kw) position) holding
+                  max_abs
+  Units fed the same tensor (q/k/v, gate/up of one block) share one set of statistics.
 - the Gram matrix G = X^T X (in, in) (summed over rows), for the `output` method;
   an Embedding's "Gram" is the count of each token id.
 """
@@ -54,7 +57,7 @@ class _Acc:
         self.power_sums = torch.zeros(5, dtype=torch.float64)  # count, sum x, x^2, x^3, x^4
         self.channel_max: torch.Tensor | None = None
         self.samples: list[torch.Tensor] = []
-        self.gram: torch.Tensor | None = None  # (in, in) float64, or (vocab,) counts
+        self.gram: torch.Tensor | None = None  # (in, in) float32, or (vocab,) float64 counts
 
     def add(self, x: torch.Tensor) -> None:
         if self.unit.kind == "embedding":
@@ -66,21 +69,22 @@ class _Acc:
         if x.shape[0] == 0:
             return
         self.n_rows += x.shape[0]
-        a = x.abs()
-        ch_max = a.amax(dim=0)  # (in,)
+        ch_max = torch.linalg.vector_norm(x, ord=float("inf"), dim=0)  # (in,) max |x| per channel
         self.channel_max = ch_max if self.channel_max is None else torch.maximum(self.channel_max, ch_max)
         m = float(ch_max.max())
         if m > self.max_abs or self.top_channel < 0:
             self.max_abs, self.top_channel = m, int(ch_max.argmax())
-        xd = x.double().reshape(-1)
-        x2 = xd * xd
-        self.power_sums += torch.stack([torch.tensor(float(xd.numel()), dtype=torch.float64, device=xd.device),
-                                        xd.sum(), x2.sum(), (x2 * xd).sum(), (x2 * x2).sum()]).cpu()
-        flat = a.reshape(-1)
-        self.samples.append(flat[:: _coprime_stride(flat.numel(), x.shape[1])].contiguous().cpu())
+        xf = x.reshape(-1)
+        x2 = xf * xf
+        # float32 sums, merged across calls in float64
+        sums = torch.stack([xf.sum(), x2.sum(), torch.dot(x2, xf), torch.dot(x2, x2)]).double().cpu()
+        self.power_sums[0] += xf.numel()
+        self.power_sums[1:] += sums
+        self.samples.append(xf[:: _coprime_stride(xf.numel(), x.shape[1])].abs().cpu())
         if self.want_gram:
-            g = (x.t() @ x).double()  # (in, in)
-            self.gram = g if self.gram is None else self.gram + g
+            if self.gram is None:
+                self.gram = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
+            self.gram.addmm_(x.t(), x)  # (in, in) += X^T X
 
     def stats(self) -> dict:
         if self.unit.kind == "embedding":
@@ -92,7 +96,9 @@ class _Acc:
         var = s2 / n - mean * mean
         m4 = s4 / n - 4 * mean * s3 / n + 6 * mean * mean * s2 / n - 3 * mean**4
         kurt = m4 / (var * var) if var > 0 else 0.0
-        median = float(torch.cat(self.samples).median())
+        sample = torch.cat(self.samples)
+        sample = sample[sample > 0]
+        median = float(sample.median()) if sample.numel() else 0.0
         ch_median = float(self.channel_max.median())
         return {
             "n_tokens": self.n_rows,
@@ -109,15 +115,33 @@ def capture(ctx: Context, want_gram: bool, batch_size: int = 1) -> tuple[dict[st
     """One float forward pass over the calibration set: (stats per unit, Gram per unit (None
     unless `want_gram`; None for a unit that got no input), normaliser N = calibration tokens
     (lm: n * L) or images)."""
-    accs = {u.name: _Acc(u, want_gram) for u in ctx.units}
+    accs: dict[str, _Acc] = {}
+    # Units fed the very same tensor (q/k/v, gate/up) share one accumulator: the previous
+    # call's input is held, so a tensor with its storage, shape and strides is that tensor.
+    last: list = [None, None]  # [input tensor, its accumulator]
+
+    def consume(u: Unit, x: torch.Tensor) -> None:
+        prev_x, prev_acc = last
+        same = (prev_x is not None and u.kind != "embedding" and x.data_ptr() == prev_x.data_ptr()
+                and x.shape == prev_x.shape and x.stride() == prev_x.stride() and x.dtype == prev_x.dtype)
+        if same and (u.name not in accs or accs[u.name] is prev_acc):
+            accs.setdefault(u.name, prev_acc)
+            return
+        acc = accs.setdefault(u.name, _Acc(u, want_gram))
+        acc.add(x)
+        last[0], last[1] = x, acc
+
     batches = ctx.batches(batch_size)
-    with torch.no_grad(), unit_inputs(ctx.model, ctx.units, lambda u, x: accs[u.name].add(x)):
+    with torch.no_grad(), unit_inputs(ctx.model, ctx.units, consume):
         for b in track(batches, "activations", len(batches), ctx.progress):
             forward_logits(ctx.model, b.x)
     ctx.add_cost("forward", 1)
     n_norm = int(ctx.calib.numel()) if ctx.task == "lm" else int(ctx.calib[0].shape[0])
-    stats = {name: a.stats() for name, a in accs.items()}
-    grams = {name: a.gram for name, a in accs.items()}
+    last[0] = last[1] = None
+    empty = {u.name: _Acc(u, want_gram) for u in ctx.units if u.name not in accs}  # never called
+    accs.update(empty)
+    stats = {u.name: accs[u.name].stats() for u in ctx.units}
+    grams = {u.name: accs[u.name].gram for u in ctx.units}
     return stats, grams, n_norm
 
 
@@ -136,15 +160,16 @@ def output_method(ctx: Context, batch_size: int = 1) -> dict:
     errors: dict[str, dict[str, float]] = {}
     for u in track(ctx.units, "output error", len(ctx.units), ctx.progress):
         g = grams[u.name]
-        errs = {}
-        for opt, dw in ctx.deltas(u):
-            if g is None:
-                errs[str(opt)] = 0.0
-            elif u.kind == "embedding":
-                errs[str(opt)] = float((dw.double().pow(2).sum(1) * g).sum()) / n_norm
-            else:
-                dwd = dw.double()  # (out, in)
-                errs[str(opt)] = max(0.0, float(((dwd @ g) * dwd).sum()) / n_norm)
-        errors[u.name] = errs
+        deltas = list(ctx.deltas(u))
+        if g is None:
+            errs = [0.0] * len(deltas)
+        elif u.kind == "embedding":
+            errs = [float((dw.double().pow(2).sum(1) * g).sum()) / n_norm for _, dw in deltas]
+        else:
+            dws = torch.stack([dw for _, dw in deltas])  # (n_options, out, in)
+            # float32 product (float64 costs ~4x on CPU); sums taken in float64
+            quad = ((dws @ g) * dws).double().sum(dim=(1, 2))  # (n_options,)
+            errs = [max(0.0, float(q)) / n_norm for q in quad]
+        errors[u.name] = {str(opt): e for (opt, _), e in zip(deltas, errs)}
     return {"errors": errors, "info": {}, "stats": stats, "opts": {"batch_size": batch_size},
             "normalizer": n_norm}

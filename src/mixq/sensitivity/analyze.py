@@ -17,6 +17,7 @@ with `output`).
 from __future__ import annotations
 
 import hashlib
+import math
 import logging
 import time
 from typing import Callable
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 
 from mixq import __version__
-from mixq.errors import MixqError
+from mixq.errors import DataError, MixqError
 from mixq.models.units import Unit
 from mixq.progress import Progress
 from mixq.sensitivity.activations import capture, output_method
@@ -113,6 +114,10 @@ def analyze(
     records = []
     for u in units:
         errs = result["errors"][u.name]
+        bad = {o: e for o, e in errs.items() if not math.isfinite(e) or e < 0}
+        if bad:
+            raise DataError(f"unit {u.name!r}: method {method!r} gave non-finite or negative errors {bad}; "
+                            "check the model and calibration data for NaN/inf")
         records.append(UnitSensitivity(
             u.name, u.kind, tuple(u.shape), u.role, u.block,
             [{"option": str(o), "bits": int(o.bits(u.shape)), "error": float(errs[str(o)])} for o in options],
