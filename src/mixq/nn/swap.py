@@ -1,0 +1,68 @@
+"""Put quantized weights into a float model: packed `QuantLinear` modules where a unit is a
+whole Linear (or GPT-2 Conv1D) the kernels can hold, the dequantized weight written in place
+everywhere else (Conv2d, embeddings, fused experts, tied tensors, unquantized formats)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from mixq import formats
+from mixq.errors import FormatError
+from mixq.formats import PlainFormat, QTensor
+from mixq.kernels import KernelWeights
+from mixq.models.units import Unit, set_weight
+from mixq.nn.qlinear import QuantLinear
+
+
+def shared_parameters(model: nn.Module) -> set[str]:
+    """Names of parameters whose tensor is also reachable under another name (tied)."""
+    by_tensor: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        by_tensor.setdefault(id(p), []).append(name)
+    return {n for names in by_tensor.values() if len(names) > 1 for n in names}
+
+
+def _packed_reason(model: nn.Module, unit: Unit, fmt, shared: set[str]) -> str | None:
+    """Why `unit` cannot become a QuantLinear (None: it can)."""
+    if unit.kind != "linear":
+        return f"{unit.kind} units compute with the dequantized weight"
+    if unit.param in shared:
+        return "its weight is tied to another tensor"
+    if isinstance(fmt, PlainFormat):
+        return f"{fmt} is unquantized"
+    module = model.get_submodule(unit.name)
+    if not (isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"):
+        return f"module is a {type(module).__name__}, not a Linear"
+    return None
+
+
+def swap_in_quant_modules(model: nn.Module, units: list[Unit], qtensors: dict[str, QTensor],
+                          prepacked: dict[str, KernelWeights] | None = None) -> dict[str, str]:
+    """For every unit named in `qtensors`, replace its Linear module by a `QuantLinear` holding
+    the packed codes (bias kept, in the module's dtype), or, where that is not possible, write
+    the dequantized weight into the model in place. `prepacked` may give a unit's kernel
+    layout already (else `kernels.prepack` builds it). Returns {unit name: why it was
+    dequantized} for the units that were not packed."""
+    shared = shared_parameters(model)
+    dequantized: dict[str, str] = {}
+    for unit in units:
+        q = qtensors.get(unit.name)
+        if q is None:
+            continue
+        fmt = formats.parse(q.fmt)
+        reason = _packed_reason(model, unit, fmt, shared)
+        if reason is None:
+            module = model.get_submodule(unit.name)
+            try:
+                kw = (prepacked or {}).get(unit.name)
+                qlin = QuantLinear(kw, module.bias) if kw is not None else QuantLinear.from_qtensor(q, fmt, module.bias)
+            except FormatError as e:  # e.g. in_features not a multiple of the kernel unit
+                reason = f"no packed kernel layout ({e})"
+            else:
+                parent_name, _, leaf = unit.name.rpartition(".")
+                parent = model.get_submodule(parent_name) if parent_name else model
+                setattr(parent, leaf, qlin.to(module.weight.device))
+                continue
+        set_weight(model, unit, fmt.dequantize(q))
+        dequantized[unit.name] = reason
+    return dequantized
