@@ -94,3 +94,29 @@ def test_cli_eval_resnet20(tmp_path):
     fl, q = json.loads(out.read_text())["rows"]
     assert 0.78 < fl["top1"] < 0.84  # JPEG re-encoded CIFAR-10 test half
     assert 0.6 < q["top1"] < fl["top1"]
+
+
+def test_gptq_and_rotation_options_through_evaluate(tiny_loaded, text_file):
+    res = api.evaluate(tiny_loaded, formats=["int2:g32", "int2:g32+gptq", "int3:g32+rotate"], data=str(text_file),
+                       seqlen=32, windows=4, calib=str(text_file), calib_samples=8, calib_seqlen=32)
+    rows = {r["label"]: r for r in res["rows"]}
+    assert "calibration" in res and "8 random windows" in res["calibration"]
+    # GPTQ on the same calibration text lowers the error of round to nearest at 2 bits.
+    assert rows["int2:g32+gptq"]["kl"] < rows["int2:g32"]["kl"]
+    assert rows["int2:g32+gptq"]["bpw_blocks"] == rows["int2:g32"]["bpw_blocks"]
+    assert rows["int3:g32+rotate"]["kl"] > 0
+    assert "manifest_warnings" in rows["int2:g32+gptq"]
+
+
+def test_cli_builds_options_from_quantizer_and_transform(monkeypatch, capsys):
+    seen = {}
+
+    def fake_evaluate(**kw):
+        seen.update(kw)
+        return {"rows": [{"label": "float", "bpw_units": 16.0, "bpw_all": 16.0, "top1": 0.5}], "model": "m",
+                "data": "d", "n_images": 1}
+
+    monkeypatch.setattr(api, "evaluate", fake_evaluate)
+    assert main(["eval", "resnet20-cifar10", "--format", "int3:g64,int4:g64", "--quantizer", "gptq",
+                 "--transform", "rotate", "--transform", "lowrank:8"]) == 0
+    assert seen["formats"] == ["int3:g64+gptq+rotate+lowrank:8", "int4:g64+gptq+rotate+lowrank:8"]

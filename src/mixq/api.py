@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from mixq.accounting import bit_totals
-from mixq.apply import check_finite, fake_quantized
+from mixq.apply import check_finite, fake_quantized, plan_needs_calibration
 from mixq.artifacts import sha256_text
 from mixq.models import DEFAULT_MODEL, LoadedModel, get_weight, load_model
 from mixq.plan import Plan
@@ -43,6 +43,10 @@ def evaluate(
     tasks: list[str] | tuple[str, ...] = (),
     limit: int | None = None,
     include_head: bool = False,
+    calib: str | None = None,
+    calib_samples: int = 128,
+    calib_seqlen: int = 512,
+    seed: int = 0,
     progress: Progress | None = None,
 ) -> dict:
     """Evaluate the float model and each uniform format / plan on it.
@@ -51,6 +55,9 @@ def evaluate(
     tokens of `data` (None: all full windows), KL to the float model and top-1 agreement,
     and zero-shot `tasks` (first `limit` examples each). Image classifiers: top-1 on the
     evaluation half of CIFAR-10. Every row carries its all-in bits per weight.
+    Options with GPTQ or smoothing (`int3:g64+gptq+rotate`) are calibrated on `calib_samples`
+    random windows of `calib_seqlen` tokens of `calib` (default `wikitext2-valid`), block by
+    block; their manifest (damping, chosen scales, warnings, wall time) lands in the row.
     Returns the body of an `eval` artifact (see `mixq.artifacts`).
     """
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
@@ -60,10 +67,15 @@ def evaluate(
     _check_weights(loaded, all_units, planned)
     body: dict = {"model": loaded.name, "model_source": loaded.source, "note": loaded.note,
                   "model_params": n_params, "include_head": include_head}
+    calib_ids = None
+    if any(plan_needs_calibration(p) for _, p in planned):
+        calib_ids, desc = calibration_data(loaded, calib, calib_samples, calib_seqlen, seed)
+        body["calibration"] = desc
     if loaded.kind == "causal_lm":
-        rows = _eval_lm(loaded, planned, all_units, n_params, body, data, seqlen, windows, tasks, limit, progress)
+        rows = _eval_lm(loaded, planned, all_units, n_params, body, data, seqlen, windows, tasks, limit, progress,
+                        calib_ids)
     else:
-        rows = _eval_image(loaded, planned, all_units, n_params, body, progress)
+        rows = _eval_image(loaded, planned, all_units, n_params, body, progress, calib_ids)
     body["rows"] = rows
     return body
 
@@ -76,7 +88,7 @@ def _check_weights(loaded: LoadedModel, units, planned) -> None:
             check_finite(u, get_weight(loaded.model, u))
 
 
-def _eval_lm(loaded, planned, all_units, n_params, body, data, seqlen, n_windows, tasks, limit, progress):
+def _eval_lm(loaded, planned, all_units, n_params, body, data, seqlen, n_windows, tasks, limit, progress, calib_ids):
     from mixq.data import load_text, token_windows
     from mixq.eval.perplexity import FloatReference, lm_eval
     from mixq.eval.zeroshot import zero_shot
@@ -104,11 +116,16 @@ def _eval_lm(loaded, planned, all_units, n_params, body, data, seqlen, n_windows
     rows = [row]
     for label, plan in planned:
         t0 = time.perf_counter()
-        with fake_quantized(loaded.model, all_units, plan, progress):
+        extra: dict = {}
+        with fake_quantized(loaded.model, all_units, plan, progress, calib_ids=calib_ids, manifest_out=extra):
+            t_quant = time.perf_counter() - t0
             m = lm_eval(loaded.model, windows, reference=ref, progress=progress)
             row = {"label": label, "option": _describe(plan), **bit_totals(plan, all_units, n_params), **m}
             row["tasks"] = task_scores()
+        row["quantize_s"] = t_quant
         row["eval_s"] = time.perf_counter() - t0
+        if "manifest" in extra:
+            row["manifest_warnings"] = extra["manifest"]["warnings"]
         rows.append(row)
     return rows
 
@@ -120,7 +137,7 @@ def _vocab_size(loaded: LoadedModel) -> int:
     return int(loaded.model.get_output_embeddings().weight.shape[0])
 
 
-def _eval_image(loaded, planned, all_units, n_params, body, progress):
+def _eval_image(loaded, planned, all_units, n_params, body, progress, calib_ids):
     from mixq.data import load_cifar10
     from mixq.eval.vision import top1
 
@@ -129,7 +146,7 @@ def _eval_image(loaded, planned, all_units, n_params, body, progress):
     rows = [{"label": "float", "option": None, **bit_totals(None, all_units, n_params),
              **top1(loaded.model, images, labels, progress=progress)}]
     for label, plan in planned:
-        with fake_quantized(loaded.model, all_units, plan, progress):
+        with fake_quantized(loaded.model, all_units, plan, progress, calib_ids=calib_ids):
             m = top1(loaded.model, images, labels, progress=progress)
         rows.append({"label": label, "option": _describe(plan), **bit_totals(plan, all_units, n_params), **m})
     return rows

@@ -60,6 +60,10 @@ def eval_table(result: dict) -> str:
         headers = ["format", "bpw blocks", "bpw all", "ppl", "KL", "top1 agree"] + task_names
         body = [[r["label"], r["bpw_blocks"], r["bpw_all"], r["ppl"], r["kl"], r["top1_agree"]]
                 + [_task_acc(r["tasks"].get(t)) for t in task_names] for r in rows]
+        if any("quantize_s" in r for r in rows):
+            headers.append("quant s")
+            for b, r in zip(body, rows):
+                b.append(r.get("quantize_s"))
         head = (f"model {result['model']}  data {result['data']}: {result['n_windows']} windows x "
                 f"{result['seqlen']} tokens = {result['n_tokens']} scored tokens")
         if task_names:
@@ -108,9 +112,14 @@ def _write_json(path, kind: str, schema: int, body: dict) -> None:
 def cmd_eval(args) -> int:
     from mixq import api
 
+    suffix = ""
+    if args.quantizer != "rtn":
+        suffix += f"+{args.quantizer}"
+    for t in args.transform:
+        suffix += "".join(f"+{x}" for x in _csv(t))
     result = api.evaluate(
         model=args.model,
-        formats=[f for spec in args.format for f in _split_formats(spec)],
+        formats=[f + suffix for spec in args.format for f in _split_formats(spec)],
         plans=args.plan,
         data=args.data,
         seqlen=args.seqlen,
@@ -118,6 +127,10 @@ def cmd_eval(args) -> int:
         tasks=_csv(args.tasks) if args.tasks else [],
         limit=args.limit,
         include_head=args.include_head,
+        calib=args.calib,
+        calib_samples=args.calib_samples,
+        calib_seqlen=args.calib_seqlen,
+        seed=args.seed,
         progress=_progress(args),
     )
     print(eval_table(result))
@@ -253,6 +266,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tasks", default="", help="zero-shot tasks, comma-separated: piqa,arc_easy,arc_challenge,winogrande,hellaswag,lambada,...")
     e.add_argument("--limit", type=int, default=None, help="examples per zero-shot task (default all)")
     e.add_argument("--include-head", action="store_true", help="also quantize lm_head (tied heads share the embedding)")
+    e.add_argument("--quantizer", default="rtn", choices=["rtn", "gptq"], help="quantizer for --format (default rtn)")
+    e.add_argument("--transform", action="append", default=[], metavar="T",
+                   help="transform(s) before quantizing --format units: rotate, smooth, lowrank:R (repeat or comma-separate)")
+    e.add_argument("--calib", default=None, help="calibration text for gptq/smooth (default wikitext2-valid)")
+    e.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default 128)")
+    e.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
+    e.add_argument("--seed", type=int, default=0, help="seed of calibration sampling and rotations")
     e.add_argument("--json", default=None, metavar="OUT", help="write the results as an eval artifact")
     e.set_defaults(func=cmd_eval)
 
