@@ -88,11 +88,14 @@ class StatsCollector:
 
     def __init__(self) -> None:
         self.stats: dict[str, UnitStats] = {}
+        self.order: list[str] = []  # unit names in the order of their first input
         self._last: tuple[torch.Tensor, UnitStats] | None = None
 
     def __call__(self, unit: Unit, x: torch.Tensor) -> None:
         if unit.kind == "embedding":
             return
+        if unit.name not in self.stats:
+            self.order.append(unit.name)
         if self._last is not None:
             px, pacc = self._last
             same = (x.data_ptr() == px.data_ptr() and x.shape == px.shape and x.stride() == px.stride()
@@ -292,12 +295,17 @@ class _Applier:
 @torch.no_grad()
 def quantize_model(model: nn.Module, units: list[Unit], plan: Plan, calib_ids: torch.Tensor | None = None, *,
                    progress: Progress | None = None, seed: int = 0, batch_size: int = 8, block_size: int = 128,
-                   damp: float = 0.01, act_order: bool = False, smooth_grid: int = 20) -> Manifest:
+                   damp: float = 0.01, act_order: bool = True, smooth_grid: int = 20,
+                   true_sequential: bool = True) -> Manifest:
     """Quantize every planned unit of `model` in place with its option (see the module
     docstring) and return the manifest. `calib_ids` (n_windows, seqlen) LongTensor is needed
     when some option needs calibration (gptq, smooth); `batch_size` windows run through a
-    block at a time. `seed` seeds the rotations. block_size, damp, act_order go to GPTQ,
-    smooth_grid to the smoothing search."""
+    block at a time. `seed` seeds the rotations. block_size, damp, act_order (default on:
+    static groups, see `quantizers.gptq`) go to GPTQ,
+    smooth_grid to the smoothing search. `true_sequential` calibrates a block's units in
+    stages (q/k/v, then o, then gate/up, then down for Llama), each on the inputs the
+    block's already-quantized earlier stages produce (one block pass per stage); off, every
+    unit of a block is calibrated on one pass of the float-weight block."""
     t_start = time.perf_counter()
     plan.check_against(units)
     planned = [u for u in units if u.name in plan.options and u.tied_to is None]
@@ -308,7 +316,7 @@ def quantize_model(model: nn.Module, units: list[Unit], plan: Plan, calib_ids: t
         calib_ids = _check_ids(calib_ids)
     manifest = Manifest(seed=int(seed), sequential=sequential,
                         calibration=_calibration_record(calib_ids if sequential else None),
-                        settings={**opts, "batch_size": batch_size})
+                        settings={**opts, "batch_size": batch_size, "true_sequential": true_sequential})
     applier = _Applier(model, plan, manifest, seed, opts)
     was_training = model.training
     model.eval()
@@ -317,14 +325,58 @@ def quantize_model(model: nn.Module, units: list[Unit], plan: Plan, calib_ids: t
             for u in track(planned, "quantize", len(planned), progress):
                 applier.apply(u, None)
         else:
-            _sequential(model, planned, calib_ids, applier, batch_size, progress, manifest)
+            _sequential(model, planned, calib_ids, applier, batch_size, progress, manifest, true_sequential)
     finally:
         model.train(was_training)
     manifest.wall_s = time.perf_counter() - t_start
     return manifest
 
 
-def _sequential(model, planned, calib_ids, applier: _Applier, batch_size, progress, manifest: Manifest) -> None:
+def _block_stats(model: nn.Module, block: nn.Module, inputs: list, units: list[Unit]) -> StatsCollector:
+    """Input statistics of `units` (all inside `block`) over one pass of the block."""
+    collector = StatsCollector()
+    with unit_inputs(model, units, collector):
+        for inp in inputs:
+            _run_block(block, inp)
+            collector.release()
+    return collector
+
+
+def _stages(collector: StatsCollector, units: list[Unit]) -> list[list[Unit]]:
+    """Split a block's units into stages by the order their inputs appear in a forward pass
+    ("true sequential"): units fed the same tensor (q/k/v, gate/up) or of the same role (the
+    experts of one projection) share a stage; stages are ordered by first input. Llama:
+    [q, k, v], [o], [gate, up], [down]. Units that got no input join the last stage."""
+    by_name = {u.name: u for u in units}
+    stages: list[list[Unit]] = []
+    stage_of_role: dict[str, int] = {}
+    stage_of_acc: dict[int, int] = {}
+    for name in collector.order:
+        u = by_name.get(name)
+        if u is None:
+            continue
+        acc = id(collector.stats[name])
+        if acc in stage_of_acc:
+            k = stage_of_acc[acc]
+        elif u.role in stage_of_role:
+            k = stage_of_role[u.role]
+        else:
+            k = len(stages)
+            stages.append([])
+        stage_of_role.setdefault(u.role, k)
+        stage_of_acc.setdefault(acc, k)
+        stages[k].append(u)
+    seen = {u.name for st in stages for u in st}
+    rest = [u for u in units if u.name not in seen]
+    if rest:
+        if not stages:
+            stages.append([])
+        stages[-1].extend(rest)
+    return stages
+
+
+def _sequential(model, planned, calib_ids, applier: _Applier, batch_size, progress, manifest: Manifest,
+                true_sequential: bool) -> None:
     found = find_blocks(model)
     if found is None:
         raise MixqError("sequential calibration needs a decoder-block list (model.layers, transformer.h, ...); "
@@ -357,19 +409,28 @@ def _sequential(model, planned, calib_ids, applier: _Applier, batch_size, progre
         block = blocks[b]
         us = by_block.get(b, [])
         calibrated = [u for u in us if needs_calibration(applier.plan.options[u.name])]
-        collector = StatsCollector()
         t0 = time.perf_counter()
-        if calibrated:
-            with unit_inputs(model, calibrated, collector):
-                for inp in inputs:
-                    _run_block(block, inp)
-                    collector.release()
-        timing["stats_s"] += time.perf_counter() - t0
-        t0 = time.perf_counter()
-        for u in us:
-            applier.apply(u, collector.get(u.name))
-        del collector
+        for u in us:  # round-to-nearest units first: later stages see them quantized
+            if u not in calibrated:
+                applier.apply(u, None)
         timing["quantize_s"] += time.perf_counter() - t0
+        if calibrated:
+            # true sequential: stage 0 (q/k/v) is calibrated from the first pass; each later
+            # stage from a pass of the block whose earlier stages are already quantized
+            t0 = time.perf_counter()
+            collector = _block_stats(model, block, inputs, calibrated)
+            timing["stats_s"] += time.perf_counter() - t0
+            stages = _stages(collector, calibrated) if true_sequential else [calibrated]
+            for k, stage in enumerate(stages):
+                if k > 0:
+                    t0 = time.perf_counter()
+                    collector = _block_stats(model, block, inputs, stage)
+                    timing["stats_s"] += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                for u in stage:
+                    applier.apply(u, collector.get(u.name))
+                timing["quantize_s"] += time.perf_counter() - t0
+            del collector
         if b >= last_needed:
             continue  # no later block or head needs these activations
         t0 = time.perf_counter()

@@ -26,8 +26,10 @@ Group parameters (scales, zero points, MX exponents, NVFP4 block scales):
 
 Every output value lies on the format's grid for the recorded parameters
 (`info.params`), so `formats.fixed.fake_quant_with(fmt, w_hat, info.params) == w_hat`;
-`fmt.fake_quant(w_hat)` re-derives scales from w_hat and reproduces it when each group's
-largest magnitude sits on the grid's top level (always for H = identity, where GPTQ is RTN).
+`fmt.fake_quant(w_hat)` re-derives scales from w_hat, which need not reproduce them (a
+symmetric INT group whose extreme lands on the extra negative level gets a larger scale),
+so exporters should store `info.params` (or recover the grid) rather than re-quantize.
+With H = identity there is no error to spread and GPTQ equals RTN exactly.
 
 Damping: `damp * mean(diag(H))` is added to the diagonal; if a Cholesky factorisation
 fails (H not positive definite), the relative damping is multiplied by 10 and retried up to
@@ -146,14 +148,15 @@ def gptq(w: torch.Tensor, H: torch.Tensor, fmt, *, block_size: int = 128, damp: 
         perm = torch.argsort(torch.diagonal(H), descending=True)
         W, H = W[:, perm], H[perm][:, perm]
 
+    perm_list = perm.tolist() if perm is not None else None
     U, rel, lam, retries = inverse_cholesky(H, damp)
     del H
     B = _block_len(block_size, g, grouped and not act_order)
     Q = torch.zeros_like(W)
     n_groups = -(-cols // g) if grouped else 1
-    dyn_steps = torch.zeros(rows, n_groups) if grouped and not act_order else None
+    dyn_steps = torch.zeros(rows, n_groups, device=W.device) if grouped and not act_order else None
     dyn_zeros = None
-    loss = torch.zeros(rows, dtype=torch.float64)
+    loss = torch.zeros(rows, dtype=torch.float64, device=W.device)
     step = zero = None
     for i1 in range(0, cols, B):
         i2 = min(i1 + B, cols)
@@ -171,10 +174,10 @@ def gptq(w: torch.Tensor, H: torch.Tensor, fmt, *, block_size: int = 128, damp: 
                     dyn_steps[:, j // g] = step[:, 0]
                     if zero is not None:
                         if dyn_zeros is None:
-                            dyn_zeros = torch.zeros(rows, n_groups)
+                            dyn_zeros = torch.zeros(rows, n_groups, device=W.device)
                         dyn_zeros[:, j // g] = zero[:, 0]
             else:
-                orig = int(perm[j]) if perm is not None else j
+                orig = perm_list[j] if perm_list is not None else j
                 step, zero = up_front.column(orig // g if grouped else 0)
             col = W1[:, i : i + 1]  # (out, 1)
             q = round_columns(fmt, col, step, zero)  # (out, 1)

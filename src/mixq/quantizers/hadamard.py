@@ -83,18 +83,19 @@ class Rotation:
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """x Q for x (..., in): the online transform (sign flip, then blockwise FWHT)."""
-        y = _compute(x) * self.signs.to(_compute(x).dtype)
+        y = _compute(x)
+        y = y * self.signs.to(device=y.device, dtype=y.dtype)
         y = fwht(y.reshape(*x.shape[:-1], self.size // self.block, self.block))
         return y.reshape(x.shape).to(x.dtype)
 
     def apply_t(self, x: torch.Tensor) -> torch.Tensor:
         """x Qᵀ for x (..., in): blockwise FWHT, then sign flip (H_b is symmetric)."""
         y = fwht(_compute(x).reshape(*x.shape[:-1], self.size // self.block, self.block))
-        return (y.reshape(x.shape) * self.signs.to(y.dtype)).to(x.dtype)
+        return (y.reshape(x.shape) * self.signs.to(device=y.device, dtype=y.dtype)).to(x.dtype)
 
     def matrix(self) -> torch.Tensor:
         """The dense Q (in, in), for tests and small inputs."""
-        return self.apply(torch.eye(self.size))
+        return self.apply(torch.eye(self.size, device=self.signs.device))
 
     def rotate_hessian(self, H: torch.Tensor) -> torch.Tensor:
         """Qᵀ H Q for a symmetric H (in, in)."""

@@ -79,7 +79,7 @@ def lowrank_rank(option: Option) -> int | None:
 
 def quantize_unit(w: torch.Tensor, option: Option | str, *, H: torch.Tensor | None = None,
                   act_absmean: torch.Tensor | None = None, seed: int = 0, block_size: int = 128,
-                  damp: float = 0.01, act_order: bool = False, smooth_grid: int = 20,
+                  damp: float = 0.01, act_order: bool = True, smooth_grid: int = 20,
                   compare_rtn: bool = False) -> tuple[torch.Tensor, UnitInfo]:
     """Quantize one weight w (out, in) with `option` (an Option or a string such as
     'int3:g64+gptq+rotate'). Returns (ŵ (out, in) float32, UnitInfo).
@@ -87,7 +87,11 @@ def quantize_unit(w: torch.Tensor, option: Option | str, *, H: torch.Tensor | No
     H (in, in): Hessian of the unit's inputs, 2XᵀX/n (needed by gptq and smooth; used to
     report `output_error` whenever given). act_absmean (in,): mean |x| per input channel
     (needed by smooth). seed: the rotation's sign seed. `compare_rtn` also records the
-    output error of plain RTN (needs H). Raises MixqError naming what is missing."""
+    output error of plain RTN (needs H). Raises MixqError naming what is missing.
+
+    GPTQ runs with `act_order=True` by default here (columns in decreasing H_ii order, static
+    groups from the original weight, so the stored layout is unchanged): on SmolLM2-135M at
+    int3:g128 it cut the KL to the float model from 1.53 to 0.95 (see the benchmarks)."""
     t0 = time.perf_counter()
     opt = parse_option(option) if isinstance(option, str) else option
     fmt = opt.fmt
