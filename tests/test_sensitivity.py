@@ -75,7 +75,8 @@ def _sq(unit, model, opt):
 def test_hutchinson_matches_exact_trace(tiny):
     model, units, calib = tiny
     k = 200
-    table = analyze(model, units, CANDS, "hutchinson", calib, tol=0.0, min_probes=k, max_probes=k, batch_size=4)
+    table = analyze(model, units, CANDS, "hutchinson", calib, tol=0.0, min_probes=k, max_probes=k, batch_size=4,
+                    retain_graph=True)
     h, ranges = _exact_hessian(model, units, calib)
     for u, r in zip(units, ranges):
         info = table.unit(u.name).info
@@ -93,10 +94,21 @@ def test_hutchinson_matches_exact_trace(tiny):
             assert o["error"] == pytest.approx(abs(info["avg_trace"]) * _sq(u, model, o["option"]), rel=1e-9)
 
 
+@pytest.mark.parametrize("method", ["hutchinson", "eigen"])
+def test_retained_and_rebuilt_graphs_agree(tiny, method):
+    model, units, calib = tiny
+    opts = {"max_probes": 5} if method == "hutchinson" else {"max_iters": 5}
+    a, b = (analyze(model, units, CANDS, method, calib, batch_size=3, retain_graph=r, **opts) for r in (True, False))
+    for ua, ub in zip(a.units, b.units):
+        for oa, ob in zip(ua.options, ub.options):
+            assert oa["error"] == pytest.approx(ob["error"], rel=1e-4)
+    assert a.cost["hvp"] == b.cost["hvp"] and b.cost["forward"] > a.cost["forward"]
+
+
 def test_eigen_matches_eigvalsh(tiny):
     model, units, calib = tiny
     # |lambda_2 / lambda_1| is about 0.75 for both blocks here; float32 products limit tol
-    table = analyze(model, units, CANDS, "eigen", calib, tol=1e-6, max_iters=200, batch_size=4)
+    table = analyze(model, units, CANDS, "eigen", calib, tol=1e-6, max_iters=200, batch_size=4, retain_graph=True)
     h, ranges = _exact_hessian(model, units, calib)
     for u, r in zip(units, ranges):
         ev = torch.linalg.eigvalsh(h[r, r])

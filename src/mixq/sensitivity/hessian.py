@@ -6,7 +6,8 @@ weights, seen through Hessian-vector products (double backward).
   Hv per probe gives v_i . (Hv)_i for every unit i, and since E[v_i v_j^T] = 0 for i != j,
   E[v_i . (Hv)_i] = E[v_i^T H_ii v_i] = Tr(H_ii): exact in expectation, for all units from
   the same probes (the cross terms v_i^T H_ij v_j average out but add to the variance:
-  2 sum_{a != b in i} H_ab^2 + sum_{a in i, b not in i} H_ab^2 per probe). error = |Tr(H_i) / n_i| * ||ΔW_i||^2.
+  2 sum_{a != b in i} H_ab^2 + sum_{a in i, b not in i} H_ab^2 per probe).
+  error = |Tr(H_i) / n_i| * ||ΔW_i||^2.
 - `eigen` (HAWQ-V1, Dong et al. 2019): the dominant eigenvalue of each block H_ii by power
   iteration with v supported on that unit only. error = |lambda_i| * ||ΔW_i||^2.
 
@@ -14,15 +15,17 @@ The Hessian of a cross-entropy away from a minimum need not be positive semi-def
 trace or eigenvalue may come out negative; the signed value is recorded in each unit's
 `info` and its magnitude scales the error.
 
-Cost. The gradient graph of every micro-batch is built once (one forward + backward with
-`create_graph`) and kept when `retain_graph=True` (memory: the activations and first-order
-graph of the whole calibration set); each product is then one double backward over it
-(roughly 2-3 forward passes). `hutchinson` needs one product per probe for all units
-together (4..`max_probes`); `eigen` needs one product per unit per iteration, so it costs
-about n_units * iterations products: keep `max_iters` and the calibration set small (the
-product for a unit only runs the part of the graph between the loss and that unit, so late
-blocks are cheaper). With `retain_graph=False` every product recomputes forward and
-backward (less memory, about twice the time).
+Cost. Each product is a forward + backward with `create_graph` over every micro-batch
+followed by a double backward (together about 2-3x one float forward + backward). With
+`retain_graph=True` the gradient graph of every micro-batch is built once and kept, so a
+product is only the double backward: faster (for `eigen` much faster, since the product
+for a unit then runs only the part of the graph between the loss and that unit), but the
+graphs of the whole calibration set stay in memory (about 3 GB per 256-token window on
+SmolLM2-135M, 13 GB for 4 windows). `hutchinson` needs one product per probe for all units
+together (`min_probes`..`max_probes`; on SmolLM2-135M with 4 x 256 tokens about 2.3
+forward+backward equivalents per probe with retained graphs); `eigen` needs one product
+per unit per iteration, about n_units * iterations products: keep `max_iters` and the
+calibration set small.
 """
 
 from __future__ import annotations
@@ -44,21 +47,28 @@ class _HVP:
         self.params = params
         self.batches = ctx.batches(batch_size)
         self.retain = retain_graph
-        self.graphs = [self._grads(b) for b in self.batches] if retain_graph else None
+        self.graphs: list | None = [self._grads(b) for b in self.batches] if retain_graph else None
         if retain_graph:
             ctx.add_cost("forward", 1)
             ctx.add_cost("backward", 1)
 
-    def _grads(self, batch) -> tuple[torch.Tensor | None, ...]:
+    def _grads(self, batch, only: list[int] | None = None) -> list[torch.Tensor | None]:
+        """First-order gradients with their graph, for params[i], i in `only` (default all;
+        the others None)."""
+        idx = list(range(len(self.params))) if only is None else only
         loss = batch.weight * self.ctx.batch_loss(batch)
-        return torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
+        grads = torch.autograd.grad(loss, [self.params[i] for i in idx], create_graph=True, allow_unused=True)
+        out: list[torch.Tensor | None] = [None] * len(self.params)
+        for i, g in zip(idx, grads):
+            out[i] = g
+        return out
 
     def __call__(self, vs: dict[int, torch.Tensor], wrt: list[int]) -> list[torch.Tensor]:
         """(H v) restricted to params[i] for i in `wrt`; `vs` maps param index -> vector
         (a param not in `vs` has v = 0 there)."""
         out = [torch.zeros_like(self.params[i]) for i in wrt]
         for k, batch in enumerate(self.batches):
-            g = self.graphs[k] if self.retain else self._grads(batch)
+            g = self.graphs[k] if self.retain else self._grads(batch, sorted(vs))
             terms = [(g[i] * v).sum() for i, v in vs.items() if g[i] is not None and g[i].requires_grad]
             if not terms:
                 continue
@@ -105,7 +115,7 @@ def _sq_norms(ctx: Context, unit: Unit) -> dict[str, float]:
 
 
 def hutchinson(ctx: Context, tol: float = 1e-2, min_probes: int = 4, max_probes: int = 50,
-               batch_size: int = 1, retain_graph: bool = True) -> dict:
+               batch_size: int = 1, retain_graph: bool = False) -> dict:
     """Average Hessian trace per unit by Hutchinson's estimator (see module doc). Probes are
     drawn until every unit's running mean moves by at most `tol` relative to itself (after at
     least `min_probes`, at most `max_probes`); `iterations` records how many were used."""
@@ -152,7 +162,7 @@ def hutchinson(ctx: Context, tol: float = 1e-2, min_probes: int = 4, max_probes:
 
 
 def eigen(ctx: Context, tol: float = 1e-3, max_iters: int = 20, batch_size: int = 1,
-          retain_graph: bool = True) -> dict:
+          retain_graph: bool = False) -> dict:
     """Dominant eigenvalue of each unit's Hessian block H_ii by power iteration (see module
     doc): v starts seeded-random on the unit, v <- H_ii v / ||H_ii v||, lambda = v . H_ii v,
     until lambda changes by at most `tol` relative (or `max_iters` products)."""
