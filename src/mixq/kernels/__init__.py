@@ -3,10 +3,12 @@
     kw = prepack(fmt.quantize(w), fmt)      # KernelWeights: int32 unit words + native scales
     y = qmatmul(x, kw, bias)                # x @ dequant(W)^T (+ bias), x's dtype
 
-`qmatmul` runs the Triton kernel (`triton_qmm`) when Triton, a CUDA device, a bf16/fp16
-input and a supported layout are all present, and otherwise the pure-torch reference
-(`packed.reference_matmul`: dequantize, then one matmul), which the kernels are tested
-against. Importing this package never needs Triton or a GPU.
+`qmatmul` runs, on a CUDA device with a bf16/fp16 input: the hand-written CUDA GEMV
+(`cuda_gemv`, built on first use) for int4 layouts at batch <= 8 where `cuda_gemv.preferred`
+says so (opt-in with MIXQ_CUDA_GEMV=1 until it is measured on a GPU); else
+the Triton kernel (`triton_qmm`) when Triton is installed and the layout is supported; and
+otherwise the pure-torch reference (`packed.reference_matmul`: dequantize, then one matmul),
+which the kernels are tested against. Importing this package never needs Triton, nvcc or a GPU.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from mixq.errors import FormatError
 from mixq.kernels.packed import (KernelWeights, PackedLayout, dequantize, pack_codes, prepack,
                                  reference_matmul, unpack_codes)
+from mixq.kernels import cuda_gemv  # noqa: E402  (after packed, which it imports)
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
@@ -39,6 +42,10 @@ def qmatmul(x: torch.Tensor, kw: KernelWeights, bias: torch.Tensor | None = None
     """`x @ dequant(W)^T (+ bias)` for x of shape (..., in_features), in x's dtype."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
+    if kw.codes.is_cuda and cuda_gemv.preferred(kw.layout, x2):
+        y = cuda_gemv.qmatmul(x2, kw, bias)  # None if the extension could not be built
+        if y is not None:
+            return y.reshape(*lead, y.shape[-1])
     if kernel_available(kw, x2):
         from mixq.kernels import triton_qmm
 

@@ -1,0 +1,318 @@
+// Weight-only int4 GEMV / small-batch GEMM, y = x @ dequant(W)^T, for m <= 8 activation rows,
+// reading mixq's packed int4 layout directly (row-major int32 words, 8 LSB-first codes each;
+// float16 group scales (n, n_groups); optional uint8 zero points).
+//
+// Work split. A warp owns a 16-row tile (two with kR = 2) and a set of 128-input chunks; the
+// warps of a block share the tile and split the chunks (chunk c goes to warp c % warps), and
+// their fp32 partials are summed through shared memory at the end. Lane (g = lane / 4,
+// q = lane % 4) loads, per chunk, 16 bytes (32 codes, inputs 32q .. 32q + 31 of the chunk)
+// of rows g and g + 8: a warp load covers 8 rows x 64 contiguous bytes, every sector whole.
+//
+// Arithmetic on the tensor cores: mma.m16n8k16 with the 16 weight rows as A and the (<= 8)
+// activation rows as B, fp32 accumulation. The k order inside an mma is free as long as A
+// and B agree, so a lane's A pair i of word w holds the codes of inputs (8w + i, 8w + i + 4):
+// nibbles i and i + 4 of the word, which one LOP3 ((w >> 4i) & 0x000F000F | magic) turns into
+// two half-precision values magic + code, exact (bf16 128 + c, fp16 1024 + c). The lane's
+// activations are permuted to match with four PRMTs per word.
+//
+// Scales and zero points. group_size >= 128 (post-scale): a chunk lies in one group, so the
+// mmas run on magic + code directly and the chunk's fp32 result is corrected and scaled once:
+// s * (sum (magic + c) x - (magic + zero) * sum x), sum x coming from an mma of all-ones A
+// with the same B (exact products, fp32 sums; the cancellation costs ~1e-5 relative).
+// group_size 32 or 64 (pre-scale): the four lanes of an mma see different groups, so
+// (code - zero) * scale is formed in x's dtype before the mma (two packed ops per two
+// weights, one rounding of the weight to bf16/fp16).
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "gemv_int4.h"
+
+namespace {
+
+constexpr int kChunk = 128;  // inputs per warp per chunk: 4 lanes x 32 codes
+
+template <bool kBF16>
+struct Half;
+
+template <>
+struct Half<true> {  // bfloat16: 0x4300 = 128.0 (7 mantissa bits: 128 + c exact for c < 128)
+  static constexpr uint32_t kMagic = 0x43004300u;
+  static constexpr float kMagicF = 128.f;
+  static constexpr uint32_t kNegMagic = 0xC300C300u;  // -(128 + z) = kNegMagic | z (per half)
+  static constexpr uint32_t kOne = 0x3F803F80u;
+  static __device__ __forceinline__ uint32_t fma2(uint32_t a, uint32_t b, uint32_t c) {
+    uint32_t d;
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+  }
+  static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  static __device__ __forceinline__ uint32_t scale_pair(uint32_t fp16_bits) {  // fp16 -> bf16 x2
+    const uint32_t b = __bfloat16_as_ushort(__float2bfloat16_rn(__half2float(__ushort_as_half((unsigned short)fp16_bits))));
+    return b | (b << 16);
+  }
+  static __device__ __forceinline__ float to_float(uint16_t bits) { return __uint_as_float(uint32_t(bits) << 16); }
+  static __device__ __forceinline__ uint16_t from_float(float v) { return __bfloat16_as_ushort(__float2bfloat16_rn(v)); }
+};
+
+template <>
+struct Half<false> {  // float16: 0x6400 = 1024.0 (10 mantissa bits)
+  static constexpr uint32_t kMagic = 0x64006400u;
+  static constexpr float kMagicF = 1024.f;
+  static constexpr uint32_t kNegMagic = 0xE400E400u;
+  static constexpr uint32_t kOne = 0x3C003C00u;
+  static __device__ __forceinline__ uint32_t fma2(uint32_t a, uint32_t b, uint32_t c) {
+    uint32_t d;
+    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+  }
+  static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  static __device__ __forceinline__ uint32_t scale_pair(uint32_t fp16_bits) { return (fp16_bits & 0xFFFFu) * 0x10001u; }
+  static __device__ __forceinline__ float to_float(uint16_t bits) { return __half2float(__ushort_as_half(bits)); }
+  static __device__ __forceinline__ uint16_t from_float(float v) { return __half_as_ushort(__float2half_rn(v)); }
+};
+
+__device__ __forceinline__ uint4 load_stream(const uint32_t* p) {  // weights: read once, skip L1
+  uint4 v;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(p));
+  return v;
+}
+
+// (a & mask) | magic in one LOP3 (written in C, ptxas splits it in two: two immediates)
+__device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t mask, uint32_t magic) {
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "r"(mask), "r"(magic));
+  return d;
+}
+
+// Hide a value's origin from the compiler so it stays in a register instead of being
+// recomputed from threadIdx / blockIdx / kernel parameters inside the loop.
+__device__ __forceinline__ uint32_t opaque(uint32_t v) {
+  asm volatile("" : "+r"(v));
+  return v;
+}
+
+__device__ __forceinline__ uint32_t word(const uint4& v, int i) {
+  return i == 0 ? v.x : (i == 1 ? v.y : (i == 2 ? v.z : v.w));
+}
+
+template <int kR>
+struct Chunk {
+  uint4 w[kR][2];  // codes of rows g, g + 8 of each row tile
+  uint32_t s[kR];  // fp16 scale bits of rows g (low half), g + 8 (high half)
+  uint32_t z[kR];  // zero points of rows g (low half), g + 8 (high half)
+};
+
+template <bool kBF16, bool kPre, bool kZeros, int kR, int kU>
+__global__ void __launch_bounds__(512) gemv_int4_kernel(const GemvInt4Params p) {
+  using H = Half<kBF16>;
+  extern __shared__ float partials[];  // (warps, kR * 4, 32)
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int n_warps = blockDim.x >> 5;
+  const int g = lane >> 2, q = lane & 3;
+  const int row0 = blockIdx.x * (16 * kR);
+  const int n_chunks = (p.k + kChunk - 1) / kChunk;
+  // B column g is activation row g; lanes past m read row m - 1 (their columns are not stored).
+  // Offsets are 32-bit element offsets (a 64-bit pointer per row gets rematerialized).
+  const uint16_t* xs = static_cast<const uint16_t*>(p.x);
+  const uint32_t x_off = opaque(uint32_t(min(g, p.m - 1)) * uint32_t(p.ldx) + q * 32);
+
+  // rows g and g + 8 of each tile (tail rows clamped: computed, not stored)
+  uint32_t w_off[kR][2], s_off[kR][2], z_off[kR][2];
+#pragma unroll
+  for (int r = 0; r < kR; ++r)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const uint32_t row = min(row0 + r * 16 + h * 8 + g, p.n - 1);
+      w_off[r][h] = opaque(row * uint32_t(p.ld_codes) + q * 4);
+      s_off[r][h] = opaque(row * uint32_t(p.ld_scales));
+      z_off[r][h] = kZeros ? opaque(row * uint32_t(p.ld_zeros)) : 0u;
+    }
+
+  auto load = [&](Chunk<kR>& ch, int c) {
+    if (c >= n_chunks) return;  // warp-uniform
+    const int kq = c * kChunk + q * 32;
+    const bool lane_ok = kq < p.k;
+    const uint32_t grp = uint32_t((kPre ? min(kq, p.k - 1) : c * kChunk) >> p.group_shift);
+#pragma unroll
+    for (int r = 0; r < kR; ++r) {
+      uint32_t s[2], z[2];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        ch.w[r][h] = lane_ok ? load_stream(p.codes + (w_off[r][h] + c * 16)) : make_uint4(0, 0, 0, 0);
+        s[h] = __ldg(p.scales + (s_off[r][h] + grp));
+        z[h] = kZeros ? uint32_t(__ldg(p.zeros + (z_off[r][h] + grp))) : uint32_t(p.code_offset);
+      }
+      ch.s[r] = s[0] | (s[1] << 16);
+      ch.z[r] = z[0] | (z[1] << 16);
+    }
+  };
+
+  float acc[kR][4];
+#pragma unroll
+  for (int r = 0; r < kR; ++r)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) acc[r][j] = 0.f;
+
+  const uint32_t mask = 0x000F000Fu, magic = H::kMagic;
+  auto compute = [&](const Chunk<kR>& ch, int c) {
+    const int kq = c * kChunk + q * 32;
+    uint4 xv[4] = {make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0)};
+    if (kq < p.k) {
+      const uint4* xp = reinterpret_cast<const uint4*>(xs + (x_off + c * kChunk));
+#pragma unroll
+      for (int i = 0; i < 4; ++i) xv[i] = __ldg(xp + i);
+    }
+    // B operands: word w covers inputs 8w .. 8w + 7 = xv[w] = (x0x1, x2x3, x4x5, x6x7)
+    uint32_t b[4][4];
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+      b[w][0] = __byte_perm(xv[w].x, xv[w].z, 0x5410);  // (x0, x4)
+      b[w][1] = __byte_perm(xv[w].x, xv[w].z, 0x7632);  // (x1, x5)
+      b[w][2] = __byte_perm(xv[w].y, xv[w].w, 0x5410);  // (x2, x6)
+      b[w][3] = __byte_perm(xv[w].y, xv[w].w, 0x7632);  // (x3, x7)
+    }
+    // kPre == false: the mma runs on magic + code (no subtraction), and the offset is taken
+    // out in fp32 afterwards: sum (magic + c) x - (magic + zero) sum x, with sum x (per
+    // activation row, over the chunk) from an mma of all-ones A with the same B
+    float sx[4] = {0.f, 0.f, 0.f, 0.f};
+    if (!kPre) {
+      const uint32_t ones[4] = {H::kOne, H::kOne, H::kOne, H::kOne};
+#pragma unroll
+      for (int w = 0; w < 4; ++w) {
+        H::mma(sx, ones, b[w][0], b[w][1]);
+        H::mma(sx, ones, b[w][2], b[w][3]);
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < kR; ++r) {
+      const uint32_t z0 = ch.z[r] & 0xFFu, z1 = ch.z[r] >> 16;  // rows g, g + 8
+      const uint32_t nz0 = H::kNegMagic | (z0 * 0x10001u);      // -(magic + zero) x2
+      const uint32_t nz1 = H::kNegMagic | (z1 * 0x10001u);
+      uint32_t ss0 = 0, ss1 = 0;
+      if (kPre) {
+        ss0 = H::scale_pair(ch.s[r] & 0xFFFFu);
+        ss1 = H::scale_pair(ch.s[r] >> 16);
+      }
+      float t[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+      for (int w = 0; w < 4; ++w) {
+        const uint32_t w0 = word(ch.w[r][0], w), w1 = word(ch.w[r][1], w);
+        uint32_t a0[4], a1[4];  // pair i: codes (i, i + 4) of rows g, g + 8
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          a0[i] = and_or(w0 >> (4 * i), mask, magic);  // magic + code, exact
+          a1[i] = and_or(w1 >> (4 * i), mask, magic);
+          if (kPre) {
+            a0[i] = H::fma2(H::fma2(a0[i], H::kOne, nz0), ss0, 0x80008000u);  // (code - zero) * scale
+            a1[i] = H::fma2(H::fma2(a1[i], H::kOne, nz1), ss1, 0x80008000u);
+          }
+        }
+        const uint32_t A0[4] = {a0[0], a1[0], a0[1], a1[1]};
+        const uint32_t A1[4] = {a0[2], a1[2], a0[3], a1[3]};
+        if (kPre) {
+          H::mma(acc[r], A0, b[w][0], b[w][1]);
+          H::mma(acc[r], A1, b[w][2], b[w][3]);
+        } else {
+          H::mma(t, A0, b[w][0], b[w][1]);
+          H::mma(t, A1, b[w][2], b[w][3]);
+        }
+      }
+      if (!kPre) {
+        const float s0 = __half2float(__ushort_as_half((unsigned short)(ch.s[r] & 0xFFFFu)));
+        const float s1 = __half2float(__ushort_as_half((unsigned short)(ch.s[r] >> 16)));
+        const float mz0 = H::kMagicF + float(z0), mz1 = H::kMagicF + float(z1);
+        acc[r][0] = fmaf(fmaf(-mz0, sx[0], t[0]), s0, acc[r][0]);
+        acc[r][1] = fmaf(fmaf(-mz0, sx[1], t[1]), s0, acc[r][1]);
+        acc[r][2] = fmaf(fmaf(-mz1, sx[2], t[2]), s1, acc[r][2]);
+        acc[r][3] = fmaf(fmaf(-mz1, sx[3], t[3]), s1, acc[r][3]);
+      }
+    }
+  };
+
+  // software pipeline, two register buffers: the next kU chunks are in flight while kU are decoded
+  Chunk<kR> buf_a[kU], buf_b[kU];
+  const int step = n_warps;
+#pragma unroll
+  for (int u = 0; u < kU; ++u) load(buf_a[u], warp + u * step);
+  for (int c = warp; c < n_chunks; c += 2 * kU * step) {
+#pragma unroll
+    for (int u = 0; u < kU; ++u) load(buf_b[u], c + (kU + u) * step);
+#pragma unroll
+    for (int u = 0; u < kU; ++u)
+      if (c + u * step < n_chunks) compute(buf_a[u], c + u * step);
+#pragma unroll
+    for (int u = 0; u < kU; ++u) load(buf_a[u], c + (2 * kU + u) * step);
+#pragma unroll
+    for (int u = 0; u < kU; ++u)
+      if (c + (kU + u) * step < n_chunks) compute(buf_b[u], c + (kU + u) * step);
+  }
+
+  // sum the warps' partials; accumulator j of lane (g, q): row g + 8 * (j >> 1), column 2q + (j & 1)
+#pragma unroll
+  for (int r = 0; r < kR; ++r)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) partials[(warp * kR * 4 + r * 4 + j) * 32 + lane] = acc[r][j];
+  __syncthreads();
+  for (int e = threadIdx.x; e < kR * 128; e += blockDim.x) {
+    float v = 0.f;
+    for (int wi = 0; wi < n_warps; ++wi) v += partials[wi * kR * 128 + e];
+    const int ln = e & 31, j = (e >> 5) & 3, r = e >> 7;
+    const int row = row0 + r * 16 + (ln >> 2) + 8 * (j >> 1);
+    const int col = 2 * (ln & 3) + (j & 1);
+    if (row < p.n && col < p.m) {
+      if (p.bias) v += H::to_float(static_cast<const uint16_t*>(p.bias)[row]);
+      static_cast<uint16_t*>(p.y)[col * p.ldy + row] = H::from_float(v);
+    }
+  }
+}
+
+template <bool kBF16, bool kPre, bool kZeros, int kR, int kU>
+cudaError_t launch(const GemvInt4Params& p, int warps, cudaStream_t stream) {
+  const dim3 grid((p.n + 16 * kR - 1) / (16 * kR));
+  const dim3 block(32 * warps);
+  const size_t smem = size_t(warps) * kR * 128 * sizeof(float);
+  gemv_int4_kernel<kBF16, kPre, kZeros, kR, kU><<<grid, block, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <bool kBF16, bool kPre, bool kZeros>
+cudaError_t launch_shape(const GemvInt4Params& p, int row_tiles, int unroll, int warps, cudaStream_t stream) {
+  if (row_tiles == 1)
+    return unroll == 1 ? launch<kBF16, kPre, kZeros, 1, 1>(p, warps, stream) : launch<kBF16, kPre, kZeros, 1, 2>(p, warps, stream);
+  return unroll == 1 ? launch<kBF16, kPre, kZeros, 2, 1>(p, warps, stream) : launch<kBF16, kPre, kZeros, 2, 2>(p, warps, stream);
+}
+
+template <bool kBF16, bool kPre>
+cudaError_t launch_zeros(const GemvInt4Params& p, int row_tiles, int unroll, int warps, cudaStream_t stream) {
+  return p.zeros ? launch_shape<kBF16, kPre, true>(p, row_tiles, unroll, warps, stream)
+                 : launch_shape<kBF16, kPre, false>(p, row_tiles, unroll, warps, stream);
+}
+
+}  // namespace
+
+cudaError_t gemv_int4_launch(const GemvInt4Params& p, bool bf16, bool pre_scale, int row_tiles, int unroll,
+                             int warps, cudaStream_t stream) {
+  if (p.m < 1 || p.m > 8 || p.n < 1 || p.k < 32 || p.k % 32 || warps < 1 || warps > 16 ||
+      (row_tiles != 1 && row_tiles != 2) || (unroll != 1 && unroll != 2) ||
+      (!pre_scale && p.group_shift < 7) || p.group_shift < 5)
+    return cudaErrorInvalidValue;
+  if (bf16) return pre_scale ? launch_zeros<true, true>(p, row_tiles, unroll, warps, stream)
+                             : launch_zeros<true, false>(p, row_tiles, unroll, warps, stream);
+  return pre_scale ? launch_zeros<false, true>(p, row_tiles, unroll, warps, stream)
+                   : launch_zeros<false, false>(p, row_tiles, unroll, warps, stream);
+}

@@ -1,0 +1,31 @@
+// Shared between the CUDA kernels (gemv_int4.cu, no torch headers) and the torch binding
+// (gemv_int4.cpp). See mixq/kernels/cuda_gemv.py for the math and the weight layout.
+#pragma once
+#include <cstdint>
+#include <cuda_runtime.h>
+
+struct GemvInt4Params {
+  const void* x;          // (m, k) bf16 | fp16, row stride ldx elements, unit column stride
+  int64_t ldx;
+  const uint32_t* codes;  // (n, k / 8) int32 words, 8 LSB-first 4-bit codes each (mixq.kernels.packed)
+  int64_t ld_codes;       // words per row
+  const uint16_t* scales; // (n, n_groups) float16 bits
+  int64_t ld_scales;
+  const uint8_t* zeros;   // (n, n_groups) uint8 zero points, or nullptr: value = code - code_offset
+  int64_t ld_zeros;
+  const void* bias;       // (n,) in x's dtype, or nullptr
+  void* y;                // (m, n) in x's dtype, row stride ldy elements
+  int64_t ldy;
+  int m, n, k;
+  int group_shift;        // log2(group_size); >= 30 when one group spans the whole row
+  int code_offset;        // symmetric formats: value = code - code_offset
+};
+
+// Launches on `stream`; returns the launch error (cudaSuccess if none).
+// bf16: x is bfloat16 (else float16). pre_scale: scales are folded into the decoded weights
+// before the tensor-core product (group_size >= 32); else they are applied to fp32 partial
+// sums per 128-input chunk (group_size >= 128). group_size is a power of two. row_tiles:
+// 16-row tiles per warp (1 or 2); unroll: 128-input chunks per buffer of the two-buffer
+// register pipeline (1 or 2); warps: per block (1..16), splitting the input dimension.
+cudaError_t gemv_int4_launch(const GemvInt4Params& p, bool bf16, bool pre_scale, int row_tiles,
+                             int unroll, int warps, cudaStream_t stream);

@@ -1,0 +1,166 @@
+"""Hand-written CUDA GEMV for int4 weights at batch 1..8, on mixq's packed layout as it is.
+
+    if cuda_gemv.supports(kw.layout, x):      # int4 (sym or asym), fp16 group scales, M <= 8
+        y = cuda_gemv.qmatmul(x, kw, bias)    # None if the extension could not be built
+
+Same math and the same `KernelWeights` as `triton_qmm` (no repacking): codes are row-major
+int32 words of 8 LSB-first 4-bit codes, scales float16 (N, n_groups), optional uint8 zeros.
+The kernel (`csrc/gemv_int4.cu`) streams the codes with 16-byte loads (a warp load reads 8
+rows x 64 contiguous bytes), decodes 2 codes per LOP3 into half-precision `magic + code`,
+and multiplies on the tensor cores (mma.m16n8k16: 16 weight rows x up to 8 activation rows,
+fp32 accumulation); see the .cu file's header for the layout of a lane's work and the scale
+handling. A block holds one or two 16-row tiles and its warps split the input dimension,
+summing through shared memory, so every call is one launch with no atomics or zero-fill.
+
+The extension compiles on first use on a CUDA machine (torch.utils.cpp_extension.load,
+`-arch` of the current device, sm_80 or newer; ~1 minute, cached under the torch extensions
+directory). If compilation fails, a warning is logged once and `qmatmul` returns None so the
+caller takes the Triton or reference path. Set MIXQ_NO_CUDA_GEMV=1 to never build it.
+`kernels.qmatmul` tries it first only with MIXQ_CUDA_GEMV=1 (see `preferred`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mixq.kernels.packed import KernelWeights, PackedLayout
+
+log = logging.getLogger(__name__)
+
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = ("gemv_int4.cpp", "gemv_int4.cu")
+HEADERS = ("gemv_int4.h",)
+MAX_BATCH = 8
+
+_lock = threading.Lock()
+_ext = None
+_error: str | None = None
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """Launch shape: 16-row tiles per warp (1, 2), chunks of 128 inputs in flight per warp
+    beyond the one being decoded (1, 2), warps per block (1..16; they split the input dim)."""
+
+    row_tiles: int = 1
+    unroll: int = 1
+    warps: int = 4
+
+
+def build_error() -> str | None:
+    """Why the extension is unavailable (None if it built or was never tried)."""
+    return _error
+
+
+def _build():
+    from torch.utils import cpp_extension
+
+    major, minor = torch.cuda.get_device_capability()
+    if major < 8:
+        raise RuntimeError(f"needs sm_80 or newer (bf16 mma), device is sm_{major}{minor}")
+    digest = hashlib.sha1()
+    for name in SOURCES + HEADERS:
+        digest.update((CSRC / name).read_bytes())
+    name = f"mixq_gemv_int4_{digest.hexdigest()[:12]}"
+    arch = f"-gencode=arch=compute_{major}{minor},code=sm_{major}{minor}"
+    return cpp_extension.load(
+        name=name, sources=[str(CSRC / s) for s in SOURCES], extra_include_paths=[str(CSRC)],
+        extra_cflags=["-O3"], extra_cuda_cflags=["-O3", arch], verbose=False)
+
+
+def extension():
+    """The compiled extension module, building it on first call; None if unavailable."""
+    global _ext, _error
+    if _ext is not None or _error is not None:
+        return _ext
+    with _lock:
+        if _ext is None and _error is None:
+            if os.environ.get("MIXQ_NO_CUDA_GEMV"):
+                _error = "disabled by MIXQ_NO_CUDA_GEMV"
+            elif not torch.cuda.is_available():
+                _error = "no CUDA device"
+            else:
+                try:
+                    _ext = _build()
+                except Exception as e:  # compiler missing, unsupported device, build error
+                    _error = f"{type(e).__name__}: {e}"
+                    log.warning("mixq CUDA int4 GEMV unavailable, using the Triton/reference path: %s",
+                                _error[:2000])
+    return _ext
+
+
+def layout_supported(layout: PackedLayout) -> bool:
+    """int4 with an integer grid, float16 scales, no tensor scale, power-of-two groups >= 32
+    (or one group per row), in_features a multiple of 32."""
+    g, k = layout.group_size, layout.in_features
+    return (layout.bits == 4 and layout.value_mode == "affine" and layout.scale_mode == "fp16"
+            and not layout.has_tensor_scale and k % 32 == 0
+            and (g >= k or (g >= 32 and g & (g - 1) == 0)))
+
+
+def supports(layout: PackedLayout, x: torch.Tensor) -> bool:
+    """True when the CUDA kernel can take `x` (2-D, M <= 8 rows) with this layout (the
+    extension itself is built lazily by `qmatmul`)."""
+    return (x.is_cuda and x.dim() == 2 and 1 <= x.shape[0] <= MAX_BATCH
+            and x.dtype in (torch.float16, torch.bfloat16) and layout_supported(layout))
+
+
+def preferred(layout: PackedLayout, x: torch.Tensor) -> bool:
+    """Whether `kernels.qmatmul` should try this kernel first: where it is supported, unless
+    its build already failed, and only with MIXQ_CUDA_GEMV=1 for now: the kernel has not yet
+    been run on a GPU (bench/KERNEL_NOTES.md, 2026-11-26); once bench/bench_gemv.py shows it
+    correct and faster than Triton, drop the environment test."""
+    return os.environ.get("MIXQ_CUDA_GEMV") == "1" and _error is None and supports(layout, x)
+
+
+def pick_config(m: int, layout: PackedLayout, n_sms: int = 132) -> GemvConfig:
+    """Launch shape from the H100 sweep in bench/KERNEL_NOTES.md: enough warps in flight
+    (tiles x warps >= ~16 per SM) while each warp keeps >= 4 chunks of 128 inputs."""
+    n, k = layout.out_features, layout.in_features
+    row_tiles = 1
+    tiles = -(-n // (16 * row_tiles))
+    chunks = -(-k // 128)
+    warps = 1
+    while warps < 16 and tiles * warps < 32 * n_sms and chunks >= 8 * warps:
+        warps *= 2
+    return GemvConfig(row_tiles=row_tiles, unroll=1, warps=warps)
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def qmatmul(x: torch.Tensor, kw: KernelWeights, bias: torch.Tensor | None = None,
+            config: GemvConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """`x @ dequant(W)^T (+ bias)` for x of shape (M <= 8, in_features), bf16 or fp16, in x's
+    dtype (fp32 accumulation). Returns None when the extension is unavailable (the caller
+    falls back); raises ValueError for inputs `supports` rejects."""
+    lay = kw.layout
+    if not supports(lay, x) or x.shape[1] != lay.in_features:
+        raise ValueError(f"cuda_gemv takes (M <= {MAX_BATCH}, {lay.in_features}) bf16/fp16 CUDA input "
+                         f"and int4 fp16-scale layouts; got {tuple(x.shape)} {x.dtype} for {lay.fmt}")
+    ext = extension()
+    if ext is None:
+        return None
+    if x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:
+        x = x.clone(memory_format=torch.contiguous_format)
+    if bias is not None:
+        bias = bias.to(x.dtype).contiguous()
+    cfg = config or pick_config(x.shape[0], lay, _sm_count(x.device))
+    # scales after the product need whole 128-input chunks per group
+    pre_scale = lay.group_size < 128 and lay.group_size < lay.in_features
+    return ext.gemv_int4(x, kw.codes, kw.scales, kw.zeros, bias, out, lay.group_size, lay.code_offset,
+                         pre_scale, cfg.row_tiles, cfg.unroll, cfg.warps)

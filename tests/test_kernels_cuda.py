@@ -1,0 +1,160 @@
+"""Tests of the hand-written CUDA int4 GEMV (`mixq.kernels.cuda_gemv`).
+
+CPU tests (always run): which layouts it takes, the launch-shape heuristic, and the fallback
+when the extension cannot be built. GPU tests (marked `gpu`, skipped without CUDA): every
+launch shape against the float32 reference on odd shapes with NaN-poisoned outputs, bf16
+and fp16, sym/asym, groups 32/64/128/per-channel, batch 1..8, bias; the dispatcher; CUDA
+graph capture. Bound: ||out - ref|| / ||ref|| < 1e-2 (bf16 rounding of x and y is ~3e-3).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from mixq import formats
+from mixq.kernels import cuda_gemv, dequantize, prepack, qmatmul
+
+REL_TOL = 1e-2
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+
+
+def _layout(spec: str, n: int = 8, k: int = 576):
+    return prepack(formats.parse(spec).quantize(torch.randn(n, k)), spec).layout
+
+
+# --------------------------------------------------------------------------- CPU
+
+
+@pytest.mark.parametrize("spec,ok", [
+    ("int4:g128", True), ("int4:g64", True), ("int4:g32", True), ("int4:g64:asym", True), ("int4:ch", True),
+    ("int3:g64", False), ("int8:ch", False), ("nf4:g64", False), ("mxfp4", False), ("nvfp4", False),
+    ("fp4_e2m1:g32", False),
+])
+def test_layout_supported(spec, ok):
+    assert cuda_gemv.layout_supported(_layout(spec)) is ok
+
+
+def test_supports_needs_cuda_half_input_and_small_batch():
+    lay = _layout("int4:g64")
+    assert not cuda_gemv.supports(lay, torch.randn(1, 576, dtype=torch.bfloat16))  # CPU tensor
+    assert not cuda_gemv.layout_supported(_layout("int4:g16", k=64))  # groups below 32 inputs
+    assert not cuda_gemv.layout_supported(_layout("int4:g64", k=560))  # 560 % 32 != 0
+
+
+def test_pick_config_gives_enough_warps():
+    for n, k in [(4096, 4096), (14336, 4096), (4096, 14336), (128256, 4096), (192, 576)]:
+        lay = _layout("int4:g128", n=16, k=k)
+        lay = type(lay)(**{**lay.__dict__, "out_features": n})
+        cfg = cuda_gemv.pick_config(1, lay)
+        assert 1 <= cfg.warps <= 16 and cfg.row_tiles in (1, 2) and cfg.unroll in (1, 2)
+        assert cfg.warps == 1 or -(-k // 128) >= 4 * cfg.warps  # every warp keeps >= 4 chunks
+
+
+def test_build_failure_falls_back_with_warning(monkeypatch, caplog):
+    monkeypatch.setattr(cuda_gemv, "_ext", None)
+    monkeypatch.setattr(cuda_gemv, "_error", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+
+    def broken_build():
+        raise RuntimeError("nvcc exploded")
+
+    monkeypatch.setattr(cuda_gemv, "_build", broken_build)
+    monkeypatch.setenv("MIXQ_CUDA_GEMV", "1")
+    with caplog.at_level(logging.WARNING, logger="mixq.kernels.cuda_gemv"):
+        assert cuda_gemv.extension() is None
+    assert "nvcc exploded" in cuda_gemv.build_error()
+    assert any("falling back" in r.message or "unavailable" in r.message for r in caplog.records)
+    # once failed: not preferred, so the dispatcher goes to Triton / the reference
+    assert not cuda_gemv.preferred(_layout("int4:g64"), torch.randn(1, 576))
+
+
+def test_cpu_dispatch_unchanged():
+    kw = prepack(formats.parse("int4:g64").quantize(torch.randn(24, 576)), "int4:g64")
+    x = torch.randn(2, 576, dtype=torch.bfloat16)
+    ref = torch.nn.functional.linear(x, dequantize(kw).to(torch.bfloat16))
+    assert torch.equal(qmatmul(x, kw), ref)
+
+
+# --------------------------------------------------------------------------- GPU
+
+
+def _gpu_case(spec: str, n: int, k: int, seed: int):
+    torch.manual_seed(seed)
+    fmt = formats.parse(spec)
+    return prepack(fmt.quantize(torch.randn(n, k, device="cuda")), fmt)
+
+
+def _check(kw, m, dtype, cfg=None, bias=False):
+    n, k = kw.layout.out_features, kw.layout.in_features
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    b = torch.randn(n, device="cuda", dtype=dtype) if bias else None
+    ref = x.float() @ dequantize(kw).T + (b.float() if bias else 0.0)
+    out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
+    y = cuda_gemv.qmatmul(x, kw, b, cfg, out=out)
+    assert y is not None, cuda_gemv.build_error()
+    assert y.data_ptr() == out.data_ptr() and y.dtype == dtype
+    assert torch.isfinite(y).all(), f"{kw.layout.fmt} m={m} {cfg}: output not fully written"
+    err = float((y.float() - ref).norm() / ref.norm())
+    assert err < REL_TOL, f"{kw.layout.fmt} {dtype} m={m} {cfg}: rel err {err:.2e}"
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("spec,n,k", [("int4:g64", 192, 576), ("int4:g128", 200, 1088), ("int4:g128:asym", 192, 576),
+                                      ("int4:g64:asym", 200, 1088), ("int4:g32", 72, 544), ("int4:ch", 100, 4096)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_every_launch_shape_matches_reference(spec, n, k, dtype):
+    kw = _gpu_case(spec, n, k, seed=n + k)
+    for cfg in [cuda_gemv.GemvConfig(r, u, w) for r in (1, 2) for u in (1, 2) for w in (1, 3, 16)]:
+        for m in (1, 3, 8):
+            _check(kw, m, dtype, cfg, bias=(m == 3))
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("m", range(1, 9))
+def test_llama_shape_every_batch(m):
+    kw = _gpu_case("int4:g128", 4096, 4096, seed=m)
+    _check(kw, m, torch.bfloat16)
+    _check(kw, m, torch.float16, bias=True)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_dispatcher_and_quantlinear_use_it(monkeypatch):
+    from torch import nn
+
+    monkeypatch.setenv("MIXQ_CUDA_GEMV", "1")
+
+    from mixq.nn import QuantLinear
+
+    torch.manual_seed(3)
+    lin = nn.Linear(1024, 320).to(torch.bfloat16)
+    q = QuantLinear.from_linear(lin, "int4:g128").cuda()
+    x = torch.randn(2, 3, 1024, device="cuda", dtype=torch.bfloat16)
+    assert cuda_gemv.preferred(q.layout, x.reshape(-1, 1024))
+    direct = cuda_gemv.qmatmul(x.reshape(6, 1024), q.weights(), q.bias).reshape(2, 3, 320)
+    assert torch.equal(q(x), direct)
+    ref = nn.functional.linear(x.float(), q.dequantized_weight(), q.bias.float())
+    assert float((q(x).float() - ref).norm() / ref.norm()) < REL_TOL
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_graph_capture_and_strided_input():
+    kw = _gpu_case("int4:g128", 512, 4096, seed=5)
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
+    y0 = cuda_gemv.qmatmul(x, kw)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = cuda_gemv.qmatmul(x, kw)
+    y.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, y0)
+    wide = torch.randn(3, 4096 + 1, device="cuda", dtype=torch.bfloat16)[:, 1:]  # misaligned rows
+    ref = wide.float() @ dequantize(kw).T
+    assert float((cuda_gemv.qmatmul(wide, kw).float() - ref).norm() / ref.norm()) < REL_TOL
