@@ -43,7 +43,7 @@ from mixq.models.capture import find_blocks, forward_logits, unit_inputs
 from mixq.models.units import Unit, get_weight, set_weight
 from mixq.plan import Option, Plan
 from mixq.progress import Progress, track
-from mixq.quantizers.unit import UnitInfo, needs_calibration, quantize_unit
+from mixq.quantizers.unit import needs_calibration, quantize_unit
 
 log = logging.getLogger(__name__)
 

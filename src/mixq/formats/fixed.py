@@ -25,7 +25,7 @@ import torch
 
 from mixq.formats.base import Format
 from mixq.formats.elements import GRIDS, grid_levels, pow2, round_elements, round_minifloat
-from mixq.formats.grouping import PER_TENSOR, check_weight, from_groups, to_groups
+from mixq.formats.grouping import check_weight, from_groups, to_groups
 from mixq.formats.intk import IntFormat
 from mixq.formats.mx import MXINT8_FRAC_BITS, MXFormat
 from mixq.formats.nvfp4 import NVFP4Format
@@ -51,15 +51,6 @@ class GroupParams:
         """(step (R', 1), zero (R', 1) | None) of group `group` (per row)."""
         z = None if self.zero is None else self.zero[:, group : group + 1]
         return self.step[:, group : group + 1], z
-
-
-def group_size_of(fmt: Format, cols: int) -> int:
-    """The group length along cols (cols for per-channel and per-tensor formats)."""
-    return fmt.group_size_for(cols)
-
-
-def is_per_tensor(fmt: Format) -> bool:
-    return getattr(fmt, "group_size", None) == PER_TENSOR
 
 
 def _grouping(fmt: Format) -> int:

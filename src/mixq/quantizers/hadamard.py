@@ -117,9 +117,6 @@ def rotation(cols: int, seed: int = 0) -> Rotation:
     return Rotation(signs, b)
 
 
-QuantizeFn = Callable[..., torch.Tensor]
-
-
 def rotate_quantize(w: torch.Tensor, fmt, seed: int = 0, quantize: Callable | None = None,
                     H: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """Q(W Q) Qᵀ: the exact fake-quant equivalent of rotating the unit's input online
