@@ -8,8 +8,9 @@ import time
 from pathlib import Path
 
 from mixq.accounting import bit_totals
-from mixq.apply import check_finite, fake_quantized, plan_needs_calibration
+from mixq.apply import check_finite, fake_quantized, is_plain_rtn, plan_needs_calibration
 from mixq.artifacts import sha256_text
+from mixq.errors import MixqError
 from mixq.models import DEFAULT_MODEL, LoadedModel, get_weight, load_model
 from mixq.plan import Plan
 from mixq.progress import Progress
@@ -134,7 +135,8 @@ _REF_CACHE_BYTES = 6e9
 
 
 def _vocab_size(loaded: LoadedModel) -> int:
-    return int(loaded.model.get_output_embeddings().weight.shape[0])
+    head = loaded.model.get_output_embeddings()
+    return int(getattr(head, "out_features", None) or head.weight.shape[0])
 
 
 def _eval_image(loaded, planned, all_units, n_params, body, progress, calib_ids):
@@ -236,3 +238,89 @@ def save_frontier(path, curve: list[dict], meta: dict) -> None:
     from mixq.artifacts import write_artifact
 
     write_artifact(path, "frontier", FRONTIER_SCHEMA, {**meta, "points": curve})
+
+
+# ---------------------------------------------------------------- quantize / checkpoints
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    from mixq.export import META_FILE
+
+    return Path(path).is_dir() and (Path(path) / META_FILE).is_file()
+
+
+def quantize(model: str | LoadedModel, out_dir: str | Path, *, plan: str | Path | Plan | None = None,
+             fmt: str | None = None, include_head: bool = False, calib: str | None = None, calib_samples: int = 128,
+             calib_seqlen: int = 512, seed: int = 0, fp32: bool = False, overwrite: bool = False,
+             progress: Progress | None = None) -> dict:
+    """Quantize a model by a plan (or one option everywhere) and write a packed checkpoint.
+
+    GPTQ/smoothing options are calibrated block by block on `calib`; the manifest of what was
+    done lands in the checkpoint's mixq.json. Returns that document."""
+    import torch
+
+    from mixq.calibrate import quantize_model
+    from mixq.export import save_quantized
+
+    if (plan is None) == (fmt is None):
+        raise MixqError("give exactly one of a plan (--plan plan.json) or a format (--format SPEC)")
+    loaded = model if isinstance(model, LoadedModel) else load_model(model)
+    units = loaded.units(include_head=True, include_embeddings=True)
+    if plan is None:
+        the_plan = Plan.uniform(loaded.name, loaded.units(include_head=include_head), fmt)
+    else:
+        the_plan = plan if isinstance(plan, Plan) else Plan.load(plan)
+    the_plan.check_against(units)
+    _check_weights(loaded, units, [("plan", the_plan)])
+    manifest = None
+    if not is_plain_rtn(the_plan):
+        calib_ids = None
+        if plan_needs_calibration(the_plan):
+            calib_ids, _ = calibration_data(loaded, calib, calib_samples, calib_seqlen, seed)
+        manifest = quantize_model(loaded.model, units, the_plan, calib_ids, progress=progress, seed=seed).to_dict()
+    return save_quantized(loaded, units, the_plan, out_dir, manifest=manifest, progress=progress,
+                          float_dtype=torch.float32 if fp32 else torch.bfloat16, overwrite=overwrite)
+
+
+def evaluate_checkpoint(path: str | Path, *, data: str | None = None, seqlen: int = 512, windows: int | None = 8,
+                        tasks=(), limit: int | None = None, progress: Progress | None = None) -> dict:
+    """Evaluate a packed checkpoint against the float model it was made from (loaded by the
+    name its mixq.json records), without quantizing again."""
+    from mixq.export import load_quantized
+
+    q = load_quantized(path, packed="auto", progress=progress)
+    plan = q.extra["plan"]
+    plan.meta.setdefault("label", f"checkpoint {Path(path).name}")
+    ref_model = load_model(q.name)
+    body: dict = {"model": q.name, "model_source": ref_model.source, "checkpoint": str(path), "note": ref_model.note,
+                  "model_params": q.extra["n_params"], "include_head": False}
+    totals = bit_totals(plan, q.extra["units"], q.extra["n_params"])
+    if ref_model.kind == "causal_lm":
+        from mixq.data import load_text, token_windows
+        from mixq.eval.perplexity import FloatReference, lm_eval
+        from mixq.eval.zeroshot import zero_shot
+
+        data = data or ref_model.default_data
+        text = load_text(data)
+        win = token_windows(ref_model.encode, text, seqlen, windows)
+        body.update({"data": data, "data_sha256": sha256_text(text), "seqlen": seqlen, "n_windows": int(win.shape[0]),
+                     "n_tokens": int(win.shape[0] * (seqlen - 1)), "tasks": list(tasks), "task_limit": limit})
+        ref = FloatReference(ref_model.model, win)
+        fl = {"label": "float", "option": None, **bit_totals(None, q.extra["units"], q.extra["n_params"]),
+              **ref.metrics(progress), "kl": 0.0, "top1_agree": 1.0,
+              "tasks": {t: zero_shot(ref_model.model, ref_model.encode, t, limit=limit) for t in tasks}}
+        qr = {"label": plan.meta["label"], "option": _describe(plan), **totals,
+              **lm_eval(q.model, win, reference=ref, progress=progress),
+              "tasks": {t: zero_shot(q.model, q.encode, t, limit=limit) for t in tasks}}
+    else:
+        from mixq.data import load_cifar10
+        from mixq.eval.vision import top1
+
+        images, labels = load_cifar10("eval")
+        body.update({"data": "cifar10-eval", "n_images": int(images.shape[0])})
+        fl = {"label": "float", "option": None, **bit_totals(None, q.extra["units"], q.extra["n_params"]),
+              **top1(ref_model.model, images, labels, progress=progress)}
+        qr = {"label": plan.meta["label"], "option": _describe(plan), **totals,
+              **top1(q.model, images, labels, progress=progress)}
+    body["rows"] = [fl, qr]
+    return body

@@ -112,6 +112,18 @@ def _write_json(path, kind: str, schema: int, body: dict) -> None:
 def cmd_eval(args) -> int:
     from mixq import api
 
+    if api.is_checkpoint(args.model):
+        if args.format or args.plan:
+            raise MixqError(f"{args.model} is a quantized checkpoint: evaluate it as it is (no --format/--plan)")
+        result = api.evaluate_checkpoint(args.model, data=args.data, seqlen=args.seqlen,
+                                         windows=None if args.windows == 0 else args.windows,
+                                         tasks=_csv(args.tasks) if args.tasks else [], limit=args.limit,
+                                         progress=_progress(args))
+        print(eval_table(result))
+        if args.json:
+            _write_json(args.json, "eval", api.EVAL_SCHEMA, result)
+        return 0
+
     suffix = ""
     if args.quantizer != "rtn":
         suffix += f"+{args.quantizer}"
@@ -234,6 +246,34 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_quantize(args) -> int:
+    from mixq import api
+
+    suffix = "".join(f"+{x}" for x in ([args.quantizer] if args.quantizer != "rtn" else []) + _csv(",".join(args.transform)))
+    doc = api.quantize(args.model, args.output, plan=args.plan, fmt=(args.format + suffix) if args.format else None,
+                       include_head=args.include_head, calib=args.calib, calib_samples=args.calib_samples,
+                       calib_seqlen=args.calib_seqlen, seed=args.seed, fp32=args.fp32, overwrite=args.overwrite,
+                       progress=_progress(args))
+    t = doc.get("totals", {})
+    print(f"wrote {args.output}: {len(doc['units'])} packed units"
+          + (f", {t.get('bpw_all', float('nan')):.3f} bits per weight all-in" if t else ""))
+    if doc.get("warnings"):
+        print(f"{len(doc['warnings'])} warning(s) recorded in mixq.json, first: {doc['warnings'][0]}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from mixq.export import generate, load_quantized
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    loaded = load_quantized(args.checkpoint, device=dev, dtype=dtype, packed="auto")
+    print(generate(loaded, args.prompt, args.max_new_tokens, greedy=not args.sample, chat=args.chat, seed=args.seed))
+    return 0
+
+
 def cmd_report(args) -> int:
     from mixq.report import write_report
 
@@ -256,7 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.set_defaults(func=cmd_formats)
 
     e = sub.add_parser("eval", help="evaluate the float model and quantized versions of it")
-    e.add_argument("model", help="built-in alias (smollm2-135m, resnet20-cifar10, resnet56-cifar10), model directory, or hub id")
+    e.add_argument("model", help="built-in alias (smollm2-135m, resnet20-cifar10, resnet56-cifar10), model directory, "
+                   "hub id, or a checkpoint directory written by mixq quantize")
     e.add_argument("--format", action="append", default=[], metavar="SPEC",
                    help="format for every unit, e.g. int4:g64 (repeat or comma-separate for several)")
     e.add_argument("--plan", action="append", default=[], metavar="PLAN_JSON", help="evaluate a plan.json")
@@ -318,6 +359,31 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--out", default="runs/default", help="run directory")
     r.set_defaults(func=cmd_run)
+
+    qz = sub.add_parser("quantize", help="quantize a model by a plan (or one format) and write a packed checkpoint")
+    qz.add_argument("model")
+    qz.add_argument("--plan", default=None, help="plan.json from mixq plan")
+    qz.add_argument("--format", default=None, help="one option for every unit instead of a plan, e.g. int4:g64")
+    qz.add_argument("--quantizer", default="rtn", choices=["rtn", "gptq"])
+    qz.add_argument("--transform", action="append", default=[], metavar="T")
+    qz.add_argument("--include-head", action="store_true")
+    qz.add_argument("--calib", default=None)
+    qz.add_argument("--calib-samples", type=int, default=128)
+    qz.add_argument("--calib-seqlen", type=int, default=512)
+    qz.add_argument("--seed", type=int, default=0)
+    qz.add_argument("--fp32", action="store_true", help="store unquantized tensors in fp32 (default bf16)")
+    qz.add_argument("--overwrite", action="store_true", help="replace an existing mixq checkpoint directory")
+    qz.add_argument("-o", "--output", required=True, help="checkpoint directory")
+    qz.set_defaults(func=cmd_quantize)
+
+    g = sub.add_parser("generate", help="generate text with a packed checkpoint")
+    g.add_argument("checkpoint")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    g.add_argument("--seed", type=int, default=0)
+    g.set_defaults(func=cmd_generate)
 
     rp = sub.add_parser("report", help="write report.html for a run directory")
     rp.add_argument("run_dir")
