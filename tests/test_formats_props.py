@@ -69,7 +69,7 @@ def element_grid(fmt, q):
         scale = grid_levels(GRIDS["fp8_e4m3"], torch.device("cpu"))[q.scales.long()] * q.tensor_scale
         levels = fmt.levels()
     scale = expand(scale, shape, g, per_tensor)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # NVFP4 zero blocks: all codes 0
+    scale = torch.where(scale != 0, scale, torch.ones_like(scale))  # NVFP4 zero blocks: all codes 0
     levels = torch.unique(levels[torch.isfinite(levels)])  # sorted
     return scale, offset, levels
 
@@ -112,17 +112,18 @@ def test_nearest_rounding_within_half_step(spec, shape):
     y = w / scale + offset  # element units
     nearest, half = nearest_and_half_step(y, levels)
     err = (w - fq).abs()
-    tol = 1e-6 * (y.abs() + 1) * scale + 1e-30  # float32 rounding of w / scale
+    step = scale.abs()  # symmetric INT scales carry a sign
+    tol = 1e-6 * (y.abs() + 1) * step + 1e-30  # float32 rounding of w / scale
     inside = torch.isfinite(half)
-    assert torch.all(err[inside] <= half[inside] * scale[inside] + tol[inside])
+    assert torch.all(err[inside] <= half[inside] * step[inside] + tol[inside])
     if not getattr(fmt, "mse", False):
-        assert torch.all(err <= nearest * scale + tol)
+        assert torch.all(err <= nearest * step + tol)
     if isinstance(fmt, (IntFormat, GridFormat)) and not fmt.mse:
         # the scale maps amax onto the grid's end; only float16 rounding of it (2**-11
         # relative) can push an element past the end. (MX and NVFP4 saturate by design.)
         # (asym: the zero point is rounded, so the range may sit up to half a step off.)
-        # symmetric INT maps amax to qmax + 1/2 by design: half a step past the positive end
-        slack = levels.abs().max() * 2.0**-10 + (0.5 if isinstance(fmt, IntFormat) else 0)
+        # symmetric INT: the signed extreme sits on the extra level; the far side may lie one step out
+        slack = levels.abs().max() * 2.0**-10 + ((1.0 if not fmt.asym else 0.5) if isinstance(fmt, IntFormat) else 0)
         assert torch.all((y >= levels[0] - slack) & (y <= levels[-1] + slack))
 
 
@@ -256,11 +257,12 @@ def test_hypothesis_shapes_and_magnitudes(spec, rows, cols, log_scale, seed):
     y = w / scale + offset
     nearest, half = nearest_and_half_step(y, levels)
     err = (w - fq).abs()
-    tol = 1e-6 * (y.abs() + 1) * scale + 1e-30
+    step = scale.abs()  # symmetric INT scales carry a sign
+    tol = 1e-6 * (y.abs() + 1) * step + 1e-30
     inside = torch.isfinite(half)
-    assert torch.all(err[inside] <= half[inside] * scale[inside] + tol[inside])
+    assert torch.all(err[inside] <= half[inside] * step[inside] + tol[inside])
     if not getattr(fmt, "mse", False):
-        assert torch.all(err <= nearest * scale + tol)
+        assert torch.all(err <= nearest * step + tol)
 
 
 @pytest.mark.gpu

@@ -4,8 +4,8 @@ GPTQ rounds each group onto a grid fixed before the group is updated, so its out
 `(c - offset) * s` for a float16 step `s` per group, but the largest value of a group need
 not sit on the step that `IntFormat.quantize` would choose for it: re-quantizing by the
 format's own rule moves such groups. Here each group's step is found from the weight itself:
-with d the group's largest magnitude, d = n * s for an integer n in 1..2**k, so s is one of
-d / n; the largest candidate that is an exact float16 value (>= 2**-14, the scale floor) and
+with d the group's largest magnitude, d = n * |s| for an integer n in 1..2**k, so s is one of
++-d / n (symmetric steps carry a sign); the largest candidate that is an exact float16 value (>= 2**-14, the scale floor) and
 puts every element of the group on an in-range integer code is taken. The result is checked
 bit for bit by the caller. The arithmetic is exact: s has 11 significant bits and |n| <= 255,
 so n * s and d / n are exact in float32.
@@ -36,11 +36,13 @@ def int_qtensor_on_grid(fmt: IntFormat, w: torch.Tensor, start: QTensor) -> QTen
     d = x.abs().amax(-1)  # (R, G)
     todo = bad & (d > 0)
     n_max = top if fmt.asym else 2 ** (k - 1)
-    for n in range(1, n_max + 1):
+    # Symmetric INT steps carry a sign (the extreme sits on level -2**(k-1)): try both.
+    candidates = [(n, sign) for n in range(1, n_max + 1) for sign in ((1,) if fmt.asym else (1, -1))]
+    for n, sign in candidates:
         if not bool(todo.any()):
             break
-        s = d / n  # (R, G)
-        ok = todo & (s.half().float() == s) & (s >= FP16_SCALE_MIN)
+        s = sign * d / n  # (R, G)
+        ok = todo & (s.half().float() == s) & (s.abs() >= FP16_SCALE_MIN)
         s3 = torch.where(ok, s, torch.ones_like(s)).unsqueeze(-1)
         q = torch.round(x / s3)  # (R, G, g)
         ok &= (q * s3 == x).all(-1)

@@ -115,8 +115,9 @@ def round_columns(fmt: Format, x: torch.Tensor, step: torch.Tensor | None,
     if isinstance(fmt, PlainFormat):
         return x.to(fmt.dtype).float()
     x = x.float()
-    safe = torch.where(step > 0, step, torch.ones_like(step))
-    y = torch.where(step > 0, x / safe, torch.zeros_like(x))  # NVFP4: a zero block scale rounds to 0
+    # NVFP4: a zero block scale rounds to 0; symmetric INT steps carry a sign.
+    safe = torch.where(step != 0, step, torch.ones_like(step))
+    y = torch.where(step != 0, x / safe, torch.zeros_like(x))
     return _elements(fmt, y, zero) * step
 
 
@@ -129,7 +130,7 @@ def fake_quant_with(fmt: Format, w: torch.Tensor, params: GroupParams | None) ->
     x = to_groups(w.float(), gs)  # (R, G, g)
     step = params.step.unsqueeze(-1)  # (R, G, 1)
     zero = None if params.zero is None else params.zero.unsqueeze(-1)
-    safe = torch.where(step > 0, step, torch.ones_like(step))
-    y = torch.where(step > 0, x / safe, torch.zeros_like(x))
+    safe = torch.where(step != 0, step, torch.ones_like(step))
+    y = torch.where(step != 0, x / safe, torch.zeros_like(x))
     values = _elements(fmt, y, zero) * step
     return from_groups(values, tuple(w.shape), gs)

@@ -114,22 +114,27 @@ def supports(layout: PackedLayout, x: torch.Tensor) -> bool:
 
 def preferred(layout: PackedLayout, x: torch.Tensor) -> bool:
     """Whether `kernels.qmatmul` should try this kernel first: where it is supported, unless
-    its build already failed, and only with MIXQ_CUDA_GEMV=1 for now: the kernel has not yet
-    been run on a GPU (bench/KERNEL_NOTES.md, 2026-11-26); once bench/bench_gemv.py shows it
-    correct and faster than Triton, drop the environment test."""
-    return os.environ.get("MIXQ_CUDA_GEMV") == "1" and _error is None and supports(layout, x)
+    its build already failed or MIXQ_CUDA_GEMV=0. On the H100 (bench/KERNEL_NOTES.md,
+    2026-11-26) it passed every GPU test and matched or beat the Triton GEMV at batch 1-8."""
+    return os.environ.get("MIXQ_CUDA_GEMV", "1") != "0" and _error is None and supports(layout, x)
 
 
 def pick_config(m: int, layout: PackedLayout, n_sms: int = 132) -> GemvConfig:
-    """Launch shape from the H100 sweep in bench/KERNEL_NOTES.md: enough warps in flight
-    (tiles x warps >= ~16 per SM) while each warp keeps >= 4 chunks of 128 inputs."""
+    """Launch shape: the fastest configuration of the H100 sweep (bench/bench_gemv.py,
+    2026-11-26) for each measured Llama-3-8B shape and batch 1/8 — two row tiles per warp and
+    16 warps for 4096-row outputs, 4 warps (2 for the 128256-row head past batch 4) for taller
+    ones, one row tile for tall batch-1 MLP matrices."""
     n, k = layout.out_features, layout.in_features
-    row_tiles = 1
-    tiles = -(-n // (16 * row_tiles))
+    if n <= 4096:
+        warps = 16
+    elif n > 65536 and m > 4:
+        warps = 2
+    else:
+        warps = 4
     chunks = -(-k // 128)
-    warps = 1
-    while warps < 16 and tiles * warps < 32 * n_sms and chunks >= 8 * warps:
-        warps *= 2
+    while warps > 1 and chunks < warps:  # every warp keeps at least one chunk of 128 inputs
+        warps //= 2
+    row_tiles = 1 if (m == 1 and k < n <= 65536) else 2
     return GemvConfig(row_tiles=row_tiles, unroll=1, warps=warps)
 
 
