@@ -12,7 +12,7 @@ from mixq.apply import check_finite, fake_quantized, is_plain_rtn, plan_needs_ca
 from mixq.artifacts import sha256_text
 from mixq.errors import MixqError
 from mixq.models import DEFAULT_MODEL, LoadedModel, get_weight, load_model
-from mixq.plan import Plan
+from mixq.plan import Plan, parse_option
 from mixq.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -183,7 +183,7 @@ def calibration_data(loaded: LoadedModel, calib: str | None = None, samples: int
     return (images[:n], labels[:n]), f"cifar10-calib: first {n} of {images.shape[0]} images"
 
 
-def analyze(model: str | LoadedModel = DEFAULT_MODEL, candidates=DEFAULT_CANDIDATES, method: str = "output",
+def analyze(model: str | LoadedModel = DEFAULT_MODEL, candidates=DEFAULT_CANDIDATES, method: str = "fisher",
             calib: str | None = None, samples: int = 8, seqlen: int = 512, seed: int = 0,
             include_head: bool = False, measure_cost: bool = True, progress: Progress | None = None,
             **method_opts):
@@ -197,10 +197,22 @@ def analyze(model: str | LoadedModel = DEFAULT_MODEL, candidates=DEFAULT_CANDIDA
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     units = loaded.units(include_head=include_head)
     data, description = calibration_data(loaded, calib, samples, seqlen, seed)
+    if loaded.kind == "image_classifier":
+        # Images are small: batches of 64 (the Fisher is then over per-batch gradients of 64).
+        method_opts.setdefault("batch_size", 64)
+    if any(o.quantizer != "rtn" or o.transforms for o in map(parse_option, candidates)):
+        # Candidates with GPTQ/rotation/smoothing: their weights come from per-unit
+        # statistics of one float capture pass on the same calibration data.
+        from mixq.calibrate import quantize_fn_for_sensitivity
+
+        if loaded.kind != "causal_lm":
+            raise MixqError("candidates with gptq/rotate/smooth/lowrank are supported for causal LMs only")
+        method_opts["quantize_fn"] = quantize_fn_for_sensitivity(loaded.model, units, data, seed=seed,
+                                                                 progress=progress)
     table = run_analysis(loaded.model, units, list(candidates), method, data, seed=seed, model_name=loaded.name,
                          calib_description=description, progress=progress, **method_opts)
     if measure_cost:
-        fb = fwd_bwd_seconds(loaded.model, data)
+        fb = fwd_bwd_seconds(loaded.model, data, batch_size=method_opts.get("batch_size", 1))
         table.timing["fwd_bwd_s"] = fb
         table.timing["ratio_to_fwd_bwd"] = table.timing["wall_s"] / fb
     return table

@@ -57,7 +57,7 @@ def _rank_check(predicted: list[float], measured: list[float]) -> dict:
 
 
 def run(model: str | LoadedModel = DEFAULT_MODEL, budget_bpw: float = 3.5, out_dir: str | Path = "runs/default",
-        candidates=api.DEFAULT_CANDIDATES, method: str = "output", calib: str | None = None, samples: int = 8,
+        candidates=api.DEFAULT_CANDIDATES, method: str = "fisher", calib: str | None = None, samples: int = 8,
         seqlen: int = 512, eval_data: str | None = None, eval_windows: int = 8, n_checks: int = 5, seed: int = 0,
         ties: list[str] | None = None, progress: Progress | None = None) -> dict:
     """Run the whole pipeline; returns a summary and leaves in `out_dir`: sensitivity.json,
