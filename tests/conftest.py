@@ -84,3 +84,19 @@ def char_encode():
         return [b % 128 for b in text.encode()]
 
     return encode
+
+
+@pytest.fixture()
+def tiny_loaded(tiny_llama, char_encode):
+    """The tiny Llama wrapped as a LoadedModel with the byte-level encoder."""
+    from mixq.models import LoadedModel
+
+    return LoadedModel(name="tiny", kind="causal_lm", model=tiny_llama, source="fixture", encode=char_encode)
+
+
+@pytest.fixture()
+def text_file(tmp_path):
+    """A small repetitive text file for windows and calibration in tests."""
+    p = tmp_path / "text.txt"
+    p.write_text(" ".join(f"word{i % 37} and {i % 11}" for i in range(3000)))
+    return p

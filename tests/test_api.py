@@ -12,19 +12,6 @@ from mixq.errors import DataError, FormatError
 from mixq.models import LoadedModel
 
 
-@pytest.fixture()
-def tiny_loaded(tiny_llama, char_encode):
-    return LoadedModel(name="tiny", kind="causal_lm", model=tiny_llama, source="fixture", encode=char_encode)
-
-
-@pytest.fixture()
-def text_file(tmp_path):
-    p = tmp_path / "text.txt"
-    torch.manual_seed(0)
-    p.write_text(" ".join(f"word{i % 37} and {i % 11}" for i in range(2000)))
-    return p
-
-
 def test_evaluate_orders_formats_by_damage(tiny_loaded, text_file):
     before = {k: v.clone() for k, v in tiny_loaded.model.state_dict().items()}
     res = api.evaluate(tiny_loaded, formats=["int8:ch", "int2:g32"], data=str(text_file), seqlen=32, windows=4)

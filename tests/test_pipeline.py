@@ -7,23 +7,10 @@ import torch
 
 from mixq import api
 from mixq.errors import ArtifactError, BudgetError, MixqError
-from mixq.models import LoadedModel
 from mixq.pipeline import check_points, closest_uniform, run
 from mixq.planner import expand_pattern, tie_groups
 
 CANDS = ["int2:g32", "int4:g32", "int8:ch"]
-
-
-@pytest.fixture()
-def tiny_loaded(tiny_llama, char_encode):
-    return LoadedModel(name="tiny", kind="causal_lm", model=tiny_llama, source="fixture", encode=char_encode)
-
-
-@pytest.fixture()
-def text_file(tmp_path):
-    p = tmp_path / "text.txt"
-    p.write_text(" ".join(f"word{i % 37} and {i % 11}" for i in range(3000)))
-    return p
 
 
 @pytest.fixture()

@@ -5,15 +5,8 @@ from __future__ import annotations
 import torch
 
 from mixq.errors import DataError, MixqError
+from mixq.eval.common import model_device
 from mixq.models.load import LoadedModel
-
-
-def _device(model: torch.nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
 
 
 @torch.no_grad()
@@ -29,7 +22,7 @@ def generate_ids(model: torch.nn.Module, ids: list[int] | torch.Tensor, max_new_
         raise DataError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
     if not hasattr(model, "generate"):
         raise MixqError(f"generate: a {type(model).__name__} is not a Hugging Face generation model")
-    device = _device(model)
+    device = model_device(model)
     prompt = prompt.to(device)
     kwargs = {"max_new_tokens": int(max_new_tokens), "do_sample": not greedy,
               "attention_mask": torch.ones_like(prompt)}

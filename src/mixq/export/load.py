@@ -23,7 +23,8 @@ from mixq.export import arch as arch_mod
 from mixq.export.layout import (CHECKPOINT_KIND, CHECKPOINT_SCHEMA, META_FILE, PLAN_FILE, slice_name,
                                 stream_bytes, unit_from_dict)
 from mixq.formats import QTensor
-from mixq.export.streams import kernel_weights, unpack_streams
+from mixq.export.streams import kernel_weights
+from mixq.formats.packing import unpack_qtensor
 from mixq.models.load import LoadedModel
 from mixq.models.units import Unit, set_weight
 from mixq.nn.swap import swap_in_quant_modules
@@ -96,7 +97,7 @@ def _unit_qtensors(tensors: dict[str, torch.Tensor], doc: dict, folder: Path,
             if got != expected:
                 raise ArtifactError(f"checkpoint {folder}: unit {name!r} ({fmt} {shape}) has streams {got} bytes, "
                                     f"its format needs {expected}")
-            out[name] = unpack_streams(streams, fmt, shape)
+            out[name] = unpack_qtensor(streams, fmt, shape)
             if prepacked is not None and u["kind"] == "linear":
                 kw = kernel_weights(out[name], streams["codes"], fmt)
                 if kw is not None:

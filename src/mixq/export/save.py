@@ -28,7 +28,7 @@ from mixq.export.layout import (CHECKPOINT_KIND, CHECKPOINT_SCHEMA, META_FILE, P
                                 slice_name, stream_bytes, stream_name, unit_to_dict)
 from mixq.export.regrid import int_qtensor_on_grid
 from mixq.formats import IntFormat, QTensor
-from mixq.export.streams import pack_streams
+from mixq.formats.packing import pack_qtensor
 from mixq.models.load import LoadedModel
 from mixq.models.units import Unit, get_weight
 from mixq.nn.qlinear import QuantLinear
@@ -203,7 +203,7 @@ def save_quantized(model: LoadedModel | nn.Module, units: list[Unit], plan: Plan
             w = weights[u.name] if given else get_weight(net, u)
             q = unit_qtensor(u, opt, w, given=given)
             fmt = formats.parse(q.fmt)
-            streams = pack_streams(q, fmt)
+            streams = pack_qtensor(q, fmt)
             expected = stream_bytes(fmt, u.shape)
             got = {k: s.numel() for k, s in streams.items()}
             if got != expected:  # the format's layout and its packer disagree: a bug, not bad input
