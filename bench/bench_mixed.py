@@ -31,7 +31,7 @@ LM_BUDGETS = [2.5, 3.0, 3.25, 3.5, 4.25]
 FP_BUDGETS = [4.5, 5.5]
 CNN_CANDS = ["int2:ch", "int3:ch", "int4:ch", "int8:ch"]
 CNN_BUDGETS = [3.0, 4.0]
-METHOD_OPTS = {"eigen": {"max_iters": 8}, "hutchinson": {"max_probes": 16}}
+METHOD_OPTS = {"eigen": {"max_iters": 8}, "hutchinson": {"max_probes": 8}}
 
 
 def md_table(headers, rows) -> str:
