@@ -83,7 +83,8 @@ def eval_table(result: dict) -> str:
 def _task_acc(scores: dict | None):
     if not scores:
         return None
-    return scores.get("acc_norm", scores.get("acc"))
+    norm = scores.get("acc_norm")
+    return norm if norm is not None else scores.get("acc")
 
 
 # ---------------------------------------------------------------- commands

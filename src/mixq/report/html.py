@@ -107,7 +107,7 @@ def _figures_table(ev: dict) -> str:
         tasks = ev.get("tasks", [])
         headers = ["model", "bpw blocks", "bpw all", "ppl", "KL", "top-1 agree"] + tasks
         body = [[r["label"], r["bpw_blocks"], r["bpw_all"], r["ppl"], r["kl"], r["top1_agree"]]
-                + [(r["tasks"].get(t) or {}).get("acc_norm") or (r["tasks"].get(t) or {}).get("acc") for t in tasks]
+                + [_task_score(r["tasks"].get(t)) for t in tasks]
                 for r in rows]
         cap = (f"{ev['data']}: {ev['n_windows']} windows x {ev['seqlen']} tokens = {ev['n_tokens']} scored tokens; "
                "bpw all counts embeddings, head and norms at 16 bits unless quantized.")
@@ -116,6 +116,13 @@ def _figures_table(ev: dict) -> str:
         body = [[r["label"], r["bpw_units"], r["bpw_all"], 100 * r["top1"]] for r in rows]
         cap = f"{ev['data']}: {ev['n_images']} images."
     return _table(headers, body) + f"<p class=note>{html.escape(cap)}</p>"
+
+
+def _task_score(scores: dict | None):
+    """acc_norm where the task has it (multiple choice), else acc (LAMBADA)."""
+    if not scores:
+        return None
+    return scores["acc_norm"] if scores.get("acc_norm") is not None else scores.get("acc")
 
 
 def _choice_table(plan: dict, by_name: dict) -> str:
