@@ -33,39 +33,36 @@ def _legend(ax, roles: list[str]) -> None:
               loc="upper left", frameon=False)
 
 
-def sensitivity_bars(units: list[dict], option: str, path: Path, title: str) -> Path:
-    """Estimated error of `option` per unit (log scale), units in model order, coloured by
-    projection type."""
+def _unit_bars(values: list[float], roles: list[str], path: Path, ylabel: str, title: str, xlabel: str,
+               log: bool, height: float) -> Path:
+    """One bar per unit in model order, coloured by projection type."""
     plt = _plt()
-    errs = [max(next(o["error"] for o in u["options"] if o["option"] == option), 1e-30) for u in units]
-    roles = [u["role"] for u in units]
-    fig, ax = plt.subplots(figsize=(max(8, len(units) * 0.05), 3.6))
-    ax.bar(range(len(units)), errs, color=[_color(r) for r in roles], width=1.0)
-    ax.set_yscale("log")
-    ax.set_xlabel("unit (model order: blocks left to right)")
-    ax.set_ylabel(f"estimated error at {option}")
+    fig, ax = plt.subplots(figsize=(max(8, len(values) * 0.05), height))
+    ax.bar(range(len(values)), values, color=[_color(r) for r in roles], width=1.0)
+    if log:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     _legend(ax, roles)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def sensitivity_bars(units: list[dict], option: str, path: Path, title: str) -> Path:
+    """Estimated error of `option` per unit (log scale), units in model order, coloured by
+    projection type."""
+    errs = [max(next(o["error"] for o in u["options"] if o["option"] == option), 1e-30) for u in units]
+    return _unit_bars(errs, [u["role"] for u in units], path, f"estimated error at {option}", title,
+                      "unit (model order: blocks left to right)", log=True, height=3.6)
 
 
 def bits_per_unit(units: list[dict], bits_per_weight: list[float], path: Path, title: str) -> Path:
     """The chosen all-in bits per weight of every unit, coloured by projection type."""
-    plt = _plt()
-    roles = [u["role"] for u in units]
-    fig, ax = plt.subplots(figsize=(max(8, len(units) * 0.05), 3.2))
-    ax.bar(range(len(units)), bits_per_weight, color=[_color(r) for r in roles], width=1.0)
-    ax.set_xlabel("unit (model order)")
-    ax.set_ylabel("bits per weight (all-in)")
-    ax.set_title(title, fontsize=10)
-    _legend(ax, roles)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _unit_bars(bits_per_weight, [u["role"] for u in units], path, "bits per weight (all-in)", title,
+                      "unit (model order)", log=False, height=3.2)
 
 
 def frontier_plot(curve: list[dict], measured: list[dict], uniform: list[dict], metric: str, path: Path,
