@@ -100,3 +100,12 @@ def text_file(tmp_path):
     p = tmp_path / "text.txt"
     p.write_text(" ".join(f"word{i % 37} and {i % 11}" for i in range(3000)))
     return p
+
+
+@pytest.fixture()
+def one_thread():
+    """Small tensor ops: one thread avoids spin contention on a shared CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -19,12 +19,7 @@ from mixq.plan import Plan, parse_option
 from mixq.quantizers import output_error
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def windows(n: int, seqlen: int, seed: int, vocab: int = 128) -> torch.Tensor:

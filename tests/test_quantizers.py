@@ -15,13 +15,7 @@ from mixq.quantizers import (fwht, gptq, hadamard_matrix, lowrank_split, output_
                              rotate_quantize, rotation, smooth_quantize, smooth_scales)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensor ops: one thread avoids spin contention on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def correlated_inputs(n: int = 2048, cols: int = 256, rank: int = 16, seed: int = 0) -> torch.Tensor:

@@ -128,3 +128,20 @@ def check_qtensor(q, fmt) -> None:
     """Raise FormatError when a QTensor was not made by `fmt`."""
     if q.fmt != str(fmt):
         raise FormatError(f"QTensor of format {q.fmt!r} given to format {str(fmt)!r}")
+
+
+def group_ratio(fmt, x: torch.Tensor) -> float | torch.Tensor:
+    """The clip ratio of each group of x (R, G, g) for a per-group format with an
+    `_encode(x, ratio, with_codes)` whose values are its second result: 1 unless the format
+    has `:mse`, then the MSE-optimal ratio per group."""
+    if not fmt.mse:
+        return 1.0
+    return best_clip_ratio(x, lambda r: fmt._encode(x, r, with_codes=False)[1])
+
+
+def group_fake_quant(fmt, w: torch.Tensor) -> torch.Tensor:
+    """Quantize-dequantize a 2-D weight with a per-group format (INT-k, scaled FP, NF4)."""
+    check_weight(w)
+    x = to_groups(w.float(), fmt.group_size)  # (R, G, g)
+    values = fmt._encode(x, group_ratio(fmt, x), with_codes=False)[1]
+    return from_groups(values, tuple(w.shape), fmt.group_size).to(w.dtype)

@@ -32,7 +32,7 @@ import torch
 
 from mixq.errors import FormatError
 from mixq.formats.base import Layout, QTensor
-from mixq.formats.grouping import (PER_TENSOR, best_clip_ratio, check_qtensor, check_weight, div,
+from mixq.formats.grouping import (PER_TENSOR, check_qtensor, check_weight, div, group_fake_quant, group_ratio,
                                    fp16_scale, from_groups, granularity_str, group_len,
                                    scales_shape, to_groups)
 
@@ -105,17 +105,12 @@ class IntFormat:
         return (c.to(torch.uint8) if with_codes else None), values, scale, zero
 
     def _ratio(self, x: torch.Tensor) -> float | torch.Tensor:
-        if not self.mse:
-            return 1.0
-        return best_clip_ratio(x, lambda r: self._encode(x, r, with_codes=False)[1])
+        return group_ratio(self, x)
 
     # -- the Format contract ----------------------------------------------------------------
 
     def fake_quant(self, w: torch.Tensor) -> torch.Tensor:
-        check_weight(w)
-        x = to_groups(w.float(), self.group_size)  # (R, G, g)
-        _, values, _, _ = self._encode(x, self._ratio(x), with_codes=False)
-        return from_groups(values, tuple(w.shape), self.group_size).to(w.dtype)
+        return group_fake_quant(self, w)
 
     def quantize(self, w: torch.Tensor) -> QTensor:
         check_weight(w)
