@@ -4,6 +4,9 @@
     # evaluation = first N windows of WikiText-2 test (token_windows)
     PYTHONPATH=src python3 bench/bench_quantizers.py make-windows --out windows.pt --calib 128 --eval 40 --seqlen 512
     PYTHONPATH=src python3 bench/bench_quantizers.py run --windows windows.pt [--gguf model.gguf] --configs int3:g128,int3:g128+gptq ...
+    # the mixed planner at given budgets, with RTN candidates only vs with GPTQ/rotation
+    # candidates too (one Fisher table over all candidates; the RTN-only plans use its RTN rows)
+    PYTHONPATH=src python3 bench/bench_quantizers.py plan --windows windows.pt [--gguf model.gguf] --budgets 3.0,3.5
 """
 import argparse, copy, json, os, sys, time
 
@@ -85,6 +88,65 @@ def run(a):
                 json.dump({"config": spec, **man.to_dict()}, f)
 
 
+def plan_bench(a):
+    """Fisher sensitivity over RTN and calibrated candidates (once), plans per budget with and
+    without the calibrated candidates, each applied (sequential GPTQ on the calibration
+    windows) and evaluated."""
+    from collections import Counter
+
+    from mixq.accounting import bit_totals
+    from mixq.calibrate import quantize_fn_for_sensitivity, quantize_model
+    from mixq.eval.perplexity import FloatReference, lm_eval
+    from mixq.models.enumerate import llm_units
+    from mixq.planner import make_plan
+    from mixq.sensitivity import analyze
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    w = torch.load(a.windows)
+    calib, ev = w["calib"][: a.n_calib], w["eval"][: a.n_eval]
+    model = load(a, device)
+    units = llm_units(model)
+    all_units = llm_units(model, include_head=True, include_embeddings=True)
+    n_params = sum(p.numel() for p in model.parameters())
+    float_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    rtn = a.rtn.split(",")
+    extra = a.extra.split(",")
+    out = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "desc": w["desc"],
+           "rtn_candidates": rtn, "extra_candidates": extra, "n_sens_windows": a.sens_windows,
+           "n_stats_windows": a.stats_windows, "n_calib": int(calib.shape[0]), "eval": list(ev.shape), "rows": []}
+    t0 = time.perf_counter()
+    qfn = quantize_fn_for_sensitivity(model, units, calib[: a.stats_windows], batch_size=a.batch_size)
+    table = analyze(model, units, rtn + extra, "fisher", calib[: a.sens_windows].to(device), quantize_fn=qfn,
+                    model_name="smollm2-135m", calib_description=w["desc"])
+    out["analysis_s"] = time.perf_counter() - t0
+    print(json.dumps({"analysis_s": out["analysis_s"]}), flush=True)
+    if os.environ.get("OUT"):
+        table.save(os.path.join(os.environ["OUT"], "sens_options_fisher.json"))
+    rows = table.to_rows()
+    ref = FloatReference(model, ev, copy_model=False)
+    out["float_ppl"] = ref.metrics()["ppl"]
+    for budget in [float(b) for b in a.budgets.split(",")]:
+        for label, keep in (("rtn only", set(rtn)), ("with gptq/rotate", set(rtn + extra))):
+            sub = [r for r in rows if r[1] in keep]
+            plan, sol = make_plan(table.model, table.units_info, sub, budget)
+            model.load_state_dict(float_state)
+            t1 = time.perf_counter()
+            man = quantize_model(model, units, plan, calib, batch_size=a.batch_size)
+            qs = time.perf_counter() - t1
+            m = lm_eval(model, ev, reference=ref)
+            row = {"budget": budget, "candidates": label, "kl": m["kl"], "ppl": m["ppl"],
+                   "predicted": sol.total_error, "quant_s": qs,
+                   "choices": dict(Counter(str(o) for o in plan.options.values()).most_common()),
+                   **{k: v for k, v in bit_totals(plan, all_units, n_params).items() if "bpw" in k}}
+            out["rows"].append(row)
+            print(json.dumps(row), flush=True)
+            if os.environ.get("OUT"):
+                plan.save(os.path.join(os.environ["OUT"], f"plan_{budget:g}_{'opts' if 'gptq' in label else 'rtn'}.json"))
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "plan_bench.json"), "w") as f:
+            json.dump(out, f, indent=1)
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -95,5 +157,13 @@ if __name__ == "__main__":
     r.add_argument("--windows", required=True); r.add_argument("--gguf", default=None)
     r.add_argument("--configs", required=True); r.add_argument("--n-calib", type=int, default=128)
     r.add_argument("--batch-size", type=int, default=8); r.add_argument("--n-eval", type=int, default=40); r.add_argument("--threads", type=int, default=0)
+    q = sub.add_parser("plan")
+    q.add_argument("--windows", required=True); q.add_argument("--gguf", default=None)
+    q.add_argument("--budgets", default="3.0,3.5"); q.add_argument("--n-calib", type=int, default=128)
+    q.add_argument("--n-eval", type=int, default=40); q.add_argument("--batch-size", type=int, default=8)
+    q.add_argument("--sens-windows", type=int, default=8, help="windows for the Fisher pass")
+    q.add_argument("--stats-windows", type=int, default=32, help="windows for the per-unit GPTQ statistics of the analysis")
+    q.add_argument("--rtn", default="int2:g64,int3:g64,int4:g64,int8:ch")
+    q.add_argument("--extra", default="int2:g64+gptq+rotate,int3:g64+gptq+rotate,int4:g64+gptq+rotate")
     a = p.parse_args()
-    make_windows(a) if a.cmd == "make-windows" else run(a)
+    {"make-windows": make_windows, "run": run, "plan": plan_bench}[a.cmd](a)

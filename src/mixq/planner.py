@@ -80,6 +80,43 @@ def build_problem(table_units: list[dict], rows: list[tuple[str, str, int, float
     return Problem(units, tie_groups(table_units, ties or []), pins, min_bits, max_bits)
 
 
+SPIKE_RULES = ("keep", "rotate")
+
+
+def spike_rule(rows: list[tuple[str, str, int, float]], units: list[dict], spiky: list[str], rule: str,
+               keep: dict[str, str] | None = None) -> tuple[list, dict[str, str]]:
+    """Apply the spike-aware rule to the units flagged as spiky (see
+    `mixq.sensitivity.spiky_units`): returns (rows, keep) for `build_problem`.
+
+    rule "keep": a spiky unit may only take an option of 8 or more bits per weight (the solver
+    picks among them, e.g. int8:ch or fp8); "rotate": an option with a rotation (`+rotate`)
+    or of 8 or more bits, so the solver weighs "int4 with GPTQ and rotation" against "keep
+    at 8 bits"; any other text is an option every spiky unit is pinned to ('int8:ch')."""
+    keep = dict(keep or {})
+    spiky_set = set(spiky)
+    if not spiky_set:
+        return rows, keep
+    if rule not in SPIKE_RULES:
+        opt = str(parse_option(rule))  # FormatError names a bad option
+        for name in spiky:
+            keep[name] = opt
+        return rows, keep
+    n_params = {u["name"]: int(u["n_params"]) for u in units}
+
+    def allowed(unit: str, opt: str, bits: int) -> bool:
+        wide = bits >= 8 * n_params[unit]
+        return wide or (rule == "rotate" and "rotate" in parse_option(opt).transforms)
+
+    out = [r for r in rows if r[0] not in spiky_set or allowed(r[0], r[1], r[2])]
+    stuck = [u for u in spiky if not any(r[0] == u for r in out)]
+    if stuck:
+        need = "an option with +rotate or of 8+ bits" if rule == "rotate" else "an option of 8+ bits"
+        raise MixqError(f"spike rule {rule!r}: unit(s) {', '.join(stuck[:3])} have no candidate that is {need}; "
+                        "analyse with such candidates (e.g. int8:ch, int4:g64+gptq+rotate) or pin one with "
+                        "--spikes OPTION")
+    return out, keep
+
+
 def plan_from_solution(model: str, table_units: list[dict], sol: Solution, meta: dict) -> Plan:
     shapes = {u["name"]: (int(u["shape"][0]), int(u["shape"][1])) for u in table_units}
     options = {n: parse_option(sol.choice[n]) for n in shapes}

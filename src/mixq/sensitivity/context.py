@@ -141,8 +141,12 @@ class Context:
     seed: int
     progress: Progress | None
     quantize_fn: QuantizeFn = rtn_quantize
+    # gram(unit) -> the unit's input Hessian (in, in) or None; when given, `deltas` records
+    # every option's output error tr(ΔW H ΔWᵀ) in `output_errors[(unit name, option)]`
+    gram: Callable[[Unit], torch.Tensor | None] | None = None
     # deterministic pass counts, in units of one pass over the whole calibration set
     cost: dict = field(default_factory=dict)
+    output_errors: dict = field(default_factory=dict)
 
     def batches(self, batch_size: int) -> list[Batch]:
         """Micro-batches on the model's device."""
@@ -160,9 +164,14 @@ class Context:
         """(option, ΔW = Q(W) - W (out, in) float32) for every candidate option."""
         with torch.no_grad():
             w = get_weight(self.model, unit).detach()
+            H = self.gram(unit) if self.gram is not None else None
             for opt in self.options:
                 w_hat = self.quantize_fn(unit, w, opt)
-                yield opt, (w_hat.float() - w.float())  # (out, in)
+                dw = w_hat.float() - w.float()  # (out, in)
+                if H is not None:
+                    H = H.to(dw.device, torch.float64)
+                    self.output_errors[(unit.name, str(opt))] = float(((dw.double() @ H) * dw.double()).sum())
+                yield opt, dw
 
 
 def parse_candidates(candidates: list[str]) -> list[Option]:
