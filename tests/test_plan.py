@@ -27,6 +27,17 @@ def test_lowrank_bits_count(tiny_llama):
     o = parse_option("int4:g64+lowrank:8")
     shape = (64, 128)
     assert o.bits(shape) == o.fmt.bits(shape) + 16 * 8 * (64 + 128)
+    # the rank is capped at min(out, in), as quantize_unit caps it
+    assert parse_option("int4:g64+lowrank:100").bits(shape) == o.fmt.bits(shape) + 16 * 64 * (64 + 128)
+
+
+def test_transform_bits_count():
+    """Smoothing scales are stored as one float32 per input channel; a rotation is a seed."""
+    shape = (64, 128)
+    fmt_bits = parse_option("int4:g64").bits(shape)
+    assert parse_option("int4:g64+smooth").bits(shape) == fmt_bits + 32 * 128
+    assert parse_option("int4:g64+rotate").bits(shape) == fmt_bits
+    assert parse_option("int4:g64+gptq+smooth+rotate+lowrank:8").bits(shape) == fmt_bits + 32 * 128 + 16 * 8 * 192
 
 
 def test_plan_save_load_and_mismatch(tiny_llama, tmp_path):

@@ -172,6 +172,9 @@ class Manifest:
     warnings: list[str] = field(default_factory=list)
     wall_s: float = 0.0
     timing: dict = field(default_factory=dict)
+    # unit -> TransformedWeight (Q(E), s, rotation, L, R) of each unit quantized with transforms,
+    # kept (on the CPU) only with quantize_model(keep_transformed=True); in memory, not in to_dict
+    transformed: dict | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict:
         return {"schema_version": MANIFEST_SCHEMA, "seed": self.seed, "sequential": self.sequential,
@@ -284,6 +287,8 @@ class _Applier:
         except MixqError as e:
             raise type(e)(f"unit {unit.name!r} (shape {tuple(w.shape)}), option {used}: {e}") from e
         set_weight(self.model, unit, w_hat)
+        if self.manifest.transformed is not None and info.transformed is not None:
+            self.manifest.transformed[unit.name] = info.transformed.to("cpu")
         rec = info.to_dict()
         rec.update({"planned": str(opt), "n_tokens": stats.n_tokens if stats is not None else 0,
                     "fallback": str(fallback) if fallback is not None else None})
@@ -296,7 +301,7 @@ class _Applier:
 def quantize_model(model: nn.Module, units: list[Unit], plan: Plan, calib_ids: torch.Tensor | None = None, *,
                    progress: Progress | None = None, seed: int = 0, batch_size: int = 8, block_size: int = 128,
                    damp: float = 0.01, act_order: bool = True, smooth_grid: int = 20,
-                   true_sequential: bool = True) -> Manifest:
+                   true_sequential: bool = True, keep_transformed: bool = False) -> Manifest:
     """Quantize every planned unit of `model` in place with its option (see the module
     docstring) and return the manifest. `calib_ids` (n_windows, seqlen) LongTensor is needed
     when some option needs calibration (gptq, smooth); `batch_size` windows run through a
@@ -305,7 +310,9 @@ def quantize_model(model: nn.Module, units: list[Unit], plan: Plan, calib_ids: t
     smooth_grid to the smoothing search. `true_sequential` calibrates a block's units in
     stages (q/k/v, then o, then gate/up, then down for Llama), each on the inputs the
     block's already-quantized earlier stages produce (one block pass per stage); off, every
-    unit of a block is calibrated on one pass of the float-weight block."""
+    unit of a block is calibrated on one pass of the float-weight block. `keep_transformed`
+    keeps, in `manifest.transformed`, what a packed checkpoint stores of each unit with
+    transforms (its quantized transformed weight Q(E), s, rotation, L and R)."""
     t_start = time.perf_counter()
     plan.check_against(units)
     planned = [u for u in units if u.name in plan.options and u.tied_to is None]
@@ -317,6 +324,7 @@ def quantize_model(model: nn.Module, units: list[Unit], plan: Plan, calib_ids: t
     manifest = Manifest(seed=int(seed), sequential=sequential,
                         calibration=_calibration_record(calib_ids if sequential else None),
                         settings={**opts, "batch_size": batch_size, "true_sequential": true_sequential})
+    manifest.transformed = {} if keep_transformed else None
     applier = _Applier(model, plan, manifest, seed, opts)
     was_training = model.training
     model.eval()

@@ -40,13 +40,17 @@ class Option:
         return formats.parse(self.format)
 
     def bits(self, shape: tuple[int, int]) -> int:
-        """All-in bits of the unit under this option (format bits; transforms that store
-        extra tensors, such as a low-rank branch, add theirs)."""
+        """All-in bits of the unit under this option: the format's bits plus what transforms
+        store beside the codes, as a packed checkpoint writes them: a low-rank branch
+        16 r (out + in) (bf16 factors, r capped at min(out, in) as `quantize_unit` does),
+        smoothing scales 32 in (one float32 per input channel). A rotation is a seed: 0 bits."""
         extra = 0
         for t in self.transforms:
             if t.startswith("lowrank:"):
-                rank = int(t.split(":", 1)[1])
+                rank = min(int(t.split(":", 1)[1]), shape[0], shape[1])
                 extra += 16 * rank * (shape[0] + shape[1])
+            elif t == "smooth":
+                extra += 32 * shape[1]
         return self.fmt.bits(shape) + extra
 
 

@@ -5,6 +5,7 @@
     smooth_quantize(w, fmt, act_absmean, gram, grid)     -> (w_hat, info)         smooth.py
     lowrank_split(w, rank)                               -> (L, R, residual)      lowrank.py
     quantize_unit(w, option, *, H, act_absmean, seed)    -> (w_hat, UnitInfo)     unit.py
+    UnitTransforms(s, seed, block, (L, R)).to_weight(Q(E)) -> w_hat             transformed.py
 
 Round-to-nearest is the format's own `fake_quant`; MSE clip search is the format's `:mse`
 option and composes with everything here (e.g. `int3:g64:mse+gptq`).
@@ -14,8 +15,9 @@ from mixq.quantizers.gptq import GPTQInfo, gptq
 from mixq.quantizers.hadamard import Rotation, fwht, hadamard_matrix, rotate_quantize, rotation
 from mixq.quantizers.lowrank import lowrank_split
 from mixq.quantizers.smooth import output_error, smooth_quantize, smooth_scales
+from mixq.quantizers.transformed import TransformedWeight, UnitTransforms
 from mixq.quantizers.unit import UnitInfo, needs_calibration, quantize_unit
 
-__all__ = ["GPTQInfo", "Rotation", "UnitInfo", "fwht", "gptq", "hadamard_matrix", "lowrank_split",
+__all__ = ["GPTQInfo", "Rotation", "TransformedWeight", "UnitInfo", "UnitTransforms", "fwht", "gptq", "hadamard_matrix", "lowrank_split",
            "needs_calibration", "output_error", "quantize_unit", "rotate_quantize", "rotation",
            "smooth_quantize", "smooth_scales"]

@@ -30,6 +30,7 @@ from mixq.quantizers.gptq import check_hessian, gptq
 from mixq.quantizers.hadamard import rotation
 from mixq.quantizers.lowrank import lowrank_split
 from mixq.quantizers.smooth import output_error, smooth_quantize, smooth_scales
+from mixq.quantizers.transformed import TransformedWeight, UnitTransforms
 
 
 @dataclass
@@ -37,8 +38,9 @@ class UnitInfo:
     """What `quantize_unit` did; `to_dict()` is JSON-serialisable (the tensors are not in it).
 
     params: group parameters of the quantized (transformed) weight, from GPTQ; None for RTN
-    (re-derivable from the transformed weight). smooth_scales / rotation_signs / lowrank
-    factors are what a packed checkpoint would need to store besides the codes."""
+    (re-derivable from the transformed weight). `transformed`, set when the option has
+    transforms: the quantized transformed-basis weight Q(E) (on the format's grid) with s,
+    the rotation and L, R: what a packed checkpoint stores (not in `to_dict`)."""
 
     option: str
     quantizer: str
@@ -57,6 +59,7 @@ class UnitInfo:
     params: GroupParams | None = field(default=None, repr=False)
     smooth_scales: torch.Tensor | None = field(default=None, repr=False)
     lowrank: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+    transformed: TransformedWeight | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict:
         return {"option": self.option, "quantizer": self.quantizer, "transforms": list(self.transforms),
@@ -144,12 +147,10 @@ def quantize_unit(w: torch.Tensor, option: Option | str, *, H: torch.Tensor | No
 
     # 3. low-rank branch
     rank = lowrank_rank(opt)
-    branch = None
     E = W2
     if rank is not None:
         rank = min(rank, min(W2.shape))
         L, R, E = lowrank_split(W2, rank)
-        branch = L @ R
         info.rank = rank
         info.lowrank = (L, R)
 
@@ -162,12 +163,15 @@ def quantize_unit(w: torch.Tensor, option: Option | str, *, H: torch.Tensor | No
     else:
         QE = fmt.fake_quant(E)
 
-    # 5. back to the unit's basis
-    w_hat = QE if branch is None else branch + QE
-    if rot is not None:
-        w_hat = rot.apply_t(w_hat)
-    if s is not None:
-        w_hat = w_hat / s
+    # 5. back to the unit's basis: ŵ = ((L R + Q(E)) Qᵀ) diag(1/s), by the function the
+    # checkpoint loader uses too (bit-identical reconstruction from the stored Q(E))
+    if opt.transforms:
+        tf = UnitTransforms(s, int(seed) if rot is not None else None, rot.block if rot is not None else None,
+                            info.lowrank)
+        info.transformed = TransformedWeight(QE, tf)
+        w_hat = tf.to_weight(QE, rot)
+    else:
+        w_hat = QE
     if H is not None:
         info.output_error = output_error(w_hat - W, H)
         if compare_rtn:
