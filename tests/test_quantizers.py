@@ -132,6 +132,21 @@ def test_fwht_equals_dense_hadamard(n):
     assert torch.allclose(fwht(x), x @ hadamard_matrix(n, torch.float64), atol=1e-12)
 
 
+@pytest.mark.parametrize("n", [1, 2, 64, 128, 512, 4096, 32768])
+def test_fwht_kron_equals_fwht(n):
+    """The factored transform (one small matmul per Kronecker factor of H_n, <= 128 wide)
+    is the butterfly transform."""
+    from mixq.quantizers.hadamard import fwht_kron, hadamard_factors
+
+    sizes = hadamard_factors(n)
+    assert all(s <= 128 for s in sizes) and torch.tensor(sizes).prod() == n and sizes == sorted(sizes, reverse=True)
+    x = torch.randn(2, 3, n, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+    y = fwht_kron(x, [hadamard_matrix(s, torch.float64) for s in sizes])
+    assert y.shape == x.shape and torch.allclose(y, fwht(x), atol=1e-12)
+    with pytest.raises(FormatError, match="power-of-two"):
+        hadamard_factors(96)
+
+
 def test_rotation_blocks_orthogonality_and_seed():
     assert rotation(576).block == 64 and rotation(1536).block == 512 and rotation(4096).block == 4096
     rot = rotation(96, seed=3)

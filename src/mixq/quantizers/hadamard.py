@@ -58,6 +58,36 @@ def hadamard_matrix(n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return (m / math.sqrt(n)).to(dtype)
 
 
+def hadamard_factors(n: int, max_factor: int = 128) -> list[int]:
+    """Sizes (powers of two, each <= max_factor, the larger ones first) whose Sylvester
+    Hadamard matrices' Kronecker product is H_n: H_{ab} = H_a ⊗ H_b for Sylvester matrices,
+    e.g. 512 -> [128, 4], 4096 -> [64, 64]."""
+    if n < 1 or n & (n - 1):
+        raise FormatError(f"Hadamard matrices here have power-of-two sizes, got {n}")
+    k, step = n.bit_length() - 1, max_factor.bit_length() - 1
+    n_factors = max(1, -(-k // step))
+    sizes = [k // n_factors + (1 if i < k % n_factors else 0) for i in range(n_factors)]
+    return [1 << e for e in sizes]
+
+
+def fwht_kron(x: torch.Tensor, factors: list[torch.Tensor]) -> torch.Tensor:
+    """x @ (F_1 ⊗ F_2 ⊗ ...) along the last dim (of size prod(sizes)) for square factors:
+    with the orthonormal Hadamard matrices of `hadamard_factors(n)`, the transform `fwht`
+    computes, as one small matmul per factor instead of log2(n) butterfly passes (far fewer
+    kernel launches on a GPU; equal to `fwht` to float rounding). No (n, n) matrix is built.
+
+    The input viewed as (rows, s_1, ..., s_k): F_k multiplies the last axis, which then moves
+    to the front; after k steps every axis was multiplied once and the order is restored."""
+    n = x.shape[-1]
+    rows = x.numel() // n if n else 0
+    y = x.reshape(rows, n)
+    for f in reversed(factors):
+        size = f.shape[0]
+        y = (y.reshape(-1, size) @ f).reshape(rows, n // size, size)
+        y = y.transpose(1, 2).reshape(rows, n)
+    return y.reshape(x.shape)
+
+
 def hadamard_block(cols: int) -> int:
     """Largest power of two dividing cols."""
     if cols < 1:
