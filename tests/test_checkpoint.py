@@ -241,14 +241,18 @@ def test_gptq_weights_stored_exactly(tiny_llama, tmp_path):
         save_quantized(tiny_llama, llm_units(tiny_llama), plan, tmp_path / "h")
 
 
-def test_rotated_unit_refused(tiny_llama, tmp_path):
+def test_rotated_unit_needs_its_transformed_weight(tiny_llama, tmp_path):
+    """A rotated unit is stored from its quantized rotated weight (see
+    test_checkpoint_transforms.py); its weight in the unit's basis is refused."""
     from mixq.quantizers.unit import quantize_unit
 
     u = llm_units(tiny_llama)[0]
     plan = Plan("tiny", {u.name: parse_option("int4:g32+rotate")}, {u.name: u.shape})
-    w_hat, _ = quantize_unit(get_weight(tiny_llama, u).detach(), "int4:g32+rotate")
-    with pytest.raises(ArtifactError, match="rotate"):
+    w_hat, info = quantize_unit(get_weight(tiny_llama, u).detach(), "int4:g32+rotate")
+    with pytest.raises(ArtifactError, match="rotate.*keep_transformed"):
         save_quantized(tiny_llama, [u], plan, tmp_path / "r", weights={u.name: w_hat})
+    doc = save_quantized(tiny_llama, [u], plan, tmp_path / "r", transformed={u.name: info.transformed})
+    assert doc["units"][u.name]["transforms"]["rotate"]["block"] == 64
 
 
 def test_moe_round_trip(tiny_moe, tmp_path):

@@ -182,6 +182,17 @@ def test_rotation_reduces_error_with_outlier_input_columns():
         assert (w_rot - w).pow(2).sum() < 0.5 * (fmt.fake_quant(w) - w).pow(2).sum()
 
 
+def test_rotation_does_no_harm_on_incoherent_weights():
+    """Gaussian weights are already incoherent: rotating them changes the RTN error by a few
+    percent at most, either way."""
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(21))
+    for spec in ("int4:g64", "int3:g64", "int4:ch"):
+        fmt = formats.parse(spec)
+        w_rot, _ = rotate_quantize(w, fmt, seed=0)
+        plain = (fmt.fake_quant(w) - w).pow(2).sum()
+        assert 0.9 * plain < (w_rot - w).pow(2).sum() < 1.1 * plain
+
+
 def test_rotate_with_gptq_rotates_the_hessian():
     X = correlated_inputs(seed=13)
     H = 2 * X.T @ X / X.shape[0]
@@ -222,6 +233,17 @@ def test_smoothing_does_no_harm_on_uniform_activations():
 
 
 # ---------------------------------------------------------------- low rank
+
+def test_lowrank_does_no_harm_without_low_rank_structure():
+    """Without low-rank structure the branch takes a little energy off the residual: the
+    error does not grow, the gain is small."""
+    w = torch.randn(128, 256, generator=torch.Generator().manual_seed(22))
+    for spec in ("int4:g64", "int3:g64"):
+        fmt = formats.parse(spec)
+        w_hat, _ = quantize_unit(w, spec + "+lowrank:8")
+        plain = (fmt.fake_quant(w) - w).pow(2).sum()
+        assert 0.85 * plain < (w_hat - w).pow(2).sum() <= 1.01 * plain
+
 
 def test_lowrank_reduces_error_and_is_counted():
     g = torch.Generator().manual_seed(17)

@@ -268,7 +268,10 @@ def quantize(model: str | LoadedModel, out_dir: str | Path, *, plan: str | Path 
     """Quantize a model by a plan (or one option everywhere) and write a packed checkpoint.
 
     GPTQ/smoothing options are calibrated block by block on `calib`; the manifest of what was
-    done lands in the checkpoint's mixq.json. Returns that document."""
+    done lands in the checkpoint's mixq.json. Units with transforms (rotate, smooth, lowrank)
+    are stored as the codes of their quantized transformed weight with s, the rotation's
+    seed and the low-rank factors beside them, applied online when the checkpoint runs.
+    Returns that document."""
     import torch
 
     from mixq.calibrate import quantize_model
@@ -289,7 +292,8 @@ def quantize(model: str | LoadedModel, out_dir: str | Path, *, plan: str | Path 
         calib_ids = None
         if plan_needs_calibration(the_plan):
             calib_ids, _ = calibration_data(loaded, calib, calib_samples, calib_seqlen, seed)
-        manifest = quantize_model(loaded.model, units, the_plan, calib_ids, progress=progress, seed=seed).to_dict()
+        manifest = quantize_model(loaded.model, units, the_plan, calib_ids, progress=progress, seed=seed,
+                                  keep_transformed=True)
     return save_quantized(loaded, units, the_plan, out_dir, manifest=manifest, progress=progress,
                           float_dtype=torch.float32 if fp32 else torch.bfloat16, overwrite=overwrite)
 

@@ -47,8 +47,9 @@ def write_artifact(path: str | os.PathLike, kind: str, schema_version: int, body
     return doc
 
 
-def read_artifact(path: str | os.PathLike, kind: str, schema_version: int) -> dict:
-    """Read a JSON artifact, checking that it is of `kind` at `schema_version`."""
+def read_artifact(path: str | os.PathLike, kind: str, schema_version: int | tuple[int, ...]) -> dict:
+    """Read a JSON artifact, checking that it is of `kind` at `schema_version` (or one of
+    several versions this mixq reads)."""
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"{path}: no such file (expected a mixq {kind} artifact)")
@@ -59,10 +60,11 @@ def read_artifact(path: str | os.PathLike, kind: str, schema_version: int) -> di
     if not isinstance(doc, dict) or doc.get("kind") != kind:
         got = doc.get("kind") if isinstance(doc, dict) else type(doc).__name__
         raise ArtifactError(f"{path}: is a {got!r} artifact, expected {kind!r}")
-    if doc.get("schema_version") != schema_version:
+    accepted = (schema_version,) if isinstance(schema_version, int) else tuple(schema_version)
+    if doc.get("schema_version") not in accepted:
         raise ArtifactError(
             f"{path}: {kind} schema_version {doc.get('schema_version')!r}, this mixq "
-            f"({__version__}) reads schema_version {schema_version}; re-run the stage that made it"
+            f"({__version__}) reads schema_version {' or '.join(map(str, accepted))}; re-run the stage that made it"
         )
     return doc
 

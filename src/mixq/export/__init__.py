@@ -4,14 +4,17 @@
     q = load_quantized("ckpt")                       # LoadedModel; QuantLinear modules (packed)
     f = load_quantized("ckpt", packed=False)         # dequantized float model (== fake quant)
     generate(q, "The capital of France is", max_new_tokens=16)
+    # options with transforms (+rotate, +smooth, +lowrank:R): keep what quantize_model made
+    m = quantize_model(model, units, plan, calib_ids, keep_transformed=True)
+    save_quantized(loaded, units, plan, "ckpt", manifest=m)   # m.transformed: Q(E), s, seed, L, R
 
 Layout of the directory in `mixq.export.layout`.
 """
 
 from mixq.export.generate import generate, generate_ids
 from mixq.export.layout import CHECKPOINT_SCHEMA, META_FILE, PLAN_FILE, WEIGHTS_FILE, stream_bytes
-from mixq.export.load import load_qtensors, load_quantized, read_checkpoint
+from mixq.export.load import load_qtensors, load_quantized, load_transforms, read_checkpoint
 from mixq.export.save import save_quantized, unit_qtensor
 
-__all__ = ["save_quantized", "load_quantized", "load_qtensors", "read_checkpoint", "generate", "generate_ids",
-           "unit_qtensor", "stream_bytes", "CHECKPOINT_SCHEMA", "META_FILE", "PLAN_FILE", "WEIGHTS_FILE"]
+__all__ = ["save_quantized", "load_quantized", "load_qtensors", "load_transforms", "read_checkpoint", "generate",
+           "generate_ids", "unit_qtensor", "stream_bytes", "CHECKPOINT_SCHEMA", "META_FILE", "PLAN_FILE", "WEIGHTS_FILE"]

@@ -6,6 +6,10 @@ safetensors or torch trace. The model is rebuilt from its architecture descripti
 download), its float tensors loaded, and each planned unit either dequantized into the float
 model (`packed=False`: the very weights fake quantization evaluates) or held as a packed
 `QuantLinear` (`packed=True`; units that cannot be are dequantized and listed with the reason).
+A unit stored with transforms (schema 2) has its smoothing scales, rotation and low-rank
+factors checked (dtype, shape, values; the rotation regenerated from its seed must match the
+recorded sign digest) and either runs them online in its QuantLinear or is reconstructed as
+ŵ = ((L R + Q(E)) Qᵀ) diag(1/s) by the same function fake quantization used (bit-identical).
 """
 
 from __future__ import annotations
@@ -20,8 +24,8 @@ from mixq import formats
 from mixq.artifacts import read_artifact, sha256_file
 from mixq.errors import ArtifactError, FormatError
 from mixq.export import arch as arch_mod
-from mixq.export.layout import (CHECKPOINT_KIND, CHECKPOINT_SCHEMA, META_FILE, PLAN_FILE, slice_name,
-                                stream_bytes, unit_from_dict)
+from mixq.export.layout import (CHECKPOINT_KIND, CHECKPOINT_SCHEMAS, META_FILE, PLAN_FILE, signs_digest,
+                                slice_name, stream_bytes, unit_from_dict)
 from mixq.formats import QTensor
 from mixq.export.streams import kernel_weights
 from mixq.formats.packing import unpack_qtensor
@@ -30,6 +34,8 @@ from mixq.models.units import Unit, set_weight
 from mixq.nn.swap import swap_in_quant_modules
 from mixq.plan import Plan
 from mixq.progress import Progress, track
+from mixq.quantizers.hadamard import rotation
+from mixq.quantizers.transformed import UnitTransforms
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +50,7 @@ def read_checkpoint(folder: str | os.PathLike, *, verify: bool = True) -> dict:
         raise ArtifactError(f"{folder}: no such checkpoint directory")
     if not (folder / META_FILE).is_file():
         raise ArtifactError(f"{folder}: not a mixq checkpoint (file {META_FILE} is missing)")
-    doc = read_artifact(folder / META_FILE, CHECKPOINT_KIND, CHECKPOINT_SCHEMA)
+    doc = read_artifact(folder / META_FILE, CHECKPOINT_KIND, CHECKPOINT_SCHEMAS)
     missing_keys = [k for k in _REQUIRED if k not in doc]
     if missing_keys or not isinstance(doc.get("files"), dict):
         raise ArtifactError(f"{folder / META_FILE}: malformed checkpoint metadata (missing {', '.join(missing_keys)})")
@@ -107,6 +113,76 @@ def _unit_qtensors(tensors: dict[str, torch.Tensor], doc: dict, folder: Path,
     return out
 
 
+def _stored(tensors: dict[str, torch.Tensor], name, folder: Path, unit: str, what: str, dtype: torch.dtype,
+            shape: tuple[int, ...]) -> torch.Tensor:
+    if not isinstance(name, str):
+        raise ArtifactError(f"checkpoint {folder}: unit {unit!r}: {what} tensor name missing in {META_FILE}")
+    t = _take(tensors, name, folder)
+    if t.dtype != dtype or tuple(t.shape) != shape:
+        raise ArtifactError(f"checkpoint {folder}: unit {unit!r}: {what} tensor {name!r} is {t.dtype} "
+                            f"{tuple(t.shape)}, expected {dtype} {shape}")
+    if not torch.isfinite(t).all():
+        raise ArtifactError(f"checkpoint {folder}: unit {unit!r}: {what} tensor {name!r} holds NaN/inf values")
+    return t
+
+
+def _unit_transforms(tensors: dict[str, torch.Tensor], doc: dict, folder: Path) -> dict[str, UnitTransforms]:
+    """unit -> the transforms its codes were quantized under, for units whose record has a
+    "transforms" entry (schema 2), each checked against the unit's shape."""
+    out: dict[str, UnitTransforms] = {}
+    for name, u in doc["units"].items():
+        rec = u.get("transforms") if isinstance(u, dict) else None
+        if rec is None:
+            continue
+        where = f"checkpoint {folder}: unit {name!r}"
+        try:
+            out_dim, in_dim = int(u["shape"][0]), int(u["shape"][1])
+            unknown = sorted(set(rec) - {"smooth", "rotate", "lowrank"})
+            if unknown:
+                raise ArtifactError(f"{where}: unknown transforms {unknown} in {META_FILE} (written by a newer mixq?)")
+            smooth = rot_seed = rot_block = lowrank = None
+            if "smooth" in rec:
+                smooth = _stored(tensors, rec["smooth"].get("tensor"), folder, name, "smoothing scales",
+                                 torch.float32, (in_dim,))
+                if not (smooth > 0).all():
+                    raise ArtifactError(f"{where}: smoothing scales must be positive")
+            if "rotate" in rec:
+                r = rec["rotate"]
+                rot_seed, rot_block = int(r["seed"]), int(r["block"])
+                try:
+                    rot = rotation(in_dim, rot_seed)
+                except FormatError as e:
+                    raise ArtifactError(f"{where}: rotation in {META_FILE} cannot apply ({e})") from e
+                if rot.block != rot_block:
+                    raise ArtifactError(f"{where}: rotation block {rot_block} in {META_FILE}, an input dim of "
+                                        f"{in_dim} has block {rot.block}")
+                if signs_digest(rot.signs) != r["signs_sha256"]:
+                    raise ArtifactError(f"{where}: the rotation regenerated from seed {rot_seed} differs from the "
+                                        f"one recorded in {META_FILE} (damaged record, or a torch random "
+                                        "generator that differs from the one that made it)")
+            if "lowrank" in rec:
+                lr = rec["lowrank"]
+                rank = int(lr["rank"])
+                L = _stored(tensors, lr.get("l"), folder, name, "low-rank L", torch.bfloat16, (out_dim, rank))
+                R = _stored(tensors, lr.get("r"), folder, name, "low-rank R", torch.bfloat16, (rank, in_dim))
+                lowrank = (L.float(), R.float())
+        except ArtifactError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+            raise ArtifactError(f"{where}: malformed transforms record in {META_FILE} "
+                                f"({e.__class__.__name__}: {e})") from e
+        out[name] = UnitTransforms(None if smooth is None else smooth.float(), rot_seed, rot_block, lowrank)
+    return out
+
+
+def load_transforms(folder: str | os.PathLike, *, verify: bool = True) -> dict[str, UnitTransforms]:
+    """unit name -> `UnitTransforms` (s, rotation seed and block, L and R) of each unit stored
+    with transforms; `load_qtensors` gives the codes of its transformed weight Q(E)."""
+    folder = Path(folder)
+    doc = read_checkpoint(folder, verify=verify)
+    return _unit_transforms(_read_tensors(folder, doc), doc, folder)
+
+
 def load_qtensors(folder: str | os.PathLike, *, verify: bool = True) -> dict[str, QTensor]:
     """unit name -> QTensor (codes, scales, zeros, tensor scale) as stored in the checkpoint."""
     folder = Path(folder)
@@ -167,10 +243,11 @@ def load_quantized(folder: str | os.PathLike, *, device: str | torch.device = "c
     """Load a checkpoint written by `save_quantized` as a `LoadedModel` in eval mode.
 
     packed=False: every planned unit's dequantized weight is written into the float model
-    (bit-identical to the fake-quantized model in float32). packed=True: Linear units become
+    (bit-identical to the fake-quantized model in float32; for a unit with transforms, ŵ
+    reconstructed from its Q(E), s, rotation and L, R). packed=True: Linear units become
     `QuantLinear` modules holding the packed codes (Triton kernel on CUDA with bf16/fp16
-    activations, else dequantize + matmul); units inside fused experts, Conv2d, embeddings and
-    tied tensors are dequantized. packed="auto": packed on CUDA, dequantized elsewhere (on CPU
+    activations, else dequantize + matmul), applying a unit's transforms to its input online;
+    units inside fused experts, Conv2d, embeddings and tied tensors are dequantized. packed="auto": packed on CUDA, dequantized elsewhere (on CPU
     the packed reference path dequantizes every weight at every call; the dequantized model
     computes the same numbers faster). verify=False skips the sha256 check (sizes are always
     checked). `extra` carries "plan", "units" (every unit of the original
@@ -199,6 +276,7 @@ def load_quantized(folder: str | os.PathLike, *, device: str | torch.device = "c
     tensors = _read_tensors(folder, doc)
     prepacked: dict = {}
     qtensors = _unit_qtensors(tensors, doc, folder, prepacked if packed else None)
+    transforms = _unit_transforms(tensors, doc, folder)
     model = arch_mod.rebuild(arch, folder, dtype)
     state_keys = list(model.state_dict().keys())
     _coverage_check(state_keys, doc, units, folder)
@@ -224,11 +302,12 @@ def load_quantized(folder: str | os.PathLike, *, device: str | torch.device = "c
     dequantized: dict[str, str] = {}
     with torch.no_grad():
         if packed:
-            dequantized = swap_in_quant_modules(model, units, qtensors, prepacked)
+            dequantized = swap_in_quant_modules(model, units, qtensors, prepacked, transforms)
         else:
             for u in track(units, "dequantize", len(units), progress):
                 q = qtensors[u.name]
-                set_weight(model, u, formats.parse(q.fmt).dequantize(q))
+                w = formats.parse(q.fmt).dequantize(q)
+                set_weight(model, u, transforms[u.name].to_weight(w) if u.name in transforms else w)
     _sync_tied(model, doc, set(plain) | {u.param for u in units})
     for name, why in dequantized.items():
         log.info("unit %s: dequantized into the float model (%s)", name, why)

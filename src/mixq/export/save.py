@@ -4,8 +4,12 @@ Each planned unit is stored as the codes-plus-scales of its format, derived by `
 from the weight: the model's own (round to nearest, exactly what fake quantization
 evaluates) or an already quantized weight (GPTQ output, passed as `weights[name]` or left in
 the model by `mixq.calibrate.quantize_model`), which must then lie on the format's grid so
-that the stored codes reproduce it bit for bit. The directory is assembled under a temporary
-name beside `out_dir` and renamed into place: a crash leaves no half-written checkpoint.
+that the stored codes reproduce it bit for bit. A unit quantized with transforms (smooth,
+rotate, lowrank) is stored from its `TransformedWeight` (`transformed[name]`, kept by
+`quantize_model(..., keep_transformed=True)`): the codes of Q(E), on the grid, and s, the
+rotation's seed and L, R beside them (layout in `mixq.export.layout`). The directory is
+assembled under a temporary name beside `out_dir` and renamed into place: a crash leaves no
+half-written checkpoint.
 """
 
 from __future__ import annotations
@@ -21,11 +25,13 @@ import torch
 from torch import nn
 
 from mixq import __version__, formats
+from mixq.accounting import bit_totals
 from mixq.artifacts import sha256_file, write_artifact
 from mixq.errors import ArtifactError, DataError, FormatError, MixqError
 from mixq.export import arch as arch_mod
 from mixq.export.layout import (CHECKPOINT_KIND, CHECKPOINT_SCHEMA, META_FILE, PLAN_FILE, WEIGHTS_FILE,
-                                slice_name, stream_bytes, stream_name, unit_to_dict)
+                                signs_digest, slice_name, stream_bytes, stream_name, transform_bits,
+                                transform_name, unit_to_dict)
 from mixq.export.regrid import int_qtensor_on_grid
 from mixq.formats import IntFormat, QTensor
 from mixq.formats.packing import pack_qtensor
@@ -34,6 +40,8 @@ from mixq.models.units import Unit, get_weight
 from mixq.nn.qlinear import QuantLinear
 from mixq.plan import Option, Plan
 from mixq.progress import Progress, track
+from mixq.quantizers.transformed import TransformedWeight, UnitTransforms
+from mixq.quantizers.unit import lowrank_rank
 
 
 def _planned_units(units: list[Unit], plan: Plan) -> list[Unit]:
@@ -70,8 +78,10 @@ def unit_qtensor(unit: Unit, option: Option, w: torch.Tensor | QTensor, *, given
         if not torch.equal(w_back, w):
             err = float((w_back - w).abs().max())
             if option.transforms:
-                why = (f"option {option} applies {'+'.join(option.transforms)}; the checkpoint format stores "
-                       "the format's codes only, not rotations, smoothing scales or low-rank branches")
+                why = (f"option {option} applies {'+'.join(option.transforms)}: a checkpoint stores its quantized "
+                       "transformed weight with the transforms; quantize with mixq.calibrate.quantize_model(..., "
+                       "keep_transformed=True) and pass transformed=manifest.transformed (mixq.api.quantize does both), "
+                       "not its weight in the unit's basis")
             elif option.quantizer != "rtn" and not given:
                 why = (f"option {option} needs its quantizer's output: run mixq.calibrate.quantize_model on "
                        "the model first, or pass weights={name: quantized weight}")
@@ -80,6 +90,52 @@ def unit_qtensor(unit: Unit, option: Option, w: torch.Tensor | QTensor, *, given
             raise ArtifactError(f"unit {unit.name!r}: its weight is not on the grid of {fmt} "
                                 f"(max |dequantize(quantize(w)) - w| = {err:.3g}); {why}")
     return q
+
+
+def unit_transform_tensors(unit: Unit, option: Option, tf: UnitTransforms) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(the unit's "transforms" record, its transform tensors by safetensors name) for the
+    transforms `tf` a unit was quantized under. Each must be one the option names (a
+    calibration fallback may have dropped some, never added one); raises ArtifactError naming
+    the unit otherwise, or when a tensor has the wrong shape or values."""
+    out_dim, in_dim = unit.shape
+    where = f"unit {unit.name!r} (option {option})"
+    record: dict = {}
+    tensors: dict[str, torch.Tensor] = {}
+    if tf.smooth_scales is not None:
+        if "smooth" not in option.transforms:
+            raise ArtifactError(f"{where}: smoothing scales given, but the option does not smooth")
+        s = tf.smooth_scales.detach().float().cpu()
+        if tuple(s.shape) != (in_dim,) or not torch.isfinite(s).all() or not (s > 0).all():
+            raise ArtifactError(f"{where}: smoothing scales must be finite and positive, shape ({in_dim},); "
+                                f"got shape {tuple(s.shape)}")
+        name = transform_name(unit.name, "smooth_scales")
+        tensors[name] = s.contiguous()
+        record["smooth"] = {"tensor": name}
+    if tf.rotate_seed is not None:
+        if "rotate" not in option.transforms:
+            raise ArtifactError(f"{where}: a rotation given, but the option does not rotate")
+        rot = tf.rotation(in_dim)
+        if tf.rotate_block is not None and tf.rotate_block != rot.block:
+            raise ArtifactError(f"{where}: rotation block {tf.rotate_block} given, an input dim of {in_dim} "
+                                f"has block {rot.block}")
+        record["rotate"] = {"seed": int(tf.rotate_seed), "block": rot.block, "signs_sha256": signs_digest(rot.signs)}
+    if tf.lowrank is not None:
+        rank = lowrank_rank(option)
+        if rank is None:
+            raise ArtifactError(f"{where}: low-rank factors given, but the option has no lowrank branch")
+        L, R = (t.detach().float().cpu() for t in tf.lowrank)
+        r = min(rank, out_dim, in_dim)
+        if tuple(L.shape) != (out_dim, r) or tuple(R.shape) != (r, in_dim):
+            raise ArtifactError(f"{where}: low-rank factors must be ({out_dim}, {r}) and ({r}, {in_dim}), got "
+                                f"{tuple(L.shape)} and {tuple(R.shape)}")
+        Lb, Rb = L.to(torch.bfloat16), R.to(torch.bfloat16)
+        if not (torch.equal(Lb.float(), L) and torch.equal(Rb.float(), R)):
+            raise ArtifactError(f"{where}: low-rank factors are not bf16-exact (quantizers.lowrank_split rounds "
+                                "them before forming the residual; other factors cannot be stored exactly)")
+        names = {"l": transform_name(unit.name, "lowrank_l"), "r": transform_name(unit.name, "lowrank_r")}
+        tensors[names["l"]], tensors[names["r"]] = Lb.contiguous(), Rb.contiguous()
+        record["lowrank"] = {"rank": r, **names}
+    return record, tensors
 
 
 def _identity(t: torch.Tensor) -> tuple:
@@ -167,17 +223,20 @@ def _dtype_name(dtype: torch.dtype | None) -> str | None:
 
 def save_quantized(model: LoadedModel | nn.Module, units: list[Unit], plan: Plan, out_dir: str | os.PathLike, *,
                    weights: dict[str, torch.Tensor | QTensor] | None = None, manifest: dict | object | None = None,
-                   progress: Progress | None = None, float_dtype: torch.dtype | None = torch.bfloat16,
-                   overwrite: bool = False) -> dict:
+                   transformed: dict[str, TransformedWeight] | None = None, progress: Progress | None = None,
+                   float_dtype: torch.dtype | None = torch.bfloat16, overwrite: bool = False) -> dict:
     """Write the packed checkpoint of `model` under `plan` to `out_dir`; returns the mixq.json
     document written.
 
     units: the model's units (all of them, e.g. `loaded.units(include_head=True,
     include_embeddings=True)`: they are recorded for bit accounting). weights: unit name ->
     already quantized (out, in) weight or QTensor, overriding the model's weight (it must lie on
-    the format's grid). manifest: what was done (a `calibrate.Manifest` or its dict).
-    float_dtype: storage dtype of every tensor that is not a planned unit (None: each keeps
-    its own). Raises ArtifactError naming the unit whose weight cannot be stored exactly."""
+    the format's grid). manifest: what was done (a `calibrate.Manifest` or its dict; a
+    Manifest's `transformed` is used when `transformed` is not given). transformed: unit
+    name -> `TransformedWeight` of each unit quantized with transforms (its Q(E) must lie on
+    the format's grid). float_dtype: storage dtype of every tensor that is not a planned unit
+    (None: each keeps its own). Raises ArtifactError naming the unit whose weight cannot be
+    stored exactly."""
     loaded = model if isinstance(model, LoadedModel) else None
     net = loaded.model if loaded is not None else model
     kind = loaded.kind if loaded is not None else ("causal_lm" if hasattr(net, "generate") else "image_classifier")
@@ -187,21 +246,39 @@ def save_quantized(model: LoadedModel | nn.Module, units: list[Unit], plan: Plan
                         "(load_quantized(..., packed=False) gives one)")
     plan.check_against(units)
     weights = dict(weights or {})
+    if transformed is None and getattr(manifest, "transformed", None):
+        transformed = manifest.transformed
+    transformed = dict(transformed or {})
     planned = _planned_units(units, plan)
     unknown = sorted(set(weights) - {u.name for u in planned})
     if unknown:
         raise ArtifactError(f"weights given for units the plan does not quantize: {', '.join(unknown[:5])}")
+    unknown = sorted(n for n in transformed if n not in plan.options or not plan.options[n].transforms
+                     or n not in {u.name for u in planned})
+    if unknown:
+        raise ArtifactError(f"transformed weights given for units the plan does not quantize with transforms: "
+                            f"{', '.join(unknown[:5])}")
+    both = sorted(set(weights) & set(transformed))
+    if both:
+        raise ArtifactError(f"units given both a weight and a transformed weight: {', '.join(both[:5])}")
     if manifest is not None and hasattr(manifest, "to_dict"):
         manifest = manifest.to_dict()
 
     tensors: dict[str, torch.Tensor] = {}
     unit_docs: dict[str, dict] = {}
+    transform_bytes = 0
     with torch.no_grad():
         for u in track(planned, "pack", len(planned), progress):
             opt = plan.options[u.name]
-            given = u.name in weights
-            w = weights[u.name] if given else get_weight(net, u)
-            q = unit_qtensor(u, opt, w, given=given)
+            tw = transformed.get(u.name)
+            if tw is not None:
+                if tuple(tw.qweight.shape) != tuple(u.shape):
+                    raise ArtifactError(f"unit {u.name!r}: transformed weight of shape {tuple(tw.qweight.shape)}, "
+                                        f"the unit is {tuple(u.shape)}")
+                q = unit_qtensor(u, Option(opt.format, opt.quantizer), tw.qweight, given=True)  # Q(E) on the grid
+            else:
+                given = u.name in weights
+                q = unit_qtensor(u, opt, weights[u.name] if given else get_weight(net, u), given=given)
             fmt = formats.parse(q.fmt)
             streams = pack_qtensor(q, fmt)
             expected = stream_bytes(fmt, u.shape)
@@ -211,14 +288,24 @@ def save_quantized(model: LoadedModel | nn.Module, units: list[Unit], plan: Plan
             names = {k: stream_name(u.name, k) for k in streams}
             for k, s in streams.items():
                 tensors[names[k]] = s.detach().cpu().contiguous()
-            unit_docs[u.name] = {**unit_to_dict(u), "format": str(fmt), "option": str(opt),
-                                 "bits": fmt.bits(u.shape), "bytes": sum(got.values()), "tensors": names}
+            doc_u = {**unit_to_dict(u), "format": str(fmt), "option": str(opt), "bits": fmt.bits(u.shape),
+                     "bytes": sum(got.values()), "tensors": names}
+            if tw is not None and not tw.transforms.is_identity:
+                record, extra = unit_transform_tensors(u, opt, tw.transforms)
+                tensors.update(extra)
+                doc_u["transforms"] = record
+                doc_u["bits"] += transform_bits(u.shape, "smooth" in record, record.get("lowrank", {}).get("rank"))
+                n_extra = sum(t.numel() * t.element_size() for t in extra.values())
+                doc_u["bytes"] += n_extra
+                transform_bytes += n_extra
+            unit_docs[u.name] = doc_u
         plain, tied, slices = _plain_tensors(net, planned, float_dtype)
     clash = sorted(set(plain) & set(tensors))
     if clash:
         raise MixqError(f"tensor names clash between packed units and other tensors: {clash[:5]}")
     tensors.update(plain)
 
+    n_params = sum(p.numel() for p in net.parameters())
     body = {
         "model": {
             "name": loaded.name if loaded is not None else (plan.model or type(net).__name__),
@@ -226,7 +313,7 @@ def save_quantized(model: LoadedModel | nn.Module, units: list[Unit], plan: Plan
             "kind": kind, "arch": arch,
             "note": loaded.note if loaded is not None else "",
             "default_data": loaded.default_data if loaded is not None else "",
-            "n_params": sum(p.numel() for p in net.parameters()),
+            "n_params": n_params,
         },
         "weights_file": WEIGHTS_FILE,
         "float_dtype": _dtype_name(float_dtype),
@@ -240,14 +327,18 @@ def save_quantized(model: LoadedModel | nn.Module, units: list[Unit], plan: Plan
         "totals": {
             "unit_bits": sum(d["bits"] for d in unit_docs.values()),
             "unit_bytes": sum(d["bytes"] for d in unit_docs.values()),
+            "transform_bytes": transform_bytes,
+            **{k: v for k, v in bit_totals(plan, units, n_params).items() if k.startswith("bpw_")},
             "plain_bytes": sum(t.numel() * t.element_size() for t in plain.values()),
         },
     }
     from safetensors.torch import save_file
 
+    # without transforms nothing of schema 2 is used: written as schema 1, which older mixq reads
+    schema = CHECKPOINT_SCHEMA if any("transforms" in d for d in unit_docs.values()) else 1
     with staging_dir(Path(out_dir), overwrite) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "mixq", "mixq_version": __version__,
-                                                                "schema_version": str(CHECKPOINT_SCHEMA)})
+                                                                "schema_version": str(schema)})
         _fsync(tmp / WEIGHTS_FILE)
         plan.save(tmp / PLAN_FILE)
         arch_mod.save_config(net, arch, tmp)
@@ -259,5 +350,5 @@ def save_quantized(model: LoadedModel | nn.Module, units: list[Unit], plan: Plan
         body["files"] = {p.relative_to(tmp).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
                          for p in files}
         body["totals"]["file_bytes"] = body["files"][WEIGHTS_FILE]["bytes"]
-        doc = write_artifact(tmp / META_FILE, CHECKPOINT_KIND, CHECKPOINT_SCHEMA, body)
+        doc = write_artifact(tmp / META_FILE, CHECKPOINT_KIND, schema, body)
     return doc

@@ -1,6 +1,8 @@
 """Put quantized weights into a float model: packed `QuantLinear` modules where a unit is a
 whole Linear (or GPT-2 Conv1D) the kernels can hold, the dequantized weight written in place
-everywhere else (Conv2d, embeddings, fused experts, tied tensors, unquantized formats)."""
+everywhere else (Conv2d, embeddings, fused experts, tied tensors, unquantized formats). A
+unit with transforms (smooth, rotate, lowrank) becomes a QuantLinear that applies them online,
+or gets the reconstructed ŵ = ((L R + Q(E)) Qᵀ) diag(1/s) written in place."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from mixq.formats import PlainFormat, QTensor
 from mixq.kernels import KernelWeights
 from mixq.models.units import Unit, set_weight
 from mixq.nn.qlinear import QuantLinear
+from mixq.quantizers.transformed import UnitTransforms
 
 
 def shared_parameters(model: nn.Module) -> set[str]:
@@ -37,12 +40,15 @@ def _packed_reason(model: nn.Module, unit: Unit, fmt, shared: set[str]) -> str |
 
 
 def swap_in_quant_modules(model: nn.Module, units: list[Unit], qtensors: dict[str, QTensor],
-                          prepacked: dict[str, KernelWeights] | None = None) -> dict[str, str]:
+                          prepacked: dict[str, KernelWeights] | None = None,
+                          transforms: dict[str, UnitTransforms] | None = None) -> dict[str, str]:
     """For every unit named in `qtensors`, replace its Linear module by a `QuantLinear` holding
     the packed codes (bias kept, in the module's dtype), or, where that is not possible, write
     the dequantized weight into the model in place. `prepacked` may give a unit's kernel
-    layout already (else `kernels.prepack` builds it). Returns {unit name: why it was
-    dequantized} for the units that were not packed."""
+    layout already (else `kernels.prepack` builds it). `transforms`: unit -> the transforms
+    its stored codes were quantized under (run online by the QuantLinear, or applied to the
+    dequantized weight). Returns {unit name: why it was dequantized} for the units that were
+    not packed."""
     shared = shared_parameters(model)
     dequantized: dict[str, str] = {}
     for unit in units:
@@ -50,12 +56,14 @@ def swap_in_quant_modules(model: nn.Module, units: list[Unit], qtensors: dict[st
         if q is None:
             continue
         fmt = formats.parse(q.fmt)
+        tf = (transforms or {}).get(unit.name)
         reason = _packed_reason(model, unit, fmt, shared)
         if reason is None:
             module = model.get_submodule(unit.name)
             try:
                 kw = (prepacked or {}).get(unit.name)
-                qlin = QuantLinear(kw, module.bias) if kw is not None else QuantLinear.from_qtensor(q, fmt, module.bias)
+                qlin = (QuantLinear(kw, module.bias, tf) if kw is not None
+                        else QuantLinear.from_qtensor(q, fmt, module.bias, tf))
             except FormatError as e:  # e.g. in_features not a multiple of the kernel unit
                 reason = f"no packed kernel layout ({e})"
             else:
@@ -63,6 +71,7 @@ def swap_in_quant_modules(model: nn.Module, units: list[Unit], qtensors: dict[st
                 parent = model.get_submodule(parent_name) if parent_name else model
                 setattr(parent, leaf, qlin.to(module.weight.device))
                 continue
-        set_weight(model, unit, fmt.dequantize(q))
+        w = fmt.dequantize(q)
+        set_weight(model, unit, w if tf is None or tf.is_identity else tf.to_weight(w))
         dequantized[unit.name] = reason
     return dequantized
