@@ -10,7 +10,7 @@ from pathlib import Path
 from mixq.accounting import bit_totals
 from mixq.apply import check_finite, fake_quantized, is_plain_rtn, plan_needs_calibration
 from mixq.artifacts import sha256_text
-from mixq.errors import MixqError
+from mixq.errors import DataError, MixqError
 from mixq.models import DEFAULT_MODEL, LoadedModel, get_weight, load_model
 from mixq.plan import Plan, parse_option
 from mixq.progress import Progress
@@ -58,7 +58,8 @@ def evaluate(
     evaluation half of CIFAR-10. Every row carries its all-in bits per weight.
     Options with GPTQ or smoothing (`int3:g64+gptq+rotate`) are calibrated on `calib_samples`
     random windows of `calib_seqlen` tokens of `calib` (default `wikitext2-valid`), block by
-    block; their manifest (damping, chosen scales, warnings, wall time) lands in the row.
+    block; image classifiers on `calib_samples` random images of the CIFAR-10 calibration
+    half (`cifar10-calib`), unit by unit. The manifest's warnings land in the row.
     Returns the body of an `eval` artifact (see `mixq.artifacts`).
     """
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
@@ -70,7 +71,8 @@ def evaluate(
                   "model_params": n_params, "include_head": include_head}
     calib_ids = None
     if any(plan_needs_calibration(p) for _, p in planned):
-        calib_ids, desc = calibration_data(loaded, calib, calib_samples, calib_seqlen, seed)
+        calib_data, desc = calibration_data(loaded, calib, calib_samples, calib_seqlen, seed)
+        calib_ids = calibration_inputs(calib_data)
         body["calibration"] = desc
     if loaded.kind == "causal_lm":
         rows = _eval_lm(loaded, planned, all_units, n_params, body, data, seqlen, windows, tasks, limit, progress,
@@ -148,9 +150,16 @@ def _eval_image(loaded, planned, all_units, n_params, body, progress, calib_ids)
     rows = [{"label": "float", "option": None, **bit_totals(None, all_units, n_params),
              **top1(loaded.model, images, labels, progress=progress)}]
     for label, plan in planned:
-        with fake_quantized(loaded.model, all_units, plan, progress, calib_ids=calib_ids):
+        t0 = time.perf_counter()
+        extra: dict = {}
+        with fake_quantized(loaded.model, all_units, plan, progress, calib_ids=calib_ids, manifest_out=extra):
+            t_quant = time.perf_counter() - t0
             m = top1(loaded.model, images, labels, progress=progress)
-        rows.append({"label": label, "option": _describe(plan), **bit_totals(plan, all_units, n_params), **m})
+        row = {"label": label, "option": _describe(plan), **bit_totals(plan, all_units, n_params), **m,
+               "quantize_s": t_quant}
+        if "manifest" in extra:
+            row["manifest_warnings"] = extra["manifest"]["warnings"]
+        rows.append(row)
     return rows
 
 
@@ -165,22 +174,44 @@ FRONTIER_SCHEMA = 1
 DEFAULT_CANDIDATES = ("int2:g64", "int3:g64", "int4:g64", "int8:ch")
 
 
+IMAGE_CALIBRATION = "cifar10-calib"
+
+
 def calibration_data(loaded: LoadedModel, calib: str | None = None, samples: int = 8, seqlen: int = 512,
                      seed: int = 0):
     """Calibration inputs and a description: random token windows of a calibration text
-    (causal LMs; default `wikitext2-valid`), or the first `samples` images of the CIFAR-10
-    calibration half (image classifiers)."""
+    (causal LMs; default `wikitext2-valid`), or for image classifiers an (images, labels)
+    pair of `samples` images drawn at random (`seed`) from the CIFAR-10 calibration half,
+    `cifar10-calib` (the only image calibration set: the other half evaluates). The draw
+    is random because the half is stored class by class (its first 500 images are all
+    airplanes); it is returned in ascending index order."""
     if loaded.kind == "causal_lm":
         from mixq.data import DEFAULT_CALIBRATION, calibration_windows
 
         name = calib or DEFAULT_CALIBRATION
         ids = calibration_windows(loaded.encode, name, seqlen=seqlen, n_samples=samples, seed=seed)
         return ids, f"{name}: {samples} random windows x {seqlen} tokens, seed {seed}"
+    import torch
+
     from mixq.data import load_cifar10
 
+    if calib not in (None, IMAGE_CALIBRATION):
+        raise DataError(f"calibration {calib!r} for image model {loaded.name}: image models calibrate on "
+                        f"{IMAGE_CALIBRATION!r}, the calibration half of the CIFAR-10 test images (the other "
+                        "half is for evaluation)")
+    if samples < 1:
+        raise DataError(f"calibration samples must be positive, got {samples}")
     images, labels = load_cifar10("calib")
     n = min(samples, images.shape[0])
-    return (images[:n], labels[:n]), f"cifar10-calib: first {n} of {images.shape[0]} images"
+    pick = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(int(seed)))[:n].sort().values
+    return ((images[pick], labels[pick]),
+            f"{IMAGE_CALIBRATION}: {n} of {images.shape[0]} images drawn at random, seed {seed}")
+
+
+def calibration_inputs(data):
+    """What `mixq.calibrate` takes from `calibration_data`'s result: the token windows, or
+    the images of an (images, labels) pair."""
+    return data[0] if isinstance(data, tuple) else data
 
 
 def analyze(model: str | LoadedModel = DEFAULT_MODEL, candidates=DEFAULT_CANDIDATES, method: str = "fisher",
@@ -200,17 +231,20 @@ def analyze(model: str | LoadedModel = DEFAULT_MODEL, candidates=DEFAULT_CANDIDA
     if loaded.kind == "image_classifier":
         # Images are small: batches of 64 (the Fisher is then over per-batch gradients of 64).
         method_opts.setdefault("batch_size", 64)
+    quantizer_warnings: list[str] = []
     if any(o.quantizer != "rtn" or o.transforms for o in map(parse_option, candidates)):
         # Candidates with GPTQ/rotation/smoothing: their weights come from per-unit
-        # statistics of one float capture pass on the same calibration data.
+        # statistics of one float capture pass on the same calibration data
+        # (image models: the calibration images, without their labels).
         from mixq.calibrate import quantize_fn_for_sensitivity
 
-        if loaded.kind != "causal_lm":
-            raise MixqError("candidates with gptq/rotate/smooth/lowrank are supported for causal LMs only")
-        method_opts["quantize_fn"] = quantize_fn_for_sensitivity(loaded.model, units, data, seed=seed,
-                                                                 progress=progress)
+        method_opts["quantize_fn"] = quantize_fn_for_sensitivity(loaded.model, units, calibration_inputs(data),
+                                                                 seed=seed, progress=progress,
+                                                                 warnings_out=quantizer_warnings)
     table = run_analysis(loaded.model, units, list(candidates), method, data, seed=seed, model_name=loaded.name,
                          calib_description=description, progress=progress, **method_opts)
+    if quantizer_warnings:  # option parts dropped for some units (e.g. +rotate on an odd input dim)
+        table.calibration["quantizer_warnings"] = sorted(set(quantizer_warnings))
     if measure_cost:
         fb = fwd_bwd_seconds(loaded.model, data, batch_size=method_opts.get("batch_size", 1))
         table.timing["fwd_bwd_s"] = fb
@@ -291,7 +325,7 @@ def quantize(model: str | LoadedModel, out_dir: str | Path, *, plan: str | Path 
     if not is_plain_rtn(the_plan):
         calib_ids = None
         if plan_needs_calibration(the_plan):
-            calib_ids, _ = calibration_data(loaded, calib, calib_samples, calib_seqlen, seed)
+            calib_ids = calibration_inputs(calibration_data(loaded, calib, calib_samples, calib_seqlen, seed)[0])
         manifest = quantize_model(loaded.model, units, the_plan, calib_ids, progress=progress, seed=seed,
                                   keep_transformed=True)
     return save_quantized(loaded, units, the_plan, out_dir, manifest=manifest, progress=progress,

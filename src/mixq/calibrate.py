@@ -22,6 +22,26 @@ no input Hessian), before block 0's inputs are captured. An expert that receives
 calibration token, or an embedding planned with a calibrated option, falls back to round
 to nearest with a warning in the manifest. RTN-only plans need no calibration pass.
 
+Models without a decoder-block list (the CIFAR ResNets; any model), or calibrated on images
+(float (n, C, H, W) batches), go unit by unit in forward order instead:
+
+    quantize the units that need no statistics (RTN, rotate, lowrank) first
+    while calibrated units remain:
+        run the partly quantized model over the calibration batches, hooks on the remaining
+            units; the first to receive an input (and those fed the very same tensor) form
+            the next stage, and the pass stops there (nothing after it runs)
+        quantize the stage's units from their statistics
+
+so, again, every unit is calibrated on the outputs of the already-quantized units before it,
+holding statistics only (no activations). It costs one partial forward pass per stage
+(about half a full pass on average). A module run several times in one forward (shared
+weights) is calibrated on the inputs of the calls before the pass stops.
+
+Whatever the path, an option part that cannot apply to a unit is dropped for that unit with
+a warning in the manifest (`applicable_option`): gptq/smooth without statistics, and
+rotate across an odd input dimension (no Hadamard block > 1; the 27 = 3·3·3 columns of an
+RGB stem conv).
+
 `quantize_fn_for_sensitivity` gives sensitivity analysis a `quantize_fn(unit, w, option)`
 that can run GPTQ/smoothing with per-unit statistics from one float capture pass
 (non-sequential), so "int3:g64+gptq+rotate" can be weighed against "int4:g64".
@@ -42,7 +62,8 @@ from mixq.errors import DataError, MixqError
 from mixq.models.capture import find_blocks, forward_logits, unit_inputs
 from mixq.models.units import Unit, get_weight, set_weight
 from mixq.plan import Option, Plan
-from mixq.progress import Progress, track
+from mixq.progress import Progress, no_progress, track
+from mixq.quantizers.hadamard import hadamard_block
 from mixq.quantizers.unit import needs_calibration, quantize_unit
 
 log = logging.getLogger(__name__)
@@ -114,36 +135,78 @@ class StatsCollector:
         return s if s is not None and s.n_tokens > 0 else None
 
 
+def applicable_option(unit: Unit, option: Option, has_stats: bool) -> tuple[Option, list[str]]:
+    """The option `quantize_model` (and `quantize_fn_for_sensitivity`) applies to `unit`:
+    `option` less the parts that cannot apply there, with one warning per part dropped.
+
+    - gptq/smooth without input statistics (an embedding has no input Hessian; an expert no
+      calibration token reached): round to nearest, without smoothing;
+    - rotate across an input dimension with no Hadamard block > 1 (odd `in`, such as the
+      27 = 3·3·3 columns of an RGB stem conv): no rotation.
+
+    `quantizers.quantize_unit` on one weight keeps raising for these (there the caller asked
+    for exactly that option and there is nothing to fall back within)."""
+    used = option
+    warnings: list[str] = []
+    if needs_calibration(used) and not has_stats:
+        why = ("an embedding has no input Hessian" if unit.kind == "embedding"
+               else "it received no calibration tokens")
+        used = Option(used.format, "rtn", tuple(t for t in used.transforms if t != "smooth"))
+        warnings.append(f"{option} needs calibration but {why}: quantized with {used} instead")
+    cols = unit.shape[1]
+    if "rotate" in used.transforms and hadamard_block(cols) == 1:
+        before = used
+        used = Option(used.format, used.quantizer, tuple(t for t in used.transforms if t != "rotate"))
+        warnings.append(f"{before} cannot rotate an input dimension of {cols} (odd: no Hadamard block > 1 "
+                        f"divides it): quantized with {used} instead")
+    return used, warnings
+
+
 def collect_stats(model: nn.Module, units: list[Unit], calib_ids: torch.Tensor, *, batch_size: int = 8,
                   progress: Progress | None = None) -> dict[str, UnitStats]:
-    """One float forward pass over the calibration windows: input statistics of every unit
-    (embeddings excluded; a unit that got no input is absent)."""
-    calib_ids = _check_ids(calib_ids)
+    """One float forward pass (eval mode) over the calibration inputs (token windows, or
+    images (n, C, H, W) for an image model): input statistics of every unit (embeddings
+    excluded; a unit that got no input is absent)."""
+    calib_ids = _check_inputs(calib_ids)
     collector = StatsCollector()
-    device = _device(model)
     batches = calib_ids.split(batch_size)
-    with torch.no_grad(), unit_inputs(model, [u for u in units if u.kind != "embedding"], collector):
-        for ids in track(batches, "calibration stats", len(batches), progress):
-            forward_logits(model, ids.to(device))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), unit_inputs(model, [u for u in units if u.kind != "embedding"], collector):
+            for ids in track(batches, "calibration stats", len(batches), progress):
+                forward_logits(model, _to_model(model, ids))
+    finally:
+        model.train(was_training)
     collector.release()
     return {n: s for n, s in collector.stats.items() if s.n_tokens > 0}
 
 
 def quantize_fn_for_sensitivity(model: nn.Module, units: list[Unit], calib_ids: torch.Tensor, *, seed: int = 0,
                                 batch_size: int = 8, progress: Progress | None = None,
+                                warnings_out: list[str] | None = None,
                                 **quantize_opts) -> Callable[[Unit, torch.Tensor, Option], torch.Tensor]:
     """A `quantize_fn(unit, w, option) -> w_hat` for `mixq.sensitivity.analyze`: options that
     need calibration (gptq, smooth) use per-unit statistics from one float capture pass made
     here (non-sequential: every unit's Hessian comes from the float model's inputs); others
     (RTN, rotate, lowrank) need none. `quantize_opts` go to `quantize_unit` (block_size,
-    damp, act_order, smooth_grid). A unit without statistics (an embedding, an expert that
-    got no token) gets round to nearest for calibrated options."""
+    damp, act_order, smooth_grid). The same rule as `quantize_model` drops what cannot apply
+    to a unit (`applicable_option`: calibrated options without statistics get round to
+    nearest, +rotate across an odd input dimension is left out); each such warning is logged
+    once and, when `warnings_out` is given, appended to it as "unit: message"."""
     stats = collect_stats(model, units, calib_ids, batch_size=batch_size, progress=progress)
+    warned: set[tuple[str, str]] = set()
 
     def quantize_fn(unit: Unit, w: torch.Tensor, option: Option) -> torch.Tensor:
         st = stats.get(unit.name)
-        if needs_calibration(option) and st is None:
-            option = Option(option.format, "rtn", tuple(t for t in option.transforms if t != "smooth"))
+        planned = option
+        option, notes = applicable_option(unit, planned, st is not None)
+        if notes and (unit.name, str(planned)) not in warned:
+            warned.add((unit.name, str(planned)))
+            for m in notes:
+                log.warning("unit %s: %s", unit.name, m)
+                if warnings_out is not None:
+                    warnings_out.append(f"{unit.name}: {m}")
         H = st.hessian() if st is not None else None
         act = st.absmean() if st is not None else None
         try:
@@ -152,6 +215,12 @@ def quantize_fn_for_sensitivity(model: nn.Module, units: list[Unit], calib_ids: 
             raise type(e)(f"unit {unit.name!r}, option {option}: {e}") from e
         return w_hat.to(w.dtype)
 
+    def gram(unit: Unit) -> torch.Tensor | None:
+        """The unit's input Hessian 2XᵀX/n, or None (see `mixq.sensitivity.analyze`)."""
+        st = stats.get(unit.name)
+        return st.hessian() if st is not None else None
+
+    quantize_fn.gram = gram
     return quantize_fn
 
 
@@ -191,14 +260,67 @@ def _check_ids(calib_ids) -> torch.Tensor:
     return calib_ids
 
 
+_INPUTS_HELP = ("calib_ids (the calibration inputs) must be token windows, a LongTensor (n_windows, seqlen) (see "
+                "mixq.data.calibration_windows), or for an image model a float tensor of images (n, C, H, W) "
+                "(see mixq.data.load_cifar10)")
+
+
+def _first_layer(model: nn.Module) -> nn.Module | None:
+    """The first Conv2d / Linear / Embedding in module order (what the inputs meet first)."""
+    return next((m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear, nn.Embedding))), None)
+
+
+def _check_inputs(calib, model: nn.Module | None = None) -> torch.Tensor:
+    """Token windows (LongTensor (n, seqlen)) or images (float (n, C, H, W)); with `model`,
+    images must have the channels its first Conv2d takes, and a model that starts with a
+    Conv2d takes no token ids. Raises DataError saying what was expected."""
+    if isinstance(calib, (tuple, list)):
+        raise DataError(f"{_INPUTS_HELP}; got a {type(calib).__name__} (for an (images, labels) pair, pass the images)")
+    if calib is None:
+        raise DataError(f"the plan has gptq/smooth options, which need calibration data: {_INPUTS_HELP}")
+    if not isinstance(calib, torch.Tensor):
+        raise DataError(f"{_INPUTS_HELP}; got {type(calib).__name__}")
+    first = _first_layer(model) if model is not None else None
+    if calib.dtype == torch.long:
+        if isinstance(first, nn.Conv2d):
+            raise DataError(f"this model starts with a Conv2d: it takes float images (n, C, H, W), not token ids "
+                            f"{tuple(calib.shape)}")
+        return _check_ids(calib)
+    if not calib.is_floating_point():
+        raise DataError(f"{_INPUTS_HELP}; got dtype {calib.dtype} (token ids must be int64; convert uint8 images to "
+                        "normalised floats)")
+    if isinstance(first, nn.Embedding):
+        raise DataError(f"this model starts with an Embedding: it takes token ids, a LongTensor (n_windows, seqlen), "
+                        f"not {calib.dtype} {tuple(calib.shape)}")
+    if calib.dim() != 4:
+        raise DataError(f"calibration images must be (n, C, H, W), got shape {tuple(calib.shape)}")
+    if calib.shape[0] < 1:
+        raise DataError(f"calibration images {tuple(calib.shape)}: need at least one image")
+    if isinstance(first, nn.Conv2d) and first.in_channels != calib.shape[1]:
+        raise DataError(f"calibration images have {calib.shape[1]} channels {tuple(calib.shape)}; "
+                        f"the model's first Conv2d takes {first.in_channels}")
+    if not torch.isfinite(calib).all():
+        raise DataError("calibration images contain NaN/inf values")
+    return calib
+
+
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+def _to_model(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """x on the model's device; float inputs (images) in the model's floating dtype."""
+    p = next(model.parameters())
+    return x.to(device=p.device, dtype=p.dtype if x.is_floating_point() and p.is_floating_point() else x.dtype)
 
 
 def _calibration_record(calib_ids: torch.Tensor | None) -> dict:
     if calib_ids is None:
         return {"n_windows": 0, "seqlen": 0, "sha256": None}
     digest = hashlib.sha256(calib_ids.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+    if calib_ids.is_floating_point():  # images (n, C, H, W)
+        return {"n_images": int(calib_ids.shape[0]), "image_shape": list(calib_ids.shape[1:]),
+                "dtype": str(calib_ids.dtype).removeprefix("torch."), "sha256": digest}
     return {"n_windows": int(calib_ids.shape[0]), "seqlen": int(calib_ids.shape[1]), "sha256": digest}
 
 
@@ -268,15 +390,10 @@ class _Applier:
 
     def apply(self, unit: Unit, stats: UnitStats | None) -> None:
         opt = self.plan.options[unit.name]
-        warnings: list[str] = []
-        fallback = None
-        if needs_calibration(opt) and stats is None:
-            why = ("an embedding has no input Hessian" if unit.kind == "embedding"
-                   else "it received no calibration tokens")
-            fallback = Option(opt.format, "rtn", tuple(t for t in opt.transforms if t != "smooth"))
-            warnings.append(f"{opt} needs calibration but {why}: quantized with {fallback} instead")
-            log.warning("unit %s: %s", unit.name, warnings[-1])
-        used = fallback or opt
+        used, warnings = applicable_option(unit, opt, stats is not None)
+        fallback = used if used != opt else None
+        for m in warnings:
+            log.warning("unit %s: %s", unit.name, m)
         w = get_weight(self.model, unit)
         if not torch.isfinite(w).all():
             raise DataError(f"unit {unit.name!r}: weight contains NaN/inf values; refusing to quantize it")
@@ -303,9 +420,10 @@ def quantize_model(model: nn.Module, units: list[Unit], plan: Plan, calib_ids: t
                    damp: float = 0.01, act_order: bool = True, smooth_grid: int = 20,
                    true_sequential: bool = True, keep_transformed: bool = False) -> Manifest:
     """Quantize every planned unit of `model` in place with its option (see the module
-    docstring) and return the manifest. `calib_ids` (n_windows, seqlen) LongTensor is needed
-    when some option needs calibration (gptq, smooth); `batch_size` windows run through a
-    block at a time. `seed` seeds the rotations. block_size, damp, act_order (default on:
+    docstring) and return the manifest. `calib_ids` is needed when some option needs
+    calibration (gptq, smooth): token windows, a LongTensor (n_windows, seqlen), or images
+    (n, C, H, W) float for an image model; `batch_size` windows (images) run through a
+    block (the model) at a time. `seed` seeds the rotations. block_size, damp, act_order (default on:
     static groups, see `quantizers.gptq`) go to GPTQ,
     smooth_grid to the smoothing search. `true_sequential` calibrates a block's units in
     stages (q/k/v, then o, then gate/up, then down for Llama), each on the inputs the
@@ -320,10 +438,13 @@ def quantize_model(model: nn.Module, units: list[Unit], plan: Plan, calib_ids: t
     opts = {"block_size": block_size, "damp": damp, "act_order": act_order, "smooth_grid": smooth_grid}
     sequential = bool(calibrated)
     if sequential:
-        calib_ids = _check_ids(calib_ids)
+        calib_ids = _check_inputs(calib_ids, model)
+    # token windows through a decoder-block list: block by block; otherwise unit by unit
+    by_blocks = sequential and calib_ids.dtype == torch.long and find_blocks(model) is not None
     manifest = Manifest(seed=int(seed), sequential=sequential,
                         calibration=_calibration_record(calib_ids if sequential else None),
-                        settings={**opts, "batch_size": batch_size, "true_sequential": true_sequential})
+                        settings={**opts, "batch_size": batch_size, "true_sequential": true_sequential,
+                                  "order": "blocks" if by_blocks else "units" if sequential else None})
     manifest.transformed = {} if keep_transformed else None
     applier = _Applier(model, plan, manifest, seed, opts)
     was_training = model.training
@@ -332,8 +453,10 @@ def quantize_model(model: nn.Module, units: list[Unit], plan: Plan, calib_ids: t
         if not sequential:
             for u in track(planned, "quantize", len(planned), progress):
                 applier.apply(u, None)
-        else:
+        elif by_blocks:
             _sequential(model, planned, calib_ids, applier, batch_size, progress, manifest, true_sequential)
+        else:
+            _unitwise(model, planned, calib_ids, applier, batch_size, progress, manifest)
     finally:
         model.train(was_training)
     manifest.wall_s = time.perf_counter() - t_start
@@ -474,4 +597,80 @@ def _sequential(model, planned, calib_ids, applier: _Applier, batch_size, progre
         for u in outside:
             applier.apply(u, collector.get(u.name))
         timing["outside_s"] = time.perf_counter() - t0
+    manifest.timing = timing
+
+
+# ---------------------------------------------------------------------------------------
+# Unit-by-unit execution (no decoder-block list, or image inputs)
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+            and a.dtype == b.dtype)
+
+
+class _StageInputs:
+    """A `unit_inputs` consumer for one unit-wise stage: the first hooked unit to get an
+    input, and those fed that very tensor right after it, collect statistics; the first
+    other unit reached ends the forward pass (`_StopForward`), so nothing after it runs. The
+    stage is fixed by the first batch that reaches any unit (forward order is the same for
+    every batch)."""
+
+    def __init__(self) -> None:
+        self.collector = StatsCollector()
+        self.members: list[str] = []
+        self.frozen = False
+        self._x: torch.Tensor | None = None
+
+    def __call__(self, unit: Unit, x: torch.Tensor) -> None:
+        if unit.name not in self.members:
+            if self.frozen or (self.members and not _same_tensor(x, self._x)):
+                raise _StopForward
+            self.members.append(unit.name)
+            self._x = x
+        self.collector(unit, x)
+
+    def end_batch(self) -> None:
+        self.collector.release()
+        self._x = None
+        self.frozen = bool(self.members)
+
+
+def _unitwise(model, planned, calib_x, applier: _Applier, batch_size, progress, manifest: Manifest) -> None:
+    """Sequential calibration unit by unit in forward order (see the module docstring)."""
+    cb = progress or no_progress
+    t0 = time.perf_counter()
+    # units that need no statistics first (an embedding gets none: it falls back to RTN)
+    remaining = []
+    for u in planned:
+        if needs_calibration(applier.plan.options[u.name]) and u.kind != "embedding":
+            remaining.append(u)
+        else:
+            applier.apply(u, None)
+    timing = {"quantize_s": time.perf_counter() - t0, "stats_s": 0.0, "n_passes": 0}
+    batches = calib_x.split(batch_size)
+    total = len(remaining)
+    cb("calibrate units", 0, total)
+    while remaining:
+        t0 = time.perf_counter()
+        stage = _StageInputs()
+        with unit_inputs(model, remaining, stage):
+            for x in batches:
+                try:
+                    forward_logits(model, _to_model(model, x))
+                except _StopForward:
+                    pass
+                stage.end_batch()
+        timing["stats_s"] += time.perf_counter() - t0
+        timing["n_passes"] += 1
+        t0 = time.perf_counter()
+        members = set(stage.members)
+        if not members:  # no remaining unit receives an input: round to nearest, with warnings
+            members = {u.name for u in remaining}
+        for u in remaining:
+            if u.name in members:
+                applier.apply(u, stage.collector.get(u.name))
+        remaining = [u for u in remaining if u.name not in members]
+        timing["quantize_s"] += time.perf_counter() - t0
+        cb("calibrate units", total - len(remaining), total)
     manifest.timing = timing

@@ -71,7 +71,13 @@ def eval_table(result: dict) -> str:
     else:
         headers = ["format", "bpw quantized", "bpw all", "top1 %"]
         body = [[r["label"], r["bpw_units"], r["bpw_all"], 100 * r["top1"]] for r in rows]
+        if any("quantize_s" in r for r in rows):
+            headers.append("quant s")
+            for b, r in zip(body, rows):
+                b.append(r.get("quantize_s"))
         head = f"model {result['model']}  data {result['data']}: {result['n_images']} images"
+        if result.get("calibration"):
+            head += f"; calibration {result['calibration']}"
     foot = ("bpw blocks: all-in bits per weight of the units in the blocks; bpw all: every parameter, "
             "embeddings/head/norms at 16 bits unless quantized") if is_lm else (
             "bpw quantized: all-in bits per weight of the conv/linear units; bpw all: every parameter, "
@@ -311,8 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quantizer", default="rtn", choices=["rtn", "gptq"], help="quantizer for --format (default rtn)")
     e.add_argument("--transform", action="append", default=[], metavar="T",
                    help="transform(s) before quantizing --format units: rotate, smooth, lowrank:R (repeat or comma-separate)")
-    e.add_argument("--calib", default=None, help="calibration text for gptq/smooth (default wikitext2-valid)")
-    e.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default 128)")
+    e.add_argument("--calib", default=None, help="calibration data for gptq/smooth: a text (default wikitext2-valid); "
+                   "image models: cifar10-calib (the default), the calibration half of the CIFAR-10 test images")
+    e.add_argument("--calib-samples", type=int, default=128,
+                   help="calibration windows, or images drawn at random from cifar10-calib (default 128)")
     e.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
     e.add_argument("--seed", type=int, default=0, help="seed of calibration sampling and rotations")
     e.add_argument("--json", default=None, metavar="OUT", help="write the results as an eval artifact")
@@ -323,7 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--candidates", default="int2:g64,int3:g64,int4:g64,int8:ch", help="comma-separated options")
     a.add_argument("--method", default="fisher", help="fisher (default), output, hutchinson, eigen, measure; "
                    "hutchinson/eigen/measure are costly: use few --samples")
-    a.add_argument("--calib", default=None, help="calibration text (default wikitext2-valid); CIFAR models use the calibration half")
+    a.add_argument("--calib", default=None, help="calibration text (default wikitext2-valid); CIFAR models use "
+                   "cifar10-calib, the calibration half (--samples random images of it)")
     a.add_argument("--samples", type=int, default=8, help="calibration windows (or images)")
     a.add_argument("--seqlen", type=int, default=512)
     a.add_argument("--seed", type=int, default=0)
