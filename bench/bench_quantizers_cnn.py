@@ -1,0 +1,143 @@
+"""Benchmark: the calibrated quantizers on a CIFAR-10 ResNet (default ResNet56) with
+per-channel symmetric INT: RTN, GPTQ, GPTQ + rotate, RTN + smooth, RTN + low-rank and
+RTN + rotate.
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_quantizers_cnn.py --model resnet56-cifar10 \\
+        --formats int4:ch,int3:ch --calib-samples 512 --out bench/results
+
+Every Conv2d and Linear is quantized, the stem conv (27 inputs) and the classifier included,
+as in `bench_foundation.py`. Calibration: `--calib-samples` images drawn at random (seed 0)
+from `cifar10-calib`, the calibration half of the CIFAR-10 test images
+(`mixq.api.calibration_data`); GPTQ and smoothing run unit by unit in forward order
+(`mixq.calibrate.quantize_model`). Evaluation: the other half (5,000 images): top-1,
+agreement of the argmax with the float model, and the mean KL(float || quantized) of the
+class distributions. bpw is all-in (`mixq.accounting.bit_totals`) over the quantized units
+(and over every parameter). Quantization wall time is `quantize_model`'s, on this machine.
+
+Per layer it also records each unit's relative output error under the *float* model's
+input statistics, tr(ΔW H ΔWᵀ) / tr(W H Wᵀ) with H = XᵀX of the unit's float inputs on the
+calibration images, to see where a method gains or loses. Writes a JSON artifact to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import time
+from pathlib import Path
+
+import torch
+
+from mixq import api
+from mixq.accounting import bit_totals
+from mixq.artifacts import write_artifact
+from mixq.calibrate import collect_stats, quantize_model
+from mixq.data import load_cifar10
+from mixq.models import get_weight, load_model
+from mixq.plan import Plan
+from mixq.quantizers import output_error
+
+# label -> option suffix appended to the format
+METHODS = {"RTN": "", "GPTQ": "+gptq", "GPTQ+rotate": "+gptq+rotate", "RTN+smooth": "+smooth",
+           "RTN+lowrank:1": "+lowrank:1", "RTN+rotate": "+rotate"}
+
+
+@torch.no_grad()
+def logits_of(model, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    return torch.cat([model(x) for x in images.split(batch_size)]).float()  # (N, classes)
+
+
+def compare(logits: torch.Tensor, ref: torch.Tensor, labels: torch.Tensor) -> dict:
+    lp, lq = ref.log_softmax(-1), logits.log_softmax(-1)
+    kl = (lp.exp() * (lp - lq)).sum(-1)  # (N,) KL(float || quantized)
+    return {"top1": float((logits.argmax(-1) == labels).float().mean()),
+            "agree": float((logits.argmax(-1) == ref.argmax(-1)).float().mean()),
+            "kl": float(kl.mean())}
+
+
+def stage_of(name: str) -> str:
+    return name.split(".", 1)[0] if name.startswith("layer") else name
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="resnet56-cifar10")
+    ap.add_argument("--formats", default="int4:ch,int3:ch")
+    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
+    ap.add_argument("--calib-samples", type=int, default=512)
+    ap.add_argument("--batch-size", type=int, default=64, help="calibration images per forward pass")
+    ap.add_argument("--eval-limit", type=int, default=None, help="first N evaluation images (default all 5,000)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default="bench/results")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    loaded = load_model(args.model)
+    model = loaded.model
+    units = loaded.units()
+    all_units = loaded.units(include_head=True, include_embeddings=True)
+    (calib, _), calib_desc = api.calibration_data(loaded, None, args.calib_samples, seed=args.seed)
+    images, labels = load_cifar10("eval")
+    if args.eval_limit:
+        images, labels = images[: args.eval_limit], labels[: args.eval_limit]
+    float_state = copy.deepcopy(model.state_dict())
+    float_w = {u.name: get_weight(model, u).detach().clone() for u in units}
+    ref = logits_of(model, images)
+    float_row = {"label": "float", "option": None, **compare(ref, ref, labels),
+                 **bit_totals(None, all_units, loaded.n_params)}
+    # float input statistics of every unit, for the per-layer output errors
+    stats = collect_stats(model, units, calib, batch_size=args.batch_size)
+    gram = {n: s.xtx / s.n_tokens for n, s in stats.items()}  # (in, in)
+    base = {u.name: output_error(float_w[u.name], gram[u.name]) for u in units}
+
+    print(f"# {args.model}, per-channel INT with quantizers ({datetime.date.today()})")
+    print(f"calibration: {calib_desc}; evaluation: cifar10-eval, {images.shape[0]} images; "
+          f"{len(units)} units (stem conv and fc included); float top-1 {100 * float_row['top1']:.2f}")
+    rows = [float_row]
+    for fmt in args.formats.split(","):
+        for label in args.methods.split(","):
+            spec = fmt + METHODS[label]
+            model.load_state_dict(float_state)
+            plan = Plan.uniform(loaded.name, units, spec)
+            t0 = time.perf_counter()
+            man = quantize_model(model, units, plan, calib, batch_size=args.batch_size, seed=args.seed)
+            quant_s = time.perf_counter() - t0
+            m = compare(logits_of(model, images), ref, labels)
+            per_layer = {u.name: output_error(get_weight(model, u).detach() - float_w[u.name], gram[u.name])
+                         / base[u.name] for u in units}
+            row = {"label": f"{fmt} {label}", "format": fmt, "method": label, "option": spec, **m,
+                   "quantize_s": quant_s, **bit_totals(plan, all_units, loaded.n_params),
+                   "per_layer_rel_output_error": per_layer, "warnings": man.warnings, "timing": man.timing,
+                   "alpha": {n: r["alpha"] for n, r in man.units.items() if r.get("alpha") is not None}}
+            rows.append(row)
+            by_stage: dict[str, list[float]] = {}
+            for n, e in per_layer.items():
+                by_stage.setdefault(stage_of(n), []).append(e)
+            stage_txt = " ".join(f"{k} {sum(v) / len(v):.4f}" for k, v in by_stage.items())
+            print(f"{spec:24s} top1 {100 * m['top1']:6.2f}  agree {100 * m['agree']:6.2f}  KL {m['kl']:.4f}  "
+                  f"quant {quant_s:6.1f} s  bpw {row['bpw_units']:.3f} (all {row['bpw_all']:.3f})  "
+                  f"rel out err by stage: {stage_txt}  warnings {len(man.warnings)}", flush=True)
+
+    print("\n| method | " + " | ".join(f"{f} top-1 / agree / KL / quant s / bpw" for f in args.formats.split(",")) + " |")
+    print("|---|" + "---|" * len(args.formats.split(",")))
+    print(f"| float | {100 * float_row['top1']:.2f} |")
+    for label in args.methods.split(","):
+        cells = []
+        for fmt in args.formats.split(","):
+            r = next(r for r in rows if r.get("method") == label and r.get("format") == fmt)
+            cells.append(f"{100 * r['top1']:.2f} / {100 * r['agree']:.2f} / {r['kl']:.4f} / {r['quantize_s']:.1f} / "
+                         f"{r['bpw_units']:.3f}")
+        print(f"| {label} | " + " | ".join(cells) + " |")
+    out = Path(args.out) / f"quantizers_cnn_{args.model}.json"
+    write_artifact(out, "bench_quantizers_cnn", 1, {
+        "model": args.model, "date": str(datetime.date.today()), "calibration": calib_desc,
+        "n_calib": int(calib.shape[0]), "eval": "cifar10-eval", "n_eval": int(images.shape[0]),
+        "batch_size": args.batch_size, "seed": args.seed, "threads": args.threads,
+        "units": "every Conv2d and Linear (stem conv and fc included)", "rows": rows})
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
