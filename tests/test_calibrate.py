@@ -286,3 +286,74 @@ def test_resnet20_gptq_on_cifar(one_thread):
     better = [u.options[1]["error"] < u.options[0]["error"] for u in table.units]
     assert sum(better) >= 0.9 * len(better)
 
+
+def test_diagonal_methods_credit_error_shaping(tiny_llama):
+    """Fisher with calibrated candidates: a gptq option's error is the plain format's Fisher
+    error scaled by the ratio of output errors tr(ΔW H ΔWᵀ); without the Hessians (no
+    `gram`) the diagonal Fisher is blind to GPTQ's error cancellation."""
+    from mixq.quantizers.smooth import output_error as oe
+    from mixq.sensitivity import analyze
+
+    units = llm_units(tiny_llama)
+    calib = windows(8, 64, seed=4)
+    fn = quantize_fn_for_sensitivity(tiny_llama, units, calib, batch_size=4)
+    # the plain format is not a candidate: it is analysed alongside, then dropped
+    table = analyze(tiny_llama, units, ["int3:g32+gptq", "int4:g32"], "fisher", calib, quantize_fn=fn)
+    assert table.candidates == ["int3:g32+gptq", "int4:g32"]
+    assert table.method_opts.get("shaped_options")
+    plain = analyze(tiny_llama, units, ["int3:g32"], "fisher", calib)
+    e_plain = {u.name: u.options[0]["error"] for u in plain.units}
+    stats = collect_stats(tiny_llama, units, calib, batch_size=4)
+    checked = 0
+    for rec in table.units:
+        u = next(x for x in units if x.name == rec.name)
+        w = get_weight(tiny_llama, u).detach()
+        H = stats[u.name].hessian()
+        ratio = oe(fn(u, w, parse_option("int3:g32+gptq")) - w, H) / oe(fn(u, w, parse_option("int3:g32")) - w, H)
+        e = {o["option"]: o["error"] for o in rec.options}["int3:g32+gptq"]
+        assert e == pytest.approx(e_plain[rec.name] * ratio, rel=1e-6)
+        assert ratio < 1.0  # GPTQ lowers the output error of every unit here
+        checked += 1
+    assert checked == len(units)
+    # without Hessians the method scores the shaped ΔW on its own diagonal
+    fn_blind = lambda unit, w, option: fn(unit, w, option)  # noqa: E731  (no .gram)
+    blind = analyze(tiny_llama, units, ["int3:g32+gptq"], "fisher", calib, quantize_fn=fn_blind)
+    assert blind.method_opts.get("shaped_options") is None
+    assert any(abs(b.options[0]["error"] - {o["option"]: o["error"] for o in r.options}["int3:g32+gptq"])
+               > 1e-3 * b.options[0]["error"] for b, r in zip(blind.units, table.units))
+
+
+def test_spike_rule_rotate_or_keep(tiny_llama):
+    """The spike-aware rule picks among +rotate options and 8-bit ones for flagged units,
+    keeps them at 8 bits, or pins them; the flagged units land in the plan's meta."""
+    from mixq import api
+    from mixq.errors import MixqError
+    from mixq.sensitivity import analyze, spiky_units
+
+    units = llm_units(tiny_llama)
+    calib = windows(4, 64, seed=6)
+    fn = quantize_fn_for_sensitivity(tiny_llama, units, calib, batch_size=4)
+    table = analyze(tiny_llama, units, ["int2:g32", "int4:g32", "int8:ch", "int3:g32+gptq+rotate"], "fisher", calib,
+                    quantize_fn=fn)
+    ratios = sorted(u.stats["ratio"] for u in table.units)
+    cut = ratios[len(ratios) // 2]  # flag the spikier half
+    flagged = spiky_units(table, cut)
+    assert 0 < len(flagged) < len(units)
+    plan, _ = api.plan(table, 4.0, spikes="rotate", spike_ratio=cut)
+    assert plan.meta["spikes"]["units"] == flagged
+    for name in flagged:
+        o = plan.options[name]
+        assert "rotate" in o.transforms or o.format == "int8:ch"
+    from mixq.planner import spike_rule
+
+    rows, _ = spike_rule(table.to_rows(), table.units_info, flagged, "rotate")
+    for u in table.units:
+        left = sorted(r[1] for r in rows if r[0] == u.name)
+        assert left == (["int3:g32+gptq+rotate", "int8:ch"] if u.name in flagged else sorted(table.candidates))
+    kept, _ = api.plan(table, 6.0, spikes="keep", spike_ratio=cut)
+    assert all(str(kept.options[n]) == "int8:ch" for n in flagged)
+    pinned, _ = api.plan(table, 6.0, spikes="int4:g32", spike_ratio=cut)
+    assert all(str(pinned.options[n]) == "int4:g32" for n in flagged)
+    plain = analyze(tiny_llama, units, ["int2:g32", "int4:g32"], "fisher", calib)
+    with pytest.raises(MixqError, match="no candidate"):
+        api.plan(plain, 3.0, spikes="rotate", spike_ratio=cut)

@@ -254,11 +254,16 @@ def analyze(model: str | LoadedModel = DEFAULT_MODEL, candidates=DEFAULT_CANDIDA
 
 def plan(table, budget_bpw: float, *, solver: str = "ilp", max_bytes: int | None = None,
          keep: dict[str, str] | None = None, ties: list[str] | None = None, min_bits: float | None = None,
-         max_bits: float | None = None, frontier_points: int = 0, progress: Progress | None = None):
+         max_bits: float | None = None, frontier_points: int = 0, spikes: str | None = None,
+         spike_ratio: float = 1000.0, progress: Progress | None = None):
     """Allocate options under a budget from a sensitivity table (or its path).
 
-    Returns (plan, frontier) where frontier is a list of points (empty unless
-    `frontier_points` > 0): estimated error against bits, each with its explicit choice."""
+    `spikes` applies the spike-aware rule to the units whose inputs spike (input
+    max/median > `spike_ratio`): "keep" (8+ bits), "rotate" (+rotate options or 8+ bits) or
+    an option to pin them to (see `mixq.planner.spike_rule`); the flagged units land in
+    the plan's meta. Returns (plan, frontier) where frontier is a list of points (empty
+    unless `frontier_points` > 0): estimated error against bits, each with its explicit
+    choice."""
     from mixq.planner import make_frontier, make_plan
     from mixq.sensitivity import SensitivityTable
 
@@ -271,6 +276,13 @@ def plan(table, budget_bpw: float, *, solver: str = "ilp", max_bytes: int | None
     rows = table.to_rows()
     meta = {"sensitivity": {"source": source, "method": table.method, "seed": table.seed,
                             "calibration": table.calibration, "candidates": table.candidates}}
+    if spikes:
+        from mixq.planner import spike_rule
+        from mixq.sensitivity import spiky_units
+
+        spiky = spiky_units(table, spike_ratio)
+        rows, keep = spike_rule(rows, info, spiky, spikes, keep)
+        meta["spikes"] = {"rule": spikes, "ratio": spike_ratio, "units": spiky}
     the_plan, _ = make_plan(table.model, info, rows, budget_bpw, solver=solver, max_bytes=max_bytes, keep=keep,
                             ties=ties, min_bits=min_bits, max_bits=max_bits, meta=meta)
     curve = []

@@ -218,7 +218,8 @@ def cmd_plan(args) -> int:
     the_plan, curve = api.plan(args.sensitivity, args.budget, solver=args.solver, max_bytes=args.max_bytes,
                                keep=_keep_arg(args.keep), ties=_csv(args.tie) if args.tie else [],
                                min_bits=args.min_bits, max_bits=args.max_bits,
-                               frontier_points=args.points if args.frontier else 0, progress=_progress(args))
+                               frontier_points=args.points if args.frontier else 0, spikes=args.spikes,
+                               spike_ratio=args.spike_ratio, progress=_progress(args))
     the_plan.save(args.output)
     m = the_plan.meta
     counts: dict[str, int] = {}
@@ -228,6 +229,9 @@ def cmd_plan(args) -> int:
           f"{m['bits_per_weight']:.4f} bits/weight over {len(the_plan.options)} units, "
           f"predicted error {m['predicted_error']:.6g}")
     print(render_table(["option", "units"], sorted(counts.items())))
+    if m.get("spikes"):
+        sp = m["spikes"]["units"]
+        print(f"spike rule {args.spikes!r} on {len(sp)} unit(s): " + ", ".join(f"{n}={the_plan.options[n]}" for n in sp))
     print(f"wrote {args.output}")
     if args.frontier:
         api.save_frontier(args.frontier, curve, {"model": the_plan.model, "solver": args.solver,
@@ -350,6 +354,10 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--tie", default="", help="units that must share an option: qkv, gate_up, experts (comma-separated)")
     pl.add_argument("--min-bits", type=float, default=None, help="drop options under this many bits per weight")
     pl.add_argument("--max-bits", type=float, default=None, help="drop options over this many bits per weight")
+    pl.add_argument("--spikes", default=None, metavar="keep|rotate|OPTION",
+                    help="spike-aware rule for units whose inputs spike: keep (8+ bits), rotate (+rotate options or "
+                         "8+ bits), or an option to pin them to")
+    pl.add_argument("--spike-ratio", type=float, default=1000.0, help="input max/median ratio that flags a spike")
     pl.add_argument("--solver", default="ilp", choices=["ilp", "greedy", "dp"])
     pl.add_argument("-o", "--output", default="plan.json")
     pl.add_argument("--frontier", default=None, metavar="FRONTIER_JSON", help="also write the whole error-vs-bits curve")

@@ -97,7 +97,10 @@ def spike_rule(rows: list[tuple[str, str, int, float]], units: list[dict], spiky
     if not spiky_set:
         return rows, keep
     if rule not in SPIKE_RULES:
-        opt = str(parse_option(rule))  # FormatError names a bad option
+        try:
+            opt = str(parse_option(rule))
+        except MixqError as e:
+            raise type(e)(f"spike rule {rule!r}: expected 'keep', 'rotate' or an option such as int8:ch ({e})") from e
         for name in spiky:
             keep[name] = opt
         return rows, keep
