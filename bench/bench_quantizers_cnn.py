@@ -17,6 +17,14 @@ class distributions. bpw is all-in (`mixq.accounting.bit_totals`) over the quant
 Per layer it also records each unit's relative output error under the *float* model's
 input statistics, tr(ΔW H ΔWᵀ) / tr(W H Wᵀ) with H = XᵀX of the unit's float inputs on the
 calibration images, to see where a method gains or loses. Writes a JSON artifact to --out.
+
+With `--plan-budgets 3.0,3.5` it benchmarks the planner instead: one Fisher table over RTN
+candidates (int2/3/4/8:ch) and calibrated ones (int2/3/4:ch with +gptq and +gptq+rotate),
+then per budget a plan from the RTN rows only and one from all rows, each applied
+(unit-by-unit GPTQ on the same calibration images) and evaluated:
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_quantizers_cnn.py --model resnet56-cifar10 \
+        --calib-samples 512 --plan-budgets 3.0,3.5 --out bench/results
 """
 
 from __future__ import annotations
@@ -71,8 +79,15 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--plan-budgets", default=None, help="benchmark the planner at these budgets instead")
+    ap.add_argument("--rtn", default="int2:ch,int3:ch,int4:ch,int8:ch")
+    ap.add_argument("--extra", default="int2:ch+gptq,int3:ch+gptq,int4:ch+gptq,"
+                                       "int2:ch+gptq+rotate,int3:ch+gptq+rotate,int4:ch+gptq+rotate")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.plan_budgets:
+        plan_bench(args)
+        return
 
     loaded = load_model(args.model)
     model = loaded.model
@@ -136,6 +151,53 @@ def main() -> None:
         "n_calib": int(calib.shape[0]), "eval": "cifar10-eval", "n_eval": int(images.shape[0]),
         "batch_size": args.batch_size, "seed": args.seed, "threads": args.threads,
         "units": "every Conv2d and Linear (stem conv and fc included)", "rows": rows})
+    print(f"wrote {out}")
+
+
+def plan_bench(args) -> None:
+    from collections import Counter
+
+    from mixq.planner import make_plan
+
+    loaded = load_model(args.model)
+    model = loaded.model
+    units = loaded.units()
+    all_units = loaded.units(include_head=True, include_embeddings=True)
+    (calib, _), calib_desc = api.calibration_data(loaded, None, args.calib_samples, seed=args.seed)
+    images, labels = load_cifar10("eval")
+    if args.eval_limit:
+        images, labels = images[: args.eval_limit], labels[: args.eval_limit]
+    float_state = copy.deepcopy(model.state_dict())
+    ref = logits_of(model, images)
+    rtn, extra = args.rtn.split(","), args.extra.split(",")
+    t0 = time.perf_counter()
+    table = api.analyze(loaded, candidates=rtn + extra, method="fisher", samples=args.calib_samples, seed=args.seed,
+                        measure_cost=False)
+    analysis_s = time.perf_counter() - t0
+    print(f"# {args.model}: planner with and without calibrated candidates ({datetime.date.today()})")
+    print(f"calibration: {calib_desc}; Fisher over {len(rtn + extra)} candidates in {analysis_s:.1f} s; "
+          f"evaluation: cifar10-eval, {images.shape[0]} images; float top-1 {100 * compare(ref, ref, labels)['top1']:.2f}")
+    rows = table.to_rows()
+    out_rows = []
+    print("\n| budget | candidates | bpw | top-1 / agree / KL | choices |\n|---|---|---|---|---|")
+    for budget in [float(b) for b in args.plan_budgets.split(",")]:
+        for label, keep in (("RTN only", set(rtn)), ("with GPTQ(+rotate)", set(rtn + extra))):
+            plan, sol = make_plan(table.model, table.units_info, [r for r in rows if r[1] in keep], budget)
+            model.load_state_dict(float_state)
+            t1 = time.perf_counter()
+            man = quantize_model(model, units, plan, calib, batch_size=args.batch_size, seed=args.seed)
+            quant_s = time.perf_counter() - t1
+            m = compare(logits_of(model, images), ref, labels)
+            choices = dict(Counter(str(o) for o in plan.options.values()).most_common())
+            row = {"budget": budget, "candidates": label, **m, "quantize_s": quant_s, "predicted": sol.total_error,
+                   "choices": choices, "warnings": man.warnings, **bit_totals(plan, all_units, loaded.n_params)}
+            out_rows.append(row)
+            print(f"| {budget:g} | {label} | {row['bpw_units']:.3f} | {100 * m['top1']:.2f} / {100 * m['agree']:.2f} / "
+                  f"{m['kl']:.4f} | {', '.join(f'{k} {v}' for k, v in choices.items())} |", flush=True)
+    out = Path(args.out) / f"planner_cnn_{args.model}.json"
+    write_artifact(out, "bench_planner_cnn", 1, {
+        "model": args.model, "date": str(datetime.date.today()), "calibration": calib_desc,
+        "analysis_s": analysis_s, "rtn": rtn, "extra": extra, "n_eval": int(images.shape[0]), "rows": out_rows})
     print(f"wrote {out}")
 
 
