@@ -101,7 +101,7 @@ def lm_part(methods, cands, budgets, args, progress, tag):
 
 
 def cnn_part(args, progress):
-    for name in ("resnet20-cifar10", "resnet56-cifar10"):
+    for name in args.cnn_models.split(","):
         loaded = load_model(name)
         t = api.analyze(loaded, candidates=CNN_CANDS, method=args.cnn_method, samples=args.cnn_samples, seed=0,
                         progress=progress)
@@ -122,6 +122,7 @@ def main() -> None:
     ap.add_argument("--calib-seqlen", type=int, default=512)
     ap.add_argument("--cnn-method", default="hutchinson")
     ap.add_argument("--cnn-samples", type=int, default=512)
+    ap.add_argument("--cnn-models", default="resnet20-cifar10,resnet56-cifar10")
     ap.add_argument("--parts", default="int,fp,cnn")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
