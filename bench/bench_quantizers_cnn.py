@@ -68,6 +68,20 @@ def stage_of(name: str) -> str:
     return name.split(".", 1)[0] if name.startswith("layer") else name
 
 
+def setup(args):
+    """The model, its units, calibration images, evaluation images and the float logits."""
+    loaded = load_model(args.model)
+    units = loaded.units()
+    all_units = loaded.units(include_head=True, include_embeddings=True)
+    (calib, _), calib_desc = api.calibration_data(loaded, None, args.calib_samples, seed=args.seed)
+    images, labels = load_cifar10("eval")
+    if args.eval_limit:
+        images, labels = images[: args.eval_limit], labels[: args.eval_limit]
+    float_state = copy.deepcopy(loaded.model.state_dict())
+    ref = logits_of(loaded.model, images)
+    return loaded, units, all_units, calib, calib_desc, images, labels, float_state, ref
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="resnet56-cifar10")
@@ -89,17 +103,9 @@ def main() -> None:
         plan_bench(args)
         return
 
-    loaded = load_model(args.model)
+    loaded, units, all_units, calib, calib_desc, images, labels, float_state, ref = setup(args)
     model = loaded.model
-    units = loaded.units()
-    all_units = loaded.units(include_head=True, include_embeddings=True)
-    (calib, _), calib_desc = api.calibration_data(loaded, None, args.calib_samples, seed=args.seed)
-    images, labels = load_cifar10("eval")
-    if args.eval_limit:
-        images, labels = images[: args.eval_limit], labels[: args.eval_limit]
-    float_state = copy.deepcopy(model.state_dict())
     float_w = {u.name: get_weight(model, u).detach().clone() for u in units}
-    ref = logits_of(model, images)
     float_row = {"label": "float", "option": None, **compare(ref, ref, labels),
                  **bit_totals(None, all_units, loaded.n_params)}
     # float input statistics of every unit, for the per-layer output errors
@@ -159,16 +165,8 @@ def plan_bench(args) -> None:
 
     from mixq.planner import make_plan
 
-    loaded = load_model(args.model)
+    loaded, units, all_units, calib, calib_desc, images, labels, float_state, ref = setup(args)
     model = loaded.model
-    units = loaded.units()
-    all_units = loaded.units(include_head=True, include_embeddings=True)
-    (calib, _), calib_desc = api.calibration_data(loaded, None, args.calib_samples, seed=args.seed)
-    images, labels = load_cifar10("eval")
-    if args.eval_limit:
-        images, labels = images[: args.eval_limit], labels[: args.eval_limit]
-    float_state = copy.deepcopy(model.state_dict())
-    ref = logits_of(model, images)
     rtn, extra = args.rtn.split(","), args.extra.split(",")
     t0 = time.perf_counter()
     table = api.analyze(loaded, candidates=rtn + extra, method="fisher", samples=args.calib_samples, seed=args.seed,
