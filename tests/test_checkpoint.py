@@ -299,3 +299,20 @@ def test_resnet20_round_trip(tmp_path):
         with torch.no_grad():
             torch.testing.assert_close(loaded.model(x), ref, rtol=1e-5, atol=1e-5)
     assert isinstance(loaded.model.linear, QuantLinear)
+
+
+def test_quantize_refuses_a_non_empty_directory_before_any_work(tiny_loaded, tmp_path):
+    """The output directory is checked first: the model is left untouched (quantization
+    works in place) and no time is spent."""
+    from mixq import api
+    from mixq.errors import ArtifactError
+
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    before = {k: v.clone() for k, v in tiny_loaded.model.state_dict().items()}
+    with pytest.raises(ArtifactError, match="exists and is not empty"):
+        api.quantize(tiny_loaded, out, fmt="int3:g32+rotate")
+    after = tiny_loaded.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert (out / "notes.txt").read_text() == "mine"

@@ -17,7 +17,7 @@ def test_option_round_trip():
     assert str(parse_option("int4:g64")) == "int4:g64"
 
 
-@pytest.mark.parametrize("bad", ["", "int4:g64+foo", "int4:g64+lowrank:x", "nope"])
+@pytest.mark.parametrize("bad", ["", "int4:g64+foo", "int4:g64+lowrank:x", "int4:g64+lowrank:0", "nope"])
 def test_bad_options_raise(bad):
     with pytest.raises(FormatError):
         parse_option(bad)

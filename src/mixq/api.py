@@ -325,6 +325,9 @@ def quantize(model: str | LoadedModel, out_dir: str | Path, *, plan: str | Path 
 
     if (plan is None) == (fmt is None):
         raise MixqError("give exactly one of a plan (--plan plan.json) or a format (--format SPEC)")
+    from mixq.export.save import check_out_dir
+
+    check_out_dir(out_dir, overwrite)  # before any quantization work
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     units = loaded.units(include_head=True, include_embeddings=True)
     if plan is None:

@@ -66,8 +66,8 @@ def parse_option(text: str) -> Option:
         if low in QUANTIZERS:
             quantizer = low
         elif low in ("rotate", "smooth") or low.startswith("lowrank:"):
-            if low.startswith("lowrank:") and not low.split(":", 1)[1].isdigit():
-                raise FormatError(f"option {text!r}: lowrank needs an integer rank, e.g. lowrank:16")
+            if low.startswith("lowrank:") and (not low.split(":", 1)[1].isdigit() or int(low.split(":", 1)[1]) < 1):
+                raise FormatError(f"option {text!r}: lowrank needs a positive integer rank, e.g. lowrank:16")
             transforms.append(low)
         else:
             raise FormatError(

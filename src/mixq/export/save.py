@@ -182,11 +182,9 @@ def _plain_tensors(net: nn.Module, planned: list[Unit], float_dtype: torch.dtype
     return tensors, sorted(tied), slices
 
 
-@contextmanager
-def staging_dir(out_dir: Path, overwrite: bool) -> Iterator[Path]:
-    """A fresh temporary directory beside `out_dir`, renamed to `out_dir` when the block ends
-    without an exception and removed otherwise. An existing non-empty `out_dir` is replaced
-    only with `overwrite` and only if it is a mixq checkpoint."""
+def check_out_dir(out_dir: str | os.PathLike, overwrite: bool) -> bool:
+    """Whether `out_dir` holds something that `overwrite` allows replacing (a mixq checkpoint);
+    ArtifactError when it may not be written. Cheap: callers check before long work."""
     out_dir = Path(out_dir)
     existing = out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir()))
     if existing:
@@ -194,6 +192,16 @@ def staging_dir(out_dir: Path, overwrite: bool) -> Iterator[Path]:
             raise ArtifactError(f"{out_dir} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
         if not (out_dir / META_FILE).is_file():
             raise ArtifactError(f"{out_dir} exists and is not a mixq checkpoint (no {META_FILE}); refusing to replace it")
+    return existing
+
+
+@contextmanager
+def staging_dir(out_dir: Path, overwrite: bool) -> Iterator[Path]:
+    """A fresh temporary directory beside `out_dir`, renamed to `out_dir` when the block ends
+    without an exception and removed otherwise. An existing non-empty `out_dir` is replaced
+    only with `overwrite` and only if it is a mixq checkpoint."""
+    out_dir = Path(out_dir)
+    existing = check_out_dir(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     old = None
