@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 
 from mixq.errors import DataError, FormatError
+from mixq.formats.base import QTensor
 
 PER_CHANNEL = 0
 PER_TENSOR = -1
@@ -130,18 +131,30 @@ def check_qtensor(q, fmt) -> None:
         raise FormatError(f"QTensor of format {q.fmt!r} given to format {str(fmt)!r}")
 
 
-def group_ratio(fmt, x: torch.Tensor) -> float | torch.Tensor:
-    """The clip ratio of each group of x (R, G, g) for a per-group format with an
-    `_encode(x, ratio, with_codes)` whose values are its second result: 1 unless the format
-    has `:mse`, then the MSE-optimal ratio per group."""
-    if not fmt.mse:
-        return 1.0
-    return best_clip_ratio(x, lambda r: fmt._encode(x, r, with_codes=False)[1])
+class GroupCodec:
+    """The Format methods shared by the per-group formats (INT-k, scaled FP, NF4): a format
+    with `group_size`, `mse` and an `_encode(x (R, G, g), ratio, with_codes)` returning
+    (codes | None, values, scale (R, G)[, zero (R, G)]) gets its clip ratio, fake
+    quantization and quantization from here."""
 
+    def _ratio(self, x: torch.Tensor) -> float | torch.Tensor:
+        """The clip ratio of each group of x (R, G, g): 1 unless the format has `:mse`, then
+        the MSE-optimal ratio per group."""
+        if not self.mse:
+            return 1.0
+        return best_clip_ratio(x, lambda r: self._encode(x, r, with_codes=False)[1])
 
-def group_fake_quant(fmt, w: torch.Tensor) -> torch.Tensor:
-    """Quantize-dequantize a 2-D weight with a per-group format (INT-k, scaled FP, NF4)."""
-    check_weight(w)
-    x = to_groups(w.float(), fmt.group_size)  # (R, G, g)
-    values = fmt._encode(x, group_ratio(fmt, x), with_codes=False)[1]
-    return from_groups(values, tuple(w.shape), fmt.group_size).to(w.dtype)
+    def fake_quant(self, w: torch.Tensor) -> torch.Tensor:
+        """Quantize-dequantize a 2-D weight."""
+        check_weight(w)
+        x = to_groups(w.float(), self.group_size)  # (R, G, g)
+        values = self._encode(x, self._ratio(x), with_codes=False)[1]
+        return from_groups(values, tuple(w.shape), self.group_size).to(w.dtype)
+
+    def quantize(self, w: torch.Tensor) -> QTensor:
+        """Codes, float16 scales (and zero points, for a format whose `_encode` gives them)."""
+        check_weight(w)
+        shape = tuple(w.shape)
+        x = to_groups(w.float(), self.group_size)  # (R, G, g)
+        codes, _, scale, *zero = self._encode(x, self._ratio(x))
+        return QTensor(str(self), shape, from_groups(codes, shape, self.group_size), scale.to(torch.float16), *zero)

@@ -32,13 +32,13 @@ import torch
 
 from mixq.errors import FormatError
 from mixq.formats.base import Layout, QTensor
-from mixq.formats.grouping import (PER_TENSOR, check_qtensor, check_weight, div, group_fake_quant, group_ratio,
+from mixq.formats.grouping import (PER_TENSOR, GroupCodec, check_qtensor, div,
                                    fp16_scale, from_groups, granularity_str, group_len,
                                    scales_shape, to_groups)
 
 
 @dataclass(frozen=True)
-class IntFormat:
+class IntFormat(GroupCodec):
     """k-bit integer codes, float16 scales (and k-bit zero points when `asym`)."""
 
     code_bits: int
@@ -104,21 +104,7 @@ class IntFormat:
             c, zero = q + 2 ** (k - 1), None
         return (c.to(torch.uint8) if with_codes else None), values, scale, zero
 
-    def _ratio(self, x: torch.Tensor) -> float | torch.Tensor:
-        return group_ratio(self, x)
-
-    # -- the Format contract ----------------------------------------------------------------
-
-    def fake_quant(self, w: torch.Tensor) -> torch.Tensor:
-        return group_fake_quant(self, w)
-
-    def quantize(self, w: torch.Tensor) -> QTensor:
-        check_weight(w)
-        shape = tuple(w.shape)
-        x = to_groups(w.float(), self.group_size)  # (R, G, g)
-        codes, _, scale, zero = self._encode(x, self._ratio(x))
-        return QTensor(str(self), shape, from_groups(codes, shape, self.group_size),
-                       scale.to(torch.float16), zero)
+    # -- the Format contract (fake_quant and quantize from GroupCodec) -----------------------
 
     def dequantize(self, q: QTensor) -> torch.Tensor:
         check_qtensor(q, self)

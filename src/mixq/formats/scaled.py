@@ -18,7 +18,7 @@ import torch
 from mixq.errors import FormatError
 from mixq.formats.base import Layout, QTensor
 from mixq.formats.elements import GRIDS, Grid, grid_levels, round_elements
-from mixq.formats.grouping import (PER_TENSOR, check_qtensor, check_weight, div, group_fake_quant, group_ratio,
+from mixq.formats.grouping import (PER_TENSOR, GroupCodec, check_qtensor, div,
                                    fp16_scale, from_groups, granularity_str, group_len,
                                    scales_shape, to_groups)
 
@@ -26,7 +26,7 @@ GRID_ELEMENTS = ("fp8_e4m3", "fp8_e5m2", "fp6_e3m2", "fp6_e2m3", "fp4_e2m1", "nf
 
 
 @dataclass(frozen=True)
-class GridFormat:
+class GridFormat(GroupCodec):
     """Element codes of `element`'s grid times a float16 scale per group."""
 
     element: str  # one of GRID_ELEMENTS
@@ -78,21 +78,7 @@ class GridFormat:
         codes, elements = round_elements(x / s3, self.element, with_codes=with_codes)
         return codes, elements * s3, scale
 
-    def _ratio(self, x: torch.Tensor) -> float | torch.Tensor:
-        return group_ratio(self, x)
-
-    # -- the Format contract ----------------------------------------------------------------
-
-    def fake_quant(self, w: torch.Tensor) -> torch.Tensor:
-        return group_fake_quant(self, w)
-
-    def quantize(self, w: torch.Tensor) -> QTensor:
-        check_weight(w)
-        shape = tuple(w.shape)
-        x = to_groups(w.float(), self.group_size)  # (R, G, g)
-        codes, _, scale = self._encode(x, self._ratio(x))
-        return QTensor(str(self), shape, from_groups(codes, shape, self.group_size),
-                       scale.to(torch.float16))
+    # -- the Format contract (fake_quant and quantize from GroupCodec) -----------------------
 
     def dequantize(self, q: QTensor) -> torch.Tensor:
         check_qtensor(q, self)
