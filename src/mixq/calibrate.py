@@ -103,6 +103,12 @@ class UnitStats:
         return (self.abs_sum / self.n_tokens).float()
 
 
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a and b are the very same tensor (units fed one input: q/k/v, gate/up)."""
+    return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+            and a.dtype == b.dtype)
+
+
 class StatsCollector:
     """A `unit_inputs` consumer accumulating `UnitStats` per unit. Units fed the very same
     input tensor (q/k/v, gate/up) share one accumulator (their Hessians are equal)."""
@@ -119,9 +125,7 @@ class StatsCollector:
             self.order.append(unit.name)
         if self._last is not None:
             px, pacc = self._last
-            same = (x.data_ptr() == px.data_ptr() and x.shape == px.shape and x.stride() == px.stride()
-                    and x.dtype == px.dtype)
-            if same and self.stats.setdefault(unit.name, pacc) is pacc:
+            if _same_tensor(x, px) and self.stats.setdefault(unit.name, pacc) is pacc:
                 return
         acc = self.stats.setdefault(unit.name, UnitStats())
         acc.add(x)
@@ -602,11 +606,6 @@ def _sequential(model, planned, calib_ids, applier: _Applier, batch_size, progre
 
 # ---------------------------------------------------------------------------------------
 # Unit-by-unit execution (no decoder-block list, or image inputs)
-
-
-def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
-            and a.dtype == b.dtype)
 
 
 class _StageInputs:

@@ -23,6 +23,7 @@ from mixq.models.capture import forward_logits, owner_module
 from mixq.models.units import Unit, get_weight
 from mixq.plan import Option, parse_option
 from mixq.progress import Progress
+from mixq.quantizers.smooth import output_error
 
 TASKS = ("lm", "image")
 LOSSES = ("ce",)
@@ -165,12 +166,13 @@ class Context:
         with torch.no_grad():
             w = get_weight(self.model, unit).detach()
             H = self.gram(unit) if self.gram is not None else None
+            if H is not None:
+                H = H.to(w.device)
             for opt in self.options:
                 w_hat = self.quantize_fn(unit, w, opt)
                 dw = w_hat.float() - w.float()  # (out, in)
                 if H is not None:
-                    H = H.to(dw.device, torch.float64)
-                    self.output_errors[(unit.name, str(opt))] = float(((dw.double() @ H) * dw.double()).sum())
+                    self.output_errors[(unit.name, str(opt))] = output_error(dw, H)
                 yield opt, dw
 
 
