@@ -30,8 +30,8 @@ from mixq.formats import QTensor
 from mixq.export.streams import kernel_weights
 from mixq.formats.packing import unpack_qtensor
 from mixq.models.load import LoadedModel
-from mixq.models.units import Unit, set_weight
-from mixq.nn.swap import swap_in_quant_modules
+from mixq.models.units import Unit
+from mixq.nn.swap import swap_in_quant_modules, write_dequantized
 from mixq.plan import Plan
 from mixq.progress import Progress, track
 from mixq.quantizers.hadamard import rotation
@@ -305,9 +305,7 @@ def load_quantized(folder: str | os.PathLike, *, device: str | torch.device = "c
             dequantized = swap_in_quant_modules(model, units, qtensors, prepacked, transforms)
         else:
             for u in track(units, "dequantize", len(units), progress):
-                q = qtensors[u.name]
-                w = formats.parse(q.fmt).dequantize(q)
-                set_weight(model, u, transforms[u.name].to_weight(w) if u.name in transforms else w)
+                write_dequantized(model, u, qtensors[u.name], transforms.get(u.name))
     _sync_tied(model, doc, set(plain) | {u.param for u in units})
     for name, why in dequantized.items():
         log.info("unit %s: dequantized into the float model (%s)", name, why)

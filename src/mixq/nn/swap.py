@@ -39,6 +39,13 @@ def _packed_reason(model: nn.Module, unit: Unit, fmt, shared: set[str]) -> str |
     return None
 
 
+def write_dequantized(model: nn.Module, unit: Unit, q: QTensor, transforms: UnitTransforms | None = None) -> None:
+    """Write the unit's dequantized weight into the model in place: ŵ rebuilt from the stored
+    Q(E) by `transforms.to_weight` when the unit has transforms (as fake quantization does)."""
+    w = formats.parse(q.fmt).dequantize(q)
+    set_weight(model, unit, w if transforms is None or transforms.is_identity else transforms.to_weight(w))
+
+
 def swap_in_quant_modules(model: nn.Module, units: list[Unit], qtensors: dict[str, QTensor],
                           prepacked: dict[str, KernelWeights] | None = None,
                           transforms: dict[str, UnitTransforms] | None = None) -> dict[str, str]:
@@ -71,7 +78,6 @@ def swap_in_quant_modules(model: nn.Module, units: list[Unit], qtensors: dict[st
                 parent = model.get_submodule(parent_name) if parent_name else model
                 setattr(parent, leaf, qlin.to(module.weight.device))
                 continue
-        w = fmt.dequantize(q)
-        set_weight(model, unit, w if tf is None or tf.is_identity else tf.to_weight(w))
+        write_dequantized(model, unit, q, tf)
         dequantized[unit.name] = reason
     return dequantized
