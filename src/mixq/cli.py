@@ -125,7 +125,7 @@ def cmd_eval(args) -> int:
         result = api.evaluate_checkpoint(args.model, data=args.data, seqlen=args.seqlen,
                                          windows=None if args.windows == 0 else args.windows,
                                          tasks=_csv(args.tasks) if args.tasks else [], limit=args.limit,
-                                         progress=_progress(args))
+                                         progress=_progress(args), **_placement(args))
         print(eval_table(result))
         if args.json:
             _write_json(args.json, "eval", api.EVAL_SCHEMA, result)
@@ -151,6 +151,7 @@ def cmd_eval(args) -> int:
         calib_seqlen=args.calib_seqlen,
         seed=args.seed,
         progress=_progress(args),
+        **_placement(args),
     )
     print(eval_table(result))
     if args.json:
@@ -195,13 +196,18 @@ def cmd_analyze(args) -> int:
 
     table = api.analyze(args.model, candidates=_csv(args.candidates), method=args.method, calib=args.calib,
                         samples=args.samples, seqlen=args.seqlen, seed=args.seed, include_head=args.include_head,
-                        progress=_progress(args))
+                        progress=_progress(args), **_placement(args))
     table.save(args.output)
     t = table.timing
     print(f"sensitivity ({table.method}) of {len(table.units)} units x {len(table.candidates)} candidates; "
           f"calibration: {table.calibration.get('description', '')}")
-    print(f"analysis {t['wall_s']:.1f} s = {t.get('ratio_to_fwd_bwd', float('nan')):.1f} x one float "
-          f"forward+backward over the calibration set ({t.get('fwd_bwd_s', float('nan')):.2f} s)")
+    if "ratio_to_fwd_bwd" in t:
+        print(f"analysis {t['wall_s']:.1f} s = {t['ratio_to_fwd_bwd']:.1f} x one float forward+backward over the "
+              f"calibration set ({t['fwd_bwd_s']:.2f} s)")
+    else:
+        print(f"analysis {t['wall_s']:.1f} s (blocks offloaded to {t.get('offload')}: no whole-model reference timed)")
+    if t.get("peak_device_bytes"):
+        print(f"peak {t['device']} memory {t['peak_device_bytes'] / 2**30:.2f} GiB")
     worst = sorted(table.units, key=lambda u: -u.options[0]["error"])[:8]
     print(render_table(["most sensitive unit", f"error @ {table.candidates[0]}", "input max/median"],
                        [[u.name, u.options[0]["error"], u.stats.get("ratio")] for u in worst]))
@@ -243,16 +249,19 @@ def cmd_plan(args) -> int:
 def cmd_run(args) -> int:
     from mixq.pipeline import run
 
-    res = run(args.model, budget_bpw=args.budget, out_dir=args.out, candidates=_csv(args.candidates),
-              method=args.method, calib=args.calib, samples=args.samples, seqlen=args.seqlen,
-              eval_windows=args.windows, n_checks=args.checks, seed=args.seed,
-              ties=_csv(args.tie) if args.tie else [], progress=_progress(args))
+    budgets = [float(b) for b in _csv(args.budget)]
+    if not budgets:
+        raise MixqError("--budget: give one or more bits-per-weight budgets, e.g. 3.5 or 4.25,3.25")
+    res = run(args.model, budget_bpw=budgets if len(budgets) > 1 else budgets[0], out_dir=args.out,
+              candidates=_csv(args.candidates), method=args.method, calib=args.calib, samples=args.samples,
+              seqlen=args.seqlen, eval_windows=args.windows, n_checks=args.checks, seed=args.seed,
+              ties=_csv(args.tie) if args.tie else [], progress=_progress(args), **_placement(args))
     print(eval_table(res["eval"]))
     chk = res["check"]
     if chk.get("spearman") is not None:
         print(f"additivity check over {len(chk['plans'])} frontier plans: Spearman(predicted error, measured "
               f"{chk['metric']}) = {chk['spearman']:.3f}")
-    print(f"closest uniform format under {args.budget:g} bits: {res['eval'].get('closest_uniform')}")
+    print(f"closest uniform format under {args.budget} bits: {res['eval'].get('closest_uniform')}")
     print(f"run directory {res['out_dir']}; report {res['report']}")
     return 0
 
@@ -264,7 +273,7 @@ def cmd_quantize(args) -> int:
     doc = api.quantize(args.model, args.output, plan=args.plan, fmt=(args.format + suffix) if args.format else None,
                        include_head=args.include_head, calib=args.calib, calib_samples=args.calib_samples,
                        calib_seqlen=args.calib_seqlen, seed=args.seed, fp32=args.fp32, overwrite=args.overwrite,
-                       progress=_progress(args))
+                       progress=_progress(args), **_placement(args))
     t = doc.get("totals", {})
     print(f"wrote {args.output}: {len(doc['units'])} packed units"
           + (f", {t.get('bpw_all', float('nan')):.3f} bits per weight all-in" if t else ""))
@@ -278,8 +287,10 @@ def cmd_generate(args) -> int:
 
     from mixq.export import generate, load_quantized
 
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    from mixq.models.placement import resolve_device, resolve_dtype
+
+    dev = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, dev, torch.bfloat16)
     loaded = load_quantized(args.checkpoint, device=dev, dtype=dtype, packed="auto")
     print(generate(loaded, args.prompt, args.max_new_tokens, greedy=not args.sample, chat=args.chat, seed=args.seed))
     return 0
@@ -293,6 +304,22 @@ def cmd_report(args) -> int:
 
 
 # ---------------------------------------------------------------- parser
+
+
+def _placement_args(p: argparse.ArgumentParser) -> None:
+    """--device / --dtype / --offload (see mixq.models.placement)."""
+    p.add_argument("--device", default="auto", help="auto (a CUDA GPU when there is one, else the CPU), cpu, cuda, "
+                   "cuda:N (default auto)")
+    p.add_argument("--dtype", default="auto", help="auto (the model's own dtype on a GPU, float32 on the CPU), "
+                   "bfloat16, float16, float32 (default auto)")
+    p.add_argument("--offload", default="auto", choices=["auto", "none", "cpu", "disk"],
+                   help="where the decoder blocks wait while one at a time computes on the device: none (all on "
+                   "the device), cpu (host memory), disk (read from the safetensors shards); auto picks none when "
+                   "the model fits the device (default auto)")
+
+
+def _placement(args) -> dict:
+    return {"device": args.device, "dtype": args.dtype, "offload": args.offload}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -328,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
     e.add_argument("--seed", type=int, default=0, help="seed of calibration sampling and rotations")
     e.add_argument("--json", default=None, metavar="OUT", help="write the results as an eval artifact")
+    _placement_args(e)
     e.set_defaults(func=cmd_eval)
 
     a = sub.add_parser("analyze", help="measure per-unit sensitivity to every candidate format, once")
@@ -343,6 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--include-head", action="store_true")
     a.add_argument("--spike-ratio", type=float, default=1000.0, help="input max/median ratio that flags an activation spike")
     a.add_argument("-o", "--output", default="sensitivity.json")
+    _placement_args(a)
     a.set_defaults(func=cmd_analyze)
 
     pl = sub.add_parser("plan", help="choose a format per unit under a bit budget")
@@ -366,7 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="analyze, plan, eval and report in one go, into a run directory")
     r.add_argument("model", nargs="?", default="smollm2-135m")
-    r.add_argument("--budget", type=float, default=3.5, help="average all-in bits per weight (default 3.5)")
+    r.add_argument("--budget", default="3.5", help="average all-in bits per weight; several comma-separated "
+                   "(4.25,3.25) share one analysis (default 3.5)")
     r.add_argument("--candidates", default="int2:g64,int3:g64,int4:g64,int8:ch")
     r.add_argument("--method", default="fisher")
     r.add_argument("--calib", default=None)
@@ -377,6 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--tie", default="")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--out", default="runs/default", help="run directory")
+    _placement_args(r)
     r.set_defaults(func=cmd_run)
 
     qz = sub.add_parser("quantize", help="quantize a model by a plan (or one format) and write a packed checkpoint")
@@ -393,6 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     qz.add_argument("--fp32", action="store_true", help="store unquantized tensors in fp32 (default bf16)")
     qz.add_argument("--overwrite", action="store_true", help="replace an existing mixq checkpoint directory")
     qz.add_argument("-o", "--output", required=True, help="checkpoint directory")
+    _placement_args(qz)
     qz.set_defaults(func=cmd_quantize)
 
     g = sub.add_parser("generate", help="generate text with a packed checkpoint")
@@ -402,6 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default auto)")
+    g.add_argument("--dtype", default="auto", help="activation dtype: auto (bf16 on a GPU, float32 on the CPU), "
+                   "bfloat16, float16, float32")
     g.set_defaults(func=cmd_generate)
 
     rp = sub.add_parser("report", help="write report.html for a run directory")

@@ -21,29 +21,16 @@ from torch import nn
 from mixq.errors import DataError, MixqError
 from mixq.models.capture import forward_logits, owner_module
 from mixq.models.units import Unit, get_weight
-from mixq.plan import Option, parse_option
+from mixq.option import Option, parse_option
 from mixq.progress import Progress
 from mixq.quantizers.smooth import output_error
+from mixq.sensitivity.quantized import rtn_quantize
 
 TASKS = ("lm", "image")
 LOSSES = ("ce",)
 
 # quantize_fn(unit, w (out, in), option) -> w_hat (out, in): the weight a unit would carry.
 QuantizeFn = Callable[[Unit, torch.Tensor, Option], torch.Tensor]
-
-
-def rtn_quantize(unit: Unit, w: torch.Tensor, option: Option) -> torch.Tensor:
-    """Round-to-nearest fake quantization with the option's format. Options that need a
-    calibrated quantizer or transforms (gptq, rotate, ...) are not supported here: pass a
-    `quantize_fn` that implements them."""
-    if option.quantizer != "rtn" or option.transforms:
-        raise MixqError(
-            f"unit {unit.name!r}: option {option} is not supported yet by sensitivity analysis "
-            "(only round-to-nearest options; pass quantize_fn= to analyze() for gptq/transforms)"
-        )
-    if not torch.isfinite(w).all():
-        raise DataError(f"unit {unit.name!r}: weight contains NaN/inf values")
-    return option.fmt.fake_quant(w)
 
 
 @dataclass
@@ -142,9 +129,9 @@ class Context:
     seed: int
     progress: Progress | None
     quantize_fn: QuantizeFn = rtn_quantize
-    # gram(unit) -> the unit's input Hessian (in, in) or None; when given, `deltas` records
+    # hessian(unit) -> the unit's input Hessian (in, in) or None; when given, `deltas` records
     # every option's output error tr(ΔW H ΔWᵀ) in `output_errors[(unit name, option)]`
-    gram: Callable[[Unit], torch.Tensor | None] | None = None
+    hessian: Callable[[Unit], torch.Tensor | None] | None = None
     # deterministic pass counts, in units of one pass over the whole calibration set
     cost: dict = field(default_factory=dict)
     output_errors: dict = field(default_factory=dict)
@@ -165,7 +152,7 @@ class Context:
         """(option, ΔW = Q(W) - W (out, in) float32) for every candidate option."""
         with torch.no_grad():
             w = get_weight(self.model, unit).detach()
-            H = self.gram(unit) if self.gram is not None else None
+            H = self.hessian(unit) if self.hessian is not None else None
             if H is not None:
                 H = H.to(w.device)
             for opt in self.options:
