@@ -12,6 +12,8 @@ in each format (default int4:g128 and int3:g128:asym, act order with static grou
 * `fused`: wall time of `gptq_static` (kernel per block of 128 columns + torch lazy batch
   update), after one warm-up call that compiles the kernel;
 * `kernel_only`: the same launches without the lazy batch updates (the kernel's share);
+* `dynamic`: `gptq_dynamic` (groups' parameters from the updated weights, act_order=False),
+  timed on the same inputs;
 * `torch_loop`: the torch column loop (`gptq_static_reference`, the loop of
   `quantizers.gptq`: ~15 launches per column), one run;
 * agreement between the two: share of equal codes, relative loss difference.
@@ -111,6 +113,10 @@ def run_case(out_f: int, in_f: int, spec: str, block: int, with_torch: bool, swe
     row["kernel_only_s"] = wall(lambda: kernel_only(W, U, step_cols, zero_cols, fmt, block), 3)
     log(f"{out_f}x{in_f} {spec}: fused {row['fused_s'] * 1e3:.1f} ms "
         f"(kernel {row['kernel_only_s'] * 1e3:.1f} ms; first call {row['first_call_s']:.2f} s)")
+    if fmt.group_size > 0:  # groups from the updated weights (act_order=False); timing only
+        tg.gptq_dynamic(W, U, fmt)
+        row["dynamic_s"] = wall(lambda: tg.gptq_dynamic(W, U, fmt), 3)
+        log(f"  gptq_dynamic (parameters per group in torch) {row['dynamic_s'] * 1e3:.1f} ms")
     if with_torch:
         t0 = time.perf_counter()
         Q_ref, codes_ref, loss_ref = tg.gptq_static_reference(*args)

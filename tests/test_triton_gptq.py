@@ -153,6 +153,36 @@ def test_reference_is_gptq_with_act_order(spec):
     assert abs(float(loss.sum()) - info.loss) <= 1e-6 * info.loss
 
 
+@pytest.mark.parametrize("spec", ["int4:g32", "int3:g16:asym", "int4:g40:mse", "int8:g200"])
+def test_gptq_dynamic_is_gptq_without_act_order(spec):
+    """Groups whose parameters come from the updated weights (act_order=False): equal to
+    `quantizers.gptq.gptq` with block_size = g (one group per block), with a partial last
+    group (80 columns in groups of 32; 300 in groups of 200, each wider than one launch)."""
+    from mixq import formats
+    from mixq.quantizers.gptq import gptq
+
+    fmt = formats.parse(spec)
+    rows, cols = 19, 80 if fmt.group_size < 128 else 300
+    gen = torch.Generator().manual_seed(4)
+    w = torch.randn(rows, cols, generator=gen).to(DEVICE)
+    x = (torch.randn(2 * cols, cols, generator=gen) * torch.rand(cols, generator=gen)).to(DEVICE)
+    H = 2 * x.T @ x / (2 * cols)
+    w_hat, info = gptq(w, H, fmt, block_size=fmt.group_size, act_order=False)
+    U = inverse_cholesky(H, 0.01)[0]
+    Q, codes, loss, steps, zeros = tg.gptq_dynamic(w.contiguous(), U, fmt)
+    g = fmt.group_size
+    if g <= 128:  # one launch per group: the same float operations as the torch loop
+        assert torch.equal(Q, w_hat)
+        assert torch.equal(steps, info.params.step)
+        if fmt.asym:
+            assert torch.equal(zeros, info.params.zero)
+    else:  # a group in two launches: the lazy update sums in another order
+        assert (Q == w_hat).float().mean() >= 0.999
+    offset = tg.gather_columns(zeros, g, cols) if fmt.asym else 2.0 ** (fmt.code_bits - 1)
+    assert torch.equal(Q, (codes.float() - offset) * tg.gather_columns(steps, g, cols))
+    assert abs(float(loss.sum()) - info.loss) <= 1e-5 * info.loss
+
+
 def test_per_channel_and_per_tensor_broadcast_steps():
     """(R, 1) and (1, 1) parameters are taken as broadcast views, not materialised."""
     fmt = IntFormat(4, 0, asym=True)
@@ -215,6 +245,10 @@ def test_bad_inputs_are_clear_errors():
         tg.gptq_static(W, U, step_cols[:, :5], None, 4, False)
     with pytest.raises(DataError, match="block_size"):
         tg.gptq_static(W, U, step_cols, None, 4, False, block_size=256)
+    from mixq.errors import FormatError
+
+    with pytest.raises(FormatError, match="gptq_static"):
+        tg.gptq_dynamic(W, U, IntFormat(4, 0))
     with pytest.raises(DataError, match="too few groups"):
         tg.gather_columns(torch.ones(8, 2), 32, 96)  # 96 columns of groups of 32 need 3
     with pytest.raises(DataError, match="1..128 columns"):
@@ -247,3 +281,14 @@ def test_compiled_kernel_4096():
         W, U, step_cols, zero_cols = _problem(4096, 4096, fmt, seed=1, device="cuda", n_samples=8192)
         equal = _check_against_reference(fmt, W, U, step_cols, zero_cols, block_size=128)
         assert equal >= 0.999
+    from mixq.quantizers.gptq import gptq
+
+    fmt = IntFormat(4, 128, asym=True)
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(4096, 4096, generator=gen).cuda()
+    x = torch.randn(8192, 4096, generator=gen).cuda() * torch.rand(4096, generator=gen).cuda()
+    H = 2 * x.T @ x / 8192
+    w_hat, info = gptq(w, H, fmt, block_size=128, act_order=False)
+    Q, codes, loss, steps, zeros = tg.gptq_dynamic(w, inverse_cholesky(H, 0.01)[0], fmt)
+    assert (Q == w_hat).float().mean() >= 0.999
+    assert abs(float(loss.sum()) - info.loss) <= 1e-5 * info.loss

@@ -31,7 +31,11 @@ then equals the torch column loop; only float summation order in the lazy batch 
 
 `gptq_static` is the whole GPTQ sweep for fixed per-column parameters (static groups,
 per-channel, per-tensor): it loops over blocks, calls the kernel and applies the lazy batch
-update `W[:, i2:] -= Err1 @ U[i1:i2, i2:]` with torch.
+update `W[:, i2:] -= Err1 @ U[i1:i2, i2:]` with torch. `gptq_dynamic` does the same for
+grouped formats without act order, each group's parameters computed in torch from the
+updated weights when the sweep reaches it (one group per block). Codes are recovered in
+the kernel's epilogue from the values (exactly), so only Err1 and Q1 live in registers.
+`gptq_static_reference` is the pure-torch column loop both are tested against.
 """
 
 from __future__ import annotations
@@ -231,7 +235,8 @@ def _launch(W1, U1, step, zero, Q1, codes, Err1, loss, code_bits: int, asym: boo
     )
 
 
-def _check_common(W: torch.Tensor, step, zero, asym: bool, what: str) -> tuple[int, int]:
+def _check_weight(W: torch.Tensor, what: str) -> tuple[int, int]:
+    """(rows, cols) of a float32 2-D weight on a device the kernel runs on, else an error."""
     if triton is None:
         raise FormatError("the fused GPTQ kernel needs Triton (pip install triton)")
     if not isinstance(W, torch.Tensor) or W.dim() != 2:
@@ -241,12 +246,16 @@ def _check_common(W: torch.Tensor, step, zero, asym: bool, what: str) -> tuple[i
                         "(CPU tensors only under TRITON_INTERPRET=1)")
     rows, cols = W.shape
     _check_f32("W", W, (rows, cols), W.device)
+    return rows, cols
+
+
+def _check_params(W: torch.Tensor, step, zero, asym: bool, what: str) -> None:
+    rows, cols = W.shape
     _check_f32("step", step, (rows, cols), W.device)
     if asym:
         if zero is None:
             raise DataError(f"{what}: asymmetric INT needs zero points")
         _check_f32("zero", zero, (rows, cols), W.device)
-    return rows, cols
 
 
 @torch.no_grad()
@@ -261,7 +270,8 @@ def gptq_block(W1: torch.Tensor, U1: torch.Tensor, step: torch.Tensor, zero: tor
     else None; a broadcast view such as `step.expand(R, b)` is fine).
     Returns (Q1 (R, b) float32 values, codes (R, b) uint8, Err1 (R, b) float32 scaled
     errors (w - q) / U_ii, loss (R,) float32 = sum_i Err1[:, i]**2 / 2)."""
-    rows, b = _check_common(W1, step, zero, asym, "gptq_block")
+    rows, b = _check_weight(W1, "gptq_block")
+    _check_params(W1, step, zero, asym, "gptq_block")
     if not 1 <= b <= MAX_BLOCK:
         raise DataError(f"gptq_block: a block has 1..{MAX_BLOCK} columns, got {b}")
     _check_f32("U1", U1, (b, b), W1.device)
@@ -289,12 +299,10 @@ def gptq_static(W: torch.Tensor, U: torch.Tensor, step_cols: torch.Tensor, zero_
     launch (rows per program, default BLOCK_R; warps, default block_r / 4).
     Returns (Q (R, C) float32 values on the grid, codes (R, C) uint8, loss (R,) float64 with
     loss.sum() GPTQ's own error estimate, as `GPTQInfo.loss`)."""
-    if not isinstance(W, torch.Tensor) or W.dim() != 2:
-        raise DataError("gptq_static: W must be a 2-D (rows, cols) tensor")
-    rows, cols = W.shape
+    rows, cols = _check_weight(W, "gptq_static")
     step_cols = _broadcast("step_cols", step_cols, rows, cols)
     zero_cols = _broadcast("zero_cols", zero_cols, rows, cols) if asym and zero_cols is not None else zero_cols
-    _check_common(W, step_cols, zero_cols, asym, "gptq_static")
+    _check_params(W, step_cols, zero_cols, asym, "gptq_static")
     _check_f32("U", U, (cols, cols), W.device)
     if not 1 <= block_size <= MAX_BLOCK:
         raise DataError(f"gptq_static: block_size must be 1..{MAX_BLOCK}, got {block_size}")
@@ -313,6 +321,55 @@ def gptq_static(W: torch.Tensor, U: torch.Tensor, step_cols: torch.Tensor, zero_
         if i2 < cols:
             W[:, i2:] -= err @ U[i1:i2, i2:]  # lazy batch update (the torch loop's expression)
     return Q, codes, losses.double().sum(0)
+
+
+@torch.no_grad()
+def gptq_dynamic(W: torch.Tensor, U: torch.Tensor, fmt: IntFormat, *, overwrite: bool = False,
+                 block_r: int | None = None, num_warps: int | None = None):
+    """GPTQ for a grouped INT format without act order, fused: each group's parameters come
+    from the weight as it is when the sweep reaches the group (`formats.fixed.group_params`
+    on the error-updated columns, `:mse` search included), then the group's columns run
+    through the kernel in one launch (two or more when g > 128) and the lazy batch update
+    follows. Equal to `quantizers.gptq.gptq(w, H, fmt, block_size=g, act_order=False)` for
+    g <= 128; other block sizes there (and g > 128) differ only in float summation order.
+
+    W (R, C) float32 in natural column order (dead inputs zeroed), U (C, C) as for
+    `gptq_static`. Returns (Q (R, C) float32, codes (R, C) uint8, loss (R,) float64,
+    steps (R, G) float32, zeros (R, G) float32 | None), G = ceil(C / g)."""
+    from mixq.formats.fixed import group_params
+
+    if not isinstance(fmt, IntFormat) or fmt.group_size <= 0:
+        raise FormatError(f"gptq_dynamic takes a grouped INT-k format, got {fmt!s} "
+                          "(per-channel and per-tensor parameters are fixed: use gptq_static)")
+    rows, cols = _check_weight(W, "gptq_dynamic")
+    g = fmt.group_size_for(cols)
+    _check_f32("U", U, (cols, cols), W.device)
+    W = W if overwrite else W.clone()
+    n_groups = -(-cols // g)
+    steps = torch.empty(rows, n_groups, device=W.device)
+    zeros = torch.empty(rows, n_groups, device=W.device) if fmt.asym else None
+    Q = torch.empty_like(W)
+    codes = torch.empty(rows, cols, dtype=torch.uint8, device=W.device)
+    block = min(g, MAX_BLOCK)
+    losses = torch.empty(-(-cols // block) + n_groups, rows, device=W.device)
+    Err1 = torch.empty(rows, block, device=W.device)
+    n = 0
+    for j1 in range(0, cols, g):
+        j2 = min(j1 + g, cols)
+        p = group_params(fmt, W[:, j1:j2])  # (R, 1) from the updated columns
+        steps[:, j1 // g] = p.step[:, 0]
+        if zeros is not None:
+            zeros[:, j1 // g] = p.zero[:, 0]
+        for i1 in range(j1, j2, block):
+            i2 = min(i1 + block, j2)
+            err = Err1[:, : i2 - i1]
+            _launch(W[:, i1:i2], U[i1:i2, i1:i2], p.step.expand(rows, i2 - i1),
+                    p.zero.expand(rows, i2 - i1) if fmt.asym else None, Q[:, i1:i2],
+                    codes[:, i1:i2], err, losses[n], fmt.code_bits, fmt.asym, block_r, num_warps)
+            n += 1
+            if i2 < cols:
+                W[:, i2:] -= err @ U[i1:i2, i2:]  # lazy batch update
+    return Q, codes, losses[:n].double().sum(0), steps, zeros
 
 
 def _broadcast(name: str, t, rows: int, cols: int):
