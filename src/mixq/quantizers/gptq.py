@@ -160,8 +160,12 @@ def gptq(w: torch.Tensor, H: torch.Tensor, fmt, *, block_size: int = 128, damp: 
     U, rel, lam, retries = inverse_cholesky(H, damp)
     del H
     B = _block_len(block_size, g, grouped and not act_order)
-    fused = _fused_kernel(fmt, W) if up_front is not None else None
-    if fused is not None:
+    fused = _fused_kernel(fmt, W)
+    if fused is not None and up_front is None and grouped and g <= 128:
+        # groups whose parameters come from the updated weights: one launch per group
+        Q, C, loss, steps, zeros = fused.gptq_dynamic(W, U, fmt)
+        params = GroupParams(steps, zeros, steps.to(torch.float16))
+    elif fused is not None and up_front is not None:
         step_cols, zero_cols = up_front.columns(col_group)
         if step_cols.shape[0] == 1:  # per-tensor: one step for every row
             step_cols = step_cols.expand(rows, -1)
