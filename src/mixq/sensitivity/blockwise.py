@@ -22,8 +22,9 @@ block boundaries (windows x seqlen x hidden per block) are kept across blocks.
                difference of two block-by-block gradients (ε = `fd_eps` × the RMS of the
                units' weights), the blocks computing in float32. The exact double-backward
                Hessian-vector product (`sensitivity.hessian`) needs the whole model's graph;
-               this one needs one block's, at the price of an O(ε²) truncation error
-               (relative 1e-3 or less on the test models, see the tests).
+               this one needs one block's, at the price of an O(ε²) truncation error and
+               float32 rounding noise (about 1e-4 of the largest v·(Hv) on the test Llama;
+               see the tests). The traces' own probe noise is far larger.
 
 Calibrated candidates (gptq, smooth) and the shaped-option correction of the diagonal
 methods (fisher, hutchinson) work as in `analyze`: e(option) = e(plain format) x
@@ -49,6 +50,10 @@ from mixq.sensitivity.activations import _Acc
 from mixq.sensitivity.quantized import UnitQuantizer
 
 BLOCKWISE_METHODS = ("fisher", "output", "hutchinson")
+# Central-difference step of the Hutchinson products, relative to the RMS of the units'
+# weights: in float32 on the tiny test Llama the error of v·(Hv) was about 1e-4 of the
+# largest at this step (9e-3 at 2e-1 relative; rounding noise grows below ~1e-3).
+FD_EPS = 5e-3
 
 
 class _BlockConsumer:
@@ -75,8 +80,10 @@ class _BlockConsumer:
 
 
 def _lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy, in float32 at least (bf16 logits are upcast)."""
     v = logits.shape[-1]
-    return F.cross_entropy(logits[:, :-1].reshape(-1, v).float(), ids[:, 1:].reshape(-1))
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(logits[:, :-1].reshape(-1, v), ids[:, 1:].reshape(-1))
 
 
 class BlockwiseAnalysis:
@@ -232,7 +239,7 @@ class BlockwiseAnalysis:
 def blockwise(walker: Walker, units: list[Unit], options: list[Option], method: str, calib: torch.Tensor, *,
               seed: int = 0, batch_size: int = 1, config: CalibConfig = CalibConfig(),
               progress: Progress | None = None, keep: set[str] | None = None, want_hessian: bool = False,
-              tol: float = 1e-2, min_probes: int = 4, max_probes: int = 50, fd_eps: float = 1e-3) -> dict:
+              tol: float = 1e-2, min_probes: int = 4, max_probes: int = 50, fd_eps: float = FD_EPS) -> dict:
     """Run `method` ("fisher", "output" or "hutchinson") block by block; returns the pieces a
     sensitivity table is made of: errors, info, stats, opts, cost, output_errors, and
     `cache`: (unit, option) -> QuantizedWeight (on the CPU) for the options in `keep`."""
