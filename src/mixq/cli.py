@@ -279,6 +279,10 @@ def cmd_quantize(args) -> int:
           + (f", {t.get('bpw_all', float('nan')):.3f} bits per weight all-in" if t else ""))
     if doc.get("warnings"):
         print(f"{len(doc['warnings'])} warning(s) recorded in mixq.json, first: {doc['warnings'][0]}")
+    r = doc.get("run", {})
+    if r.get("peak_device_bytes"):
+        print(f"quantized in {r['quantize_s']:.1f} s on {r['device']} (blocks offloaded: {r['offload']}), "
+              f"peak memory {r['peak_device_bytes'] / 2**30:.2f} GiB")
     return 0
 
 

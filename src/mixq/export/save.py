@@ -216,7 +216,7 @@ def _dtype_name(dtype: torch.dtype | None) -> str | None:
 def save_quantized(model: LoadedModel | nn.Module, units: list[Unit], plan: Plan, out_dir: str | os.PathLike, *,
                    weights: dict[str, QuantizedWeight | QTensor] | None = None, manifest: dict | object | None = None,
                    progress: Progress | None = None, float_dtype: torch.dtype | None = torch.bfloat16,
-                   overwrite: bool = False, tensors=None) -> dict:
+                   overwrite: bool = False, tensors=None, run: dict | None = None) -> dict:
     """Write the packed checkpoint of `model` under `plan` to `out_dir`; returns the mixq.json
     document written.
 
@@ -228,7 +228,8 @@ def save_quantized(model: LoadedModel | nn.Module, units: list[Unit], plan: Plan
     was done (a `mixq.apply.Manifest` or its dict). float_dtype: storage dtype of every
     tensor that is not a planned unit (None: each keeps its own). tensors: optional
     callable name -> tensor for state-dict entries the model holds only as meta tensors
-    (blocks read lazily from disk). Raises ArtifactError naming a unit that cannot be
+    (blocks read lazily from disk). run: how the quantization ran (device, offload, peak
+    memory, seconds), recorded as it is. Raises ArtifactError naming a unit that cannot be
     stored."""
     loaded = model if isinstance(model, LoadedModel) else None
     net = loaded.model if loaded is not None else model
@@ -305,6 +306,7 @@ def save_quantized(model: LoadedModel | nn.Module, units: list[Unit], plan: Plan
         "tied": tied,
         "expert_slices": slices,
         "manifest": manifest,
+        "run": dict(run or {}),
         "warnings": list((manifest or {}).get("warnings", [])) if isinstance(manifest, dict) else [],
         "totals": {
             "unit_bits": sum(d["bits"] for d in unit_docs.values()),
