@@ -38,9 +38,16 @@ def mixed_plan(units) -> Plan:
 
 @pytest.fixture(scope="module")
 def saved_llama(tiny_llama, tmp_path_factory):
-    """The tiny Llama written as a safetensors model directory (what a user downloads)."""
+    """The tiny Llama written as a safetensors model directory with a word-level tokenizer
+    over the words w0..w127 (what a user downloads)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
     out = tmp_path_factory.mktemp("hf") / "tiny"
     tiny_llama.save_pretrained(out)
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(128)} | {"[UNK]": 0}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(out)
     return out
 
 
@@ -236,19 +243,10 @@ def test_placement_errors_are_clear():
 def test_load_model_offload_disk(saved_llama, tmp_path):
     """A model directory loaded with offload 'disk' keeps its blocks on the meta device and
     computes the resident model's perplexity block by block."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     from mixq import api
     from mixq.models import load_model
 
-    folder = tmp_path / "m"
-    import shutil
-
-    shutil.copytree(saved_llama, folder)
-    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(128)} | {"[UNK]": 0}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(folder)
+    folder = saved_llama
     text = tmp_path / "t.txt"
     text.write_text(" ".join(f"w{(i * 7) % 128}" for i in range(2000)))
     lazy = load_model(str(folder), device="cpu", offload="disk")

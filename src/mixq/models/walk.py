@@ -222,6 +222,17 @@ class Walker:
             self._kind = "tensor" if isinstance(out, torch.Tensor) else len(out)
         return inp.with_hidden(_block_hidden(out))
 
+    def stash(self, inputs: list[BlockInput]) -> list[BlockInput]:
+        """Inputs to keep for later (a block's inputs for a backward sweep): moved to host
+        memory when the blocks are offloaded, so that what the device holds does not grow
+        with depth; `fetch` brings them back."""
+        if self.offload == "none":
+            return inputs
+        return [x.with_hidden(x.hidden.to("cpu")) for x in inputs]
+
+    def fetch(self, inputs: list[BlockInput]) -> list[BlockInput]:
+        return [x if x.hidden.device == self.device else x.with_hidden(x.hidden.to(self.device)) for x in inputs]
+
     def logits(self, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Logits (batch, seq, vocab) of the model whose last block returned `hidden` on the
         token ids `ids` (batch, seq): the final norm and head run, the blocks do not."""

@@ -119,13 +119,16 @@ class BlockwiseAnalysis:
     # -- passes ------------------------------------------------------------------------------
 
     def forward_sweep(self) -> list[list[BlockInput]]:
-        """Every block's inputs on every micro-batch (float, no graph): inputs[b], b = 0..B."""
+        """Every block's inputs on every micro-batch (float, no graph): inputs[b], b = 0..B,
+        kept in host memory when the blocks are offloaded (`Walker.stash`; `fetch` them)."""
         w = self.walker
         with torch.no_grad():
-            inputs = [w.embed(self.batches)]
+            current = w.embed(self.batches)
+            inputs = [w.stash(current)]
             for b in track(range(w.n_blocks), "analysis: forward", w.n_blocks, self.progress):
                 with w.on_device(b) as block:
-                    inputs.append([w.run(block, x) for x in inputs[-1]])
+                    current = [w.run(block, x) for x in current]
+                inputs.append(w.stash(current))
         self.add_cost("forward", 1)
         return inputs
 
@@ -139,7 +142,7 @@ class BlockwiseAnalysis:
         try:
             for p in params:
                 p.requires_grad_(True)
-            for inp, ids in zip(hidden, self.batches):
+            for inp, ids in zip(w.fetch(hidden), self.batches):
                 h = inp.hidden.detach().requires_grad_(True)
                 with torch.enable_grad():
                     loss = _lm_loss(w.logits(h, ids), ids)
@@ -173,7 +176,7 @@ class BlockwiseAnalysis:
             for p in plist:
                 p.requires_grad_(True)
             with unit_inputs(w.model, units, consumer):
-                for inp, g in zip(inputs, g_out):
+                for inp, g in zip(w.fetch(inputs), g_out):
                     h = inp.hidden.detach().requires_grad_(need_input_grad)
                     with torch.enable_grad():
                         y = w.run(block, inp.with_hidden(h)).hidden
@@ -195,7 +198,7 @@ class BlockwiseAnalysis:
         """Run the block on its float inputs with the units' input hooks (no graph)."""
         consumer = _BlockConsumer(units)
         with torch.no_grad(), unit_inputs(self.walker.model, units, consumer):
-            for inp in inputs:
+            for inp in self.walker.fetch(inputs):
                 self.walker.run(block, inp)
                 consumer.release()
         return consumer
@@ -203,7 +206,7 @@ class BlockwiseAnalysis:
     def head_stats(self, units: list[Unit], hidden: list[BlockInput]) -> _BlockConsumer:
         consumer = _BlockConsumer(units)
         with torch.no_grad(), unit_inputs(self.walker.model, units, consumer):
-            for inp, ids in zip(hidden, self.batches):
+            for inp, ids in zip(self.walker.fetch(hidden), self.batches):
                 self.walker.logits(inp.hidden, ids)
                 consumer.release()
         return consumer
@@ -351,13 +354,15 @@ def _perturbed_grad_dot(a: BlockwiseAnalysis, inputs0: list[BlockInput], probe: 
                     W.copy_(saved.pop(u.name))
 
     with torch.no_grad():
-        inputs = [inputs0]
+        current = w.fetch(inputs0)
+        inputs = [w.stash(current)]
         for b in range(w.n_blocks):
             us = a.by_block.get(b, [])
             with w.on_device(b) as block:
                 perturb(us, 1.0)
-                inputs.append([w.run(block, x) for x in inputs[-1]])
+                current = [w.run(block, x) for x in current]
                 perturb(us, -1.0)
+            inputs.append(w.stash(current))
     head = a.by_block.get(-1, [])
     perturb(head, 1.0)
     try:
@@ -389,7 +394,7 @@ def _grad_sums(a, head_units, hidden, dots, order, probe, seed):
     try:
         for p in params:
             p.requires_grad_(True)
-        for inp, ids in zip(hidden, a.batches):
+        for inp, ids in zip(w.fetch(hidden), a.batches):
             h = inp.hidden.detach().requires_grad_(True)
             weight = ids.shape[0] * (ids.shape[1] - 1) / a.n_total
             with torch.enable_grad():
@@ -422,12 +427,12 @@ def _block_grad_dots(a, block, units, inputs, g_out, need_input_grad, dots, orde
     try:
         for p in plist:
             p.requires_grad_(True)
-        for inp, g in zip(inputs, g_out):
+        for inp, g in zip(w.fetch(inputs), g_out):
             h = inp.hidden.detach().requires_grad_(need_input_grad)
             with torch.enable_grad():
                 y = w.run(block, inp.with_hidden(h)).hidden
                 targets = ([h] if need_input_grad else []) + plist
-                gs = torch.autograd.grad(y, targets, grad_outputs=g, allow_unused=True)
+                gs = torch.autograd.grad(y, targets, grad_outputs=g, allow_unused=True) if targets else ()
             out.append(gs[0] if need_input_grad else None)
             pg = gs[1:] if need_input_grad else gs
             for u in units:

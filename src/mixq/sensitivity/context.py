@@ -90,7 +90,7 @@ def calibration_loss_fn(model: nn.Module, calib, *, task: str | None = None, los
     """A closure returning the calibration loss (mean over all predicted items) as a graph-
     carrying scalar; calling `.backward()` on it gives the calibration gradient."""
     task = task or detect_task(calib)
-    batches = make_batches(calib, task, batch_size)
+    batches = _on_device(make_batches(calib, task, batch_size), model)
 
     def fn() -> torch.Tensor:
         return sum(b.weight * batch_loss(model, b, task, loss) for b in batches)
@@ -104,16 +104,25 @@ def fwd_bwd_seconds(model: nn.Module, calib, *, task: str | None = None, loss: s
     micro-batch, gradients freed in between): the unit in which analysis cost is reported.
     The best of `repeats` runs."""
     task = task or detect_task(calib)
-    batches = make_batches(calib, task, batch_size)
+    batches = _on_device(make_batches(calib, task, batch_size), model)
     params = [p for p in model.parameters() if p.requires_grad]
+    device = batches[0].x.device
     best = float("inf")
     for _ in range(max(1, repeats)):
         t0 = time.perf_counter()
         for b in batches:
             lb = b.weight * batch_loss(model, b, task, loss)
             torch.autograd.grad(lb, params, allow_unused=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         best = min(best, time.perf_counter() - t0)
     return best
+
+
+def _on_device(batches: list[Batch], model: nn.Module) -> list[Batch]:
+    """The micro-batches on the model's device."""
+    device = next(model.parameters()).device
+    return [Batch(b.x.to(device), None if b.y is None else b.y.to(device), b.weight, b.n_items) for b in batches]
 
 
 @dataclass
@@ -138,9 +147,7 @@ class Context:
 
     def batches(self, batch_size: int) -> list[Batch]:
         """Micro-batches on the model's device."""
-        device = next(self.model.parameters()).device
-        return [Batch(b.x.to(device), None if b.y is None else b.y.to(device), b.weight, b.n_items)
-                for b in make_batches(self.calib, self.task, batch_size)]
+        return _on_device(make_batches(self.calib, self.task, batch_size), self.model)
 
     def batch_loss(self, batch: Batch) -> torch.Tensor:
         return batch_loss(self.model, batch, self.task, self.loss)
