@@ -299,3 +299,32 @@ def test_blockwise_hutchinson_runs_offloaded(tiny_llama):
         assert e2 > e4 >= 0 and rec.info["iterations"] == table.method_opts["iterations"]
     for name, p in model.named_parameters():
         assert torch.equal(p, tiny_llama.get_parameter(name)), name
+
+
+def test_cli_pipeline_with_blocks_read_from_disk(saved_llama, tmp_path, capsys):
+    """The command line on a model directory with --offload disk: analyze, plan, quantize (GPTQ;
+    norms and biases of the blocks read from the shards when saving) and eval of the
+    checkpoint, which evaluates to the plan's fake quantization on the resident model."""
+    import json
+
+    from mixq import api
+    from mixq.cli import main
+
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(f"w{(i * 7) % 128}" for i in range(4000)))
+    sens, plan, ckpt = tmp_path / "s.json", tmp_path / "p.json", tmp_path / "ckpt"
+    common = ["--device", "cpu", "--offload", "disk"]
+    assert main(["-q", "analyze", str(saved_llama), "--candidates", "int2:g32,int4:g32,int3:g32+gptq", "--calib",
+                 str(text), "--samples", "4", "--seqlen", "32", "-o", str(sens), *common]) == 0
+    assert json.loads(sens.read_text())["method_opts"]["blockwise"] is True
+    assert main(["-q", "plan", str(sens), "--budget", "3.3", "-o", str(plan)]) == 0
+    assert main(["-q", "quantize", str(saved_llama), "--plan", str(plan), "--calib", str(text), "--calib-samples", "4",
+                 "--calib-seqlen", "32", "--fp32", "-o", str(ckpt), *common]) == 0
+    doc = json.loads((ckpt / "mixq.json").read_text())
+    assert doc["run"]["offload"] == "disk" and doc["manifest"]["sequential"]
+    res = api.evaluate_checkpoint(ckpt, data=str(text), seqlen=32, windows=4, device="cpu")
+    ref = api.evaluate(str(saved_llama), plans=[str(plan)], data=str(text), seqlen=32, windows=4, calib=str(text),
+                       calib_samples=4, calib_seqlen=32, device="cpu", offload="none")
+    assert res["rows"][1]["ppl"] == pytest.approx(ref["rows"][1]["ppl"], rel=1e-5)
+    assert res["rows"][1]["kl"] == pytest.approx(ref["rows"][1]["kl"], rel=1e-4)
+    capsys.readouterr()

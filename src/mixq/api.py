@@ -408,7 +408,7 @@ def quantize(model: str | LoadedModel, out_dir: str | Path, *, plan: str | Path 
     run = {**_placement(loaded), **_peak_memory(loaded), "quantize_s": qm.manifest.wall_s}
     return save_quantized(loaded, units, the_plan, out_dir, weights=qm.weights, manifest=qm.manifest, progress=progress,
                           float_dtype=torch.float32 if fp32 else torch.bfloat16, overwrite=overwrite,
-                          tensors=loaded.store.tensor if loaded.store is not None else None, run=run)
+                          tensor_source=loaded.store.tensor if loaded.store is not None else None, run=run)
 
 
 def evaluate_checkpoint(path: str | Path, *, data: str | None = None, seqlen: int = 512, windows: int | None = 8,

@@ -136,7 +136,7 @@ def _plain_tensors(net: nn.Module, planned: list[Unit], float_dtype: torch.dtype
             full.add(p)
     groups: dict[tuple, list[str]] = {}
     for k, t in state.items():
-        key = _identity(t) if t.numel() else ("empty", k)
+        key = _identity(t) if t.numel() and t.device.type != "meta" else ("own", k)  # meta: not loaded, not tied
         groups.setdefault(key, []).append(k)
 
     def cast(t: torch.Tensor, name: str) -> torch.Tensor:
@@ -216,7 +216,7 @@ def _dtype_name(dtype: torch.dtype | None) -> str | None:
 def save_quantized(model: LoadedModel | nn.Module, units: list[Unit], plan: Plan, out_dir: str | os.PathLike, *,
                    weights: dict[str, QuantizedWeight | QTensor] | None = None, manifest: dict | object | None = None,
                    progress: Progress | None = None, float_dtype: torch.dtype | None = torch.bfloat16,
-                   overwrite: bool = False, tensors=None, run: dict | None = None) -> dict:
+                   overwrite: bool = False, tensor_source=None, run: dict | None = None) -> dict:
     """Write the packed checkpoint of `model` under `plan` to `out_dir`; returns the mixq.json
     document written.
 
@@ -226,7 +226,7 @@ def save_quantized(model: LoadedModel | nn.Module, units: list[Unit], plan: Plan
     unit's transforms, stored as they are) or a QTensor; a planned unit without one must have
     a round-to-nearest option, and is quantized from the model's weight here. manifest: what
     was done (a `mixq.apply.Manifest` or its dict). float_dtype: storage dtype of every
-    tensor that is not a planned unit (None: each keeps its own). tensors: optional
+    tensor that is not a planned unit (None: each keeps its own). tensor_source: optional
     callable name -> tensor for state-dict entries the model holds only as meta tensors
     (blocks read lazily from disk). run: how the quantization ran (device, offload, peak
     memory, seconds), recorded as it is. Raises ArtifactError naming a unit that cannot be
@@ -282,7 +282,7 @@ def save_quantized(model: LoadedModel | nn.Module, units: list[Unit], plan: Plan
                 doc_u["bytes"] += n_extra
                 transform_bytes += n_extra
             unit_docs[u.name] = doc_u
-        plain, tied, slices = _plain_tensors(net, planned, float_dtype, tensors)
+        plain, tied, slices = _plain_tensors(net, planned, float_dtype, tensor_source)
     clash = sorted(set(plain) & set(tensors))
     if clash:
         raise MixqError(f"tensor names clash between packed units and other tensors: {clash[:5]}")
