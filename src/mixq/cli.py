@@ -281,7 +281,8 @@ def cmd_generate(args) -> int:
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     loaded = load_quantized(args.checkpoint, device=dev, dtype=dtype, packed="auto")
-    print(generate(loaded, args.prompt, args.max_new_tokens, greedy=not args.sample, chat=args.chat, seed=args.seed))
+    print(generate(loaded, args.prompt, args.max_new_tokens, greedy=not args.sample, chat=args.chat, seed=args.seed,
+                   engine=args.engine))
     return 0
 
 
@@ -402,6 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--engine", choices=["auto", "static", "hf"], default="auto",
+                   help="decode loop: static (static KV cache, CUDA graph per step), hf (model.generate), "
+                        "auto (static on a GPU for Llama-family models)")
     g.set_defaults(func=cmd_generate)
 
     rp = sub.add_parser("report", help="write report.html for a run directory")
