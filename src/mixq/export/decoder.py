@@ -5,7 +5,9 @@ cache and, on a CUDA device, the one-token step captured once as a CUDA graph an
     new_ids = dec.generate(prompt_ids, max_new_tokens=64)    # (batch, n_new) token ids
 
 It runs the model's own modules (embedding, norms, rotary embedding, the linear units, which
-may be `QuantLinear`s) in a forward of its own: q/k/v and gate/up go through one
+may be `QuantLinear`s) in a forward of its own (on a GPU with the element-wise steps fused
+by `kernels.decode_ops`: residual add + RMSNorm, rotary + cache write, SiLU * up, about ten
+kernels per block): q/k/v and gate/up go through one
 `nn.LinearGroup` each (one packed matmul over the concatenated weights where the formats
 match, one shared input transform), keys and values are written into preallocated
 (batch, kv_heads, max_len, head_dim) tensors at the step's position (`index_copy_`), and
@@ -47,7 +49,8 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 class StaticDecoder:
     """Prefill + graph-replayed decode steps over a static KV cache (see module docstring)."""
 
-    def __init__(self, model: nn.Module, max_len: int, batch: int = 1, *, use_graph: bool | None = None):
+    def __init__(self, model: nn.Module, max_len: int, batch: int = 1, *, use_graph: bool | None = None,
+                 fused: bool | None = None):
         if not supports(model):
             raise MixqError(f"StaticDecoder: {type(model).__name__} is not one of {SUPPORTED}")
         cfg = model.config
@@ -79,6 +82,26 @@ class StaticDecoder:
         self.use_graph = (self.device.type == "cuda") if use_graph is None else use_graph
         self._graph = None
         self._key_pos = torch.arange(self.max_len, device=self.device)
+        can_fuse = self._fusable()
+        if fused and not can_fuse:
+            raise MixqError("StaticDecoder: fused=True needs Triton, RMSNorm layers, SiLU MLPs and a static rotary "
+                            "embedding")
+        self.fused = (can_fuse and self.device.type == "cuda") if fused is None else bool(fused)
+
+    def _fusable(self) -> bool:
+        """Whether the fused element-wise kernels (`kernels.decode_ops`) apply to this model."""
+        import importlib.util
+
+        if importlib.util.find_spec("triton") is None:
+            return False
+        norms = [self.norm] + [ly[n] for ly in self.layers for n in ("ln1", "ln2")]
+        if not all(hasattr(n, "variance_epsilon") and getattr(n, "weight", None) is not None
+                   and "RMSNorm" in type(n).__name__ for n in norms):
+            return False
+        if not all(isinstance(ly["act"], nn.SiLU) or type(ly["act"]).__name__ == "SiLUActivation" for ly in self.layers):
+            return False
+        rope_type = getattr(self.rotary, "rope_type", "default")
+        return hasattr(self.rotary, "inv_freq") and "dynamic" not in str(rope_type) and self.head_dim % 2 == 0
 
     # ------------------------------------------------------------------ forward
 
@@ -86,6 +109,8 @@ class StaticDecoder:
         """Logits (batch, vocab) of the last of T tokens `ids` (batch, T) at positions
         pos + 0 .. pos + T - 1 (pos: 1-element long tensor), writing their keys and values
         into the cache."""
+        if self.fused:
+            return self._forward_fused(ids, pos)
         b, t = ids.shape
         positions = pos + torch.arange(t, device=ids.device)  # (T,)
         h = self.embed(ids)  # (B, T, H)
@@ -107,6 +132,38 @@ class StaticDecoder:
             g, u = ly["gate_up"](r)
             h = h + ly["down"](ly["act"](g) * u)
         return self.head(self.norm(h[:, -1]))  # (B, vocab)
+
+    def _forward_fused(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """`forward` with the element-wise steps fused (`kernels.decode_ops`): residual add +
+        RMSNorm, rotary embedding + cache write, SiLU * up; the same rounding as the model's
+        own modules."""
+        from mixq.kernels import decode_ops as ops
+
+        b, t = ids.shape
+        positions = pos + torch.arange(t, device=ids.device)  # (T,)
+        mask = self._key_pos[None, :] <= positions[:, None]
+        inv_freq = self.rotary.inv_freq
+        rope_scale = float(getattr(self.rotary, "attention_scaling", 1.0))
+        h = self.embed(ids)  # (B, T, H)
+        delta = None
+        for i, ly in enumerate(self.layers):
+            ln1 = ly["ln1"]
+            if delta is None:
+                r = ops.add_rms_norm(h, None, ln1.weight, ln1.variance_epsilon)
+            else:
+                h, r = ops.add_rms_norm(h, delta, ln1.weight, ln1.variance_epsilon)
+            q, k, v = ly["qkv"](r)
+            q = ops.rope_to_cache(q, k, v, positions, inv_freq, self.k_cache[i], self.v_cache[i], self.n_heads,
+                                  self.n_kv, self.head_dim, rope_scale)
+            a = nn.functional.scaled_dot_product_attention(q, self.k_cache[i], self.v_cache[i], attn_mask=mask,
+                                                           scale=ly["scaling"], enable_gqa=self.n_kv != self.n_heads)
+            o = ly["o"](a.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+            ln2 = ly["ln2"]
+            h, r = ops.add_rms_norm(h, o, ln2.weight, ln2.variance_epsilon)
+            g, u = ly["gate_up"](r)
+            delta = ly["down"](ops.silu_mul(g, u))
+        h = h + delta
+        return self.head(self.norm(h[:, -1]))
 
     # ------------------------------------------------------------------ sampling
 

@@ -8,10 +8,11 @@ layout and the batch (rows of x):
 
 * "cuda_gemv": the hand-written CUDA GEMV (`cuda_gemv`, built on first use) for int4 layouts
   at batch <= `CUDA_GEMV_MAX_BATCH`;
-* "tc": the Triton tensor-core kernel (`triton_tc`) for every layout it takes (1, 2, 4,
-  8-bit codes and the split 3-bit layout) at any batch;
-* "triton": the older Triton kernels (`triton_qmm`: CUDA-core GEMV, tensor-core GEMM) for
-  the remaining layouts (6-bit codes and other multi-word units);
+* "tc": the Triton tensor-core kernel (`triton_tc`) for the layouts it takes (1, 2, 4,
+  8-bit codes and the split 3-bit layout), above the batch sizes where the older kernels
+  measured faster (`_OLD_KERNEL_MAX_BATCH`);
+* "triton": the older Triton kernels (`triton_qmm`: CUDA-core GEMV, tensor-core GEMM) below
+  those batch sizes and for the remaining layouts (6-bit codes, other multi-word units);
 
 and otherwise the pure-torch reference (`packed.reference_matmul`: dequantize, then one
 matmul), which every kernel is tested against. MIXQ_KERNEL=cuda_gemv|tc|triton|reference
@@ -38,6 +39,17 @@ ROUTES = ("cuda_gemv", "tc", "triton", "reference")
 CUDA_GEMV_MAX_BATCH = 8
 
 
+def _OLD_KERNEL_MAX_BATCH(layout: PackedLayout) -> int:
+    """Batch sizes up to which the older Triton kernels (`triton_qmm`) beat the tensor-core
+    kernel on the H200 (bench/KERNEL_NOTES.md, 2026-11-30): 3-bit codes up to 16 rows,
+    int4 with groups under 64 inputs at every batch, other layouts at GEMV sizes (<= 4)."""
+    if layout.bits == 3:
+        return 16
+    if layout.value_mode == "affine" and layout.group_size < 64 and layout.codes_per_unit == 8:
+        return 1 << 30
+    return 4
+
+
 def _triton_ok(x: torch.Tensor, kw: KernelWeights) -> bool:
     return HAS_TRITON and x.is_cuda and kw.codes.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
 
@@ -55,13 +67,15 @@ def route(kw: KernelWeights, x: torch.Tensor) -> str:
         return "reference"
     from mixq.kernels import triton_qmm, triton_tc
 
-    if forced in (None, "tc") and triton_tc.supports(kw.layout):
-        return "tc"
     try:
         triton_qmm.check_supported(kw.layout)
+        old_ok = True
     except FormatError:
-        return "reference"
-    return "triton"
+        old_ok = False
+    if forced in (None, "tc") and triton_tc.supports(kw.layout):
+        if forced == "tc" or not old_ok or m > _OLD_KERNEL_MAX_BATCH(kw.layout):
+            return "tc"
+    return "triton" if old_ok else "reference"
 
 
 def kernel_available(kw: KernelWeights, x: torch.Tensor) -> bool:

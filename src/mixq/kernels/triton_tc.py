@@ -272,7 +272,7 @@ def _decode_int4_asm(w, s_h, nz, POST: tl.constexpr, IS_BF16: tl.constexpr, BLOC
 
 @triton.jit
 def _tc_kernel(
-    x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, ts_ptr, b_ptr, y_ptr,
+    x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, ts_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, J, J_PER_SPLIT,
     stride_xm, stride_wn, stride_sn, stride_ym,
     BITS: tl.constexpr, C: tl.constexpr, U: tl.constexpr, UNITS_PER_GROUP: tl.constexpr,
@@ -355,14 +355,28 @@ def _tc_kernel(
         out = out * tl.load(ts_ptr)
     if HAS_BIAS:
         bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        if ATOMIC:
-            bias = tl.where(pid_k == 0, bias, 0.0)
-        out += bias[:, None]
     y_ptrs = y_ptr + offs_m[None, :].to(tl.int64) * stride_ym + offs_n[:, None]  # yᵀ tile -> y
     ymask = n_mask[:, None] & m_mask[None, :]
     if ATOMIC:
-        tl.atomic_add(y_ptrs, out, mask=ymask, sem="relaxed")
+        # split-K: partial sums meet in an fp32 workspace that is all zeros between calls; the
+        # last program of a tile to arrive (counted per tile) writes y, then zeroes the
+        # workspace tile and its counter again, so a call is one launch (no memset, no cast)
+        ws_ptrs = ws_ptr + offs_m[None, :].to(tl.int64) * N + offs_n[:, None]
+        tl.atomic_add(ws_ptrs, out, mask=ymask, sem="relaxed")
+        tl.debug_barrier()  # every thread's adds happen before the release below
+        tile = pid_m * tl.num_programs(0) + pid_n
+        arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+        if arrived == tl.num_programs(2) - 1:
+            tl.debug_barrier()
+            total = tl.load(ws_ptrs, mask=ymask, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                total += bias[:, None]
+            tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=ymask)
+            tl.store(ws_ptrs, tl.zeros_like(total), mask=ymask, cache_modifier=".cg")
+            tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed")
     else:
+        if HAS_BIAS:
+            out += bias[:, None]
         tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=ymask)
 
 
@@ -417,29 +431,50 @@ def default_block_j(layout: PackedLayout) -> int:
     return block_j
 
 
-# (batch ceiling, block_m, block_n, warps): the H200 sweep's choice (bench/KERNEL_NOTES.md)
-_BATCH_TILES = ((16, 16, 128, 4), (32, 32, 128, 4), (64, 64, 128, 8), (128, 128, 128, 8))
-
-
 def pick_config(m: int, layout: PackedLayout, n_sms: int = 132) -> TcConfig:
-    """Block shapes by batch size and weight shape: a 128-row weight tile, batch tiles of
-    16..128 rows, K steps of `default_block_j` units, and split-K (fp32 atomics) while the
-    tiles alone give fewer programs than SMs."""
-    for ceiling, block_m, block_n, warps in _BATCH_TILES:
-        if m <= ceiling:
-            break
+    """Block shapes by batch size and weight shape, from the H200 sweep (bench/bench_tc.py,
+    bench/KERNEL_NOTES.md): a 128-row weight tile; batch tiles of 16..128 rows; K steps of
+    `default_block_j` units; scales after each step's product up to 32 rows (pre-scaled
+    weights above: the product then accumulates in place); 4 warps for int4 without zero
+    points up to 32 rows, else 8 (the decode then stays in the product's registers); and
+    split-K until about 4 programs per SM (2 above 32 rows), each split keeping >= 2 steps."""
+    block_m = 16 if m <= 16 else (32 if m <= 32 else (64 if m <= 64 else 128))
+    block_n = 128
+    small = m <= 32
+    warps = 4 if (small and layout.codes_per_unit == 8 and not layout.has_zeros) else 8
     block_j = default_block_j(layout)
     n_tiles = triton.cdiv(layout.out_features, block_n) * triton.cdiv(m, block_m)
+    target = (4 if small else 2) * n_sms
     split = 1
-    while n_tiles * split < n_sms and layout.n_units >= 4 * block_j * split:
+    while n_tiles * split * 2 <= target * 1.25 and layout.n_units >= 2 * block_j * split * 2:
         split *= 2
-    return TcConfig(block_n, block_m, block_j, split, warps, 3)
+    return TcConfig(block_n, block_m, block_j, split, warps, 3, post=small)
 
 
 def check_supported(layout: PackedLayout) -> None:
     if not supports(layout):
         raise FormatError(f"{layout.fmt}: the tensor-core kernel takes 1/2/4/8-bit codes (one word per unit) or "
                           f"3-bit codes, groups of whole units, zero points on integer grids")
+
+
+_WORKSPACE: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _workspace(device: torch.device, numel: int, n_tiles: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The split-K fp32 workspace and per-tile arrival counters of a device, all zeros
+    between calls (the kernel restores them); grown (and zeroed) on demand, never while a
+    CUDA graph is being captured (None then: the caller zero-fills a fresh buffer instead).
+    Calls on one device share it, so they must not run concurrently on several streams."""
+    key = str(device)
+    ws = _WORKSPACE.get(key)
+    if ws is None or ws[0].numel() < numel or ws[1].numel() < n_tiles:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        size = max(numel, 0 if ws is None else ws[0].numel())
+        tiles = max(n_tiles, 0 if ws is None else ws[1].numel())
+        ws = (torch.zeros(size, dtype=torch.float32, device=device), torch.zeros(tiles, dtype=torch.int32, device=device))
+        _WORKSPACE[key] = ws
+    return ws
 
 
 def qmatmul(x: torch.Tensor, kw: KernelWeights, bias: torch.Tensor | None = None,
@@ -461,15 +496,21 @@ def qmatmul(x: torch.Tensor, kw: KernelWeights, bias: torch.Tensor | None = None
     n_units = lay.n_units
     j_per_split = triton.cdiv(triton.cdiv(n_units, cfg.split_k), cfg.block_j) * cfg.block_j
     split = triton.cdiv(n_units, j_per_split)
-    atomic = split > 1
-    y = (torch.zeros((m, n), dtype=torch.float32, device=x.device) if atomic
-         else torch.empty((m, n), dtype=x.dtype, device=x.device))
-    dummy = kw.codes
     grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), split)
+    atomic = split > 1
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    ws = cnt = y
+    if atomic:
+        pair = _workspace(x.device, m * n, grid[0] * grid[1])
+        if pair is None:  # first split-K call of this size inside a graph capture
+            pair = (torch.zeros(m * n, dtype=torch.float32, device=x.device),
+                    torch.zeros(grid[0] * grid[1], dtype=torch.int32, device=x.device))
+        ws, cnt = pair
+    dummy = kw.codes
     _tc_kernel[grid](
         x, kw.codes, kw.scales, kw.zeros if kw.zeros is not None else dummy, kw.levels,
         kw.tensor_scale if kw.tensor_scale is not None else kw.levels,
-        bias if bias is not None else dummy, y,
+        bias if bias is not None else dummy, y, ws, cnt,
         m, n, n_units, j_per_split,
         x.stride(0), kw.codes.stride(0), kw.scales.stride(0), y.stride(0),
         BITS=lay.bits, C=lay.codes_per_unit, U=lay.words_per_unit,
@@ -482,4 +523,4 @@ def qmatmul(x: torch.Tensor, kw: KernelWeights, bias: torch.Tensor | None = None
         BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_J=cfg.block_j,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return y.to(x.dtype) if atomic else y
+    return y
