@@ -15,7 +15,8 @@ quantizes every linear unit of the blocks and the LM head by round to nearest in
   ranking): int3:g128 for the gate/up projections of the middle blocks, int8:ch for every
   unit of the first and last two blocks where the budget allows, int4:g128 elsewhere, then
   units upgraded (int4 -> int8, or int3 -> int4 for the 3.5-bit plan) in priority order
-  until the all-in bits per weight of the planned units reach the target.
+  until the all-in bits per weight of the planned units reach the target; q/k/v and gate/up
+  always share a format (as the planner gives units that read one input), so they fuse.
 
 Each plan runs with the fused element-wise kernels of the decode step (`kernels.decode_ops`);
 `<plan>:unfused` runs the same step with the model's own torch modules for the glue.
@@ -69,40 +70,47 @@ def _bits(spec: str, shape) -> float:
     return formats.parse(spec).bits(shape)
 
 
+GROUPS = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}
+
+
 def plan_for(name: str, units, n_layers: int) -> dict[str, str]:
-    """unit name -> format for the named plan (see module docstring)."""
+    """unit name -> format for the named plan (see module docstring). Units that read one
+    input (q/k/v, gate/up) get one format, as mixq's planner gives them, so they run as one
+    fused matmul."""
     if name == "int4":
         return {u.name: "int4:g128" for u in units}
     target = {"mixed-4.25": 4.25, "mixed-3.5": 3.5}[name]
     edge = {0, 1, n_layers - 2, n_layers - 1}
-
-    def priority(u):  # higher first: edge blocks, attention, down, the head, then gate/up
-        block = getattr(u, "block", -1)
+    groups: dict[tuple, list] = {}
+    for u in units:
         leaf = u.name.rsplit(".", 1)[-1]
-        rank = {"v_proj": 0, "o_proj": 1, "k_proj": 2, "q_proj": 3, "down_proj": 4, "lm_head": 5,
-                "gate_proj": 6, "up_proj": 7}.get(leaf, 8)
+        groups.setdefault((u.block, GROUPS.get(leaf, leaf)), []).append(u)
+
+    def priority(key):  # higher first: edge blocks, attention, down, the head, then gate/up
+        block, kind = key
+        rank = {"qkv": 0, "o_proj": 1, "down_proj": 2, "lm_head": 3, "gate_up": 4}.get(kind, 5)
         return (0 if block in edge else 1, rank, block)
 
-    order = sorted(units, key=priority)
+    order = sorted(groups, key=priority)
     n_params = sum(u.shape[0] * u.shape[1] for u in units)
     if target >= 4.125:
-        plan = {u.name: ("int3:g128" if u.name.rsplit(".", 1)[-1] in ("gate_proj", "up_proj")
-                         and getattr(u, "block", -1) not in edge else "int4:g128") for u in units}
+        start = {key: ("int3:g128" if key[1] == "gate_up" and key[0] not in edge else "int4:g128") for key in groups}
         ladder = {"int3:g128": "int4:g128", "int4:g128": "int8:ch"}
     else:
-        plan = {u.name: "int3:g128" for u in units}
+        start = {key: "int3:g128" for key in groups}
         ladder = {"int3:g128": "int4:g128"}
-    total = sum(_bits(plan[u.name], u.shape) for u in units)
+    bits = lambda key, spec: sum(_bits(spec, u.shape) for u in groups[key])  # noqa: E731
+    total = sum(bits(key, spec) for key, spec in start.items())
     for _ in range(2):
-        for u in order:
-            up = ladder.get(plan[u.name])
+        for key in order:
+            up = ladder.get(start[key])
             if up is None:
                 continue
-            delta = _bits(up, u.shape) - _bits(plan[u.name], u.shape)
+            delta = bits(key, up) - bits(key, start[key])
             if (total + delta) / n_params <= target + 1e-3:
-                plan[u.name] = up
+                start[key] = up
                 total += delta
-    return plan
+    return {u.name: start[key] for key, us in groups.items() for u in us}
 
 
 def quantize_in_place(model, plan: dict[str, str]) -> None:

@@ -41,24 +41,14 @@ log = bk.log
 
 
 def tc_candidates(m: int, layout, n_sms: int = 132) -> list[TcConfig]:
-    """A small grid around the heuristic: weight tile 64/128, batch tile, warps, stages,
-    split-K, post/pre scaling."""
+    """The heuristic's configuration and its neighbours: the other warp count, a 64-row
+    weight tile, half and double split-K, 2 and 4 pipeline stages, the other scaling mode."""
     base = triton_tc.pick_config(m, layout, n_sms)
-    bj = default_block_j(layout)
-    out = [base]
-    for bn, warps in ((64, 4), (128, 4), (128, 8)):
-        for stages in (2, 3, 4):
-            for split in sorted({1, base.split_k, 2 * base.split_k}):
-                out.append(TcConfig(bn, base.block_m, bj, split, warps, stages))
-    out.append(dataclasses.replace(base, post=False))
-    out.append(dataclasses.replace(base, asm=False))
-    if base.block_m == 16:
-        out.append(dataclasses.replace(base, block_m=32))
-    uniq = []
-    for c in out:
-        if c not in uniq:
-            uniq.append(c)
-    return uniq
+    rep = dataclasses.replace
+    out = [base, rep(base, num_warps=12 - base.num_warps), rep(base, block_n=64, num_warps=4),
+           rep(base, split_k=max(1, base.split_k // 2)), rep(base, split_k=2 * base.split_k),
+           rep(base, num_stages=2), rep(base, num_stages=4), rep(base, post=not base.post)]
+    return list(dict.fromkeys(out))
 
 
 def plan(quick: bool) -> list[tuple[str, int, int, int, list[TcConfig]]]:
@@ -100,6 +90,10 @@ def precompile(rows, workers: int) -> float:
     # the dispatcher's own config at the real N (split-K depends on N)
     jobs += [(spec, k, m, triton_tc.pick_config(m, dataclasses.replace(
         bk.random_weights(spec, 16, k, device="cpu").layout, out_features=n))) for spec, n, k, m, _ in rows]
+    # the dispatcher's choices on the shapes peer_gemv.py times
+    for n, k in [(14336, 4096), (4096, 4096), (4096, 14336), (6144, 4096), (28672, 4096), (128256, 4096), (1024, 4096)]:
+        lay = dataclasses.replace(bk.random_weights("int4:g128", 16, k, device="cpu").layout, out_features=n)
+        jobs += [("int4:g128", k, m, triton_tc.pick_config(m, lay)) for m in (16, 64, 128)]
     jobs = list(dict.fromkeys(jobs))
     chunks = [jobs[i::workers] for i in range(workers)]
     with mp.get_context("spawn").Pool(workers) as pool:
@@ -141,7 +135,7 @@ def gemv_sweep(copy_bw, results, quick):
             rows = []
             for rt in ((1,) if spec.startswith("int3") else (1, 2)):
                 for un in ((1,) if spec.startswith("int3") else (1, 2)):
-                    for w in (2, 4, 8, 16):
+                    for w in ((4, 8, 16) if quick else (2, 4, 8, 16)):
                         if quick and un == 2:
                             continue
                         cfg = cuda_gemv.GemvConfig(rt, un, w)
@@ -189,9 +183,6 @@ def main(argv=None) -> int:
     out_path = Path(args.out)
     table = results.setdefault("tc", [])
     try:
-        if not args.no_gemv:
-            gemv_sweep(copy_bw, results, args.quick)
-            out_path.write_text(json.dumps(results, indent=1))
         cur = None
         for spec, n, k, m, cfgs in rows:
             if cur != (spec, n, k):
@@ -233,6 +224,10 @@ def main(argv=None) -> int:
                 f"{timed[0][1]} | heur {t_heur} | dispatch {t_disp:.1f} ({row['dispatch_route']}) | old triton {t_old}"
                 + (f" | bf16 {bf16[m]:.1f}" if m in bf16 else ""))
             out_path.write_text(json.dumps(results, indent=1))
+        del kws
+        torch.cuda.empty_cache()
+        if not args.no_gemv:
+            gemv_sweep(copy_bw, results, args.quick)
     finally:
         out_path.write_text(json.dumps(results, indent=1))
     return 0
