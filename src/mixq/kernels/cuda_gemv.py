@@ -134,10 +134,15 @@ def pick_config(m: int, layout: PackedLayout, n_sms: int = 132) -> GemvConfig:
     """Launch shape: the fastest configuration of the H100 sweep (bench/bench_gemv.py,
     2026-11-26) for each measured Llama-3-8B shape and batch 1/8 — two row tiles per warp and
     16 warps for 4096-row outputs, 4 warps (2 for the 128256-row head past batch 4) for taller
-    ones, one row tile for tall batch-1 MLP matrices."""
+    ones, one row tile for tall batch-1 MLP matrices — which the H200 sweep (bench_tc.py,
+    2026-11-30) confirmed, plus its choices for 4097..8192 rows (fused q/k/v) and 3-bit codes."""
     n, k = layout.out_features, layout.in_features
-    if n <= 4096:
+    if layout.bits == 3:  # H200 sweep (bench_tc.py, 2026-11-30): 8 warps, 4 for tall batch-1 weights
+        warps = 4 if (n > 8192 and m == 1) else 8
+    elif n <= 4096:
         warps = 16
+    elif n <= 8192:  # fused q/k/v (6144 rows) on the H200: one row tile, 8 warps
+        return GemvConfig(row_tiles=1, unroll=1, warps=8 if -(-k // 128) >= 8 else max(1, -(-k // 128)))
     elif n > 65536 and m > 4:
         warps = 2
     else:

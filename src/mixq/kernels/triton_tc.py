@@ -434,8 +434,9 @@ def default_block_j(layout: PackedLayout) -> int:
 def pick_config(m: int, layout: PackedLayout, n_sms: int = 132) -> TcConfig:
     """Block shapes by batch size and weight shape, from the H200 sweep (bench/bench_tc.py,
     bench/KERNEL_NOTES.md): a 128-row weight tile; batch tiles of 16..128 rows; K steps of
-    `default_block_j` units; scales after each step's product up to 32 rows (pre-scaled
-    weights above: the product then accumulates in place); 4 warps for int4 without zero
+    `default_block_j` units; scales after each step's product up to 32 rows except for
+    8-bit codes (pre-scaled weights above: the product then accumulates in place); 4 warps
+    for int4 without zero
     points up to 32 rows, else 8 (the decode then stays in the product's registers); and
     split-K until about 4 programs per SM (2 above 32 rows), each split keeping >= 2 steps."""
     block_m = 16 if m <= 16 else (32 if m <= 32 else (64 if m <= 64 else 128))
@@ -448,7 +449,7 @@ def pick_config(m: int, layout: PackedLayout, n_sms: int = 132) -> TcConfig:
     split = 1
     while n_tiles * split * 2 <= target * 1.25 and layout.n_units >= 2 * block_j * split * 2:
         split *= 2
-    return TcConfig(block_n, block_m, block_j, split, warps, 3, post=small)
+    return TcConfig(block_n, block_m, block_j, split, warps, 3, post=small and layout.bits != 8)
 
 
 def check_supported(layout: PackedLayout) -> None:
