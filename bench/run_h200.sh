@@ -10,15 +10,17 @@
 # 3. peers side by side (peer_gemv.py): mixq's dispatcher, bf16 cuBLAS, tinygemm, gemlite;
 # 4. the tensor-core / CUDA-GEMV sweep (bench_tc.py --quick) and the transform costs;
 # 5. Markdown tables of all of it (kernel_tables.py) to stdout and OUT_DIR/tables.md.
-# gemlite is installed from whl/gemlite-*.tar.gz when present (the GPU machine has no network).
+# gemlite is installed from $GEMLITE_SDIST (default whl/gemlite-*.tar.gz) when present: the GPU
+# machine has no network (`pip download gemlite==0.6.0.post2 --no-deps -d whl`).
 # Step time limits: T_TEST, T_E2E, T_PEERS, T_TC, T_TF seconds (defaults fit a 300 s lease).
 set -u
 OUT=${1:-h200_results}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/mixq_triton_cache}
 export PYTHONPATH=$PWD/src:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-if ls whl/gemlite-*.tar.gz >/dev/null 2>&1; then
-  python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /tmp/site whl/gemlite-*.tar.gz \
+GEMLITE_SDIST=${GEMLITE_SDIST:-$(ls whl/gemlite-*.tar.gz 2>/dev/null | head -1)}
+if [ -n "$GEMLITE_SDIST" ]; then
+  python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /tmp/site "$GEMLITE_SDIST" \
     >"$OUT/log.txt" 2>&1 || echo "gemlite install failed" >>"$OUT/log.txt"
 fi
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv >>"$OUT/log.txt" 2>&1
