@@ -101,7 +101,9 @@ class StaticDecoder:
         if not all(isinstance(ly["act"], nn.SiLU) or type(ly["act"]).__name__ == "SiLUActivation" for ly in self.layers):
             return False
         rope_type = getattr(self.rotary, "rope_type", "default")
-        return hasattr(self.rotary, "inv_freq") and "dynamic" not in str(rope_type) and self.head_dim % 2 == 0
+        half = self.head_dim // 2  # the rotary kernel takes power-of-two half head dims
+        return (hasattr(self.rotary, "inv_freq") and "dynamic" not in str(rope_type) and self.head_dim % 2 == 0
+                and half & (half - 1) == 0)
 
     # ------------------------------------------------------------------ forward
 
