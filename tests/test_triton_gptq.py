@@ -17,8 +17,6 @@ exactly (code - offset) * step, and the loss within 1e-5 relative.
 
 from __future__ import annotations
 
-import importlib.util
-import os
 
 import pytest
 import torch
@@ -28,20 +26,15 @@ from mixq.formats.fixed import group_params, round_columns
 from mixq.formats.intk import IntFormat
 from mixq.quantizers.gptq import inverse_cholesky
 
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from conftest import KERNEL_DEVICE, needs_kernels
+
 HAS_CUDA = torch.cuda.is_available()
+pytestmark = [needs_kernels]  # compiled on a GPU, else under Triton's interpreter (conftest)
 
-pytestmark = [
-    pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed"),
-    pytest.mark.skipif(HAS_TRITON and not (HAS_CUDA or INTERPRET),
-                       reason="no CUDA GPU and TRITON_INTERPRET=1 not set (the kernel needs one)"),
-]
-
-if HAS_TRITON:
+if KERNEL_DEVICE is not None:
     from mixq.kernels import triton_gptq as tg
 
-DEVICE = "cuda" if HAS_CUDA and not INTERPRET else "cpu"
+DEVICE = KERNEL_DEVICE or "cpu"
 
 
 def _codes_ref(fmt: IntFormat, x: torch.Tensor, step: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
@@ -272,12 +265,12 @@ def test_supported():
 
     assert not tg.supported(formats.parse("nf4:g64"), DEVICE)
     assert not tg.supported(formats.parse("mxfp4"), DEVICE)
-    if not INTERPRET:
+    if DEVICE == "cuda":  # compiled: CPU tensors are not the kernel's
         assert not tg.supported(IntFormat(4, 128), "cpu")
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not HAS_CUDA or INTERPRET, reason="needs a CUDA GPU (compiled kernel, not the interpreter)")
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU (compiled kernel, not the interpreter)")
 def test_compiled_kernel_4096():
     for fmt in (IntFormat(4, 128), IntFormat(3, 128, asym=True), IntFormat(8, 0)):
         W, U, step_cols, zero_cols = _problem(4096, 4096, fmt, seed=1, device="cuda", n_samples=8192)

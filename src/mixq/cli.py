@@ -290,13 +290,13 @@ def cmd_generate(args) -> int:
     import torch
 
     from mixq.export import generate, load_quantized
-
     from mixq.models.placement import resolve_device, resolve_dtype
 
     dev = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, dev, torch.bfloat16)
     loaded = load_quantized(args.checkpoint, device=dev, dtype=dtype, packed="auto")
-    print(generate(loaded, args.prompt, args.max_new_tokens, greedy=not args.sample, chat=args.chat, seed=args.seed))
+    print(generate(loaded, args.prompt, args.max_new_tokens, greedy=not args.sample, chat=args.chat, seed=args.seed,
+                   engine=args.engine))
     return 0
 
 
@@ -441,6 +441,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default auto)")
     g.add_argument("--dtype", default="auto", help="activation dtype: auto (bf16 on a GPU, float32 on the CPU), "
                    "bfloat16, float16, float32")
+    g.add_argument("--engine", choices=["auto", "static", "hf"], default="auto",
+                   help="decode loop: static (static KV cache, CUDA graph per step), hf (model.generate), "
+                        "auto (static on a GPU for Llama-family models)")
     g.set_defaults(func=cmd_generate)
 
     rp = sub.add_parser("report", help="write report.html for a run directory")

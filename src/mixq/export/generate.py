@@ -1,4 +1,6 @@
-"""Text generation with a (quantized) causal LM through Hugging Face's `model.generate`."""
+"""Text generation with a (quantized) causal LM: on a CUDA device, Llama-family models run
+mixq's own decode loop (`export.decoder.StaticDecoder`: static KV cache, one CUDA graph per
+decode step); other models, and the CPU, Hugging Face's `model.generate`."""
 
 from __future__ import annotations
 
@@ -6,23 +8,42 @@ import torch
 
 from mixq.errors import DataError, MixqError
 from mixq.eval.common import model_device
+from mixq.export import decoder
 from mixq.models.load import LoadedModel
+
+
+ENGINES = ("auto", "static", "hf")
 
 
 @torch.no_grad()
 def generate_ids(model: torch.nn.Module, ids: list[int] | torch.Tensor, max_new_tokens: int = 32,
                  greedy: bool = True, *, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
-                 eos_token_id: int | None = None, pad_token_id: int | None = None) -> list[int]:
-    """The new token ids (at most `max_new_tokens`) `model.generate` appends to the prompt
-    `ids` (1-D): greedy, or sampled with `temperature` / `top_p` under `seed`."""
+                 eos_token_id: int | None = None, pad_token_id: int | None = None,
+                 engine: str = "auto") -> list[int]:
+    """The new token ids (at most `max_new_tokens`) the model appends to the prompt `ids`
+    (1-D): greedy, or sampled with `temperature` / `top_p` under `seed`. engine: "static"
+    (mixq's decode loop, `StaticDecoder`), "hf" (`model.generate`) or "auto" (static on a
+    CUDA device for the architectures it knows, else hf)."""
     prompt = torch.as_tensor(ids, dtype=torch.long).reshape(1, -1)
     if prompt.shape[1] == 0:
         raise DataError("generate: the prompt has no tokens")
     if max_new_tokens < 1:
         raise DataError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
+    if engine not in ENGINES:
+        raise DataError(f"generate: engine must be one of {ENGINES}, got {engine!r}")
+    device = model_device(model)
+    if engine == "static" or (engine == "auto" and device.type == "cuda" and decoder.supports(model)):
+        if eos_token_id is None:
+            gen_cfg = getattr(model, "generation_config", None)
+            eos = getattr(gen_cfg, "eos_token_id", None)
+            eos_token_id = eos[0] if isinstance(eos, (list, tuple)) else eos
+        dec = decoder.StaticDecoder(model, max_len=prompt.shape[1] + max_new_tokens)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            new = dec.generate(prompt, max_new_tokens, greedy=greedy, temperature=temperature, top_p=top_p,
+                               seed=seed, eos_token_id=eos_token_id)
+        return new[0].tolist()
     if not hasattr(model, "generate"):
         raise MixqError(f"generate: a {type(model).__name__} is not a Hugging Face generation model")
-    device = model_device(model)
     prompt = prompt.to(device)
     kwargs = {"max_new_tokens": int(max_new_tokens), "do_sample": not greedy,
               "attention_mask": torch.ones_like(prompt)}
@@ -45,7 +66,8 @@ def generate_ids(model: torch.nn.Module, ids: list[int] | torch.Tensor, max_new_
 
 
 def generate(loaded: LoadedModel, prompt: str | list[int], max_new_tokens: int = 32, greedy: bool = True, *,
-             chat: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0) -> str:
+             chat: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
+             engine: str = "auto") -> str:
     """The text `loaded`'s model generates after `prompt` (a string, or token ids), decoded
     without special tokens. chat=True wraps a string prompt in the tokenizer's chat template
     as one user turn."""
@@ -64,7 +86,8 @@ def generate(loaded: LoadedModel, prompt: str | list[int], max_new_tokens: int =
             ids = tok(prompt, add_special_tokens=False)["input_ids"]
     else:
         ids = list(prompt)
-    new = generate_ids(loaded.model, ids, max_new_tokens, greedy, temperature=temperature, top_p=top_p, seed=seed)
+    new = generate_ids(loaded.model, ids, max_new_tokens, greedy, temperature=temperature, top_p=top_p, seed=seed,
+                       engine=engine)
     if tok is None:
         return " ".join(str(i) for i in new)
     return tok.decode(new, skip_special_tokens=True)

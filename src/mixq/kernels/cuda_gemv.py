@@ -1,7 +1,13 @@
-"""Hand-written CUDA GEMV for int4 weights at batch 1..8, on mixq's packed layout as it is.
+"""Hand-written CUDA GEMV for int4 and 3-bit weights at batch 1..8, on mixq's packed layout as
+it is.
 
-    if cuda_gemv.supports(kw.layout, x):      # int4 (sym or asym), fp16 group scales, M <= 8
+    if cuda_gemv.supports(kw.layout, x):      # int4 / int3 (sym or asym), fp16 group scales, M <= 8
         y = cuda_gemv.qmatmul(x, kw, bias)    # None if the extension could not be built
+
+3-bit codes (the split layout of `kernels.packed`) run `gemv_int3`: 512-input chunks (each
+lane loads 16 bytes of each of the three planes), pairs of codes 16 bits apart decoded by a
+shift and two LOP3s into half-precision magic + code, (code - zero) * scale formed in x's
+dtype, the same mma.m16n8k16 and reduction as int4.
 
 Same math and the same `KernelWeights` as `triton_qmm` (no repacking): codes are row-major
 int32 words of 8 LSB-first 4-bit codes, scales float16 (N, n_groups), optional uint8 zeros.
@@ -97,11 +103,16 @@ def extension():
 
 
 def layout_supported(layout: PackedLayout) -> bool:
-    """int4 with an integer grid, float16 scales, no tensor scale, power-of-two groups >= 32
-    (or one group per row), in_features a multiple of 32."""
+    """int4 (in_features a multiple of 32) or 3-bit codes in the split layout (a multiple of
+    128; off with MIXQ_CUDA_GEMV3=0), with an integer grid, float16 scales, no tensor scale,
+    power-of-two groups >= 32 (or one group per row)."""
     g, k = layout.group_size, layout.in_features
-    return (layout.bits == 4 and layout.value_mode == "affine" and layout.scale_mode == "fp16"
-            and not layout.has_tensor_scale and k % 32 == 0
+    if layout.bits == 3:
+        if os.environ.get("MIXQ_CUDA_GEMV3", "1") == "0" or k % 128:
+            return False
+    elif layout.bits != 4 or k % 32:
+        return False
+    return (layout.value_mode == "affine" and layout.scale_mode == "fp16" and not layout.has_tensor_scale
             and (g >= k or (g >= 32 and g & (g - 1) == 0)))
 
 
@@ -123,15 +134,20 @@ def pick_config(m: int, layout: PackedLayout, n_sms: int = 132) -> GemvConfig:
     """Launch shape: the fastest configuration of the H100 sweep (bench/bench_gemv.py,
     2026-11-26) for each measured Llama-3-8B shape and batch 1/8 — two row tiles per warp and
     16 warps for 4096-row outputs, 4 warps (2 for the 128256-row head past batch 4) for taller
-    ones, one row tile for tall batch-1 MLP matrices."""
+    ones, one row tile for tall batch-1 MLP matrices — which the H200 sweep (bench_tc.py,
+    2026-11-30) confirmed, plus its choices for 4097..8192 rows (fused q/k/v) and 3-bit codes."""
     n, k = layout.out_features, layout.in_features
-    if n <= 4096:
+    if layout.bits == 3:  # H200 sweep (bench_tc.py, 2026-11-30): 8 warps, 4 for tall batch-1 weights
+        warps = 4 if (n > 8192 and m == 1) else 8
+    elif n <= 4096:
         warps = 16
+    elif n <= 8192:  # fused q/k/v (6144 rows) on the H200: one row tile, 8 warps
+        return GemvConfig(row_tiles=1, unroll=1, warps=8 if -(-k // 128) >= 8 else max(1, -(-k // 128)))
     elif n > 65536 and m > 4:
         warps = 2
     else:
         warps = 4
-    chunks = -(-k // 128)
+    chunks = -(-k // (512 if layout.bits == 3 else 128))  # 3-bit chunks: 512 inputs
     while warps > 1 and chunks < warps:  # every warp keeps at least one chunk of 128 inputs
         warps //= 2
     row_tiles = 1 if (m == 1 and k < n <= 65536) else 2
@@ -165,6 +181,8 @@ def qmatmul(x: torch.Tensor, kw: KernelWeights, bias: torch.Tensor | None = None
     if bias is not None:
         bias = bias.to(x.dtype).contiguous()
     cfg = config or pick_config(x.shape[0], lay, _sm_count(x.device))
+    if lay.bits == 3:
+        return ext.gemv_int3(x, kw.codes, kw.scales, kw.zeros, bias, out, lay.group_size, lay.code_offset, cfg.warps)
     # scales after the product need whole 128-input chunks per group
     pre_scale = lay.group_size < 128 and lay.group_size < lay.in_features
     return ext.gemv_int4(x, kw.codes, kw.scales, kw.zeros, bias, out, lay.group_size, lay.code_offset,

@@ -10,6 +10,11 @@ Layout (`KernelWeights`) of a weight of shape (out, in) = (N, K) with b-bit code
   little-endian (32*U)-bit integer (a code may straddle two words when b does not divide 32).
   For b in {1, 2, 4, 8} this is exactly the row-wise LSB-first bitstream of
   `formats.packing`, read as int32 words.
+* b = 3 is split instead (no code straddles a word, and pairs of codes 16 bits apart decode
+  with one mask into two half-precision values): word 0 holds the low two bits of codes
+  0..15 (code i at bits [2i, 2i + 2)), word 1 those of codes 16..31, and word 2 the high
+  bits, code i's at bit `split3_high_bit(i)` (i with its bits 3 and 4 swapped: codes i and
+  i + 8 of each half of the unit then sit 16 bits apart, as their low bits do).
 * `codes` is an int32 tensor (N, U * J), J = K / C units per row, stored *planar*: word u of
   unit j of row n lives at `codes[n, u * J + j]`, so each plane is contiguous along the input
   dim and a kernel loads it with 16-byte vector loads (for U = 1 this is plain row-major).
@@ -107,6 +112,30 @@ class KernelWeights:
 # --------------------------------------------------------------------------- bit packing
 
 
+def split3_high_bit(i: int) -> int:
+    """Bit of word 2 that holds the high bit of code i (0..31) of a 3-bit unit: i with its
+    bits 3 and 4 swapped (codes i, i + 8 of each 16-code half land 16 bits apart)."""
+    return (i & 7) | ((i & 8) << 1) | ((i & 16) >> 1)
+
+
+def _code_fields(bits: int) -> list[list[tuple[int, int, int, int]]]:
+    """Per code i of a unit, its bit fields: (word, shift in the word, width, shift in the
+    code). Bitstream units: one field, or two when the code straddles a word; b = 3: the
+    split layout of the module docstring."""
+    c_per_unit, _ = unit_shape(bits)
+    fields = []
+    for i in range(c_per_unit):
+        if bits == 3:
+            fields.append([(i // 16, 2 * (i % 16), 2, 0), (2, split3_high_bit(i), 1, 2)])
+            continue
+        word, shift = divmod(bits * i, 32)
+        if shift + bits > 32:  # straddles into the next word
+            fields.append([(word, shift, 32 - shift, 0), (word + 1, 0, shift + bits - 32, 32 - shift)])
+        else:
+            fields.append([(word, shift, bits, 0)])
+    return fields
+
+
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """(N, K) integer codes < 2**bits -> (N, U * J) int32 planar unit words."""
     n_rows, n_cols = codes.shape
@@ -116,11 +145,9 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     n_units = n_cols // c_per_unit
     c = codes.reshape(n_rows, n_units, c_per_unit).to(torch.int64)  # (N, J, C)
     words = torch.zeros(n_rows, n_units, w_per_unit, dtype=torch.int64, device=codes.device)
-    for i in range(c_per_unit):
-        word, shift = divmod(bits * i, 32)
-        words[:, :, word] |= (c[:, :, i] << shift) & 0xFFFFFFFF
-        if shift + bits > 32:  # straddles into the next word
-            words[:, :, word + 1] |= c[:, :, i] >> (32 - shift)
+    for i, fields in enumerate(_code_fields(bits)):
+        for word, shift, width, at in fields:
+            words[:, :, word] |= ((c[:, :, i] >> at) & ((1 << width) - 1)) << shift
     words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # uint32 -> int32 bits
     return words.permute(0, 2, 1).reshape(n_rows, w_per_unit * n_units).contiguous()
 
@@ -131,14 +158,10 @@ def unpack_codes(words: torch.Tensor, bits: int, in_features: int) -> torch.Tens
     c_per_unit, w_per_unit = unit_shape(bits)
     n_units = in_features // c_per_unit
     w = words.reshape(n_rows, w_per_unit, n_units).permute(0, 2, 1).to(torch.int64) & 0xFFFFFFFF
-    out = torch.empty(n_rows, n_units, c_per_unit, dtype=torch.int64, device=words.device)
-    mask = (1 << bits) - 1
-    for i in range(c_per_unit):
-        word, shift = divmod(bits * i, 32)
-        v = w[:, :, word] >> shift
-        if shift + bits > 32:
-            v = v | (w[:, :, word + 1] << (32 - shift))
-        out[:, :, i] = v & mask
+    out = torch.zeros(n_rows, n_units, c_per_unit, dtype=torch.int64, device=words.device)
+    for i, fields in enumerate(_code_fields(bits)):
+        for word, shift, width, at in fields:
+            out[:, :, i] |= ((w[:, :, word] >> shift) & ((1 << width) - 1)) << at
     return out.reshape(n_rows, in_features)
 
 

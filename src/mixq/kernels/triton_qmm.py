@@ -49,7 +49,7 @@ def _shift_exponent(S, BITS: tl.constexpr, INPLACE: tl.constexpr):
     """E: a code found at bit S of its word is decoded as code * 2**E ("in place", no shift
     instruction) when it ends below bit 23; codes ending higher are read from word >> 16
     (E = S - 16); codes straddling two words, and all codes when not INPLACE, get E = 0."""
-    if INPLACE:
+    if INPLACE and BITS != 3:  # the split 3-bit layout decodes through a plain code
         E = tl.where(S + BITS > 32, 0, tl.where(S + BITS > 23, S - 16, S))
     else:
         E = S * 0
@@ -64,6 +64,20 @@ def _decode_unit(w0, w1, w2, lut_ptr, MAGIC, S, WORD, BITS: tl.constexpr,
     compile-time constants per register slot; w*: uint32 words). Affine grids come back times
     2**E (see _shift_exponent) and, with zero points, without the zero subtracted."""
     MASK: tl.constexpr = (1 << BITS) - 1
+    if BITS == 3:  # split layout (packed.py): low bits in words 0/1, high bits in word 2
+        idx = (WORD * 32 + S) // 3  # code index in the unit
+        low = (tl.where(idx < 16, w0, w1) >> (2 * (idx % 16))) & 3
+        high = (w2 >> ((idx & 7) | ((idx & 8) << 1) | ((idx & 16) >> 1))) & 1
+        code = low | (high << 2)  # uint32
+        if VALUE_MODE == 0:  # E = 0 (_shift_exponent): no in-place decoding
+            bits = code | MAGIC
+            if HAS_ZERO:
+                v = bits.to(tl.float32, bitcast=True) - _TWO23
+            else:
+                v = bits.to(tl.float32, bitcast=True) - (_TWO23 + CODE_OFFSET)
+        else:
+            v = tl.load(lut_ptr + code.to(tl.int32))
+        return v
     lo = tl.where(WORD == 0, w0, tl.where(WORD == 1, w1, w2))
     hi = tl.where(WORD == 0, w1, w2)
     straddle = S + BITS > 32

@@ -11,9 +11,10 @@ its input online, so that it computes x ŵᵀ + b for ŵ = ((L R + Q(E)) Qᵀ) d
 
     x' = (x diag(1/s)) Q                       divide by s, then Q = D · blockdiag(H_b):
                                                random signs, then a Walsh–Hadamard
-                                               transform per block of b inputs, as one small
-                                               matmul per Kronecker factor of H_b (<= 128
-                                               wide; `hadamard.fwht_kron`)
+                                               transform per block of b inputs: on a GPU one
+                                               fused kernel (`kernels.transform`), else one
+                                               small matmul per Kronecker factor of H_b
+                                               (<= 128 wide; `hadamard.fwht_kron`)
     y  = x' Q(E)ᵀ + (x' Rᵀ) Lᵀ + b             packed matmul (the kernels see x') plus the
                                                bf16 low-rank branch, in x's dtype
 
@@ -31,6 +32,8 @@ from mixq import formats
 from mixq.errors import FormatError
 from mixq.formats import Format, QTensor
 from mixq.kernels import KernelWeights, PackedLayout, dequantize, prepack, qmatmul
+from mixq.kernels.transform import kernel_ok as transform_kernel_ok
+from mixq.kernels.transform import online_transform
 from mixq.quantizers.hadamard import fwht_kron, hadamard_factors, hadamard_matrix
 from mixq.quantizers.transformed import UnitTransforms
 
@@ -119,9 +122,12 @@ class QuantLinear(nn.Module):
         return w if self.transforms.is_identity else self.transforms.to_weight(w)
 
     def transform_input(self, x: torch.Tensor) -> torch.Tensor:
-        """x' = (x diag(1/s)) Q for x (..., in), computed in float32, returned in x's dtype."""
+        """x' = (x diag(1/s)) Q for x (..., in), computed in float32, returned in x's dtype: one
+        fused kernel on a CUDA device (`kernels.transform`), else the torch ops below."""
         if self.smooth_scales is None and self.rotate_signs is None:
             return x
+        if transform_kernel_ok(x, self.rotate_block):
+            return online_transform(x, self.smooth_scales, self.rotate_signs, self.rotate_block)
         h = x if x.dtype == torch.float64 else x.float()
         if self.smooth_scales is not None:
             h = h / self.smooth_scales.to(h.dtype)

@@ -303,6 +303,155 @@ cudaError_t launch_zeros(const GemvInt4Params& p, int row_tiles, int unroll, int
                  : launch_shape<kBF16, kPre, false>(p, row_tiles, unroll, warps, stream);
 }
 
+
+// ----------------------------------------------------------------------------------------------
+// 3-bit codes, mixq's split layout (packed.py): a unit of 32 inputs is 3 words, stored planar
+// (plane u of unit j at codes[n, u * J + j]): plane 0 holds the low two bits of codes 0..15
+// (code i at bits 2i), plane 1 those of codes 16..31, plane 2 the high bits, code i's at bit
+// i with bits 3 and 4 swapped. So codes i and i + 8 (i < 8) of a half-unit sit 16 bits apart in
+// both their low-bit and high-bit words, and one shift + LOP3 per word gives the pair's
+// half-precision magic + code values, as for int4.
+//
+// Work split as for int4, with 512-input chunks: lane (g, q) loads 16 bytes of each plane
+// (units 4q .. 4q + 3 of the chunk) for rows g and g + 8. An mma's k-slots then span the four
+// lanes' units, 128 inputs apart, which may lie in different groups, so (code - zero) * scale
+// is always formed in x's dtype before the mma (two packed FMAs per pair).
+
+constexpr int kChunk3 = 512;  // inputs per warp per chunk: 4 lanes x 4 units x 32 codes
+
+struct Chunk3 {
+  uint4 w[2][3];   // rows g, g + 8: planes 0, 1, 2 of the lane's 4 units
+  uint32_t s[2][4];  // fp16 scale bits per row and unit
+  uint32_t z[2][4];  // zero points per row and unit
+};
+
+template <bool kBF16, bool kZeros>
+__global__ void __launch_bounds__(512) gemv_int3_kernel(const GemvInt4Params p) {
+  using H = Half<kBF16>;
+  extern __shared__ float partials[];  // (warps, 4, 32)
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int n_warps = blockDim.x >> 5;
+  const int g = lane >> 2, q = lane & 3;
+  const int row0 = blockIdx.x * 16;
+  const int n_units = p.k >> 5;  // J
+  const int n_chunks = (n_units + 15) >> 4;
+  const uint16_t* xs = static_cast<const uint16_t*>(p.x);
+  const uint32_t x_off = opaque(uint32_t(min(g, p.m - 1)) * uint32_t(p.ldx) + q * 128);
+  uint32_t w_off[2], s_off[2], z_off[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const uint32_t row = min(row0 + h * 8 + g, p.n - 1);
+    w_off[h] = opaque(row * uint32_t(p.ld_codes) + q * 4);
+    s_off[h] = opaque(row * uint32_t(p.ld_scales));
+    z_off[h] = kZeros ? opaque(row * uint32_t(p.ld_zeros)) : 0u;
+  }
+
+  auto load = [&](Chunk3& ch, int c) {
+    if (c >= n_chunks) return;  // warp-uniform
+    const int j0 = c * 16 + q * 4;  // the lane's first unit
+    const bool ok = j0 < n_units;   // J % 4 == 0: a lane's 4 units are all in range or all out
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+#pragma unroll
+      for (int u = 0; u < 3; ++u)
+        ch.w[h][u] = ok ? load_stream(p.codes + (w_off[h] + u * n_units + c * 16)) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+      for (int t = 0; t < 4; ++t) {
+        const uint32_t grp = uint32_t((min(j0 + t, n_units - 1) * 32) >> p.group_shift);
+        ch.s[h][t] = ok ? uint32_t(__ldg(p.scales + (s_off[h] + grp))) : 0u;
+        ch.z[h][t] = kZeros ? uint32_t(__ldg(p.zeros + (z_off[h] + grp))) : uint32_t(p.code_offset);
+      }
+    }
+  };
+
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  const uint32_t m2 = opaque(0x00030003u), m1 = opaque(0x00040004u), magic = opaque(H::kMagic);
+  auto compute = [&](const Chunk3& ch, int c) {
+    // lanes past the last unit still join every mma (a warp-wide instruction) with zero x
+    const bool ok = c * 16 + q * 4 < n_units;
+#pragma unroll
+    for (int t = 0; t < 4; ++t) {  // the lane's units
+      uint4 xv[4] = {make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0)};
+      if (ok) {
+        const uint4* xp = reinterpret_cast<const uint4*>(xs + (x_off + c * kChunk3 + t * 32));
+#pragma unroll
+        for (int i = 0; i < 4; ++i) xv[i] = __ldg(xp + i);
+      }
+      uint32_t p0[2], p1[2], p2[2], nz[2], ss[2];  // rows g, g + 8
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        p0[h] = word(ch.w[h][0], t);
+        p1[h] = word(ch.w[h][1], t);
+        p2[h] = word(ch.w[h][2], t);
+        nz[h] = H::kNegMagic | (ch.z[h][t] * 0x10001u);  // -(magic + zero) x2
+        ss[h] = H::scale_pair(ch.s[h][t]);
+      }
+      // pair i: codes (i, i + 8) of the low half-unit, (16 + i, 24 + i) of the high one, with
+      // B pairs (x[i], x[i + 8]), (x[16 + i], x[24 + i]); two pairs per mma
+#pragma unroll
+      for (int i = 0; i < 8; i += 2) {
+        uint32_t lo[2][2], hi[2][2];  // [row half][pair]
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int ii = i + e;
+            const uint32_t hb_lo = ii >= 2 ? (p2[h] >> (ii - 2)) : (p2[h] << (2 - ii));  // bits ii, 16 + ii -> 2, 18
+            const uint32_t hb_hi = p2[h] >> (6 + ii);                                     // bits 8 + ii, 24 + ii -> 2, 18
+            const uint32_t v0 = and_or(hb_lo, m1, and_or(p0[h] >> (2 * ii), m2, magic));
+            const uint32_t v1 = and_or(hb_hi, m1, and_or(p1[h] >> (2 * ii), m2, magic));
+            lo[h][e] = H::fma2(H::fma2(v0, H::kOne, nz[h]), ss[h], 0x80008000u);  // (code - zero) * scale
+            hi[h][e] = H::fma2(H::fma2(v1, H::kOne, nz[h]), ss[h], 0x80008000u);
+          }
+        const uint32_t sel0 = 0x5410u, sel1 = 0x7632u;  // ii even: low halves; odd: high halves
+        const uint32_t bl0 = __byte_perm(word(xv[0], i >> 1), word(xv[1], i >> 1), sel0);
+        const uint32_t bl1 = __byte_perm(word(xv[0], i >> 1), word(xv[1], i >> 1), sel1);
+        const uint32_t bh0 = __byte_perm(word(xv[2], i >> 1), word(xv[3], i >> 1), sel0);
+        const uint32_t bh1 = __byte_perm(word(xv[2], i >> 1), word(xv[3], i >> 1), sel1);
+        const uint32_t A0[4] = {lo[0][0], lo[1][0], lo[0][1], lo[1][1]};
+        const uint32_t A1[4] = {hi[0][0], hi[1][0], hi[0][1], hi[1][1]};
+        H::mma(acc, A0, bl0, bl1);
+        H::mma(acc, A1, bh0, bh1);
+      }
+    }
+  };
+
+  Chunk3 buf_a, buf_b;
+  const int step = n_warps;
+  load(buf_a, warp);
+  for (int c = warp; c < n_chunks; c += 2 * step) {
+    load(buf_b, c + step);
+    compute(buf_a, c);
+    load(buf_a, c + 2 * step);
+    if (c + step < n_chunks) compute(buf_b, c + step);
+  }
+
+#pragma unroll
+  for (int j = 0; j < 4; ++j) partials[(warp * 4 + j) * 32 + lane] = acc[j];
+  __syncthreads();
+  for (int e = threadIdx.x; e < 128; e += blockDim.x) {
+    float v = 0.f;
+    for (int wi = 0; wi < n_warps; ++wi) v += partials[wi * 128 + e];
+    const int ln = e & 31, j = (e >> 5) & 3;
+    const int row = row0 + (ln >> 2) + 8 * (j >> 1);
+    const int col = 2 * (ln & 3) + (j & 1);
+    if (row < p.n && col < p.m) {
+      if (p.bias) v += H::to_float(static_cast<const uint16_t*>(p.bias)[row]);
+      static_cast<uint16_t*>(p.y)[col * p.ldy + row] = H::from_float(v);
+    }
+  }
+}
+
+template <bool kBF16, bool kZeros>
+cudaError_t launch3(const GemvInt4Params& p, int warps, cudaStream_t stream) {
+  const dim3 grid((p.n + 15) / 16);
+  const dim3 block(32 * warps);
+  const size_t smem = size_t(warps) * 128 * sizeof(float);
+  gemv_int3_kernel<kBF16, kZeros><<<grid, block, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
 }  // namespace
 
 cudaError_t gemv_int4_launch(const GemvInt4Params& p, bool bf16, bool pre_scale, int row_tiles, int unroll,
@@ -315,4 +464,11 @@ cudaError_t gemv_int4_launch(const GemvInt4Params& p, bool bf16, bool pre_scale,
                              : launch_zeros<true, false>(p, row_tiles, unroll, warps, stream);
   return pre_scale ? launch_zeros<false, true>(p, row_tiles, unroll, warps, stream)
                    : launch_zeros<false, false>(p, row_tiles, unroll, warps, stream);
+}
+
+cudaError_t gemv_int3_launch(const GemvInt4Params& p, bool bf16, int warps, cudaStream_t stream) {
+  if (p.m < 1 || p.m > 8 || p.n < 1 || p.k < 128 || p.k % 128 || warps < 1 || warps > 16 || p.group_shift < 5)
+    return cudaErrorInvalidValue;
+  if (bf16) return p.zeros ? launch3<true, true>(p, warps, stream) : launch3<true, false>(p, warps, stream);
+  return p.zeros ? launch3<false, true>(p, warps, stream) : launch3<false, false>(p, warps, stream);
 }

@@ -29,3 +29,8 @@ struct GemvInt4Params {
 // register pipeline (1 or 2); warps: per block (1..16), splitting the input dimension.
 cudaError_t gemv_int4_launch(const GemvInt4Params& p, bool bf16, bool pre_scale, int row_tiles,
                              int unroll, int warps, cudaStream_t stream);
+
+// 3-bit codes in the split layout (codes: (n, 3 * k / 32) int32, planar; ld_codes = words per
+// row), k a multiple of 128, group_size a power of two >= 32; the weights are always formed as
+// (code - zero) * scale in x's dtype before the tensor-core product. warps: per block (1..16).
+cudaError_t gemv_int3_launch(const GemvInt4Params& p, bool bf16, int warps, cudaStream_t stream);

@@ -1,0 +1,174 @@
+"""The Triton kernels against the pure-torch reference, on the CPU under Triton's interpreter
+(no GPU: see tests/_triton_interpret.py) or compiled on a GPU: the tensor-core kernel
+(`triton_tc`) for every layout it takes, its block shapes, split-K, post- and pre-scaling;
+the older kernels (`triton_qmm`) on the split 3-bit layout; the fused input transform.
+
+Shapes are small and odd (72 rows: a partial weight tile; 17-unit inputs: a partial K
+step) so the interpreter stays fast. Bound: ||out - ref|| / ||ref|| < 1e-2 against a
+float32 reference (bf16 rounding of weights and outputs is ~3e-3; the interpreter
+truncates instead of rounding, ~6e-3).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import KERNEL_DEVICE, needs_kernels
+from mixq import formats
+from mixq.kernels import dequantize, prepack
+
+pytestmark = needs_kernels
+REL_TOL = 1e-2
+
+# (spec, in_features): 544 = 17 units of 32 (int3), 68 of 8 (int4), 17 groups of 32
+TC_SPECS = [("int4:g128", 640), ("int4:g64:asym", 576), ("int4:g32", 544), ("int4:ch", 544),
+            ("int8:ch", 544), ("int8:g64:asym", 576), ("int3:g64", 544), ("int3:g128:asym", 640),
+            ("int2:g64", 576), ("nf4:g64", 576), ("mxfp4", 544), ("nvfp4", 544), ("fp8_e4m3:ch", 544)]
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.float() - ref).norm() / ref.norm())
+
+
+def _weights(spec: str, in_features: int, out_features: int = 72, seed: int = 0):
+    torch.manual_seed(seed)
+    fmt = formats.parse(spec)
+    w = torch.randn(out_features, in_features)
+    return prepack(fmt.quantize(w), fmt).to(KERNEL_DEVICE)
+
+
+@pytest.mark.parametrize("spec,in_features", TC_SPECS)
+def test_tc_kernel_matches_reference(spec, in_features):
+    from mixq.kernels import triton_tc
+
+    kw = _weights(spec, in_features)
+    assert triton_tc.supports(kw.layout)
+    w_ref = dequantize(kw).float()  # (N, K)
+    bias = torch.randn(kw.layout.out_features, device=KERNEL_DEVICE)
+    for m, dtype in [(1, torch.bfloat16), (5, torch.float16), (17, torch.bfloat16)]:
+        x = torch.randn(m, in_features, device=KERNEL_DEVICE).to(dtype)
+        ref = x.float() @ w_ref.T + bias
+        out = triton_tc.qmatmul(x, kw, bias.to(dtype))
+        assert out.dtype == dtype and out.shape == (m, kw.layout.out_features)
+        assert torch.isfinite(out).all(), f"{spec} M={m}: non-finite output"
+        err = _rel_err(out, ref)
+        assert err < REL_TOL, f"{spec} {dtype} M={m}: rel err {err:.2e}"
+
+
+# the 3-bit case (32 code tiles per unit) takes ~25 s under the interpreter: GPU only there
+@pytest.mark.parametrize("spec", ["int4:g64:asym", "int8:ch", "int4:g32"] + (["int3:g64"] if KERNEL_DEVICE == "cuda" else []))
+def test_tc_block_shapes_split_k_and_scaling_modes(spec):
+    """Every tile shape, split-K (fp32 atomics), post- and pre-scaling, on 72 x 1088 (72 x 544
+    under the interpreter, which runs every program one after another)."""
+    from mixq.kernels.triton_tc import TcConfig, default_block_j, qmatmul
+
+    k = 544 if KERNEL_DEVICE == "cpu" else 1088
+    kw = _weights(spec, k, seed=1)
+    w_ref = dequantize(kw).float()
+    bj = default_block_j(kw.layout)
+    configs = [
+        (1, TcConfig(64, 16, bj, 1)), (3, TcConfig(32, 16, bj, 3, post=False)), (16, TcConfig(64, 16, bj, 2)),
+        (20, TcConfig(16, 32, max(1, bj // 2), 1)), (33, TcConfig(64, 64, bj, 1, 8, post=False)),
+        (7, TcConfig(128, 16, 2 * bj, 1, post=False)),
+    ]
+    for m, cfg in configs:
+        x = torch.randn(m, k, device=KERNEL_DEVICE).to(torch.bfloat16)
+        err = _rel_err(qmatmul(x, kw, None, cfg), x.float() @ w_ref.T)
+        assert err < REL_TOL, f"{spec} M={m} {cfg}: rel err {err:.2e}"
+
+
+@pytest.mark.parametrize("spec", ["int3:g64", "int3:g64:asym", "int3:ch"])
+def test_old_kernels_read_the_split_3bit_layout(spec):
+    from mixq.kernels import triton_qmm
+
+    kw = _weights(spec, 544)
+    w_ref = dequantize(kw).float()
+    for m in (1, 3, 16):
+        x = torch.randn(m, 544, device=KERNEL_DEVICE).to(torch.float16)
+        err = _rel_err(triton_qmm.qmatmul(x, kw), x.float() @ w_ref.T)
+        assert err < REL_TOL, f"{spec} M={m}: rel err {err:.2e}"
+
+
+@pytest.mark.parametrize("in_features,rows", [(576, 3), (1024, 2), (1536, 17), (96, 5)])
+def test_fused_transform_matches_torch(in_features, rows):
+    """Smoothing, sign flip and block Hadamard in one kernel (blocks 64, 1024 = 32 x 32,
+    512 = 16 x 32, 32) equal the torch ops in float32, and to bf16 rounding in bf16."""
+    from mixq.kernels.transform import online_transform, reference_transform
+    from mixq.quantizers.hadamard import rotation
+
+    torch.manual_seed(in_features)
+    rot = rotation(in_features, 0)
+    s = torch.rand(in_features) + 0.5
+    for dtype, tol in [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)]:
+        x = torch.randn(rows, in_features).to(dtype)
+        for smooth, rotate in [(s, True), (None, True), (s, False)]:
+            args = (smooth, rot.signs if rotate else None, rot.block if rotate else None)
+            ref = reference_transform(x, *args).float()
+            dev_args = tuple(a.to(KERNEL_DEVICE) if isinstance(a, torch.Tensor) else a for a in args)
+            out = online_transform(x.to(KERNEL_DEVICE), *dev_args, use_kernel=True)
+            assert out.dtype == dtype and out.shape == x.shape
+            err = _rel_err(out.cpu(), ref)
+            assert err < tol, f"in={in_features} {dtype} smooth={smooth is not None} rotate={rotate}: {err:.2e}"
+
+
+def test_split_k_workspace_is_left_zeroed():
+    """Split-K programs meet in a shared fp32 workspace; the last one of each tile writes y
+    and zeroes the tile and its counter, so back-to-back calls of other shapes stay right."""
+    from mixq.kernels import triton_tc
+    from mixq.kernels.triton_tc import TcConfig
+
+    kw = _weights("int4:g128", 1024, out_features=72, seed=4)
+    w_ref = dequantize(kw).float()
+    bias = torch.randn(72, device=KERNEL_DEVICE)
+    for m, split in [(3, 4), (17, 2), (1, 8), (3, 4)]:
+        x = torch.randn(m, 1024, device=KERNEL_DEVICE).to(torch.bfloat16)
+        out = triton_tc.qmatmul(x, kw, bias.to(torch.bfloat16), TcConfig(64, 16, 16, split))
+        assert _rel_err(out, x.float() @ w_ref.T + bias) < REL_TOL, (m, split)
+        ws, counters = triton_tc._WORKSPACE[str(out.device)]
+        assert not ws.any() and not counters.any()
+
+
+def test_decode_ops_match_torch():
+    """The fused element-wise kernels of the decode step against the torch ops they replace."""
+    from mixq.kernels import decode_ops as ops
+
+    torch.manual_seed(0)
+    dev = KERNEL_DEVICE
+    for dtype, tol in [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)]:
+        h, d = torch.randn(2, 3, 200, device=dev).to(dtype), torch.randn(2, 3, 200, device=dev).to(dtype)
+        w = (torch.rand(200, device=dev) + 0.5).to(dtype)
+        ref_h, ref_r = ops.reference_add_rms_norm(h, d, w, 1e-5)
+        got_h, got_r = ops.add_rms_norm(h, d, w, 1e-5)
+        assert _rel_err(got_h, ref_h.float()) < tol and _rel_err(got_r, ref_r.float()) < tol
+        assert _rel_err(ops.add_rms_norm(h, None, w, 1e-5), ops.reference_add_rms_norm(h, None, w, 1e-5)[1].float()) < tol
+        g, u = torch.randn(3, 1500, device=dev).to(dtype), torch.randn(3, 1500, device=dev).to(dtype)
+        assert _rel_err(ops.silu_mul(g, u), ops.reference_silu_mul(g, u).float()) < tol
+        # rotary + cache write: q/k/v as views of one fused output, 4 heads / 2 kv heads of 16
+        b, t, hd, L = 2, 3, 16, 8
+        qkv = torch.randn(b, t, (4 + 2 + 2) * hd, device=dev).to(dtype)
+        q, k, v = qkv.split([4 * hd, 2 * hd, 2 * hd], dim=-1)
+        pos = torch.tensor([2, 3, 4], device=dev)
+        inv_freq = 1.0 / (10000 ** (torch.arange(0, hd, 2, device=dev).float() / hd))
+        kc = torch.zeros(b, 2, L, hd, device=dev, dtype=dtype)
+        vc = torch.zeros_like(kc)
+        qo = ops.rope_to_cache(q, k, v, pos, inv_freq, kc, vc, 4, 2, hd)
+        ref_q = ops.reference_rope(q.reshape(b, t, 4, hd).transpose(1, 2), pos, inv_freq)
+        ref_k = ops.reference_rope(k.reshape(b, t, 2, hd).transpose(1, 2), pos, inv_freq)
+        assert _rel_err(qo, ref_q.float()) < tol
+        assert _rel_err(kc[:, :, 2:5], ref_k.float()) < tol
+        assert torch.equal(vc[:, :, 2:5], v.reshape(b, t, 2, hd).transpose(1, 2))
+        assert not kc[:, :, :2].any() and not kc[:, :, 5:].any()
+
+
+def test_static_decoder_fused_equals_unfused(tiny_llama):
+    """The decode loop with the fused element-wise kernels generates what the torch ops do."""
+    import copy
+
+    from mixq.export.decoder import StaticDecoder
+
+    model = copy.deepcopy(tiny_llama).to(KERNEL_DEVICE)
+    prompt = [1, 17, 42, 99, 5]
+    plain = StaticDecoder(model, max_len=24, fused=False, use_graph=False).generate(prompt, 6)
+    fused = StaticDecoder(model, max_len=24, fused=True).generate(prompt, 6)
+    assert torch.equal(plain, fused)
