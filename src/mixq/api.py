@@ -7,6 +7,7 @@ import logging
 import time
 from pathlib import Path
 
+from mixq.formats.grouping import all_finite
 from mixq.accounting import bit_totals
 from mixq.artifacts import sha256_text
 from mixq.errors import DataError, MixqError
@@ -136,7 +137,7 @@ def check_finite(unit, w) -> None:
     """Raise DataError naming the unit if its weight holds NaN or inf."""
     import torch
 
-    if not torch.isfinite(w).all():
+    if not all_finite(w):
         n_bad = int((~torch.isfinite(w)).sum())
         raise DataError(f"unit {unit.name!r}: weight contains {n_bad} NaN/inf values; refusing to quantize it")
 

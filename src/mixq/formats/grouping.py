@@ -48,10 +48,18 @@ def check_weight(w: torch.Tensor) -> None:
         raise FormatError(f"expected a floating-point weight, got {w.dtype}")
     if w.numel() == 0:
         raise FormatError(f"cannot quantize an empty weight of shape {tuple(w.shape)}")
-    lo, hi = torch.aminmax(w)  # NaN propagates, inf shows: one pass, no allocation
-    if not (torch.isfinite(lo) & torch.isfinite(hi)):
+    if not all_finite(w):  # NaN propagates, inf shows: one pass, no allocation
         n_bad = int((~torch.isfinite(w)).sum())
         raise DataError(f"weight contains NaN/inf ({n_bad} of {w.numel()} values)")
+
+
+def all_finite(w: torch.Tensor) -> bool:
+    """Whether every value of w is finite, in one reduction pass without a full-size mask
+    (the extremes of a tensor holding NaN or inf are not finite)."""
+    if w.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(w.detach())
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
 def group_len(group_size: int, cols: int) -> int:

@@ -13,7 +13,6 @@ rounding of each packed stream.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from mixq.errors import FormatError
@@ -26,35 +25,42 @@ def _check(bits: int, what: str) -> None:
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """1-D uint8 bitstream of ceil(numel * bits / 8) bytes from uint8 codes < 2**bits (on the
-    CPU: the bit shuffling is numpy's packbits/unpackbits, a few times faster than torch)."""
+    """1-D uint8 bitstream of ceil(numel * bits / 8) bytes from uint8 codes < 2**bits, on the
+    codes' device. Eight codes make `bits` whole bytes: each group of eight is summed into one
+    int64 (code k at bit k * bits, at most 56 bits) whose bytes, low first, are the stream."""
     _check(bits, "pack")
     if codes.dtype != torch.uint8:
         raise FormatError(f"pack: codes must be uint8, got {codes.dtype}")
     flat = codes.reshape(-1).contiguous()
-    if flat.numel() and int(flat.max()) >= 1 << bits:
+    n = flat.numel()
+    if n and int(flat.max()) >= 1 << bits:
         raise FormatError(f"pack: a code is >= 2**{bits}")
     if bits == 8:
         return flat.clone()
-    per_code = np.unpackbits(flat.cpu().numpy()[:, None], axis=1, bitorder="little")[:, :bits]  # (n, bits)
-    return torch.from_numpy(np.packbits(per_code.reshape(-1), bitorder="little"))
+    n_bytes = -(-n * bits // 8)
+    groups = torch.nn.functional.pad(flat, (0, -n % 8)).view(-1, 8).long()  # (G, 8)
+    shifts = torch.arange(0, 8 * bits, bits, device=flat.device)
+    word = (groups << shifts).sum(1)  # (G,) the 8 codes' bits, disjoint, so the sum is an OR
+    byte_shifts = torch.arange(0, 8 * bits, 8, device=flat.device)
+    return ((word.unsqueeze(1) >> byte_shifts) & 0xFF).to(torch.uint8).reshape(-1)[:n_bytes].clone()
 
 
 def unpack(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
-    """1-D uint8 codes: the first `numel` codes of a `pack`ed stream."""
+    """1-D uint8 codes: the first `numel` codes of a `pack`ed stream (on its device)."""
     _check(bits, "unpack")
     if packed.numel() * 8 < numel * bits:
         raise FormatError(f"unpack: {packed.numel()} bytes hold fewer than {numel} {bits}-bit codes")
     flat = packed.reshape(-1)
     if bits == 8:
         return flat[:numel].clone()
-    if 8 % bits == 0:  # whole codes per byte: shift and mask
-        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=flat.device)
-        return ((flat[: -(-numel * bits // 8)].unsqueeze(1) >> shifts) & ((1 << bits) - 1)).reshape(-1)[:numel]
-    stream_bits = np.unpackbits(flat.cpu().numpy(), bitorder="little")[: numel * bits].reshape(numel, bits)
-    per_code = np.zeros((numel, 8), dtype=np.uint8)
-    per_code[:, :bits] = stream_bits
-    return torch.from_numpy(np.packbits(per_code, axis=1, bitorder="little").reshape(-1))
+    n_groups = -(-numel // 8)
+    need = n_groups * bits
+    body = flat[: min(need, flat.numel())]
+    body = torch.nn.functional.pad(body, (0, need - body.numel())).view(-1, bits).long()  # (G, bits) bytes
+    byte_shifts = torch.arange(0, 8 * bits, 8, device=flat.device)
+    word = (body << byte_shifts).sum(1)  # (G,)
+    shifts = torch.arange(0, 8 * bits, bits, device=flat.device)
+    return ((word.unsqueeze(1) >> shifts) & ((1 << bits) - 1)).to(torch.uint8).reshape(-1)[:numel].clone()
 
 
 def _raw_bytes(t: torch.Tensor) -> torch.Tensor:

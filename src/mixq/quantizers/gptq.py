@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from mixq.formats.grouping import all_finite
 from mixq import formats
 from mixq.errors import DataError, MixqError
 from mixq.formats.base import QTensor
@@ -128,7 +129,7 @@ def gptq(w: torch.Tensor, H: torch.Tensor, fmt, *, block_size: int = 128, damp: 
         raise DataError(f"GPTQ needs a 2-D weight (out, in), got {tuple(w.shape)}")
     rows, cols = w.shape
     check_hessian(H, cols)
-    if not torch.isfinite(w).all():
+    if not all_finite(w):
         raise DataError("weight contains NaN/inf values")
     if block_size < 1:
         raise DataError(f"block_size must be positive, got {block_size}")

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from mixq.formats.grouping import all_finite
 from mixq.errors import DataError, MixqError
 from mixq.option import CalibConfig, Option, parse_option
 from mixq.quantizers.gptq import check_hessian, gptq
@@ -88,7 +89,7 @@ def quantize_unit(w: torch.Tensor, option: Option | str, *, H: torch.Tensor | No
     fmt = opt.fmt
     if w.dim() != 2:
         raise DataError(f"expected a 2-D weight (out, in), got {tuple(w.shape)}")
-    if not torch.isfinite(w).all():
+    if not all_finite(w):
         raise DataError(f"weight contains {int((~torch.isfinite(w)).sum())} NaN/inf values")
     cols = w.shape[1]
     missing = []

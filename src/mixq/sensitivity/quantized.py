@@ -16,6 +16,7 @@ import logging
 import torch
 from torch import nn
 
+from mixq.formats.grouping import all_finite
 from mixq.apply.inputs import check_inputs, to_model
 from mixq.apply.manifest import applicable_option
 from mixq.apply.stats import StatsCollector, UnitStats
@@ -37,7 +38,7 @@ def rtn_quantize(unit: Unit, w: torch.Tensor, option: Option) -> torch.Tensor:
             f"unit {unit.name!r}: option {option} is not plain round to nearest; sensitivity analysis "
             "weighs it through a UnitQuantizer built on calibration data (mixq.api.analyze does this)"
         )
-    if not torch.isfinite(w).all():
+    if not all_finite(w):
         raise DataError(f"unit {unit.name!r}: weight contains NaN/inf values")
     return option.fmt.fake_quant(w)
 
