@@ -42,8 +42,19 @@ def save_config(model: nn.Module, arch: dict, folder: Path) -> None:
             gen.save_pretrained(folder)
 
 
+def _no_init():
+    """transformers' context that skips random weight initialisation (every tensor of a
+    rebuilt model is loaded from the checkpoint, so initialising 8B weights is wasted time)."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older transformers
+        from transformers.modeling_utils import no_init_weights
+    return no_init_weights()
+
+
 def rebuild(arch: dict, folder: Path, dtype: torch.dtype) -> nn.Module:
-    """A freshly initialised model of the described architecture, in `dtype`, eval mode."""
+    """The described architecture with uninitialised weights (every one is loaded from the
+    checkpoint, `load._coverage_check`), in `dtype`, eval mode."""
     family = arch.get("family")
     if family == "hf_causal_lm":
         import transformers
@@ -56,10 +67,11 @@ def rebuild(arch: dict, folder: Path, dtype: torch.dtype) -> nn.Module:
         except (OSError, ValueError) as e:
             raise ArtifactError(f"checkpoint {folder}: config.json is unreadable ({e.__class__.__name__}: {e})") from e
         cls = getattr(transformers, arch.get("class", ""), None)
-        if cls is not None and hasattr(cls, "_from_config"):
-            model = cls._from_config(config, dtype=dtype)
-        else:
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        with _no_init():
+            if cls is not None and hasattr(cls, "_from_config"):
+                model = cls._from_config(config, dtype=dtype)
+            else:
+                model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         return model.eval()
     if family == "cifar_resnet":
         from mixq.models.resnet_cifar import CifarResNet
