@@ -132,67 +132,73 @@ class BlockwiseAnalysis:
         self.add_cost("forward", 1)
         return inputs
 
-    def head_grads(self, hidden: list[BlockInput], head_units: list[Unit], grads: dict | None) -> list[torch.Tensor]:
-        """Per micro-batch, the gradient of the batch's mean loss w.r.t. the last block's
-        output; the head units' weight gradients squared are added to `grads` (when given)."""
-        w = self.walker
-        params = [w.model.get_parameter(u.param) for u in head_units]
-        out = []
-        flags = [p.requires_grad for p in params]
-        try:
-            for p in params:
-                p.requires_grad_(True)
-            for inp, ids in zip(w.fetch(hidden), self.batches):
-                h = inp.hidden.detach().requires_grad_(True)
-                with torch.enable_grad():
-                    loss = _lm_loss(w.logits(h, ids), ids)
-                    g = torch.autograd.grad(loss, [h] + params, allow_unused=True)
-                out.append(g[0])
-                if grads is not None:
-                    for u, gp in zip(head_units, g[1:]):
-                        if gp is not None:
-                            grads[u.name] += unit_view(u, gp).double() ** 2
-        finally:
-            for p, f in zip(params, flags):
-                p.requires_grad_(f)
-        return out
-
-    def block_backward(self, block, units: list[Unit], inputs: list[BlockInput], g_out: list[torch.Tensor],
-                       need_input_grad: bool, grads: dict, consumer: _BlockConsumer) -> list[torch.Tensor | None]:
-        """Recompute the block from each stored input with its graph (the units' input hooks
-        feeding `consumer`) and backpropagate g_out: the gradient w.r.t. the block's input per
-        micro-batch; each unit's weight gradient squared added to grads[unit] (per
-        micro-batch, for the Fisher)."""
-        w = self.walker
-        params = {}
+    def _grad_params(self, units: list[Unit]) -> tuple[list[torch.nn.Parameter], dict[int, int]]:
+        """The units' parameters (each once) and parameter id -> index."""
+        plist: list[torch.nn.Parameter] = []
         for u in units:
-            p = w.model.get_parameter(u.param)
-            params.setdefault(id(p), p)
-        plist = list(params.values())
+            p = self.walker.model.get_parameter(u.param)
+            if all(p is not q for q in plist):
+                plist.append(p)
+        return plist, {id(p): i for i, p in enumerate(plist)}
+
+    def _backward(self, run, pairs, units: list[Unit], need_input_grad: bool, sink) -> list[torch.Tensor | None]:
+        """For each (input, extra) in `pairs`: out = run(h, extra) with h the input's hidden
+        states (requiring grad when `need_input_grad`), then either out is a scalar loss or
+        (out, grad_outputs); the gradient w.r.t. h is returned per pair and each unit's
+        weight gradient, as a 2-D (out, in) view, goes to sink(unit, grad)."""
+        plist, index = self._grad_params(units)
         flags = [p.requires_grad for p in plist]
-        index = {id(p): i for i, p in enumerate(plist)}
-        out: list[torch.Tensor | None] = []
+        result: list[torch.Tensor | None] = []
         try:
             for p in plist:
                 p.requires_grad_(True)
-            with unit_inputs(w.model, units, consumer):
-                for inp, g in zip(w.fetch(inputs), g_out):
-                    h = inp.hidden.detach().requires_grad_(need_input_grad)
-                    with torch.enable_grad():
-                        y = w.run(block, inp.with_hidden(h)).hidden
-                        targets = ([h] if need_input_grad else []) + plist
-                        gs = torch.autograd.grad(y, targets, grad_outputs=g, allow_unused=True) if targets else ()
-                    consumer.release()
-                    out.append(gs[0] if need_input_grad else None)
-                    pg = gs[1:] if need_input_grad else gs
-                    for u in units:
-                        gp = pg[index[id(w.model.get_parameter(u.param))]]
-                        if gp is not None:
-                            grads[u.name] += unit_view(u, gp).double() ** 2
+            for inp, extra in pairs:
+                h = inp.hidden.detach().requires_grad_(need_input_grad)
+                with torch.enable_grad():
+                    out, g_out = run(inp.with_hidden(h), extra)
+                    targets = ([h] if need_input_grad else []) + plist
+                    gs = torch.autograd.grad(out, targets, grad_outputs=g_out, allow_unused=True) if targets else ()
+                result.append(gs[0] if need_input_grad else None)
+                pg = gs[1:] if need_input_grad else gs
+                for u in units:
+                    gp = pg[index[id(self.walker.model.get_parameter(u.param))]]
+                    if gp is not None:
+                        sink(u, unit_view(u, gp))
         finally:
             for p, f in zip(plist, flags):
                 p.requires_grad_(f)
-        return out
+        return result
+
+    def head_backward(self, hidden: list[BlockInput], head_units: list[Unit], sink, weighted: bool = False):
+        """Per micro-batch, the gradient of the batch's mean loss (times its share of the
+        calibration tokens when `weighted`) w.r.t. the last block's output; the head units'
+        weight gradients go to `sink`."""
+        w = self.walker
+
+        def run(inp, ids):
+            weight = ids.shape[0] * (ids.shape[1] - 1) / self.n_total if weighted else 1.0
+            return weight * _lm_loss(w.logits(inp.hidden, ids), ids), None
+
+        return self._backward(run, list(zip(w.fetch(hidden), self.batches)), head_units, True, sink)
+
+    def block_backward(self, block, units: list[Unit], inputs: list[BlockInput], g_out: list[torch.Tensor],
+                       need_input_grad: bool, sink, consumer: _BlockConsumer | None = None):
+        """Recompute the block from each stored input with its graph (the units' input hooks
+        feeding `consumer`, when given) and backpropagate g_out: the gradient w.r.t. the
+        block's input per micro-batch; each unit's weight gradient goes to `sink`."""
+        w = self.walker
+
+        def run(inp, g):
+            y = w.run(block, inp).hidden
+            if consumer is not None:
+                consumer.release()
+            return y, g
+
+        pairs = list(zip(w.fetch(inputs), g_out))
+        if consumer is None:
+            return self._backward(run, pairs, units, need_input_grad, sink)
+        with unit_inputs(w.model, units, consumer):
+            return self._backward(run, pairs, units, need_input_grad, sink)
 
     def unit_stats(self, block, units: list[Unit], inputs: list[BlockInput]) -> _BlockConsumer:
         """Run the block on its float inputs with the units' input hooks (no graph)."""
@@ -260,8 +266,11 @@ def blockwise(walker: Walker, units: list[Unit], options: list[Option], method: 
         def zeros(us):  # float64 squared-gradient sums, one block's units at a time
             return {u.name: torch.zeros(u.shape, dtype=torch.float64, device=w.device) for u in us}
 
+        def squares_into(grads):  # the Fisher's per-micro-batch squared gradients
+            return lambda u, gp: grads[u.name].add_(gp.double() ** 2)
+
         grads = zeros(head_units)
-        g = a.head_grads(inputs[-1], head_units, grads)
+        g = a.head_backward(inputs[-1], head_units, squares_into(grads))
         if head_units:
             _finish(a, head_units, a.head_stats(head_units, inputs[-1]), grads, n_batches)
         for b in track(reversed(range(w.n_blocks)), "analysis: backward", w.n_blocks, a.progress):
@@ -269,7 +278,7 @@ def blockwise(walker: Walker, units: list[Unit], options: list[Option], method: 
             grads = zeros(us)
             with w.on_device(b) as block:
                 consumer = _BlockConsumer(us)
-                g = a.block_backward(block, us, inputs[b], g, b > 0, grads, consumer)
+                g = a.block_backward(block, us, inputs[b], g, b > 0, squares_into(grads), consumer)
                 if us:
                     _finish(a, us, consumer, grads, n_batches)
             inputs[b + 1] = None  # no longer needed
@@ -363,87 +372,30 @@ def _perturbed_grad_dot(a: BlockwiseAnalysis, inputs0: list[BlockInput], probe: 
                 current = [w.run(block, x) for x in current]
                 perturb(us, -1.0)
             inputs.append(w.stash(current))
+    dots: dict[str, float] = {}
+
+    def dot_into(u: Unit, gp: torch.Tensor) -> None:  # v·g of the unit
+        v = _probe(order[u.name], probe, seed, u.shape, gp.device)
+        dots[u.name] = dots.get(u.name, 0.0) + float((gp.double() * v.double()).sum())
+
     head = a.by_block.get(-1, [])
     perturb(head, 1.0)
     try:
-        dots = {}
-        hg = _grad_sums(a, head, inputs[-1], dots, order, probe, seed)
+        g = a.head_backward(inputs[-1], head, dot_into, weighted=True)
     finally:
         perturb(head, -1.0)
-    g = hg
     for b in reversed(range(w.n_blocks)):
         us = a.by_block.get(b, [])
         with w.on_device(b) as block:
             perturb(us, 1.0)
             try:
-                g = _block_grad_dots(a, block, us, inputs[b], g, b > 0, dots, order, probe, seed)
+                g = a.block_backward(block, us, inputs[b], g, b > 0, dot_into)
             finally:
                 perturb(us, -1.0)
         inputs[b + 1] = None
     a.add_cost("forward", 2)
     a.add_cost("backward", 1)
     return dots
-
-
-def _grad_sums(a, head_units, hidden, dots, order, probe, seed):
-    """Head step of a perturbed pass: weighted loss gradients, v·g of the head units."""
-    w = a.walker
-    params = [w.model.get_parameter(u.param) for u in head_units]
-    flags = [p.requires_grad for p in params]
-    out = []
-    try:
-        for p in params:
-            p.requires_grad_(True)
-        for inp, ids in zip(w.fetch(hidden), a.batches):
-            h = inp.hidden.detach().requires_grad_(True)
-            weight = ids.shape[0] * (ids.shape[1] - 1) / a.n_total
-            with torch.enable_grad():
-                loss = weight * _lm_loss(w.logits(h, ids), ids)
-                g = torch.autograd.grad(loss, [h] + params, allow_unused=True)
-            out.append(g[0])
-            for u, gp in zip(head_units, g[1:]):
-                if gp is not None:
-                    v = _probe(order[u.name], probe, seed, u.shape, gp.device)
-                    dots[u.name] = dots.get(u.name, 0.0) + float((unit_view(u, gp).double() * v.double()).sum())
-    finally:
-        for p, f in zip(params, flags):
-            p.requires_grad_(f)
-    return out
-
-
-def _block_grad_dots(a, block, units, inputs, g_out, need_input_grad, dots, order, probe, seed):
-    """Backward through a (perturbed) block: input gradients, and v·g per unit."""
-    w = a.walker
-    plist = []
-    seen = set()
-    for u in units:
-        p = w.model.get_parameter(u.param)
-        if id(p) not in seen:
-            seen.add(id(p))
-            plist.append(p)
-    index = {id(p): i for i, p in enumerate(plist)}
-    flags = [p.requires_grad for p in plist]
-    out = []
-    try:
-        for p in plist:
-            p.requires_grad_(True)
-        for inp, g in zip(w.fetch(inputs), g_out):
-            h = inp.hidden.detach().requires_grad_(need_input_grad)
-            with torch.enable_grad():
-                y = w.run(block, inp.with_hidden(h)).hidden
-                targets = ([h] if need_input_grad else []) + plist
-                gs = torch.autograd.grad(y, targets, grad_outputs=g, allow_unused=True) if targets else ()
-            out.append(gs[0] if need_input_grad else None)
-            pg = gs[1:] if need_input_grad else gs
-            for u in units:
-                gp = pg[index[id(w.model.get_parameter(u.param))]]
-                if gp is not None:
-                    v = _probe(order[u.name], probe, seed, u.shape, gp.device)
-                    dots[u.name] = dots.get(u.name, 0.0) + float((unit_view(u, gp).double() * v.double()).sum())
-    finally:
-        for p, f in zip(plist, flags):
-            p.requires_grad_(f)
-    return out
 
 
 def _weight_rms(a: BlockwiseAnalysis) -> float:
