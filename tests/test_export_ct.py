@@ -255,6 +255,12 @@ def test_unexportable_units_named(tiny_loaded, tmp_path):
     assert "model.layers.0.self_attn.o_proj (mxfp4)" in str(e.value)
 
 
+def test_nothing_quantized_refused(tiny_loaded, tmp_path):
+    ckpt = _ckpt(tiny_loaded, _plan(tiny_loaded, per_block=[{r: "bf16" for r in BLOCK_PLANS[0]}]), tmp_path / "c")
+    with pytest.raises(ExportError, match="quantizes no Linear layer"):
+        export_compressed_tensors(ckpt, tmp_path / "ct")
+
+
 def test_nvfp4_fused_with_different_tensor_scales_refused(tiny_loaded, tmp_path):
     plan = _plan(tiny_loaded, override={f"model.layers.0.self_attn.{p}_proj": "nvfp4" for p in "qkv"})
     ckpt = _ckpt(tiny_loaded, plan, tmp_path / "ckpt")
@@ -277,7 +283,7 @@ def test_overwrite_only_an_export(llama_export, tmp_path):
     other = tmp_path / "other"
     other.mkdir()
     (other / "x.txt").write_text("mine")
-    with pytest.raises(ArtifactError, match="not written by mixq"):
+    with pytest.raises(ArtifactError, match="not a directory mixq wrote"):
         export_compressed_tensors(ckpt, other, overwrite=True)
     assert (other / "x.txt").read_text() == "mine"
 

@@ -212,6 +212,9 @@ def export_compressed_tensors(checkpoint: str | os.PathLike, out_dir: str | os.P
     all_units = [unit_from_dict(u) for u in doc["all_units"]]
     planned = [u for u in all_units if u.name in doc["units"]]
     schemes = _schemes(doc, planned)
+    if not any(s is not None for s in schemes.values()):
+        raise ExportError(f"checkpoint {folder} quantizes no Linear layer: there is nothing to write as "
+                          "compressed-tensors (the float model is already a Hugging Face model)")
     if doc.get("expert_slices"):
         raise ExportError(f"checkpoint {folder}: partly quantized fused experts cannot be written as "
                           "compressed-tensors")

@@ -176,7 +176,8 @@ def check_out_dir(out_dir: str | os.PathLike, overwrite: bool, marker: str = MET
         if not overwrite:
             raise ArtifactError(f"{out_dir} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
         if not (out_dir / marker).is_file():
-            raise ArtifactError(f"{out_dir} exists and was not written by mixq (no {marker}); refusing to replace it")
+            what = "a mixq checkpoint" if marker == META_FILE else "a directory mixq wrote"
+            raise ArtifactError(f"{out_dir} exists and is not {what} (no {marker}); refusing to replace it")
     return existing
 
 

@@ -87,9 +87,19 @@ def rotate_residual(model: nn.Module, seed: int = 0) -> dict:
     record the artifacts keep: seed, hidden size, the Hadamard construction, the sha256 of Q
     (float64 bytes) and whether the head was untied."""
     _check(model)
+    Q, how = random_hadamard(int(model.config.hidden_size), seed)  # (d, d) float64
+    return {"seed": int(seed), **fold_rotation(model, Q), "hadamard": how}
+
+
+def fold_rotation(model: nn.Module, Q: torch.Tensor) -> dict:
+    """Fold the orthogonal residual-stream rotation Q (d, d) into the model in place (see the
+    module docstring); returns {"hidden_size", "untied_head", "q_sha256"}."""
+    _check(model)
     base, cfg = model.model, model.config
     d = int(cfg.hidden_size)
-    Q, how = random_hadamard(d, seed)  # (d, d) float64
+    if tuple(Q.shape) != (d, d):
+        raise MixqError(f"rotation of shape {tuple(Q.shape)} for a hidden size of {d}")
+    Q = Q.to(torch.float64)
     emb, head = base.embed_tokens, model.lm_head
     untied = head.weight is emb.weight or head.weight.data_ptr() == emb.weight.data_ptr()
     with torch.no_grad():
@@ -106,5 +116,5 @@ def rotate_residual(model: nn.Module, seed: int = 0) -> dict:
             _fold_writer(mlp.down_proj, Q)
         _set(emb.weight, _read(emb.weight).to(Q.device) @ Q)  # (vocab, d)
         _fold_reader(base.norm, [head], Q)
-    return {"seed": int(seed), "hidden_size": d, "hadamard": how, "untied_head": bool(untied),
-            "q_sha256": hashlib.sha256(Q.contiguous().numpy().tobytes()).hexdigest()}
+    return {"hidden_size": d, "untied_head": bool(untied),
+            "q_sha256": hashlib.sha256(Q.cpu().contiguous().numpy().tobytes()).hexdigest()}
