@@ -100,6 +100,8 @@ def fold_rotation(model: nn.Module, Q: torch.Tensor) -> dict:
     if tuple(Q.shape) != (d, d):
         raise MixqError(f"rotation of shape {tuple(Q.shape)} for a hidden size of {d}")
     Q = Q.to(torch.float64)
+    if not torch.allclose(Q @ Q.t(), torch.eye(d, dtype=Q.dtype, device=Q.device), atol=1e-9, rtol=0):
+        raise MixqError("the residual rotation must be orthogonal (Q Qᵀ = I); the model would change otherwise")
     emb, head = base.embed_tokens, model.lm_head
     untied = head.weight is emb.weight or head.weight.data_ptr() == emb.weight.data_ptr()
     with torch.no_grad():
