@@ -55,6 +55,7 @@ def evaluate(
     dtype: str | None = None,
     offload: str | None = "auto",
     cache: dict | None = None,
+    rotate_residual: int | None = None,
 ) -> dict:
     """Evaluate the float model and each uniform format / plan on it.
 
@@ -69,16 +70,19 @@ def evaluate(
     half (`cifar10-calib`), unit by unit. The manifest's warnings land in the row. `cache`:
     (unit, option) -> QuantizedWeight made earlier (e.g. by the analysis), used instead of
     quantizing again. device/dtype/offload: see `models.load_model` (a LoadedModel keeps its own).
-    Returns the body of an `eval` artifact (see `mixq.artifacts`).
+    rotate_residual: a seed to fold a residual-stream rotation into the model first (see
+    `models.fold`); the float row is then the rotated model (equal to the original to float
+    rounding). Returns the body of an `eval` artifact (see `mixq.artifacts`).
     """
-    loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device, offload=offload)
+    loaded = _load(model, dtype, device, offload, rotate_residual)
     config = config or CalibConfig(seed=seed)
     planned = _plans_for(loaded, list(formats), list(plans), include_head)
     n_params = loaded.n_params
     all_units = loaded.units(include_head=True, include_embeddings=True)
     _check_weights(loaded, all_units, planned)
     body: dict = {"model": loaded.name, "model_source": loaded.source, "note": loaded.note,
-                  "model_params": n_params, "include_head": include_head, **_placement(loaded)}
+                  "model_params": n_params, "include_head": include_head, **_placement(loaded),
+                  "rotate_residual": loaded.extra.get("rotate_residual")}
     calib_ids = None
     if any(_needs_calibration(p) for _, p in planned) and not cache:
         calib_data, desc = calibration_data(loaded, calib, calib_samples, calib_seqlen, seed)
@@ -93,6 +97,18 @@ def evaluate(
     body["rows"] = rows
     body.update(_peak_memory(loaded))
     return body
+
+
+def _load(model: str | LoadedModel, dtype, device, offload, rotate_residual: int | None) -> LoadedModel:
+    """The model to work on: loaded by name (with the residual rotation folded in when
+    `rotate_residual` is a seed), or a LoadedModel as given (folded in place if asked)."""
+    from mixq.models.load import fold_residual_rotation
+
+    if not isinstance(model, LoadedModel):
+        return load_model(model, dtype=dtype, device=device, offload=offload, rotate_residual=rotate_residual)
+    if rotate_residual is not None:
+        fold_residual_rotation(model, rotate_residual)
+    return model
 
 
 def _needs_calibration(plan: Plan) -> bool:
@@ -261,19 +277,23 @@ def analyze(model: str | LoadedModel = DEFAULT_MODEL, candidates=DEFAULT_CANDIDA
             calib: str | None = None, samples: int = 8, seqlen: int = 512, seed: int = 0,
             include_head: bool = False, measure_cost: bool = True, progress: Progress | None = None,
             device: str | None = "auto", dtype: str | None = None, offload: str | None = "auto",
-            config: CalibConfig | None = None, **method_opts):
+            config: CalibConfig | None = None, rotate_residual: int | None = None, **method_opts):
     """Measure sensitivity once: a `SensitivityTable` over every unit x candidate option.
 
     Causal LMs run fisher, output and (offloaded) hutchinson block by block, one block on the
     device at a time. Its `timing` holds the analysis wall time and, with `measure_cost`, the
     wall time of one float forward+backward over the same calibration set and their ratio
-    (when the model fits the device), and the peak device memory."""
+    (when the model fits the device), and the peak device memory. rotate_residual: a seed to
+    fold a residual-stream rotation into the model first (recorded in the table's
+    `calibration["rotate_residual"]`)."""
     return analyze_keeping(model, candidates, method, calib, samples, seqlen, seed, include_head, measure_cost,
-                           progress, device, dtype, offload, config, **method_opts)[0]
+                           progress, device, dtype, offload, config, rotate_residual=rotate_residual,
+                           **method_opts)[0]
 
 
 def analyze_keeping(model, candidates, method, calib, samples, seqlen, seed, include_head, measure_cost, progress,
-                    device, dtype, offload, config, keep: bool = False, **method_opts):
+                    device, dtype, offload, config, keep: bool = False, rotate_residual: int | None = None,
+                    **method_opts):
     """`analyze`, also returning the quantized weights of its calibrated candidates when
     `keep` (see `sensitivity.analyze_keeping`): (table, cache)."""
     import torch
@@ -281,7 +301,7 @@ def analyze_keeping(model, candidates, method, calib, samples, seqlen, seed, inc
     from mixq.sensitivity import UnitQuantizer, fwd_bwd_seconds
     from mixq.sensitivity import analyze_keeping as run_analysis
 
-    loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device, offload=offload)
+    loaded = _load(model, dtype, device, offload, rotate_residual)
     config = config or CalibConfig(seed=seed)
     units = loaded.units(include_head=include_head)
     data, description = calibration_data(loaded, calib, samples, seqlen, seed)
@@ -307,6 +327,8 @@ def analyze_keeping(model, candidates, method, calib, samples, seqlen, seed, inc
                                 **method_opts)
     table.timing.update(_peak_memory(loaded))
     table.timing.update(_placement(loaded))
+    if loaded.extra.get("rotate_residual") is not None:
+        table.calibration["rotate_residual"] = loaded.extra["rotate_residual"]
     if measure_cost and loaded.offload == "none":
         fb = fwd_bwd_seconds(loaded.model, data, batch_size=method_opts.get("batch_size", 1))
         table.timing["fwd_bwd_s"] = fb
@@ -317,15 +339,18 @@ def analyze_keeping(model, candidates, method, calib, samples, seqlen, seed, inc
 def plan(table, budget_bpw: float, *, solver: str = "ilp", max_bytes: int | None = None,
          keep: dict[str, str] | None = None, ties: list[str] | None = None, min_bits: float | None = None,
          max_bits: float | None = None, frontier_points: int = 0, spikes: str | None = None,
-         spike_ratio: float = 1000.0, progress: Progress | None = None):
+         spike_ratio: float = 1000.0, target: str | None = None, progress: Progress | None = None):
     """Allocate options under a budget from a sensitivity table (or its path).
 
     `spikes` applies the spike-aware rule to the units whose inputs spike (input
     max/median > `spike_ratio`): "keep" (8+ bits), "rotate" (+rotate options or 8+ bits) or
     an option to pin them to (see `mixq.planner.spike_rule`); the flagged units land in
-    the plan's meta. Returns (plan, frontier) where frontier is a list of points (empty
-    unless `frontier_points` > 0): estimated error against bits, each with its explicit
-    choice."""
+    the plan's meta. `target` restricts the plan to what a runtime format holds:
+    "compressed-tensors" keeps only the candidates `export.ct_schema` maps onto a scheme and
+    ties q/k/v and gate/up (what it dropped lands in the plan's `meta["target"]`); a unit
+    left with no candidate is refused by name. Returns (plan, frontier) where frontier is a
+    list of points (empty unless `frontier_points` > 0): estimated error against bits, each
+    with its explicit choice."""
     from mixq.planner import make_frontier, make_plan
     from mixq.sensitivity import SensitivityTable
 
@@ -338,6 +363,8 @@ def plan(table, budget_bpw: float, *, solver: str = "ilp", max_bytes: int | None
     rows = table.to_rows()
     meta = {"sensitivity": {"source": source, "method": table.method, "seed": table.seed,
                             "calibration": table.calibration, "candidates": table.candidates}}
+    if target is not None:
+        rows, ties, meta["target"] = _restrict_to_target(target, rows, info, keep, ties)
     if spikes:
         from mixq.planner import spike_rule
         from mixq.sensitivity import spiky_units
@@ -352,6 +379,24 @@ def plan(table, budget_bpw: float, *, solver: str = "ilp", max_bytes: int | None
         curve = make_frontier(info, rows, n_points=frontier_points, solver=solver, keep=keep, ties=ties,
                               min_bits=min_bits, max_bits=max_bits, progress=progress)
     return the_plan, curve
+
+
+PLAN_TARGETS = ("compressed-tensors", "gguf")
+
+
+def _restrict_to_target(target: str, rows, info, keep, ties):
+    """(rows, ties, meta) of a plan that a runtime format must hold (see `plan`)."""
+    from mixq.errors import ExportError
+
+    if target == "compressed-tensors":
+        from mixq.export.ct_schema import TARGET_TIES, restrict_rows
+
+        kept, dropped = restrict_rows(rows, info, keep)
+        ties = sorted(set(ties or []) | set(TARGET_TIES))
+        return kept, ties, {"name": target, "ties": list(TARGET_TIES), "dropped": dropped}
+    if target == "gguf":
+        raise ExportError("--target gguf is not available in this build")
+    raise ExportError(f"--target {target!r}: expected one of {', '.join(PLAN_TARGETS)}")
 
 
 def save_frontier(path, curve: list[dict], meta: dict) -> None:
@@ -373,7 +418,7 @@ def quantize(model: str | LoadedModel, out_dir: str | Path, *, plan: str | Path 
              fmt: str | None = None, include_head: bool = False, calib: str | None = None, calib_samples: int = 128,
              calib_seqlen: int = 512, seed: int = 0, fp32: bool = False, overwrite: bool = False,
              progress: Progress | None = None, config: CalibConfig | None = None, device: str | None = "auto",
-             dtype: str | None = None, offload: str | None = "auto") -> dict:
+             dtype: str | None = None, offload: str | None = "auto", rotate_residual: int | None = None) -> dict:
     """Quantize a model by a plan (or one option everywhere) and write a packed checkpoint.
 
     Every unit goes through `mixq.apply.quantize_model` (block by block, one block on the
@@ -381,7 +426,10 @@ def quantize(model: str | LoadedModel, out_dir: str | Path, *, plan: str | Path 
     quantizer's codes as they are: a unit with transforms (rotate, smooth, lowrank) as the
     codes of its transformed weight Q(E) with s, the rotation's seed and the low-rank
     factors beside them, applied online when the checkpoint runs. The manifest of what was
-    done lands in the checkpoint's mixq.json. Returns that document."""
+    done lands in the checkpoint's mixq.json. rotate_residual: a seed to fold a residual-stream
+    rotation into the model before quantizing (the checkpoint then holds the rotated model, a
+    plain model of the same architecture; mixq.json records the rotation). Returns that
+    document."""
     import torch
 
     from mixq.apply import quantize_model
@@ -391,7 +439,7 @@ def quantize(model: str | LoadedModel, out_dir: str | Path, *, plan: str | Path 
     if (plan is None) == (fmt is None):
         raise MixqError("give exactly one of a plan (--plan plan.json) or a format (--format SPEC)")
     check_out_dir(out_dir, overwrite)  # before any quantization work
-    loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device, offload=offload)
+    loaded = _load(model, dtype, device, offload, rotate_residual)
     config = config or CalibConfig(seed=seed)
     units = loaded.units(include_head=True, include_embeddings=True)
     if plan is None:
@@ -410,6 +458,15 @@ def quantize(model: str | LoadedModel, out_dir: str | Path, *, plan: str | Path 
     return save_quantized(loaded, units, the_plan, out_dir, weights=qm.weights, manifest=qm.manifest, progress=progress,
                           float_dtype=torch.float32 if fp32 else torch.bfloat16, overwrite=overwrite,
                           tensor_source=loaded.store.tensor if loaded.store is not None else None, run=run)
+
+
+def export_compressed_tensors(checkpoint: str | Path, out_dir: str | Path, *, dtype: str | None = None,
+                              overwrite: bool = False, progress: Progress | None = None) -> dict:
+    """Write a mixq checkpoint as a Hugging Face compressed-tensors directory (vLLM,
+    transformers): see `mixq.export.compressed_tensors`. Returns its mixq_export.json."""
+    from mixq.export.compressed_tensors import export_compressed_tensors as write
+
+    return write(checkpoint, out_dir, dtype=dtype, overwrite=overwrite, progress=progress)
 
 
 def evaluate_checkpoint(path: str | Path, *, data: str | None = None, seqlen: int = 512, windows: int | None = 8,

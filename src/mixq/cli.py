@@ -151,6 +151,7 @@ def cmd_eval(args) -> int:
         calib_seqlen=args.calib_seqlen,
         seed=args.seed,
         progress=_progress(args),
+        rotate_residual=_rotation(args),
         **_placement(args),
     )
     print(eval_table(result))
@@ -196,7 +197,7 @@ def cmd_analyze(args) -> int:
 
     table = api.analyze(args.model, candidates=_csv(args.candidates), method=args.method, calib=args.calib,
                         samples=args.samples, seqlen=args.seqlen, seed=args.seed, include_head=args.include_head,
-                        progress=_progress(args), **_placement(args))
+                        progress=_progress(args), rotate_residual=_rotation(args), **_placement(args))
     table.save(args.output)
     t = table.timing
     print(f"sensitivity ({table.method}) of {len(table.units)} units x {len(table.candidates)} candidates; "
@@ -225,7 +226,7 @@ def cmd_plan(args) -> int:
                                keep=_keep_arg(args.keep), ties=_csv(args.tie) if args.tie else [],
                                min_bits=args.min_bits, max_bits=args.max_bits,
                                frontier_points=args.points if args.frontier else 0, spikes=args.spikes,
-                               spike_ratio=args.spike_ratio, progress=_progress(args))
+                               spike_ratio=args.spike_ratio, target=args.target, progress=_progress(args))
     the_plan.save(args.output)
     m = the_plan.meta
     counts: dict[str, int] = {}
@@ -235,6 +236,10 @@ def cmd_plan(args) -> int:
           f"{m['bits_per_weight']:.4f} bits/weight over {len(the_plan.options)} units, "
           f"predicted error {m['predicted_error']:.6g}")
     print(render_table(["option", "units"], sorted(counts.items())))
+    if m.get("target"):
+        dropped = m["target"]["dropped"]
+        print(f"target {m['target']['name']}: tied {', '.join(m['target']['ties'])}"
+              + (f"; dropped candidates: {', '.join(sorted(dropped))}" if dropped else ""))
     if m.get("spikes"):
         sp = m["spikes"]["units"]
         print(f"spike rule {args.spikes!r} on {len(sp)} unit(s): " + ", ".join(f"{n}={the_plan.options[n]}" for n in sp))
@@ -255,7 +260,8 @@ def cmd_run(args) -> int:
     res = run(args.model, budget_bpw=budgets if len(budgets) > 1 else budgets[0], out_dir=args.out,
               candidates=_csv(args.candidates), method=args.method, calib=args.calib, samples=args.samples,
               seqlen=args.seqlen, eval_windows=args.windows, n_checks=args.checks, seed=args.seed,
-              ties=_csv(args.tie) if args.tie else [], progress=_progress(args), **_placement(args))
+              ties=_csv(args.tie) if args.tie else [], progress=_progress(args), rotate_residual=_rotation(args),
+              **_placement(args))
     print(eval_table(res["eval"]))
     chk = res["check"]
     if chk.get("spearman") is not None:
@@ -273,7 +279,7 @@ def cmd_quantize(args) -> int:
     doc = api.quantize(args.model, args.output, plan=args.plan, fmt=(args.format + suffix) if args.format else None,
                        include_head=args.include_head, calib=args.calib, calib_samples=args.calib_samples,
                        calib_seqlen=args.calib_seqlen, seed=args.seed, fp32=args.fp32, overwrite=args.overwrite,
-                       progress=_progress(args), **_placement(args))
+                       progress=_progress(args), rotate_residual=_rotation(args), **_placement(args))
     t = doc.get("totals", {})
     print(f"wrote {args.output}: {len(doc['units'])} packed units"
           + (f", {t.get('bpw_all', float('nan')):.3f} bits per weight all-in" if t else ""))
@@ -284,6 +290,38 @@ def cmd_quantize(args) -> int:
         print(f"quantized in {r['quantize_s']:.1f} s on {r['device']} (blocks offloaded: {r['offload']}), "
               f"peak memory {r['peak_device_bytes'] / 2**30:.2f} GiB")
     return 0
+
+
+EXPORT_TARGETS = ["gguf", "compressed-tensors"]
+
+
+def cmd_export(args) -> int:
+    from mixq import api
+
+    if args.to == "compressed-tensors":
+        doc = api.export_compressed_tensors(args.checkpoint, args.output, dtype=args.dtype, overwrite=args.overwrite,
+                                            progress=_progress(args))
+        t = doc["totals"]
+        groups = ", ".join(f"{g}: {v['scheme']['type']}{v['scheme']['num_bits']} {v['scheme']['strategy']} "
+                           f"x{v['n_targets']}" for g, v in doc["groups"].items())
+        bpw = t["bits_per_weight_quantized"]
+        print(f"wrote {args.output}: compressed-tensors, {len(doc['groups'])} scheme(s) ({groups}), "
+              f"{len(doc['ignore'])} layer(s) in float"
+              + (f", {bpw:.3f} bits per weight over the quantized layers" if bpw else ""))
+        print(f"run it: vllm serve {args.output}   |   AutoModelForCausalLM.from_pretrained({str(args.output)!r})")
+        return 0
+    raise MixqError(f"--to {args.to}: not available in this build")
+
+
+def _rotation(args) -> int | None:
+    """The residual-rotation seed of --rotate-residual (the run's --seed), or None."""
+    return args.seed if getattr(args, "rotate_residual", False) else None
+
+
+def _rotation_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rotate-residual", action="store_true",
+                   help="fold a random Hadamard rotation of the residual stream (seeded by --seed) into the weights "
+                        "first: a plain model of the same architecture that quantizes better and exports anywhere")
 
 
 def cmd_generate(args) -> int:
@@ -359,6 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
     e.add_argument("--seed", type=int, default=0, help="seed of calibration sampling and rotations")
     e.add_argument("--json", default=None, metavar="OUT", help="write the results as an eval artifact")
+    _rotation_arg(e)
     _placement_args(e)
     e.set_defaults(func=cmd_eval)
 
@@ -375,6 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--include-head", action="store_true")
     a.add_argument("--spike-ratio", type=float, default=1000.0, help="input max/median ratio that flags an activation spike")
     a.add_argument("-o", "--output", default="sensitivity.json")
+    _rotation_arg(a)
     _placement_args(a)
     a.set_defaults(func=cmd_analyze)
 
@@ -392,6 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "8+ bits), or an option to pin them to")
     pl.add_argument("--spike-ratio", type=float, default=1000.0, help="input max/median ratio that flags a spike")
     pl.add_argument("--solver", default="ilp", choices=["ilp", "greedy", "dp"])
+    pl.add_argument("--target", default=None, choices=EXPORT_TARGETS,
+                    help="only options this runtime format holds; compressed-tensors also ties qkv and gate_up")
     pl.add_argument("-o", "--output", default="plan.json")
     pl.add_argument("--frontier", default=None, metavar="FRONTIER_JSON", help="also write the whole error-vs-bits curve")
     pl.add_argument("--points", type=int, default=41, help="frontier points")
@@ -411,6 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--tie", default="")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--out", default="runs/default", help="run directory")
+    _rotation_arg(r)
     _placement_args(r)
     r.set_defaults(func=cmd_run)
 
@@ -428,8 +471,20 @@ def build_parser() -> argparse.ArgumentParser:
     qz.add_argument("--fp32", action="store_true", help="store unquantized tensors in fp32 (default bf16)")
     qz.add_argument("--overwrite", action="store_true", help="replace an existing mixq checkpoint directory")
     qz.add_argument("-o", "--output", required=True, help="checkpoint directory")
+    _rotation_arg(qz)
     _placement_args(qz)
     qz.set_defaults(func=cmd_quantize)
+
+    x = sub.add_parser("export", help="write a checkpoint in a runtime's format (compressed-tensors for vLLM and "
+                       "transformers)")
+    x.add_argument("checkpoint", help="checkpoint directory written by mixq quantize")
+    x.add_argument("--to", required=True, choices=EXPORT_TARGETS, help="target format")
+    x.add_argument("-o", "--output", required=True, help="output directory (compressed-tensors)")
+    x.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                   help="dtype of the unquantized tensors and of the config (default: as the checkpoint stores them); "
+                        "float16 keeps mixq's float16 INT scales exact in the runtime")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing export directory")
+    x.set_defaults(func=cmd_export)
 
     g = sub.add_parser("generate", help="generate text with a packed checkpoint")
     g.add_argument("checkpoint")

@@ -25,3 +25,8 @@ class DataError(MixqError, ValueError):
 
 class BudgetError(MixqError, ValueError):
     """A budget no plan can meet; the message gives the achievable range."""
+
+
+class ExportError(MixqError, ValueError):
+    """A checkpoint or plan that a target format (compressed-tensors, GGUF) cannot hold; the
+    message names the units and says why."""

@@ -62,10 +62,11 @@ def run(model: str | LoadedModel = DEFAULT_MODEL, budget_bpw: float | list[float
         calib: str | None = None, samples: int = 8, seqlen: int = 512, eval_data: str | None = None,
         eval_windows: int = 8, n_checks: int = 5, seed: int = 0, ties: list[str] | None = None,
         progress: Progress | None = None, device: str | None = "auto", dtype: str | None = None,
-        offload: str | None = "auto", calib_samples: int = 128) -> dict:
+        offload: str | None = "auto", calib_samples: int = 128, rotate_residual: int | None = None) -> dict:
     """Run the whole pipeline; returns a summary and leaves in `out_dir`: sensitivity.json,
     plan.json (ILP; plan_<budget>.json for each further budget), plan_greedy.json,
-    frontier.json, eval.json, check.json, report.html.
+    frontier.json, eval.json, check.json, report.html. rotate_residual: a seed to fold a
+    residual-stream rotation into the model first (`models.fold`).
 
     Calibrated candidates (gptq, smooth) are quantized once, in the analysis (from each
     unit's float input Hessian on the analysis' calibration windows), and every plan is
@@ -76,7 +77,12 @@ def run(model: str | LoadedModel = DEFAULT_MODEL, budget_bpw: float | list[float
     budgets = [float(b) for b in (budget_bpw if isinstance(budget_bpw, (list, tuple)) else [budget_bpw])]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device, offload=offload)
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device, offload=offload,
+                                                                     rotate_residual=rotate_residual)
+    if rotate_residual is not None and isinstance(model, LoadedModel):
+        from mixq.models.load import fold_residual_rotation
+
+        fold_residual_rotation(loaded, rotate_residual)
     table, cache = api.analyze_keeping(loaded, candidates, method, calib, samples, seqlen, seed, False, True, progress,
                                        device, dtype, offload, None, keep=True)
     table.save(out / "sensitivity.json")

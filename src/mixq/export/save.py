@@ -166,26 +166,28 @@ def _plain_tensors(net: nn.Module, planned: list[Unit], float_dtype: torch.dtype
     return tensors, sorted(tied), slices
 
 
-def check_out_dir(out_dir: str | os.PathLike, overwrite: bool) -> bool:
-    """Whether `out_dir` holds something that `overwrite` allows replacing (a mixq checkpoint);
-    ArtifactError when it may not be written. Cheap: callers check before long work."""
+def check_out_dir(out_dir: str | os.PathLike, overwrite: bool, marker: str = META_FILE) -> bool:
+    """Whether `out_dir` holds something that `overwrite` allows replacing (a directory mixq
+    wrote: it holds the file `marker`, mixq.json for a checkpoint); ArtifactError when it may
+    not be written. Cheap: callers check before long work."""
     out_dir = Path(out_dir)
     existing = out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir()))
     if existing:
         if not overwrite:
             raise ArtifactError(f"{out_dir} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
-        if not (out_dir / META_FILE).is_file():
-            raise ArtifactError(f"{out_dir} exists and is not a mixq checkpoint (no {META_FILE}); refusing to replace it")
+        if not (out_dir / marker).is_file():
+            what = "a mixq checkpoint" if marker == META_FILE else "a directory mixq wrote"
+            raise ArtifactError(f"{out_dir} exists and is not {what} (no {marker}); refusing to replace it")
     return existing
 
 
 @contextmanager
-def staging_dir(out_dir: Path, overwrite: bool) -> Iterator[Path]:
+def staging_dir(out_dir: Path, overwrite: bool, marker: str = META_FILE) -> Iterator[Path]:
     """A fresh temporary directory beside `out_dir`, renamed to `out_dir` when the block ends
     without an exception and removed otherwise. An existing non-empty `out_dir` is replaced
-    only with `overwrite` and only if it is a mixq checkpoint."""
+    only with `overwrite` and only if mixq wrote it (it holds `marker`)."""
     out_dir = Path(out_dir)
-    existing = check_out_dir(out_dir, overwrite)
+    existing = check_out_dir(out_dir, overwrite, marker)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     old = None
@@ -297,6 +299,7 @@ def save_quantized(model: LoadedModel | nn.Module, units: list[Unit], plan: Plan
             "note": loaded.note if loaded is not None else "",
             "default_data": loaded.default_data if loaded is not None else "",
             "n_params": n_params,
+            "rotate_residual": loaded.extra.get("rotate_residual") if loaded is not None else None,
         },
         "weights_file": WEIGHTS_FILE,
         "float_dtype": _dtype_name(float_dtype),

@@ -255,22 +255,56 @@ DEFAULT_MODEL = "smollm2-135m"
 
 
 def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype | str | None = None,
-               device: str | torch.device | None = "auto", offload: str | None = "auto") -> LoadedModel:
+               device: str | torch.device | None = "auto", offload: str | None = "auto",
+               rotate_residual: int | None = None) -> LoadedModel:
     """Load a model by alias (`MODELS`), local directory, GGUF file, or hub id.
 
     device: auto (a CUDA GPU when there is one), cpu, cuda, cuda:N. dtype: None/"auto" loads
     in the model's own dtype on a GPU and float32 on the CPU. offload: where the decoder
-    blocks wait while one at a time computes on the device (see `models.placement`)."""
+    blocks wait while one at a time computes on the device (see `models.placement`).
+    rotate_residual: a seed, to fold a random Hadamard rotation of the residual stream into
+    the weights right after loading (`models.fold.rotate_residual`; recorded in
+    `extra["rotate_residual"]` and in the note every report carries)."""
     from mixq.models.placement import choose_offload, resolve_device, resolve_dtype
 
     dev = resolve_device(device)
     key = name_or_path.strip().lower()
     if key in MODELS:
         loaded = MODELS[key](resolve_dtype(dtype, dev, None))
+        if rotate_residual is not None:
+            fold_residual_rotation(loaded, rotate_residual)
         n_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
         loaded.offload = choose_offload(offload, dev, n_bytes, False) if loaded.kind == "causal_lm" else "none"
         loaded.device = dev
         if loaded.offload == "none" and dev.type != "cpu":
             loaded.model = loaded.model.to(dev)
         return loaded
-    return _load_hf(name_or_path, dtype, dev, offload)
+    loaded = _load_hf(name_or_path, dtype, dev, offload)
+    if rotate_residual is not None:
+        fold_residual_rotation(loaded, rotate_residual)
+    return loaded
+
+
+def fold_residual_rotation(loaded: LoadedModel, seed: int) -> dict:
+    """Fold a residual-stream rotation into a loaded causal LM in place (see
+    `models.fold.rotate_residual`), record it in `loaded.extra["rotate_residual"]` and say so
+    in its source and note. A model already rotated with this seed is left as it is; another
+    seed is refused."""
+    from mixq.errors import MixqError
+    from mixq.models.fold import rotate_residual
+
+    done = loaded.extra.get("rotate_residual")
+    if done is not None:
+        if done["seed"] != int(seed):
+            raise MixqError(f"model {loaded.name} already has a residual rotation folded in (seed {done['seed']}); "
+                            f"load it afresh to fold seed {seed}")
+        return done
+    if loaded.kind != "causal_lm":
+        raise MixqError(f"model {loaded.name} is an {loaded.kind}: residual rotations fold into decoder LMs only")
+    record = rotate_residual(loaded.model, seed)
+    loaded.extra["rotate_residual"] = record
+    loaded.source += f"; residual rotation folded in (seed {record['seed']}, {record['hadamard']})"
+    untie = " (head untied from the embedding)" if record["untied_head"] else ""
+    loaded.note = (loaded.note + "; " if loaded.note else "") + (
+        f"random Hadamard rotation of the residual stream folded into the weights, seed {record['seed']}{untie}")
+    return record
