@@ -7,7 +7,7 @@ import logging
 import time
 from pathlib import Path
 
-from mixq.accounting import bit_totals
+from mixq.accounting import bit_totals, kv_totals
 from mixq.artifacts import sha256_text
 from mixq.errors import DataError, MixqError
 from mixq.models import DEFAULT_MODEL, LoadedModel, get_weight, load_model
@@ -21,17 +21,28 @@ EVAL_SCHEMA = 1
 
 
 def _plans_for(loaded: LoadedModel, formats: list[str], plans: list[str | Path | Plan],
-               include_head: bool) -> list[tuple[str, Plan]]:
+               include_head: bool, kv: list[str] = ()) -> list[tuple[str, Plan]]:
+    """(label, plan) per format and plan, each once per KV format in `kv` (which replaces a
+    plan's own KV formats); KV formats alone give plans with float weights."""
+    from mixq.apply.runtime import check_kv, uniform_kv
+    from mixq.formats.kvcache import parse_kv
+
     units = loaded.units(include_head=include_head)
-    out: list[tuple[str, Plan]] = []
+    kv_maps = [(str(parse_kv(k)), uniform_kv(loaded.model, parse_kv(k))) for k in kv]
+    base: list[tuple[str, Plan]] = []
     for spec in formats:
-        out.append((spec, Plan.uniform(loaded.name, units, spec)))
+        base.append((spec, Plan.uniform(loaded.name, units, spec)))
     for p in plans:
         plan = p if isinstance(p, Plan) else Plan.load(p)
         all_units = loaded.units(include_head=True, include_embeddings=True)
         plan.check_against(all_units)
-        out.append((str(p) if not isinstance(p, Plan) else plan.meta.get("label", "plan"), plan))
-    return out
+        check_kv(loaded.model, plan.kv)
+        base.append((str(p) if not isinstance(p, Plan) else plan.meta.get("label", "plan"), plan))
+    if not kv_maps:
+        return base
+    if not base:
+        base = [("float weights", Plan.uniform(loaded.name, units, None))]
+    return [(f"{label} kv {name}", plan.with_kv(kv_map)) for label, plan in base for name, kv_map in kv_maps]
 
 
 def evaluate(
@@ -54,6 +65,7 @@ def evaluate(
     dtype: str | None = None,
     offload: str | None = "auto",
     cache: dict | None = None,
+    kv: list[str] | tuple[str, ...] = (),
 ) -> dict:
     """Evaluate the float model and each uniform format / plan on it.
 
@@ -68,18 +80,20 @@ def evaluate(
     half (`cifar10-calib`), unit by unit. The manifest's warnings land in the row. `cache`:
     (unit, option) -> QuantizedWeight made earlier (e.g. by the analysis), used instead of
     quantizing again. device/dtype/offload: see `models.load_model` (a LoadedModel keeps its own).
-    Returns the body of an `eval` artifact (see `mixq.artifacts`).
+    Options may carry an input-activation format (`int8:ch@int8:tok`); `kv` lists KV-cache
+    formats (`int4:kchan`), each applied to every layer of every format / plan in turn (alone:
+    with float weights). Returns the body of an `eval` artifact (see `mixq.artifacts`).
     """
     loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device, offload=offload)
     config = config or CalibConfig(seed=seed)
-    planned = _plans_for(loaded, list(formats), list(plans), include_head)
+    planned = _plans_for(loaded, list(formats), list(plans), include_head, list(kv))
     n_params = loaded.n_params
     all_units = loaded.units(include_head=True, include_embeddings=True)
     _check_weights(loaded, all_units, planned)
     body: dict = {"model": loaded.name, "model_source": loaded.source, "note": loaded.note,
                   "model_params": n_params, "include_head": include_head, **_placement(loaded)}
     calib_ids = None
-    if any(_needs_calibration(p) for _, p in planned) and not cache:
+    if any(_needs_calibration(p) for _, p in planned) and (not cache or any(_static_acts(p) for _, p in planned)):
         calib_data, desc = calibration_data(loaded, calib, calib_samples, calib_seqlen, seed)
         calib_ids = calibration_inputs(calib_data)
         body["calibration"] = desc
@@ -96,6 +110,10 @@ def evaluate(
 
 def _needs_calibration(plan: Plan) -> bool:
     return any(o.needs_calibration for o in plan.options.values())
+
+
+def _static_acts(plan: Plan) -> bool:
+    return any(o.act is not None and o.act.static for o in plan.options.values())
 
 
 def _placement(loaded: LoadedModel) -> dict:
@@ -170,9 +188,10 @@ def _eval_lm(loaded, planned, all_units, n_params, body, data, seqlen, n_windows
            "kl": 0.0, "top1_agree": 1.0, "tasks": task_scores()}
     rows = [row]
     for (label, plan), v, m in zip(planned, variants, metrics):
-        row = {"label": label, "option": _describe(plan), **bit_totals(plan, all_units, n_params), **m}
+        row = {"label": label, "option": _describe(plan), **bit_totals(plan, all_units, n_params),
+               **kv_totals(loaded.model, plan, windows.shape[1]), **m}
         if tasks:
-            with applied(loaded.model, all_units, v.applier.weights):
+            with applied(loaded.model, all_units, v.applier.weights, v.applier.runtime):
                 row["tasks"] = task_scores()
         else:
             row["tasks"] = {}
@@ -207,6 +226,8 @@ def _eval_image(loaded, planned, all_units, n_params, body, progress, calib_ids,
 
 def _describe(plan: Plan) -> str:
     opts = sorted({str(o) for o in plan.options.values()})
+    if not opts:
+        return "float"
     return opts[0] if len(opts) == 1 else f"mixed ({len(opts)} options)"
 
 

@@ -60,6 +60,10 @@ def eval_table(result: dict) -> str:
         headers = ["format", "bpw blocks", "bpw all", "ppl", "KL", "top1 agree"] + task_names
         body = [[r["label"], r["bpw_blocks"], r["bpw_all"], r["ppl"], r["kl"], r["top1_agree"]]
                 + [_task_acc(r["tasks"].get(t)) for t in task_names] for r in rows]
+        if any(r.get("kv_format") for r in rows):
+            headers.insert(3, "kv bits")
+            for b, r in zip(body, rows):
+                b.insert(3, r.get("kv_bits_per_element"))
         if any("quantize_s" in r for r in rows):
             headers.append("quant s")
             for b, r in zip(body, rows):
@@ -79,7 +83,9 @@ def eval_table(result: dict) -> str:
         if result.get("calibration"):
             head += f"; calibration {result['calibration']}"
     foot = ("bpw blocks: all-in bits per weight of the units in the blocks; bpw all: every parameter, "
-            "embeddings/head/norms at 16 bits unless quantized") if is_lm else (
+            "embeddings/head/norms at 16 bits unless quantized"
+            + ("; kv bits: all-in bits per cached key/value element at the window length" if any(
+                r.get("kv_format") for r in rows) else "")) if is_lm else (
             "bpw quantized: all-in bits per weight of the conv/linear units; bpw all: every parameter, "
             "batch-norm and biases at 16 bits")
     note = f"\nnote: {result['note']}" if result.get("note") else ""
@@ -151,6 +157,7 @@ def cmd_eval(args) -> int:
         calib_seqlen=args.calib_seqlen,
         seed=args.seed,
         progress=_progress(args),
+        kv=[k for spec in args.kv for k in _csv(spec)],
         **_placement(args),
     )
     print(eval_table(result))
@@ -337,8 +344,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("model", help="built-in alias (smollm2-135m, resnet20-cifar10, resnet56-cifar10), model directory, "
                    "hub id, or a checkpoint directory written by mixq quantize")
     e.add_argument("--format", action="append", default=[], metavar="SPEC",
-                   help="format for every unit, e.g. int4:g64 (repeat or comma-separate for several)")
+                   help="format for every unit, e.g. int4:g64, or with an input-activation format int8:ch@int8:tok "
+                        "(repeat or comma-separate for several)")
     e.add_argument("--plan", action="append", default=[], metavar="PLAN_JSON", help="evaluate a plan.json")
+    e.add_argument("--kv", action="append", default=[], metavar="SPEC",
+                   help="KV-cache format for every attention layer, e.g. int8, int4:kchan, int3:kchan:out1%%:sink "
+                        "(repeat or comma-separate: each format/plan is evaluated with each; alone: float weights)")
     e.add_argument("--data", default=None, help="wikitext2 (default), wikitext2-valid, ptb, ptb-valid, or a text file")
     e.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
     e.add_argument("--windows", type=int, default=8, help="number of windows from the start of the text; 0 = all (default 8)")
