@@ -281,19 +281,39 @@ def analyze(model: str | LoadedModel = DEFAULT_MODEL, candidates=DEFAULT_CANDIDA
             calib: str | None = None, samples: int = 8, seqlen: int = 512, seed: int = 0,
             include_head: bool = False, measure_cost: bool = True, progress: Progress | None = None,
             device: str | None = "auto", dtype: str | None = None, offload: str | None = "auto",
-            config: CalibConfig | None = None, **method_opts):
+            config: CalibConfig | None = None, act_candidates=(), kv_candidates=(), **method_opts):
     """Measure sensitivity once: a `SensitivityTable` over every unit x candidate option.
 
     Causal LMs run fisher, output and (offloaded) hutchinson block by block, one block on the
     device at a time. Its `timing` holds the analysis wall time and, with `measure_cost`, the
     wall time of one float forward+backward over the same calibration set and their ratio
-    (when the model fits the device), and the peak device memory."""
+    (when the model fits the device), and the peak device memory. `act_candidates`
+    (`int8:tok`, `int4:tok`; "none" for float inputs) are crossed with every candidate that
+    has no @ part; `kv_candidates` (`int4:kchan`, ...) are weighed for every attention layer
+    (fisher and output; see `mixq.sensitivity.actkv`)."""
     return analyze_keeping(model, candidates, method, calib, samples, seqlen, seed, include_head, measure_cost,
-                           progress, device, dtype, offload, config, **method_opts)[0]
+                           progress, device, dtype, offload, config, act_candidates=act_candidates,
+                           kv_candidates=kv_candidates, **method_opts)[0]
+
+
+def cross_act(candidates, act_candidates) -> list[str]:
+    """Every candidate without an @ part once per activation candidate ("none": float
+    inputs, the candidate as it is); candidates with an @ part stay as they are."""
+    if not act_candidates:
+        return list(candidates)
+    out: list[str] = []
+    for c in candidates:
+        if "@" in c:
+            out.append(c)
+            continue
+        for a in act_candidates:
+            out.append(c if a.strip().lower() in ("none", "float", "") else f"{c}@{a.strip()}")
+    return list(dict.fromkeys(out))
 
 
 def analyze_keeping(model, candidates, method, calib, samples, seqlen, seed, include_head, measure_cost, progress,
-                    device, dtype, offload, config, keep: bool = False, **method_opts):
+                    device, dtype, offload, config, keep: bool = False, act_candidates=(), kv_candidates=(),
+                    **method_opts):
     """`analyze`, also returning the quantized weights of its calibrated candidates when
     `keep` (see `sensitivity.analyze_keeping`): (table, cache)."""
     import torch
@@ -304,6 +324,7 @@ def analyze_keeping(model, candidates, method, calib, samples, seqlen, seed, inc
     loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device, offload=offload)
     config = config or CalibConfig(seed=seed)
     units = loaded.units(include_head=include_head)
+    candidates = cross_act(candidates, act_candidates)
     data, description = calibration_data(loaded, calib, samples, seqlen, seed)
     options = [parse_option(c) for c in candidates]
     if loaded.kind == "image_classifier":
@@ -322,6 +343,8 @@ def analyze_keeping(model, candidates, method, calib, samples, seqlen, seed, inc
             # (image models: the calibration images, without their labels).
             method_opts["quantize_fn"] = UnitQuantizer.from_calibration(loaded.model, units, calibration_inputs(data),
                                                                         config=config, progress=progress)
+    if kv_candidates:
+        method_opts["kv_candidates"] = list(kv_candidates)
     table, cache = run_analysis(target, units, list(candidates), method, data, seed=seed, model_name=loaded.name,
                                 calib_description=description, progress=progress, config=config, keep=keep_set,
                                 **method_opts)
@@ -334,11 +357,18 @@ def analyze_keeping(model, candidates, method, calib, samples, seqlen, seed, inc
     return table, cache
 
 
-def plan(table, budget_bpw: float, *, solver: str = "ilp", max_bytes: int | None = None,
+def plan(table, budget_bpw: float | None, *, solver: str = "ilp", max_bytes: int | None = None,
          keep: dict[str, str] | None = None, ties: list[str] | None = None, min_bits: float | None = None,
          max_bits: float | None = None, frontier_points: int = 0, spikes: str | None = None,
-         spike_ratio: float = 1000.0, progress: Progress | None = None):
+         spike_ratio: float = 1000.0, progress: Progress | None = None, context: int | None = None,
+         bits_per_mac: float | None = None, kv_bits: float | None = None):
     """Allocate options under a budget from a sensitivity table (or its path).
+
+    With `context`, `bits_per_mac` or `kv_bits` the plan meets every given limit at once
+    (`mixq.budget.Budget`: average bits per weight, bytes of weights plus the KV cache of
+    `context` tokens when `max_bytes` is given, bit operations per MAC, KV bits per cached
+    element) and chooses the KV format of every layer of the table's `kv` section too
+    (exact ILP, `mixq.allocate.solve_multi`; no frontier).
 
     `spikes` applies the spike-aware rule to the units whose inputs spike (input
     max/median > `spike_ratio`): "keep" (8+ bits), "rotate" (+rotate options or 8+ bits) or
@@ -365,6 +395,17 @@ def plan(table, budget_bpw: float, *, solver: str = "ilp", max_bytes: int | None
         spiky = spiky_units(table, spike_ratio)
         rows, keep = spike_rule(rows, info, spiky, spikes, keep)
         meta["spikes"] = {"rule": spikes, "ratio": spike_ratio, "units": spiky}
+    if context is not None or bits_per_mac is not None or kv_bits is not None:
+        from mixq.budget import Budget
+        from mixq.planner import make_plan_multi
+
+        budget = Budget(budget_bpw, max_bytes, context, bits_per_mac, kv_bits)
+        the_plan, _ = make_plan_multi(table.model, info, rows, table.kv, budget, keep=keep, ties=ties,
+                                      min_bits=min_bits, max_bits=max_bits, meta=meta)
+        return the_plan, []
+    if budget_bpw is None:
+        raise MixqError("give a bits-per-weight budget (--budget), or other budgets with --context, --bits-per-mac, "
+                        "--kv-bits")
     the_plan, _ = make_plan(table.model, info, rows, budget_bpw, solver=solver, max_bytes=max_bytes, keep=keep,
                             ties=ties, min_bits=min_bits, max_bits=max_bits, meta=meta)
     curve = []

@@ -203,7 +203,8 @@ def cmd_analyze(args) -> int:
 
     table = api.analyze(args.model, candidates=_csv(args.candidates), method=args.method, calib=args.calib,
                         samples=args.samples, seqlen=args.seqlen, seed=args.seed, include_head=args.include_head,
-                        progress=_progress(args), **_placement(args))
+                        progress=_progress(args), act_candidates=_csv(args.act_candidates),
+                        kv_candidates=_csv(args.kv_candidates), **_placement(args))
     table.save(args.output)
     t = table.timing
     print(f"sensitivity ({table.method}) of {len(table.units)} units x {len(table.candidates)} candidates; "
@@ -221,6 +222,9 @@ def cmd_analyze(args) -> int:
     spiky = spiky_units(table, args.spike_ratio)
     if spiky:
         print(f"activation spikes (input max/median > {args.spike_ratio:g}): {', '.join(spiky)}")
+    if table.kv:
+        print(render_table(["KV format", "error summed over layers"],
+                           [[k, sum(e for _, kk, e in table.kv_rows() if kk == k)] for k in table.kv_candidates]))
     print(f"wrote {args.output}")
     return 0
 
@@ -232,16 +236,33 @@ def cmd_plan(args) -> int:
                                keep=_keep_arg(args.keep), ties=_csv(args.tie) if args.tie else [],
                                min_bits=args.min_bits, max_bits=args.max_bits,
                                frontier_points=args.points if args.frontier else 0, spikes=args.spikes,
-                               spike_ratio=args.spike_ratio, progress=_progress(args))
+                               spike_ratio=args.spike_ratio, progress=_progress(args), context=args.context,
+                               bits_per_mac=args.bits_per_mac, kv_bits=args.kv_bits)
     the_plan.save(args.output)
     m = the_plan.meta
     counts: dict[str, int] = {}
     for o in the_plan.options.values():
         counts[str(o)] = counts.get(str(o), 0) + 1
-    print(f"plan at {args.budget:g} bits/weight ({args.solver}, {m['status']}): "
-          f"{m['bits_per_weight']:.4f} bits/weight over {len(the_plan.options)} units, "
-          f"predicted error {m['predicted_error']:.6g}")
+    if "achieved" in m:
+        a = m["achieved"]
+        parts = [f"{a['bits_per_weight']:.4f} bits/weight", f"{a['bits_per_mac']:.2f} bits/MAC"]
+        if a.get("kv_bits") is not None:
+            parts.append(f"KV {a['kv_bits']:.3f} bits/element")
+        if a.get("bytes") is not None:
+            parts.append(f"{a['bytes'] / 2**20:.2f} MiB of weights + KV at {args.context} tokens")
+        print(f"plan under {', '.join(f'{k}={v}' for k, v in m['budget'].items() if v is not None)} "
+              f"({m['status']}): {', '.join(parts)} over {len(the_plan.options)} units, "
+              f"predicted error {m['predicted_error']:.6g}")
+    else:
+        print(f"plan at {args.budget:g} bits/weight ({args.solver}, {m['status']}): "
+              f"{m['bits_per_weight']:.4f} bits/weight over {len(the_plan.options)} units, "
+              f"predicted error {m['predicted_error']:.6g}")
     print(render_table(["option", "units"], sorted(counts.items())))
+    if the_plan.kv:
+        kv_counts: dict[str, int] = {}
+        for f in the_plan.kv.values():
+            kv_counts[str(f)] = kv_counts.get(str(f), 0) + 1
+        print(render_table(["KV format", "layers"], sorted(kv_counts.items())))
     if m.get("spikes"):
         sp = m["spikes"]["units"]
         print(f"spike rule {args.spikes!r} on {len(sp)} unit(s): " + ", ".join(f"{n}={the_plan.options[n]}" for n in sp))
@@ -262,7 +283,10 @@ def cmd_run(args) -> int:
     res = run(args.model, budget_bpw=budgets if len(budgets) > 1 else budgets[0], out_dir=args.out,
               candidates=_csv(args.candidates), method=args.method, calib=args.calib, samples=args.samples,
               seqlen=args.seqlen, eval_windows=args.windows, n_checks=args.checks, seed=args.seed,
-              ties=_csv(args.tie) if args.tie else [], progress=_progress(args), **_placement(args))
+              ties=_csv(args.tie) if args.tie else [], progress=_progress(args),
+              act_candidates=_csv(args.act_candidates), kv_candidates=_csv(args.kv_candidates),
+              context=args.context, bits_per_mac=args.bits_per_mac, kv_bits=args.kv_bits, max_bytes=args.max_bytes,
+              **_placement(args))
     print(eval_table(res["eval"]))
     chk = res["check"]
     if chk.get("spearman") is not None:
@@ -325,6 +349,21 @@ def _placement_args(p: argparse.ArgumentParser) -> None:
                    "the model fits the device (default auto)")
 
 
+def _actkv_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--act-candidates", default="", help="input-activation formats crossed with every candidate, "
+                   "e.g. none,int8:tok,int4:tok (none: float inputs)")
+    p.add_argument("--kv-candidates", default="", help="KV-cache formats weighed for every attention layer, e.g. "
+                   "int8,int4,int4:kchan,int3:kchan:out1%%:sink")
+
+
+def _budget_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--context", type=int, default=None, help="tokens of KV cache counted in --max-bytes and "
+                   "--kv-bits (the plan then chooses each layer's KV format too)")
+    p.add_argument("--bits-per-mac", type=float, default=None, help="bit-operation budget: average weight bits x "
+                   "activation bits per multiply-accumulate (W4A4 = 16, W4A8 = 32, W8A8 = 64)")
+    p.add_argument("--kv-bits", type=float, default=None, help="average all-in bits per cached key/value element")
+
+
 def _placement(args) -> dict:
     return {"device": args.device, "dtype": args.dtype, "offload": args.offload}
 
@@ -381,14 +420,17 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--include-head", action="store_true")
     a.add_argument("--spike-ratio", type=float, default=1000.0, help="input max/median ratio that flags an activation spike")
+    _actkv_args(a)
     a.add_argument("-o", "--output", default="sensitivity.json")
     _placement_args(a)
     a.set_defaults(func=cmd_analyze)
 
     pl = sub.add_parser("plan", help="choose a format per unit under a bit budget")
     pl.add_argument("sensitivity", help="sensitivity.json from mixq analyze")
-    pl.add_argument("--budget", type=float, required=True, help="average all-in bits per weight over the units")
-    pl.add_argument("--max-bytes", type=int, default=None, help="also cap the total bytes of the units")
+    pl.add_argument("--budget", type=float, default=None, help="average all-in bits per weight over the units")
+    pl.add_argument("--max-bytes", type=int, default=None, help="also cap the total bytes of the units (with "
+                    "--context: of the units' weights plus the KV cache of that many tokens)")
+    _budget_args(pl)
     pl.add_argument("--keep", action="append", default=[], metavar="PATTERN=OPTION",
                     help="pin units matching a glob (or re:REGEX) to an option, e.g. '*.down_proj=int8:ch'")
     pl.add_argument("--tie", default="", help="units that must share an option: qkv, gate_up, experts (comma-separated)")
@@ -418,6 +460,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--tie", default="")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--out", default="runs/default", help="run directory")
+    r.add_argument("--max-bytes", type=int, default=None, help="cap the bytes of weights plus the KV cache at --context")
+    _actkv_args(r)
+    _budget_args(r)
     _placement_args(r)
     r.set_defaults(func=cmd_run)
 

@@ -67,4 +67,31 @@ def input_hooks(model: nn.Module, units: list[Unit], fns: dict[str, InputFn]) ->
             h.remove()
 
 
-__all__ = ["InputFn", "check_hookable", "input_hooks"]
+
+
+@contextmanager
+def output_grads(model: nn.Module, units: list[Unit],
+                 consumer: Callable[[Unit, torch.Tensor, torch.Tensor], None]) -> Iterator[None]:
+    """While active, a backward pass through a linear unit's output calls
+    `consumer(unit, y, g)` with its output y (..., out), detached, and the gradient g of the
+    loss with respect to it (same shape), once per forward call whose output takes part in
+    the backward. Linear units only (`check_hookable`)."""
+    handles = []
+    try:
+        for u in units:
+            check_hookable(u)
+
+            def hook(mod, args, out, u=u):
+                if isinstance(out, torch.Tensor) and out.requires_grad:
+                    y = out.detach()
+                    out.register_hook(lambda g, u=u, y=y: consumer(u, y, g.detach()))
+                return None
+
+            handles.append(owner_module(model, u).register_forward_hook(hook))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+__all__ = ["InputFn", "check_hookable", "input_hooks", "output_grads"]
