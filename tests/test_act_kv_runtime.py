@@ -208,3 +208,25 @@ def test_applied_with_runtime_matches_evaluation(tiny_llama):
     assert got["kl"] == pytest.approx(rows[0]["kl"], rel=1e-4)
     with applied(model, units, qm.weights):  # without the runtime: weights only, a different model
         assert lm_eval(model, evalw, reference=tiny_llama)["kl"] != pytest.approx(rows[0]["kl"], rel=1e-3)
+
+
+def test_checkpoint_records_activation_and_kv_formats(tiny_llama, tmp_path):
+    import json
+
+    from mixq.export import load_quantized, save_quantized
+
+    model = copy.deepcopy(tiny_llama)
+    units = llm_units(model)
+    plan = Plan.uniform("tiny", units, "int4:g32@fp8_e4m3:t", kv=uniform_kv(model, parse_kv("int3:kchan:out1%:sink")))
+    qm = quantize_model(Walker(model), units, plan, windows(2, 16, seed=4), config=CalibConfig(batch_size=2))
+    all_units = llm_units(model, include_head=True, include_embeddings=True)
+    save_quantized(model, all_units, plan, tmp_path / "ck", weights=qm.weights, manifest=qm.manifest,
+                   runtime=qm.runtime.describe(), float_dtype=torch.float32)
+    doc = json.loads((tmp_path / "ck" / "mixq.json").read_text())
+    rec = doc["units"]["model.layers.0.mlp.down_proj"]["activation"]
+    assert rec["format"] == "fp8_e4m3:t" and rec["static"] and rec["bits"] == 8
+    assert rec["static_scale"] == qm.runtime.describe()["static_scales"]["model.layers.0.mlp.down_proj"] > 0
+    assert doc["kv"] == {"model.layers.0.self_attn": "int3:kchan:out1%:sink",
+                         "model.layers.1.self_attn": "int3:kchan:out1%:sink"}
+    back = load_quantized(tmp_path / "ck")
+    assert back.extra["plan"].kv == plan.kv and back.extra["plan"].options == plan.options

@@ -434,8 +434,12 @@ def quantize(model: str | LoadedModel, out_dir: str | Path, *, plan: str | Path 
              fmt: str | None = None, include_head: bool = False, calib: str | None = None, calib_samples: int = 128,
              calib_seqlen: int = 512, seed: int = 0, fp32: bool = False, overwrite: bool = False,
              progress: Progress | None = None, config: CalibConfig | None = None, device: str | None = "auto",
-             dtype: str | None = None, offload: str | None = "auto") -> dict:
+             dtype: str | None = None, offload: str | None = "auto", kv: str | None = None) -> dict:
     """Quantize a model by a plan (or one option everywhere) and write a packed checkpoint.
+
+    Activation formats (`@` parts, with their calibrated static scales) and KV formats (the
+    plan's, or `kv` for every layer) are recorded in mixq.json; the packed modules do not run
+    them (no kernels for them yet), so `evaluate_checkpoint` measures the weights alone.
 
     Every unit goes through `mixq.apply.quantize_model` (block by block, one block on the
     device at a time; GPTQ/smoothing calibrated on `calib`), and the checkpoint stores the
@@ -460,6 +464,11 @@ def quantize(model: str | LoadedModel, out_dir: str | Path, *, plan: str | Path 
     else:
         the_plan = plan if isinstance(plan, Plan) else Plan.load(plan)
     the_plan.check_against(units)
+    if kv:
+        from mixq.apply.runtime import uniform_kv
+        from mixq.formats.kvcache import parse_kv
+
+        the_plan = the_plan.with_kv(uniform_kv(loaded.model, parse_kv(kv)))
     _check_weights(loaded, units, [("plan", the_plan)])
     calib_ids = None
     if _needs_calibration(the_plan):
@@ -469,7 +478,8 @@ def quantize(model: str | LoadedModel, out_dir: str | Path, *, plan: str | Path 
     qm = quantize_model(target, units, the_plan, calib_ids, config=config, progress=progress, keep_device="cpu")
     doc = save_quantized(loaded, units, the_plan, out_dir, weights=qm.weights, manifest=qm.manifest, progress=progress,
                          float_dtype=torch.float32 if fp32 else torch.bfloat16, overwrite=overwrite,
-                         tensors=loaded.store.tensor if loaded.store is not None else None)
+                         tensors=loaded.store.tensor if loaded.store is not None else None,
+                         runtime=qm.runtime.describe() if qm.runtime is not None else None)
     doc["run"] = {**_placement(loaded), **_peak_memory(loaded), "quantize_s": qm.manifest.wall_s}
     return doc
 
@@ -494,6 +504,9 @@ def evaluate_checkpoint(path: str | Path, *, data: str | None = None, seqlen: in
     body: dict = {"model": q.name, "model_source": ref_model.source, "checkpoint": str(path), "note": ref_model.note,
                   "model_params": q.extra["n_params"], "include_head": False, **_placement(ref_model),
                   "packed": bool(q.extra.get("packed"))}
+    if plan.kv or any(o.act is not None for o in plan.options.values()):
+        body["note"] = ((body["note"] + "; ") if body["note"] else "") + (
+            "the checkpoint records activation/KV formats that its packed modules do not run yet: weights only")
     totals = bit_totals(plan, q.extra["units"], q.extra["n_params"])
     _reset_peak(ref_model)
     if ref_model.kind == "causal_lm":

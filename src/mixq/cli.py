@@ -304,7 +304,7 @@ def cmd_quantize(args) -> int:
     doc = api.quantize(args.model, args.output, plan=args.plan, fmt=(args.format + suffix) if args.format else None,
                        include_head=args.include_head, calib=args.calib, calib_samples=args.calib_samples,
                        calib_seqlen=args.calib_seqlen, seed=args.seed, fp32=args.fp32, overwrite=args.overwrite,
-                       progress=_progress(args), **_placement(args))
+                       progress=_progress(args), kv=args.kv, **_placement(args))
     t = doc.get("totals", {})
     print(f"wrote {args.output}: {len(doc['units'])} packed units"
           + (f", {t.get('bpw_all', float('nan')):.3f} bits per weight all-in" if t else ""))
@@ -473,6 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     qz.add_argument("--quantizer", default="rtn", choices=["rtn", "gptq"])
     qz.add_argument("--transform", action="append", default=[], metavar="T")
     qz.add_argument("--include-head", action="store_true")
+    qz.add_argument("--kv", default=None, metavar="SPEC", help="KV-cache format for every layer, recorded in mixq.json")
     qz.add_argument("--calib", default=None)
     qz.add_argument("--calib-samples", type=int, default=128)
     qz.add_argument("--calib-seqlen", type=int, default=512)
