@@ -214,7 +214,7 @@ def _eval_image(loaded, planned, all_units, n_params, body, progress, calib_ids,
         qm = quantize_model(loaded.model, all_units, plan, calib_ids, config=config, progress=progress,
                             keep_device=None)
         t_quant = time.perf_counter() - t0
-        with applied(loaded.model, all_units, qm.weights):
+        with applied(loaded.model, all_units, qm.weights, qm.runtime):
             m = top1(loaded.model, images, labels, progress=progress)
         row = {"label": label, "option": _describe(plan), **bit_totals(plan, all_units, n_params), **m,
                "quantize_s": t_quant}
