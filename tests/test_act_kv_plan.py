@@ -229,3 +229,60 @@ def test_eval_kv_alone_and_crossed(tiny_loaded, text_file):
     alone = api.evaluate(tiny_loaded, kv=["int4"], data=str(text_file), windows=2, seqlen=32)
     assert alone["rows"][1]["label"] == "float weights kv int4" and alone["rows"][1]["bpw_blocks"] == 16
     assert alone["rows"][1]["kl"] > 0
+
+
+def test_run_with_activation_and_kv_candidates(tiny_loaded, text_file, tmp_path):
+    from mixq.pipeline import run
+
+    out = tmp_path / "run"
+    res = run(tiny_loaded, budget_bpw=6.0, out_dir=out, candidates=["int4:g32", "int8:ch"], calib=str(text_file),
+              samples=4, seqlen=32, eval_data=str(text_file), eval_windows=2, n_checks=2,
+              act_candidates=["none", "int8:tok"], kv_candidates=["int8", "int4:kchan"], context=32, bits_per_mac=64.0,
+              kv_bits=8.5)
+    plan = Plan.load(out / "plan.json")
+    assert plan.kv and plan.meta["achieved"]["bits_per_mac"] <= 64.0 and plan.meta["achieved"]["kv_bits"] <= 8.5
+    labels = [r["label"] for r in res["eval"]["rows"]]
+    assert "int8:ch@int8:tok" in labels and "mixed ILP @ 6" in labels
+    assert (out / "report.html").is_file()
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral", "gemma", "gemma3", "qwen3"])
+def test_kv_and_inputs_on_other_families(family):
+    """The KV hooks find each family's keys (k_norm where there is one) and its RoPE; an
+    identity hook changes nothing, a quantized cache changes the logits a little."""
+    import transformers as tf
+
+    from mixq.apply.runtime import Runtime, uniform_kv
+    from mixq.models.enumerate import llm_units
+    from mixq.models.kvcache import kv_hooks, kv_layers
+
+    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=128, max_position_embeddings=128)
+    cfg, cls = {"qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM), "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
+                "gemma": (tf.GemmaConfig, tf.GemmaForCausalLM), "gemma3": (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM),
+                "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM)}[family]
+    extra = {"head_dim": 16} if family in ("gemma", "gemma3", "qwen3") else {}
+    torch.manual_seed(0)
+    model = cls(cfg(**common, **extra)).eval()
+    layers = kv_layers(model)
+    assert len(layers) == 2 and layers[0].head_dim == 16 and layers[0].n_kv_heads == 2
+    assert layers[0].key_module.endswith("k_norm" if family in ("gemma3", "qwen3") else "k_proj")
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    seen = []
+
+    def keys(k, rope):
+        assert rope is not None and torch.allclose(rope(rope(k, False), True), k, atol=1e-5)
+        seen.append(k.shape)
+        return k
+
+    with torch.no_grad():
+        ref = model(ids).logits
+        with kv_hooks(model, layers, {l.name: keys for l in layers}, {l.name: (lambda v: v) for l in layers}):
+            same = model(ids).logits
+        rt = Runtime(model, uniform_kv(model, parse_kv("int4:kchan:sink")))
+        units = llm_units(model)
+        rt.add(units[0], parse_option("int8:ch@int8:tok"), None)
+        with rt.active():
+            quant = model(ids).logits
+    assert torch.equal(same, ref) and seen == [(2, 12, 2, 16)] * 2
+    assert torch.isfinite(quant).all() and not torch.allclose(quant, ref, atol=1e-6)

@@ -196,7 +196,7 @@ def make_plan_multi(model: str, table_units: list[dict], rows, kv_layers: list[d
     achieved = {"bits_per_weight": t["weight_bits"] / n_params, "bits_per_mac": t["bops"] / n_params,
                 "bytes": t["bytes_bits"] / 8 if budget.context is not None else None,
                 "kv_bits": t["kv_bits"] / (n_elements * budget.context) if n_elements else None}
-    info = {"budget": budget.to_dict(), "solver": "ilp-multi", "optimal": sol.optimal, "status": sol.status,
+    info = {"budget": budget.to_dict(), "budget_bpw": budget.bits_per_weight, "solver": "ilp-multi", "optimal": sol.optimal, "status": sol.status,
             "predicted_error": sol.total_error, "bits_per_weight": achieved["bits_per_weight"],
             "total_bits": t["weight_bits"], "achieved": achieved, "limits": caps, "ties": list(ties or []),
             "keep": dict(keep or {}), "min_bits": min_bits, "max_bits": max_bits, **(meta or {})}

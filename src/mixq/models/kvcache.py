@@ -8,7 +8,8 @@ Models without such layers (the CIFAR ResNets, GPT-2's fused `c_attn`) have none
 
 `kv_hooks(model, layers, keys, values)`: while active, the keys each layer computes are
 replaced, at the output of the module that produces them before the rotary embedding
-(`k_norm` where the model normalises keys, else `k_proj`), by `keys[layer](k, rope)`, and
+(`k_norm` where the model normalises keys, before or after moving the heads in front, else
+`k_proj`), by `keys[layer](k, rope)`, and
 its values at `v_proj`'s output by `values[layer](v)`; k and v are (batch, tokens,
 kv_heads, head_dim). `rope(x, inverse)` applies that call's rotary embedding (the cos/sin
 the attention module was called with, through the model's own `apply_rotary_pos_emb`; the
@@ -85,10 +86,23 @@ def _rope_fn(attn: nn.Module) -> Callable | None:
     return getattr(mod, "apply_rotary_pos_emb", None)
 
 
-def _as_heads(out: torch.Tensor, layer: KVLayer) -> tuple[torch.Tensor, Callable]:
-    """(B, T, H, D) view of a projection output (B, T, H*D) or a normed (B, T, H, D), and
-    the function restoring the original layout."""
+def _heads_first(out: torch.Tensor, inp: torch.Tensor, n_heads: int) -> bool:
+    """Whether a 4-D key-norm output is (B, H, T, D) (Gemma 3 normalises after the transpose)
+    rather than (B, T, H, D) (Qwen3 before it): by shape, and where heads and tokens are
+    equally many, by its input, the (B, T, H, D) view of the projection or its transpose."""
+    if out.shape[1] == n_heads and out.shape[2] != n_heads:
+        return True
+    if out.shape[2] == n_heads and out.shape[1] != n_heads:
+        return False
+    return not inp.is_contiguous()
+
+
+def _as_heads(out: torch.Tensor, layer: KVLayer, inp: torch.Tensor) -> tuple[torch.Tensor, Callable]:
+    """(B, T, H, D) view of a projection output (B, T, H*D) or of a normed 4-D key, and the
+    function restoring the original layout."""
     if out.dim() == 4:
+        if _heads_first(out, inp, layer.n_kv_heads):
+            return out.transpose(1, 2), lambda x: x.transpose(1, 2)
         return out, lambda x: x
     B, T, _ = out.shape
     return out.view(B, T, layer.n_kv_heads, layer.head_dim), lambda x: x.reshape(B, T, -1)
@@ -124,13 +138,13 @@ def kv_hooks(model: nn.Module, layers: list[KVLayer], keys: dict[str, KeyFn],
             handles.append(attn.register_forward_hook(post, with_kwargs=True))
             if kf is not None:
                 def key_hook(mod, args, out, layer=layer, kf=kf, call=call):
-                    k, back = _as_heads(out, layer)
+                    k, back = _as_heads(out, layer, args[0])
                     return back(kf(k, _rope(call.get("pe"), apply_rope)))
 
                 handles.append(model.get_submodule(layer.key_module).register_forward_hook(key_hook))
             if vf is not None:
                 def value_hook(mod, args, out, layer=layer, vf=vf):
-                    v, back = _as_heads(out, layer)
+                    v, back = _as_heads(out, layer, args[0])
                     return back(vf(v))
 
                 handles.append(model.get_submodule(layer.value_module).register_forward_hook(value_hook))
