@@ -8,7 +8,8 @@ shape of every unit so that applying it to another model is refused with the fir
 mismatches listed. `kv` maps attention layers (`model.layers.3.self_attn`) to the format
 their KV cache is stored in (`mixq.formats.kvcache`); a layer not named keeps a float cache.
 
-Schema 2 added `kv`; schema-1 plans (weights only) are still read, with no KV formats.
+Schema 2 added `kv` (and activation formats in options); a plan without them is still
+written, and read, as schema 1.
 """
 
 from __future__ import annotations
@@ -76,8 +77,14 @@ class Plan:
             "meta": self.meta,
             "units": {n: {"option": str(o), "shape": list(self.shapes[n]), "bits": o.bits(self.shapes[n])}
                       for n, o in self.options.items()},
-            "kv": {n: str(f) for n, f in self.kv.items()},
+            **({"kv": {n: str(f) for n, f in self.kv.items()}} if self.kv else {}),
         }
+
+    @property
+    def schema(self) -> int:
+        """2 when the plan uses what schema 2 added (KV formats, activation formats), else 1,
+        which older mixq reads too."""
+        return PLAN_SCHEMA if self.kv or any(o.act is not None for o in self.options.values()) else 1
 
     @classmethod
     def from_dict(cls, doc: dict, source: str = "plan") -> "Plan":
@@ -93,7 +100,7 @@ class Plan:
         return cls(doc.get("model", ""), options, shapes, doc.get("meta", {}), kv)
 
     def save(self, path: str | os.PathLike) -> None:
-        write_artifact(path, "plan", PLAN_SCHEMA, self.to_dict())
+        write_artifact(path, "plan", self.schema, self.to_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Plan":

@@ -2,8 +2,8 @@
 error, plus each unit's input statistics and what the method learnt about it.
 
 Saved as JSON (kind "sensitivity", schema_version 2) with `mixq.artifacts.write_artifact`.
-Schema 2 added the KV-cache candidates of each attention layer (`kv`, `kv_candidates`);
-schema-1 tables are still read (without them). Options with an activation part
+Schema 2 added the KV-cache candidates of each attention layer (`kv`, `kv_candidates`) and
+activation candidates; a table without them is still written, and read, as schema 1. Options with an activation part
 (`int4:g64@int8:tok`) are ordinary rows: their error includes the activation's.
 The file is a pure function of the inputs and the seed (same model, units, candidates,
 calibration and seed give the same bytes): wall-clock time is kept on the object
@@ -127,9 +127,13 @@ class SensitivityTable:
             "method_opts": self.method_opts,
             "cost": self.cost,
             "units": [u.to_dict() for u in self.units],
-            "kv_candidates": list(self.kv_candidates),
-            "kv": self.kv,
+            **({"kv_candidates": list(self.kv_candidates), "kv": self.kv} if self.kv_candidates else {}),
         }
+
+    @property
+    def schema(self) -> int:
+        """2 with KV or activation candidates (what schema 2 added), else 1."""
+        return SENSITIVITY_SCHEMA if self.kv_candidates or any("@" in c for c in self.candidates) else 1
 
     def kv_rows(self) -> list[tuple[str, str, float]]:
         """(layer, KV format, error) rows of the KV candidates."""
@@ -148,7 +152,7 @@ class SensitivityTable:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the artifact atomically; same table, same bytes."""
-        write_artifact(path, SENSITIVITY_KIND, SENSITIVITY_SCHEMA, self.to_dict())
+        write_artifact(path, SENSITIVITY_KIND, self.schema, self.to_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "SensitivityTable":
