@@ -271,6 +271,10 @@ def _check_act_units(units: list[Unit], act_options: list[Option]) -> None:
     """FormatError naming the first unit that cannot take an activation candidate."""
     from mixq.models.inputs import check_hookable
 
+    outside = [u.name for u in units if u.block < 0]
+    if act_options and outside:
+        raise MixqError(f"activation candidates are analysed inside the decoder blocks; unit {outside[0]!r} lies "
+                        "outside them (analyse without the head, or give it a weight-only option)")
     for u in units:
         for o in act_options:
             try:
