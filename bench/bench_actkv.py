@@ -1,5 +1,5 @@
 """Activations and the KV cache on SmolLM2-135M: each row against the weight-only row at the
-same weight format, all variants in one block-by-block walk (BENCHMARKS.md section 5).
+same weight format, all variants in one block-by-block walk (BENCHMARKS.md section 7).
 
     OMP_NUM_THREADS=2 PYTHONPATH=src python3 bench/bench_actkv.py rows --windows 40 \
         --configs "int8:ch;int8:ch@int8:tok;int8:ch+rotate@int8:tok" --out bench/results/actkv_w8.json

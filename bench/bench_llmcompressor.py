@@ -1,6 +1,6 @@
 """A peer beside mixq's W8A8: llm-compressor's W8A8 recipe (SmoothQuant 0.8 + GPTQ, int8 weights
 per channel, int8 dynamic per-token activations) on SmolLM2-135M, scored on the same windows
-as `bench_actkv.py` (BENCHMARKS.md section 5).
+as `bench_actkv.py` (BENCHMARKS.md section 7).
 
 llm-compressor lives in its own virtual environment (its dependencies would otherwise pull a
 CUDA build of torch), outside the repository:
