@@ -46,3 +46,26 @@ def bit_totals(plan: Plan | None, units: list[Unit], n_params_model: int) -> dic
         "quantized_params": q_params,
         "model_params": n_params_model,
     }
+
+
+def kv_totals(model, plan: Plan | None, context: int) -> dict:
+    """KV-cache figures of `plan` on `model` for a cache of `context` tokens (one sequence):
+    `kv_format` (the one format of every layer, "mixed (n formats)", or None for float),
+    `kv_bits_per_element` (all-in over keys and values of every layer; float layers at 16)
+    and `kv_bytes`. Empty for a model without a KV cache."""
+    from mixq.models.kvcache import kv_layers
+
+    layers = kv_layers(model)
+    if not layers:
+        return {}
+    kv = plan.kv if plan is not None else {}
+    bits = 0
+    elements = 0
+    for layer in layers:
+        n = layer.elements_per_token * context
+        fmt = kv.get(layer.name)
+        bits += fmt.bits_total(context, layer.n_kv_heads, layer.head_dim) if fmt is not None else FLOAT_STORAGE_BITS * n
+        elements += n
+    names = {str(kv[layer.name]) if layer.name in kv else None for layer in layers}
+    fmt_name = next(iter(names)) if len(names) == 1 else f"mixed ({len(names)} formats)"
+    return {"kv_format": fmt_name, "kv_bits_per_element": bits / elements, "kv_bytes": bits / 8, "kv_context": context}

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from mixq.formats.grouping import all_finite
-from mixq.accounting import bit_totals
+from mixq.accounting import bit_totals, kv_totals
 from mixq.artifacts import sha256_text
 from mixq.errors import DataError, MixqError
 from mixq.models import DEFAULT_MODEL, LoadedModel, get_weight, load_model
@@ -22,17 +22,28 @@ EVAL_SCHEMA = 1
 
 
 def _plans_for(loaded: LoadedModel, formats: list[str], plans: list[str | Path | Plan],
-               include_head: bool) -> list[tuple[str, Plan]]:
+               include_head: bool, kv: list[str] = ()) -> list[tuple[str, Plan]]:
+    """(label, plan) per format and plan, each once per KV format in `kv` (which replaces a
+    plan's own KV formats); KV formats alone give plans with float weights."""
+    from mixq.apply.runtime import check_kv, uniform_kv
+    from mixq.formats.kvcache import parse_kv
+
     units = loaded.units(include_head=include_head)
-    out: list[tuple[str, Plan]] = []
+    kv_maps = [(str(parse_kv(k)), uniform_kv(loaded.model, parse_kv(k))) for k in kv]
+    base: list[tuple[str, Plan]] = []
     for spec in formats:
-        out.append((spec, Plan.uniform(loaded.name, units, spec)))
+        base.append((spec, Plan.uniform(loaded.name, units, spec)))
     for p in plans:
         plan = p if isinstance(p, Plan) else Plan.load(p)
         all_units = loaded.units(include_head=True, include_embeddings=True)
         plan.check_against(all_units)
-        out.append((str(p) if not isinstance(p, Plan) else plan.meta.get("label", "plan"), plan))
-    return out
+        check_kv(loaded.model, plan.kv)
+        base.append((str(p) if not isinstance(p, Plan) else plan.meta.get("label", "plan"), plan))
+    if not kv_maps:
+        return base
+    if not base:
+        base = [("float weights", Plan.uniform(loaded.name, units, None))]
+    return [(f"{label} kv {name}", plan.with_kv(kv_map)) for label, plan in base for name, kv_map in kv_maps]
 
 
 def evaluate(
@@ -56,6 +67,7 @@ def evaluate(
     offload: str | None = "auto",
     cache: dict | None = None,
     rotate_residual: int | None = None,
+    kv: list[str] | tuple[str, ...] = (),
 ) -> dict:
     """Evaluate the float model and each uniform format / plan on it.
 
@@ -70,13 +82,15 @@ def evaluate(
     half (`cifar10-calib`), unit by unit. The manifest's warnings land in the row. `cache`:
     (unit, option) -> QuantizedWeight made earlier (e.g. by the analysis), used instead of
     quantizing again. device/dtype/offload: see `models.load_model` (a LoadedModel keeps its own).
-    rotate_residual: a seed to fold a residual-stream rotation into the model first (see
-    `models.fold`); the float row is then the rotated model (equal to the original to float
-    rounding). Returns the body of an `eval` artifact (see `mixq.artifacts`).
+    Options may carry an input-activation format (`int8:ch@int8:tok`); `kv` lists KV-cache
+    formats (`int4:kchan`), each applied to every layer of every format / plan in turn (alone:
+    with float weights). rotate_residual: a seed to fold a residual-stream rotation into the
+    model first (see `models.fold`); the float row is then the rotated model (equal to the
+    original to float rounding). Returns the body of an `eval` artifact (see `mixq.artifacts`).
     """
     loaded = _load(model, dtype, device, offload, rotate_residual)
     config = config or CalibConfig(seed=seed)
-    planned = _plans_for(loaded, list(formats), list(plans), include_head)
+    planned = _plans_for(loaded, list(formats), list(plans), include_head, list(kv))
     n_params = loaded.n_params
     all_units = loaded.units(include_head=True, include_embeddings=True)
     _check_weights(loaded, all_units, planned)
@@ -84,7 +98,7 @@ def evaluate(
                   "model_params": n_params, "include_head": include_head, **_placement(loaded),
                   "rotate_residual": loaded.extra.get("rotate_residual")}
     calib_ids = None
-    if any(_needs_calibration(p) for _, p in planned) and not cache:
+    if any(_needs_calibration(p) for _, p in planned) and (not cache or any(_static_acts(p) for _, p in planned)):
         calib_data, desc = calibration_data(loaded, calib, calib_samples, calib_seqlen, seed)
         calib_ids = calibration_inputs(calib_data)
         body["calibration"] = desc
@@ -113,6 +127,10 @@ def _load(model: str | LoadedModel, dtype, device, offload, rotate_residual: int
 
 def _needs_calibration(plan: Plan) -> bool:
     return any(o.needs_calibration for o in plan.options.values())
+
+
+def _static_acts(plan: Plan) -> bool:
+    return any(o.act is not None and o.act.static for o in plan.options.values())
 
 
 def _placement(loaded: LoadedModel) -> dict:
@@ -187,9 +205,10 @@ def _eval_lm(loaded, planned, all_units, n_params, body, data, seqlen, n_windows
            "kl": 0.0, "top1_agree": 1.0, "tasks": task_scores()}
     rows = [row]
     for (label, plan), v, m in zip(planned, variants, metrics):
-        row = {"label": label, "option": _describe(plan), **bit_totals(plan, all_units, n_params), **m}
+        row = {"label": label, "option": _describe(plan), **bit_totals(plan, all_units, n_params),
+               **kv_totals(loaded.model, plan, windows.shape[1]), **m}
         if tasks:
-            with applied(loaded.model, all_units, v.applier.weights):
+            with applied(loaded.model, all_units, v.applier.weights, v.applier.runtime):
                 row["tasks"] = task_scores()
         else:
             row["tasks"] = {}
@@ -212,7 +231,7 @@ def _eval_image(loaded, planned, all_units, n_params, body, progress, calib_ids,
         qm = quantize_model(loaded.model, all_units, plan, calib_ids, config=config, progress=progress,
                             keep_device=None)
         t_quant = time.perf_counter() - t0
-        with applied(loaded.model, all_units, qm.weights):
+        with applied(loaded.model, all_units, qm.weights, qm.runtime):
             m = top1(loaded.model, images, labels, progress=progress)
         row = {"label": label, "option": _describe(plan), **bit_totals(plan, all_units, n_params), **m,
                "quantize_s": t_quant}
@@ -224,6 +243,8 @@ def _eval_image(loaded, planned, all_units, n_params, body, progress, calib_ids,
 
 def _describe(plan: Plan) -> str:
     opts = sorted({str(o) for o in plan.options.values()})
+    if not opts:
+        return "float"
     return opts[0] if len(opts) == 1 else f"mixed ({len(opts)} options)"
 
 
@@ -277,22 +298,42 @@ def analyze(model: str | LoadedModel = DEFAULT_MODEL, candidates=DEFAULT_CANDIDA
             calib: str | None = None, samples: int = 8, seqlen: int = 512, seed: int = 0,
             include_head: bool = False, measure_cost: bool = True, progress: Progress | None = None,
             device: str | None = "auto", dtype: str | None = None, offload: str | None = "auto",
-            config: CalibConfig | None = None, rotate_residual: int | None = None, **method_opts):
+            config: CalibConfig | None = None, rotate_residual: int | None = None, act_candidates=(),
+            kv_candidates=(), **method_opts):
     """Measure sensitivity once: a `SensitivityTable` over every unit x candidate option.
 
     Causal LMs run fisher, output and (offloaded) hutchinson block by block, one block on the
     device at a time. Its `timing` holds the analysis wall time and, with `measure_cost`, the
     wall time of one float forward+backward over the same calibration set and their ratio
-    (when the model fits the device), and the peak device memory. rotate_residual: a seed to
-    fold a residual-stream rotation into the model first (recorded in the table's
+    (when the model fits the device), and the peak device memory. `act_candidates`
+    (`int8:tok`, `int4:tok`; "none" for float inputs) are crossed with every candidate that
+    has no @ part; `kv_candidates` (`int4:kchan`, ...) are weighed for every attention layer
+    (fisher and output; see `mixq.sensitivity.actkv`). rotate_residual: a seed to fold a
+    residual-stream rotation into the model first (recorded in the table's
     `calibration["rotate_residual"]`)."""
     return analyze_keeping(model, candidates, method, calib, samples, seqlen, seed, include_head, measure_cost,
                            progress, device, dtype, offload, config, rotate_residual=rotate_residual,
-                           **method_opts)[0]
+                           act_candidates=act_candidates, kv_candidates=kv_candidates, **method_opts)[0]
+
+
+def cross_act(candidates, act_candidates) -> list[str]:
+    """Every candidate without an @ part once per activation candidate ("none": float
+    inputs, the candidate as it is); candidates with an @ part stay as they are."""
+    if not act_candidates:
+        return list(candidates)
+    out: list[str] = []
+    for c in candidates:
+        if "@" in c:
+            out.append(c)
+            continue
+        for a in act_candidates:
+            out.append(c if a.strip().lower() in ("none", "float", "") else f"{c}@{a.strip()}")
+    return list(dict.fromkeys(out))
 
 
 def analyze_keeping(model, candidates, method, calib, samples, seqlen, seed, include_head, measure_cost, progress,
                     device, dtype, offload, config, keep: bool = False, rotate_residual: int | None = None,
+                    act_candidates=(), kv_candidates=(),
                     **method_opts):
     """`analyze`, also returning the quantized weights of its calibrated candidates when
     `keep` (see `sensitivity.analyze_keeping`): (table, cache)."""
@@ -304,6 +345,7 @@ def analyze_keeping(model, candidates, method, calib, samples, seqlen, seed, inc
     loaded = _load(model, dtype, device, offload, rotate_residual)
     config = config or CalibConfig(seed=seed)
     units = loaded.units(include_head=include_head)
+    candidates = cross_act(candidates, act_candidates)
     data, description = calibration_data(loaded, calib, samples, seqlen, seed)
     options = [parse_option(c) for c in candidates]
     if loaded.kind == "image_classifier":
@@ -322,6 +364,8 @@ def analyze_keeping(model, candidates, method, calib, samples, seqlen, seed, inc
             # (image models: the calibration images, without their labels).
             method_opts["quantize_fn"] = UnitQuantizer.from_calibration(loaded.model, units, calibration_inputs(data),
                                                                         config=config, progress=progress)
+    if kv_candidates:
+        method_opts["kv_candidates"] = list(kv_candidates)
     table, cache = run_analysis(target, units, list(candidates), method, data, seed=seed, model_name=loaded.name,
                                 calib_description=description, progress=progress, config=config, keep=keep_set,
                                 **method_opts)
@@ -336,11 +380,18 @@ def analyze_keeping(model, candidates, method, calib, samples, seqlen, seed, inc
     return table, cache
 
 
-def plan(table, budget_bpw: float, *, solver: str = "ilp", max_bytes: int | None = None,
+def plan(table, budget_bpw: float | None, *, solver: str = "ilp", max_bytes: int | None = None,
          keep: dict[str, str] | None = None, ties: list[str] | None = None, min_bits: float | None = None,
          max_bits: float | None = None, frontier_points: int = 0, spikes: str | None = None,
-         spike_ratio: float = 1000.0, target: str | None = None, progress: Progress | None = None):
+         spike_ratio: float = 1000.0, target: str | None = None, progress: Progress | None = None,
+         context: int | None = None, bits_per_mac: float | None = None, kv_bits: float | None = None):
     """Allocate options under a budget from a sensitivity table (or its path).
+
+    With `context`, `bits_per_mac` or `kv_bits` the plan meets every given limit at once
+    (`mixq.budget.Budget`: average bits per weight, bytes of weights plus the KV cache of
+    `context` tokens when `max_bytes` is given, bit operations per MAC, KV bits per cached
+    element) and chooses the KV format of every layer of the table's `kv` section too
+    (exact ILP, `mixq.allocate.solve_multi`; no frontier).
 
     `spikes` applies the spike-aware rule to the units whose inputs spike (input
     max/median > `spike_ratio`): "keep" (8+ bits), "rotate" (+rotate options or 8+ bits) or
@@ -372,6 +423,17 @@ def plan(table, budget_bpw: float, *, solver: str = "ilp", max_bytes: int | None
         spiky = spiky_units(table, spike_ratio)
         rows, keep = spike_rule(rows, info, spiky, spikes, keep)
         meta["spikes"] = {"rule": spikes, "ratio": spike_ratio, "units": spiky}
+    if context is not None or bits_per_mac is not None or kv_bits is not None:
+        from mixq.budget import Budget
+        from mixq.planner import make_plan_multi
+
+        budget = Budget(budget_bpw, max_bytes, context, bits_per_mac, kv_bits)
+        the_plan, _ = make_plan_multi(table.model, info, rows, table.kv, budget, keep=keep, ties=ties,
+                                      min_bits=min_bits, max_bits=max_bits, meta=meta)
+        return the_plan, []
+    if budget_bpw is None:
+        raise MixqError("give a bits-per-weight budget (--budget), or other budgets with --context, --bits-per-mac, "
+                        "--kv-bits")
     the_plan, _ = make_plan(table.model, info, rows, budget_bpw, solver=solver, max_bytes=max_bytes, keep=keep,
                             ties=ties, min_bits=min_bits, max_bits=max_bits, meta=meta)
     curve = []
@@ -418,8 +480,13 @@ def quantize(model: str | LoadedModel, out_dir: str | Path, *, plan: str | Path 
              fmt: str | None = None, include_head: bool = False, calib: str | None = None, calib_samples: int = 128,
              calib_seqlen: int = 512, seed: int = 0, fp32: bool = False, overwrite: bool = False,
              progress: Progress | None = None, config: CalibConfig | None = None, device: str | None = "auto",
-             dtype: str | None = None, offload: str | None = "auto", rotate_residual: int | None = None) -> dict:
+             dtype: str | None = None, offload: str | None = "auto", rotate_residual: int | None = None,
+             kv: str | None = None) -> dict:
     """Quantize a model by a plan (or one option everywhere) and write a packed checkpoint.
+
+    Activation formats (`@` parts, with their calibrated static scales) and KV formats (the
+    plan's, or `kv` for every layer) are recorded in mixq.json; the packed modules do not run
+    them (no kernels for them yet), so `evaluate_checkpoint` measures the weights alone.
 
     Every unit goes through `mixq.apply.quantize_model` (block by block, one block on the
     device at a time; GPTQ/smoothing calibrated on `calib`), and the checkpoint stores the
@@ -447,6 +514,11 @@ def quantize(model: str | LoadedModel, out_dir: str | Path, *, plan: str | Path 
     else:
         the_plan = plan if isinstance(plan, Plan) else Plan.load(plan)
     the_plan.check_against(units)
+    if kv:
+        from mixq.apply.runtime import uniform_kv
+        from mixq.formats.kvcache import parse_kv
+
+        the_plan = the_plan.with_kv(uniform_kv(loaded.model, parse_kv(kv)))
     _check_weights(loaded, units, [("plan", the_plan)])
     calib_ids = None
     if _needs_calibration(the_plan):
@@ -457,7 +529,8 @@ def quantize(model: str | LoadedModel, out_dir: str | Path, *, plan: str | Path 
     run = {**_placement(loaded), **_peak_memory(loaded), "quantize_s": qm.manifest.wall_s}
     return save_quantized(loaded, units, the_plan, out_dir, weights=qm.weights, manifest=qm.manifest, progress=progress,
                           float_dtype=torch.float32 if fp32 else torch.bfloat16, overwrite=overwrite,
-                          tensor_source=loaded.store.tensor if loaded.store is not None else None, run=run)
+                          tensor_source=loaded.store.tensor if loaded.store is not None else None, run=run,
+                          runtime=qm.runtime.describe() if qm.runtime is not None else None)
 
 
 def export_compressed_tensors(checkpoint: str | Path, out_dir: str | Path, *, dtype: str | None = None,
@@ -489,6 +562,9 @@ def evaluate_checkpoint(path: str | Path, *, data: str | None = None, seqlen: in
     body: dict = {"model": q.name, "model_source": ref_model.source, "checkpoint": str(path), "note": ref_model.note,
                   "model_params": q.extra["n_params"], "include_head": False, **_placement(ref_model),
                   "packed": bool(q.extra.get("packed"))}
+    if plan.kv or any(o.act is not None for o in plan.options.values()):
+        body["note"] = ((body["note"] + "; ") if body["note"] else "") + (
+            "the checkpoint records activation/KV formats that its packed modules do not run yet: weights only")
     totals = bit_totals(plan, q.extra["units"], q.extra["n_params"])
     _reset_peak(ref_model)
     if ref_model.kind == "causal_lm":

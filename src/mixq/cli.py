@@ -60,6 +60,10 @@ def eval_table(result: dict) -> str:
         headers = ["format", "bpw blocks", "bpw all", "ppl", "KL", "top1 agree"] + task_names
         body = [[r["label"], r["bpw_blocks"], r["bpw_all"], r["ppl"], r["kl"], r["top1_agree"]]
                 + [_task_acc(r["tasks"].get(t)) for t in task_names] for r in rows]
+        if any(r.get("kv_format") for r in rows):
+            headers.insert(3, "kv bits")
+            for b, r in zip(body, rows):
+                b.insert(3, r.get("kv_bits_per_element"))
         if any("quantize_s" in r for r in rows):
             headers.append("quant s")
             for b, r in zip(body, rows):
@@ -79,7 +83,9 @@ def eval_table(result: dict) -> str:
         if result.get("calibration"):
             head += f"; calibration {result['calibration']}"
     foot = ("bpw blocks: all-in bits per weight of the units in the blocks; bpw all: every parameter, "
-            "embeddings/head/norms at 16 bits unless quantized") if is_lm else (
+            "embeddings/head/norms at 16 bits unless quantized"
+            + ("; kv bits: all-in bits per cached key/value element at the window length" if any(
+                r.get("kv_format") for r in rows) else "")) if is_lm else (
             "bpw quantized: all-in bits per weight of the conv/linear units; bpw all: every parameter, "
             "batch-norm and biases at 16 bits")
     note = f"\nnote: {result['note']}" if result.get("note") else ""
@@ -152,6 +158,7 @@ def cmd_eval(args) -> int:
         seed=args.seed,
         progress=_progress(args),
         rotate_residual=_rotation(args),
+        kv=[k for spec in args.kv for k in _csv(spec)],
         **_placement(args),
     )
     print(eval_table(result))
@@ -197,7 +204,9 @@ def cmd_analyze(args) -> int:
 
     table = api.analyze(args.model, candidates=_csv(args.candidates), method=args.method, calib=args.calib,
                         samples=args.samples, seqlen=args.seqlen, seed=args.seed, include_head=args.include_head,
-                        progress=_progress(args), rotate_residual=_rotation(args), **_placement(args))
+                        progress=_progress(args), rotate_residual=_rotation(args),
+                        act_candidates=_csv(args.act_candidates), kv_candidates=_csv(args.kv_candidates),
+                        **_placement(args))
     table.save(args.output)
     t = table.timing
     print(f"sensitivity ({table.method}) of {len(table.units)} units x {len(table.candidates)} candidates; "
@@ -215,6 +224,9 @@ def cmd_analyze(args) -> int:
     spiky = spiky_units(table, args.spike_ratio)
     if spiky:
         print(f"activation spikes (input max/median > {args.spike_ratio:g}): {', '.join(spiky)}")
+    if table.kv:
+        print(render_table(["KV format", "error summed over layers"],
+                           [[k, sum(e for _, kk, e in table.kv_rows() if kk == k)] for k in table.kv_candidates]))
     print(f"wrote {args.output}")
     return 0
 
@@ -226,20 +238,37 @@ def cmd_plan(args) -> int:
                                keep=_keep_arg(args.keep), ties=_csv(args.tie) if args.tie else [],
                                min_bits=args.min_bits, max_bits=args.max_bits,
                                frontier_points=args.points if args.frontier else 0, spikes=args.spikes,
-                               spike_ratio=args.spike_ratio, target=args.target, progress=_progress(args))
+                               spike_ratio=args.spike_ratio, target=args.target, progress=_progress(args),
+                               context=args.context, bits_per_mac=args.bits_per_mac, kv_bits=args.kv_bits)
     the_plan.save(args.output)
     m = the_plan.meta
     counts: dict[str, int] = {}
     for o in the_plan.options.values():
         counts[str(o)] = counts.get(str(o), 0) + 1
-    print(f"plan at {args.budget:g} bits/weight ({args.solver}, {m['status']}): "
-          f"{m['bits_per_weight']:.4f} bits/weight over {len(the_plan.options)} units, "
-          f"predicted error {m['predicted_error']:.6g}")
+    if "achieved" in m:
+        a = m["achieved"]
+        parts = [f"{a['bits_per_weight']:.4f} bits/weight", f"{a['bits_per_mac']:.2f} bits/MAC"]
+        if a.get("kv_bits") is not None:
+            parts.append(f"KV {a['kv_bits']:.3f} bits/element")
+        if a.get("bytes") is not None:
+            parts.append(f"{a['bytes'] / 2**20:.2f} MiB of weights + KV at {args.context} tokens")
+        print(f"plan under {', '.join(f'{k}={v}' for k, v in m['budget'].items() if v is not None)} "
+              f"({m['status']}): {', '.join(parts)} over {len(the_plan.options)} units, "
+              f"predicted error {m['predicted_error']:.6g}")
+    else:
+        print(f"plan at {args.budget:g} bits/weight ({args.solver}, {m['status']}): "
+              f"{m['bits_per_weight']:.4f} bits/weight over {len(the_plan.options)} units, "
+              f"predicted error {m['predicted_error']:.6g}")
     print(render_table(["option", "units"], sorted(counts.items())))
     if m.get("target"):
         dropped = m["target"]["dropped"]
         print(f"target {m['target']['name']}: tied {', '.join(m['target']['ties'])}"
               + (f"; dropped candidates: {', '.join(sorted(dropped))}" if dropped else ""))
+    if the_plan.kv:
+        kv_counts: dict[str, int] = {}
+        for f in the_plan.kv.values():
+            kv_counts[str(f)] = kv_counts.get(str(f), 0) + 1
+        print(render_table(["KV format", "layers"], sorted(kv_counts.items())))
     if m.get("spikes"):
         sp = m["spikes"]["units"]
         print(f"spike rule {args.spikes!r} on {len(sp)} unit(s): " + ", ".join(f"{n}={the_plan.options[n]}" for n in sp))
@@ -261,6 +290,8 @@ def cmd_run(args) -> int:
               candidates=_csv(args.candidates), method=args.method, calib=args.calib, samples=args.samples,
               seqlen=args.seqlen, eval_windows=args.windows, n_checks=args.checks, seed=args.seed,
               ties=_csv(args.tie) if args.tie else [], progress=_progress(args), rotate_residual=_rotation(args),
+              act_candidates=_csv(args.act_candidates), kv_candidates=_csv(args.kv_candidates),
+              context=args.context, bits_per_mac=args.bits_per_mac, kv_bits=args.kv_bits, max_bytes=args.max_bytes,
               **_placement(args))
     print(eval_table(res["eval"]))
     chk = res["check"]
@@ -279,7 +310,7 @@ def cmd_quantize(args) -> int:
     doc = api.quantize(args.model, args.output, plan=args.plan, fmt=(args.format + suffix) if args.format else None,
                        include_head=args.include_head, calib=args.calib, calib_samples=args.calib_samples,
                        calib_seqlen=args.calib_seqlen, seed=args.seed, fp32=args.fp32, overwrite=args.overwrite,
-                       progress=_progress(args), rotate_residual=_rotation(args), **_placement(args))
+                       progress=_progress(args), rotate_residual=_rotation(args), kv=args.kv, **_placement(args))
     t = doc.get("totals", {})
     print(f"wrote {args.output}: {len(doc['units'])} packed units"
           + (f", {t.get('bpw_all', float('nan')):.3f} bits per weight all-in" if t else ""))
@@ -360,6 +391,21 @@ def _placement_args(p: argparse.ArgumentParser) -> None:
                    "the model fits the device (default auto)")
 
 
+def _actkv_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--act-candidates", default="", help="input-activation formats crossed with every candidate, "
+                   "e.g. none,int8:tok,int4:tok (none: float inputs)")
+    p.add_argument("--kv-candidates", default="", help="KV-cache formats weighed for every attention layer, e.g. "
+                   "int8,int4,int4:kchan,int3:kchan:out1%%:sink")
+
+
+def _budget_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--context", type=int, default=None, help="tokens of KV cache counted in --max-bytes and "
+                   "--kv-bits (the plan then chooses each layer's KV format too)")
+    p.add_argument("--bits-per-mac", type=float, default=None, help="bit-operation budget: average weight bits x "
+                   "activation bits per multiply-accumulate (W4A4 = 16, W4A8 = 32, W8A8 = 64)")
+    p.add_argument("--kv-bits", type=float, default=None, help="average all-in bits per cached key/value element")
+
+
 def _placement(args) -> dict:
     return {"device": args.device, "dtype": args.dtype, "offload": args.offload}
 
@@ -379,8 +425,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("model", help="built-in alias (smollm2-135m, resnet20-cifar10, resnet56-cifar10), model directory, "
                    "hub id, or a checkpoint directory written by mixq quantize")
     e.add_argument("--format", action="append", default=[], metavar="SPEC",
-                   help="format for every unit, e.g. int4:g64 (repeat or comma-separate for several)")
+                   help="format for every unit, e.g. int4:g64, or with an input-activation format int8:ch@int8:tok "
+                        "(repeat or comma-separate for several)")
     e.add_argument("--plan", action="append", default=[], metavar="PLAN_JSON", help="evaluate a plan.json")
+    e.add_argument("--kv", action="append", default=[], metavar="SPEC",
+                   help="KV-cache format for every attention layer, e.g. int8, int4:kchan, int3:kchan:out1%%:sink "
+                        "(repeat or comma-separate: each format/plan is evaluated with each; alone: float weights)")
     e.add_argument("--data", default=None, help="wikitext2 (default), wikitext2-valid, ptb, ptb-valid, or a text file")
     e.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
     e.add_argument("--windows", type=int, default=8, help="number of windows from the start of the text; 0 = all (default 8)")
@@ -413,6 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--include-head", action="store_true")
     a.add_argument("--spike-ratio", type=float, default=1000.0, help="input max/median ratio that flags an activation spike")
+    _actkv_args(a)
     a.add_argument("-o", "--output", default="sensitivity.json")
     _rotation_arg(a)
     _placement_args(a)
@@ -420,8 +471,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("plan", help="choose a format per unit under a bit budget")
     pl.add_argument("sensitivity", help="sensitivity.json from mixq analyze")
-    pl.add_argument("--budget", type=float, required=True, help="average all-in bits per weight over the units")
-    pl.add_argument("--max-bytes", type=int, default=None, help="also cap the total bytes of the units")
+    pl.add_argument("--budget", type=float, default=None, help="average all-in bits per weight over the units")
+    pl.add_argument("--max-bytes", type=int, default=None, help="also cap the total bytes of the units (with "
+                    "--context: of the units' weights plus the KV cache of that many tokens)")
+    _budget_args(pl)
     pl.add_argument("--keep", action="append", default=[], metavar="PATTERN=OPTION",
                     help="pin units matching a glob (or re:REGEX) to an option, e.g. '*.down_proj=int8:ch'")
     pl.add_argument("--tie", default="", help="units that must share an option: qkv, gate_up, experts (comma-separated)")
@@ -454,6 +507,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--out", default="runs/default", help="run directory")
     _rotation_arg(r)
+    r.add_argument("--max-bytes", type=int, default=None, help="cap the bytes of weights plus the KV cache at --context")
+    _actkv_args(r)
+    _budget_args(r)
     _placement_args(r)
     r.set_defaults(func=cmd_run)
 
@@ -464,6 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
     qz.add_argument("--quantizer", default="rtn", choices=["rtn", "gptq"])
     qz.add_argument("--transform", action="append", default=[], metavar="T")
     qz.add_argument("--include-head", action="store_true")
+    qz.add_argument("--kv", default=None, metavar="SPEC", help="KV-cache format for every layer, recorded in mixq.json")
     qz.add_argument("--calib", default=None)
     qz.add_argument("--calib-samples", type=int, default=128)
     qz.add_argument("--calib-seqlen", type=int, default=512)

@@ -1,11 +1,20 @@
 """Options and calibration settings: what a plan assigns to a unit, typed, low in the stack.
 
 An option is a numeric format plus the quantizer that produces it and the transforms applied
-before quantizing, written `FORMAT[+QUANTIZER][+rotate][+smooth][+lowrank:R]`:
+before quantizing, written `FORMAT[+QUANTIZER][+rotate][+smooth][+lowrank:R][@ACT]`:
 
     int4:g64                  round to nearest
     int3:g64+gptq+rotate      GPTQ on the rotated weight
     int4:g128+smooth+lowrank:16
+    int4:g128+gptq@int8:tok   and the unit's input quantized to int8 per token
+    int4:g64+gptq+rotate@int4:tok   the input rotated online by the weight's rotation, then int4
+
+The part after `@` is the unit's input-activation format (`mixq.formats.activation`); without
+it the input stays in the model's float dtype. The transforms act on the input too, exactly:
+the unit computes ŵ x̂ with x̂ = T⁻¹ A(T x), T x = (x diag(1/s)) Q the transformed input the
+stored weight multiplies (QuaRot-style online rotation), so the activation quantizer A sees
+the rotated (smoothed) input. `bits` (the weight's all-in bits) does not count the activation
+format: activation widths count in bit operations (`act_bits`), not in storage.
 
 `parse_option(str(o)) == o` for every option; the string form is canonical (quantizer, then
 rotate, smooth, lowrank, whatever order the parts were written in), so plans and tables
@@ -26,11 +35,15 @@ from functools import cached_property
 
 from mixq import formats
 from mixq.errors import FormatError
+from mixq.formats.activation import ActFormat, parse_act
 
 QUANTIZERS = ("rtn", "gptq")
 TRANSFORMS = ("rotate", "smooth", "lowrank:R")
 
-_HELP = "expected FORMAT[+gptq][+rotate][+smooth][+lowrank:R], e.g. int3:g64+gptq+rotate"
+_HELP = "expected FORMAT[+gptq][+rotate][+smooth][+lowrank:R][@ACT], e.g. int3:g64+gptq+rotate or int8:ch@int8:tok"
+
+# Bits an unquantized activation (or weight) computes in, for bit operations.
+FLOAT_COMPUTE_BITS = 16
 
 
 @dataclass(frozen=True)
@@ -41,13 +54,15 @@ class Option:
     quantizer: "rtn" (round to nearest) or "gptq".
     rotate: a random-sign block Hadamard rotation of the input dimension.
     smooth: AWQ-style per-input-channel scales.
-    lowrank: rank R of a bf16 low-rank branch kept beside the quantized residual, or None."""
+    lowrank: rank R of a bf16 low-rank branch kept beside the quantized residual, or None.
+    act: the unit's input-activation format (`ActFormat`), or None (float inputs)."""
 
     format: str
     quantizer: str = "rtn"
     rotate: bool = False
     smooth: bool = False
     lowrank: int | None = None
+    act: ActFormat | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "format", str(formats.parse(self.format)))
@@ -60,13 +75,15 @@ class Option:
         if self.lowrank is not None and (isinstance(self.lowrank, bool) or not isinstance(self.lowrank, int)
                                          or self.lowrank < 1):
             raise FormatError(f"option {self.format}: lowrank needs a positive integer rank, got {self.lowrank!r}")
+        if self.act is not None:
+            object.__setattr__(self, "act", parse_act(self.act))
 
     def __str__(self) -> str:
         parts = [self.format]
         if self.quantizer != "rtn":
             parts.append(self.quantizer)
         parts.extend(self.transforms)
-        return "+".join(parts)
+        return "+".join(parts) + (f"@{self.act}" if self.act is not None else "")
 
     @cached_property
     def fmt(self) -> formats.Format:
@@ -86,13 +103,34 @@ class Option:
 
     @property
     def is_plain(self) -> bool:
-        """Round to nearest with no transform: the weight is the format's own rounding."""
+        """Round to nearest with no transform: the weight is the format's own rounding
+        (whatever the activation format)."""
         return self.quantizer == "rtn" and not self.transforms
 
     @property
     def needs_calibration(self) -> bool:
-        """Whether the option needs calibration data (an input Hessian or activation statistics)."""
+        """Whether the option needs calibration data: an input Hessian or activation
+        statistics (gptq, smooth), or a static activation scale."""
+        return self.quantizer == "gptq" or self.smooth or (self.act is not None and self.act.static)
+
+    @property
+    def weight_needs_calibration(self) -> bool:
+        """Whether the weight's quantizer needs input statistics (gptq, smooth)."""
         return self.quantizer == "gptq" or self.smooth
+
+    @property
+    def weight_only(self) -> Option:
+        """The option without its activation format."""
+        return self if self.act is None else dataclasses.replace(self, act=None)
+
+    @property
+    def act_bits(self) -> int:
+        """Bits the input activations compute in (16 without an activation format)."""
+        return FLOAT_COMPUTE_BITS if self.act is None else self.act.code_bits
+
+    def weight_compute_bits(self) -> int:
+        """Bits of a weight element as the matmul reads it (the format's code width)."""
+        return int(self.fmt.code_bits)
 
     def replace(self, **changes) -> Option:
         return dataclasses.replace(self, **changes)
@@ -113,16 +151,31 @@ class Option:
 
 
 def parse_option(text: str | Option) -> Option:
-    """Parse `FORMAT[+QUANTIZER][+TRANSFORM...]` (an Option is returned as it is)."""
+    """Parse `FORMAT[+QUANTIZER][+TRANSFORM...][@ACT]` (an Option is returned as it is).
+    The `@ACT` part may also stand before further `+` parts (`int4:g64@int8:tok+gptq`, as a
+    suffix appended to a spec reads): an activation spec never holds a `+`."""
     if isinstance(text, Option):
         return text
     if not isinstance(text, str):
         raise FormatError(f"option must be a string, got {type(text).__name__}; {_HELP}")
-    parts = [p.strip() for p in text.strip().split("+") if p.strip()]
+    head, *acts = text.strip().split("@")
+    if len(acts) > 1:
+        raise FormatError(f"option {text!r}: more than one activation part (@); {_HELP}")
+    act = None
+    if acts:
+        act_text, *more = acts[0].split("+")
+        if not act_text.strip():
+            raise FormatError(f"option {text!r}: empty activation part after @; {_HELP}")
+        try:
+            act = parse_act(act_text)
+        except FormatError as e:
+            raise FormatError(f"option {text!r}: {e}") from e
+        head = "+".join([head, *more])
+    parts = [p.strip() for p in head.split("+") if p.strip()]
     if not parts:
         raise FormatError(f"empty option {text!r}; {_HELP}")
     fmt = str(formats.parse(parts[0]))
-    fields: dict = {}
+    fields: dict = {} if act is None else {"act": act}
     for p in parts[1:]:
         low = p.lower()
         if low in QUANTIZERS:

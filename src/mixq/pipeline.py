@@ -62,7 +62,9 @@ def run(model: str | LoadedModel = DEFAULT_MODEL, budget_bpw: float | list[float
         calib: str | None = None, samples: int = 8, seqlen: int = 512, eval_data: str | None = None,
         eval_windows: int = 8, n_checks: int = 5, seed: int = 0, ties: list[str] | None = None,
         progress: Progress | None = None, device: str | None = "auto", dtype: str | None = None,
-        offload: str | None = "auto", calib_samples: int = 128, rotate_residual: int | None = None) -> dict:
+        offload: str | None = "auto", calib_samples: int = 128, rotate_residual: int | None = None,
+        act_candidates=(), kv_candidates=(), context: int | None = None, bits_per_mac: float | None = None,
+        kv_bits: float | None = None, max_bytes: int | None = None) -> dict:
     """Run the whole pipeline; returns a summary and leaves in `out_dir`: sensitivity.json,
     plan.json (ILP; plan_<budget>.json for each further budget), plan_greedy.json,
     frontier.json, eval.json, check.json, report.html. rotate_residual: a seed to fold a
@@ -71,7 +73,12 @@ def run(model: str | LoadedModel = DEFAULT_MODEL, budget_bpw: float | list[float
     Calibrated candidates (gptq, smooth) are quantized once, in the analysis (from each
     unit's float input Hessian on the analysis' calibration windows), and every plan is
     evaluated with those weights: one measurement serves every budget. `mixq quantize` of a
-    plan calibrates sequentially on `calib_samples` windows instead."""
+    plan calibrates sequentially on `calib_samples` windows instead.
+
+    `act_candidates` / `kv_candidates` add input-activation and KV-cache choices to the
+    analysis; with `context`, `bits_per_mac`, `kv_bits` or `max_bytes` every plan meets those
+    limits too (`mixq.budget`), and chooses KV formats (no frontier then: the additivity check
+    is skipped)."""
     from mixq.report import write_report
 
     budgets = [float(b) for b in (budget_bpw if isinstance(budget_bpw, (list, tuple)) else [budget_bpw])]
@@ -84,12 +91,17 @@ def run(model: str | LoadedModel = DEFAULT_MODEL, budget_bpw: float | list[float
 
         fold_residual_rotation(loaded, rotate_residual)
     table, cache = api.analyze_keeping(loaded, candidates, method, calib, samples, seqlen, seed, False, True, progress,
-                                       device, dtype, offload, None, keep=True)
+                                       device, dtype, offload, None, keep=True, act_candidates=act_candidates,
+                                       kv_candidates=kv_candidates)
+    multi = {"context": context, "bits_per_mac": bits_per_mac, "kv_bits": kv_bits, "max_bytes": max_bytes}
+    if not any(v is not None for v in (context, bits_per_mac, kv_bits)):
+        multi = {"max_bytes": max_bytes} if max_bytes is not None else {}
     table.save(out / "sensitivity.json")
     plans = []
     curve: list[dict] = []
     for i, budget in enumerate(budgets):
-        plan, c = api.plan(table, budget, ties=ties, frontier_points=41 if i == 0 else 0, progress=progress)
+        plan, c = api.plan(table, budget, ties=ties, frontier_points=41 if i == 0 and "context" not in multi else 0,
+                           progress=progress, **multi)
         plan.meta["label"] = f"mixed ILP @ {budget:g}"
         plan.save(out / ("plan.json" if i == 0 else f"plan_{budget:g}.json"))
         plans.append(plan)
@@ -97,10 +109,11 @@ def run(model: str | LoadedModel = DEFAULT_MODEL, budget_bpw: float | list[float
     api.save_frontier(out / "frontier.json", curve, {"model": loaded.name, "solver": "ilp",
                                                      "sensitivity": plans[0].meta["sensitivity"]})
     try:
-        greedy, _ = api.plan(table, budgets[0], solver="greedy", ties=ties)
-        greedy.meta["label"] = f"mixed greedy @ {budgets[0]:g}"
-        greedy.save(out / "plan_greedy.json")
-        plans.append(greedy)
+        if "context" not in multi:  # greedy knows one budget only
+            greedy, _ = api.plan(table, budgets[0], solver="greedy", ties=ties, **multi)
+            greedy.meta["label"] = f"mixed greedy @ {budgets[0]:g}"
+            greedy.save(out / "plan_greedy.json")
+            plans.append(greedy)
     except BudgetError as e:
         log.warning("greedy found no plan at %g: %s", budgets[0], e)
     checks = []

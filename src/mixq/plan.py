@@ -1,9 +1,15 @@
-"""The `Plan` artifact: an explicit unit -> option mapping.
+"""The `Plan` artifact: an explicit unit -> option mapping, and layer -> KV-cache format.
 
 An option (`mixq.option.Option`) is a numeric format plus the quantizer that produces it and
-any transforms applied first, written `FORMAT[+QUANTIZER][+TRANSFORM...]` (e.g. `int4:g64`,
-`int3:g64+gptq+rotate`). Every unit is named; nothing is left to patterns. A plan records the shape of every unit so
-that applying it to another model is refused with the first mismatches listed.
+any transforms applied first, and the unit's input-activation format, written
+`FORMAT[+QUANTIZER][+TRANSFORM...][@ACT]` (e.g. `int4:g64`, `int3:g64+gptq+rotate`,
+`int8:ch@int8:tok`). Every unit is named; nothing is left to patterns. A plan records the
+shape of every unit so that applying it to another model is refused with the first
+mismatches listed. `kv` maps attention layers (`model.layers.3.self_attn`) to the format
+their KV cache is stored in (`mixq.formats.kvcache`); a layer not named keeps a float cache.
+
+Schema 2 added `kv` (and activation formats in options); a plan without them is still
+written, and read, as schema 1.
 """
 
 from __future__ import annotations
@@ -12,28 +18,39 @@ import os
 from dataclasses import dataclass, field
 
 from mixq.artifacts import read_artifact, write_artifact
-from mixq.errors import ArtifactError
+from mixq.errors import ArtifactError, FormatError
+from mixq.formats.kvcache import KVFormat, parse_kv
 from mixq.models.units import Unit
 from mixq.option import Option, parse_option
 
-PLAN_SCHEMA = 1
+PLAN_SCHEMA = 2
+PLAN_SCHEMAS_READ = (1, 2)
 
 
 @dataclass
 class Plan:
-    """unit name -> Option for every quantized unit, plus each unit's shape and provenance."""
+    """unit name -> Option for every quantized unit, plus each unit's shape and provenance;
+    attention layer -> KV-cache format (`kv`, empty: float caches)."""
 
     model: str
     options: dict[str, Option]
     shapes: dict[str, tuple[int, int]]
     meta: dict = field(default_factory=dict)
+    kv: dict[str, KVFormat] = field(default_factory=dict)
 
     @classmethod
-    def uniform(cls, model: str, units: list[Unit], option: str | Option, meta: dict | None = None) -> "Plan":
-        opt = parse_option(option) if isinstance(option, str) else option
-        quantized = [u for u in units if u.tied_to is None]
+    def uniform(cls, model: str, units: list[Unit], option: str | Option | None, meta: dict | None = None,
+                kv: dict[str, KVFormat | str] | None = None) -> "Plan":
+        """One option for every unit (None: weights left float), and the KV formats `kv`."""
+        quantized = [u for u in units if u.tied_to is None] if option is not None else []
+        opt = parse_option(option) if option is not None else None
         return cls(model, {u.name: opt for u in quantized}, {u.name: u.shape for u in quantized},
-                   dict(meta or {}))
+                   dict(meta or {}), {n: parse_kv(f) for n, f in (kv or {}).items()})
+
+    def with_kv(self, kv: dict[str, KVFormat | str]) -> "Plan":
+        """A copy whose KV formats are `kv` (replacing any the plan had)."""
+        return Plan(self.model, dict(self.options), dict(self.shapes), dict(self.meta),
+                    {n: parse_kv(f) for n, f in kv.items()})
 
     def check_against(self, units: list[Unit], max_listed: int = 5) -> None:
         """Raise ArtifactError if the plan names units the model lacks or shapes differ."""
@@ -60,7 +77,14 @@ class Plan:
             "meta": self.meta,
             "units": {n: {"option": str(o), "shape": list(self.shapes[n]), "bits": o.bits(self.shapes[n])}
                       for n, o in self.options.items()},
+            **({"kv": {n: str(f) for n, f in self.kv.items()}} if self.kv else {}),
         }
+
+    @property
+    def schema(self) -> int:
+        """2 when the plan uses what schema 2 added (KV formats, activation formats), else 1,
+        which older mixq reads too."""
+        return PLAN_SCHEMA if self.kv or any(o.act is not None for o in self.options.values()) else 1
 
     @classmethod
     def from_dict(cls, doc: dict, source: str = "plan") -> "Plan":
@@ -68,13 +92,16 @@ class Plan:
             units = doc["units"]
             options = {n: parse_option(u["option"]) for n, u in units.items()}
             shapes = {n: (int(u["shape"][0]), int(u["shape"][1])) for n, u in units.items()}
-        except (KeyError, TypeError, IndexError) as e:
+            kv = {n: parse_kv(f) for n, f in doc.get("kv", {}).items()}
+        except (KeyError, TypeError, IndexError, AttributeError) as e:
             raise ArtifactError(f"{source}: malformed plan ({e.__class__.__name__}: {e})") from e
-        return cls(doc.get("model", ""), options, shapes, doc.get("meta", {}))
+        except FormatError as e:
+            raise ArtifactError(f"{source}: {e}") from e
+        return cls(doc.get("model", ""), options, shapes, doc.get("meta", {}), kv)
 
     def save(self, path: str | os.PathLike) -> None:
-        write_artifact(path, "plan", PLAN_SCHEMA, self.to_dict())
+        write_artifact(path, "plan", self.schema, self.to_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Plan":
-        return cls.from_dict(read_artifact(path, "plan", PLAN_SCHEMA), str(path))
+        return cls.from_dict(read_artifact(path, "plan", PLAN_SCHEMAS_READ), str(path))

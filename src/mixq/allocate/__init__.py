@@ -4,12 +4,14 @@ a bit budget, with ties, pins and a bits-per-weight window. numpy/scipy only, no
     problem = Problem([UnitChoices("w1", 4096, [Choice("int4:g64", 18432, 0.3), ...]), ...])
     sol = solve(problem, budget_bpw=4.25)              # exact ILP (HiGHS)
     curve = frontier(problem)                          # the whole error-vs-bits curve
+    sol = solve_multi(groups, {"bits": ..., "bops": ...})   # several budgets at once (multi.py)
 """
 
 from mixq.allocate.dp import solve_dp
 from mixq.allocate.frontier import frontier, pareto_set
 from mixq.allocate.greedy import solve_greedy
 from mixq.allocate.ilp import solve_ilp
+from mixq.allocate.multi import MultiGroup, MultiSolution, solve_multi
 from mixq.allocate.problem import Choice, Problem, ProblemError, UnitChoices, problem_from_rows
 from mixq.allocate.solution import FrontierPoint, Solution
 from mixq.allocate.dispatch import SOLVERS, solve, solver_fn
@@ -17,6 +19,8 @@ from mixq.allocate.dispatch import SOLVERS, solve, solver_fn
 __all__ = [
     "SOLVERS",
     "FrontierPoint",
+    "MultiGroup",
+    "MultiSolution",
     "Choice",
     "Problem",
     "ProblemError",
@@ -29,5 +33,6 @@ __all__ = [
     "solve_dp",
     "solve_greedy",
     "solve_ilp",
+    "solve_multi",
     "solver_fn",
 ]

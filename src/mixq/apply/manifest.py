@@ -62,7 +62,7 @@ def applicable_option(unit: Unit, option: Option, has_stats: bool) -> tuple[Opti
     for exactly that option and there is nothing to fall back within)."""
     used = option
     warnings: list[str] = []
-    if used.needs_calibration and not has_stats:
+    if used.weight_needs_calibration and not has_stats:
         why = ("an embedding has no input Hessian" if unit.kind == "embedding"
                else "it received no calibration tokens")
         used = used.replace(quantizer="rtn", smooth=False)

@@ -45,6 +45,7 @@ from torch import nn
 
 from mixq.apply.inputs import check_inputs
 from mixq.apply.manifest import Manifest, applicable_option, calibration_record
+from mixq.apply.runtime import Runtime
 from mixq.apply.stats import StatsCollector, UnitStats
 from mixq.errors import DataError, MixqError
 from mixq.models.capture import unit_inputs
@@ -63,17 +64,21 @@ DEFAULT_CONFIG = CalibConfig()
 
 @dataclass
 class QuantizedModel:
-    """The result of `quantize_model`: unit name -> QuantizedWeight (on `keep_device`), and
-    the manifest of what was done."""
+    """The result of `quantize_model`: unit name -> QuantizedWeight (on `keep_device`), the
+    manifest of what was done, and the runtime (input quantizers with their calibrated
+    static scales, KV formats)."""
 
     weights: dict[str, QuantizedWeight]
     manifest: Manifest
+    runtime: Runtime | None = None
 
 
 @contextmanager
-def applied(model: nn.Module, units: list[Unit], weights: dict[str, QuantizedWeight]) -> Iterator[nn.Module]:
+def applied(model: nn.Module, units: list[Unit], weights: dict[str, QuantizedWeight],
+            runtime: Runtime | None = None) -> Iterator[nn.Module]:
     """Within the block, each unit named in `weights` computes with its ŵ (cast to the
-    model's dtype, on the weight's device); the float weights are restored on exit."""
+    model's dtype, on the weight's device), and the `runtime`'s input and KV quantizers are
+    on; the float weights are restored on exit."""
     saved: list[tuple[Unit, torch.Tensor]] = []
     try:
         with torch.no_grad():
@@ -84,7 +89,11 @@ def applied(model: nn.Module, units: list[Unit], weights: dict[str, QuantizedWei
                 w = get_weight(model, u)
                 saved.append((u, w.detach().clone()))
                 set_weight(model, u, qw.to(w.device).weight())
-        yield model
+        if runtime is None:
+            yield model
+        else:
+            with runtime.active():
+                yield model
     finally:
         with torch.no_grad():
             for u, w in reversed(saved):
@@ -104,6 +113,7 @@ class Applier:
         self.cache = cache or {}  # (unit name, option string) -> QuantizedWeight made earlier
         self.weights: dict[str, QuantizedWeight] = {}
         self.saved: dict[str, tuple[Unit, torch.Tensor]] = {}
+        self.runtime = Runtime(model, plan.kv)  # input quantizers and KV formats (apply/runtime.py)
 
     def option(self, unit: Unit) -> Option:
         return self.plan.options[unit.name]
@@ -111,7 +121,7 @@ class Applier:
     def needs_stats(self, unit: Unit) -> bool:
         """Whether quantizing `unit` needs its input statistics (a calibrated option that no
         cached weight provides)."""
-        return self.option(unit).needs_calibration and (unit.name, str(self.option(unit))) not in self.cache
+        return self.option(unit).weight_needs_calibration and (unit.name, str(self.option(unit))) not in self.cache
 
     def apply(self, unit: Unit, stats: UnitStats | None) -> None:
         opt = self.option(unit)
@@ -146,6 +156,7 @@ class Applier:
         w = get_weight(self.model, unit)
         self.saved.setdefault(unit.name, (unit, w.detach().clone()))
         set_weight(self.model, unit, qw.to(w.device).weight())
+        self.runtime.add(unit, self.option(unit), qw.transforms)
         if self.keep_all or unit.block < 0:
             self.weights[unit.name] = qw if self.keep_device is None else qw.to(self.keep_device)
 
@@ -183,6 +194,10 @@ def quantize_model(model: nn.Module | Walker, units: list[Unit], plan: Plan, cal
     if sequential:
         calib = check_inputs(calib, net)
     by_blocks = walker is not None or (sequential and calib.dtype == torch.long and _has_blocks(net))
+    if not by_blocks and any(plan.options[u.name].act is not None and plan.options[u.name].act.static
+                             for u in planned):
+        raise MixqError("static activation formats (ELEMENT:t) are calibrated block by block: give a causal LM "
+                        "and token windows")
     manifest = Manifest(seed=int(config.seed), sequential=sequential,
                         calibration=calibration_record(calib if sequential else None),
                         settings={**config.quantizer_settings(), "batch_size": config.batch_size,
@@ -208,7 +223,8 @@ def quantize_model(model: nn.Module | Walker, units: list[Unit], plan: Plan, cal
         applier.restore()
         net.train(was_training)
     manifest.wall_s = time.perf_counter() - t_start
-    return QuantizedModel(applier.weights, manifest)
+    manifest.warnings.extend(applier.runtime.warnings)
+    return QuantizedModel(applier.weights, manifest, applier.runtime)
 
 
 def _has_blocks(model: nn.Module) -> bool:
@@ -225,14 +241,28 @@ def _device(model: nn.Module) -> torch.device:
 # Block by block
 
 
-def block_stats(walker: Walker, block: nn.Module, inputs: list[BlockInput], units: list[Unit]) -> StatsCollector:
-    """Input statistics of `units` (all inside `block`) over one pass of the block."""
+def block_stats(walker: Walker, block: nn.Module, inputs: list[BlockInput], units: list[Unit],
+                applier: Applier | None = None) -> StatsCollector:
+    """Input statistics of `units` (all inside `block`) over one pass of the block. With an
+    `applier`, its runtime is on (the input and KV quantizers of what is quantized so far),
+    and the units' own input quantizers too: their statistics (GPTQ's Hessian) are those of
+    the inputs their weights will multiply."""
     collector = StatsCollector()
-    with unit_inputs(walker.model, units, collector):
+    if applier is None:
+        runtime = None
+    else:
+        runtime = applier.runtime.active(
+            applier.runtime.pre_quantizers(units, applier.plan.options, applier.config.seed), units)
+    with runtime if runtime is not None else _nothing(), unit_inputs(walker.model, units, collector):
         for inp in inputs:
             walker.run(block, inp)
             collector.release()
     return collector
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
 
 
 def stages(collector: StatsCollector, units: list[Unit]) -> list[list[Unit]]:
@@ -280,18 +310,34 @@ def quantize_block(walker: Walker, block: nn.Module, units: list[Unit], inputs: 
     for u in plain:  # later stages see them quantized
         applier.apply(u, None)
     timing["quantize_s"] = timing.get("quantize_s", 0.0) + time.perf_counter() - t0
-    if not calibrated:
+    if calibrated:
+        _calibrate_stages(walker, block, calibrated, inputs, applier, timing)
+    static_scales(walker, block, units, inputs, applier)
+
+
+def static_scales(walker: Walker, block: nn.Module, units: list[Unit], inputs: list[BlockInput] | None,
+                  applier: Applier) -> None:
+    """Static activation scales of the block's units from one pass over the calibration
+    inputs, the block's weights and other quantizers on (see `Runtime.calibrate_static`)."""
+    if not any(n in applier.runtime.inputs and applier.runtime.inputs[n].needs_scale for n in (u.name for u in units)):
         return
+    if inputs is None:
+        raise MixqError("static activation formats (ELEMENT:t) need calibration inputs")
+    applier.runtime.calibrate_static(units, lambda: [walker.run(block, inp) for inp in inputs])
+
+
+def _calibrate_stages(walker: Walker, block: nn.Module, calibrated: list[Unit], inputs: list[BlockInput] | None,
+                      applier: Applier, timing: dict) -> None:
     if inputs is None:
         raise MixqError("calibrated options (gptq, smooth) need calibration inputs")
     t0 = time.perf_counter()
-    collector = block_stats(walker, block, inputs, calibrated)
+    collector = block_stats(walker, block, inputs, calibrated, applier)
     timing["stats_s"] = timing.get("stats_s", 0.0) + time.perf_counter() - t0
     groups = stages(collector, calibrated) if applier.config.true_sequential else [calibrated]
     for k, stage in enumerate(groups):
         if k > 0:
             t0 = time.perf_counter()
-            collector = block_stats(walker, block, inputs, stage)
+            collector = block_stats(walker, block, inputs, stage, applier)
             timing["stats_s"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         for u in stage:
@@ -333,7 +379,8 @@ def _blockwise(walker: Walker, planned: list[Unit], calib: torch.Tensor | None, 
             quantize_block(walker, block, us, inputs if b <= last_needed else None, applier, timing)
             if forward:
                 t0 = time.perf_counter()
-                inputs = [walker.run(block, x) for x in inputs]
+                with applier.runtime.active():  # the next block's inputs as the quantized model makes them
+                    inputs = [walker.run(block, x) for x in inputs]
                 timing["forward_s"] += time.perf_counter() - t0
             applier.restore([u.name for u in us])  # the float weights back (a no-op copy when offloaded)
     if outside:
@@ -347,5 +394,8 @@ def _blockwise(walker: Walker, planned: list[Unit], calib: torch.Tensor | None, 
                     collector.release()
         for u in outside:
             applier.apply(u, collector.get(u.name))
+        if inputs is not None:
+            applier.runtime.calibrate_static(outside, lambda: [walker.logits(inp.hidden, ids)
+                                                               for inp, ids in zip(inputs, batches)])
         timing["outside_s"] = time.perf_counter() - t0
     applier.manifest.timing = timing

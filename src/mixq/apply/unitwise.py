@@ -73,7 +73,7 @@ def quantize_unitwise(model, planned, calib_x, applier, progress) -> None:
     while remaining:
         t0 = time.perf_counter()
         stage = _StageInputs()
-        with unit_inputs(model, remaining, stage):
+        with applier.runtime.active(), unit_inputs(model, remaining, stage):  # quantized inputs upstream too
             for x in batches:
                 try:
                     forward_logits(model, to_model(model, x))

@@ -60,8 +60,9 @@ class Variant:
     @classmethod
     def for_plan(cls, label: str, model: nn.Module, plan: Plan, *, calib: torch.Tensor | None = None,
                  config: CalibConfig = CalibConfig(), cache: dict | None = None, keep_all: bool = False) -> Variant:
-        calibrated = any(o.needs_calibration for o in plan.options.values())
-        uses_calib = calibrated and not cache
+        calibrated = any(o.weight_needs_calibration for o in plan.options.values())
+        static = any(o.act is not None and o.act.static for o in plan.options.values())  # scales: not cached
+        uses_calib = (calibrated and not cache) or static
         manifest = Manifest(seed=int(config.seed), sequential=uses_calib,
                             calibration=calibration_record(calib if uses_calib else None),
                             settings={**config.quantizer_settings(), "batch_size": config.batch_size,
@@ -99,23 +100,25 @@ def evaluate_variants(walker: Walker, units: list[Unit], windows: torch.Tensor, 
                     us = [u for u in by_block.get(b, []) if u.name in v.plan.options and u.tied_to is None]
                     quantize_block(walker, block, us, v.calib_inputs, v.applier, timing)
                     v.quantize_s += time.perf_counter() - t0
-                    v.eval_inputs = [walker.run(block, x) for x in v.eval_inputs]
-                    last = b == walker.n_blocks - 1
-                    if v.calib_inputs is not None and (not last or _head_calibrated(v, outside)):
-                        v.calib_inputs = [walker.run(block, x) for x in v.calib_inputs]
+                    with v.applier.runtime.active():  # the variant's input and KV quantizers
+                        v.eval_inputs = [walker.run(block, x) for x in v.eval_inputs]
+                        last = b == walker.n_blocks - 1
+                        if v.calib_inputs is not None and (not last or _head_calibrated(v, outside)):
+                            v.calib_inputs = [walker.run(block, x) for x in v.calib_inputs]
                     v.applier.restore([u.name for u in us])
         for v in variants:
             _finish_head(walker, v, outside)
         float_row, rows = _score(walker, windows, eval_batches, float_inputs, variants, outside, progress)
     for v, row in zip(variants, rows):
         row["quantize_s"] = v.quantize_s
-        if any(not o.is_plain for o in v.plan.options.values()):
-            row["manifest_warnings"] = list(v.applier.manifest.warnings)
+        if any(not o.is_plain for o in v.plan.options.values()) or v.applier.runtime.warnings:
+            row["manifest_warnings"] = list(v.applier.manifest.warnings) + list(v.applier.runtime.warnings)
     return float_row, rows
 
 
 def _head_calibrated(v: Variant, outside: list[Unit]) -> bool:
-    return any(u.name in v.plan.options and v.plan.options[u.name].needs_calibration for u in outside)
+    return any(u.name in v.plan.options and v.plan.options[u.name].needs_calibration and u.kind != "embedding"
+               for u in outside)
 
 
 def _start(walker: Walker, v: Variant, outside: list[Unit], eval_batches, float_inputs) -> None:
@@ -146,6 +149,9 @@ def _finish_head(walker: Walker, v: Variant, outside: list[Unit]) -> None:
                 collector.release()
     for u in heads:
         v.applier.apply(u, collector.get(u.name))
+    if v.calib_inputs is not None:  # static activation scales of the head
+        v.applier.runtime.calibrate_static(heads, lambda: [walker.logits(inp.hidden, ids) for inp, ids in zip(
+            v.calib_inputs, _batches(v.calib, v.applier.config.batch_size))])
     v.extra["outside"] = {u.name: v.applier.weights[u.name] for u in outside if u.name in v.applier.weights}
     v.applier.restore()
     v.calib_inputs = None
@@ -166,7 +172,7 @@ def _score(walker, windows, eval_batches, float_inputs, variants, outside, progr
         ref = _log_probs(walker, float_inputs[k].hidden, ids)
         nll_f += float(_window_nll(ref, ids).sum())
         for v, a in zip(variants, acc):
-            with applied(walker.model, outside, v.extra.get("outside", {})):
+            with applied(walker.model, outside, v.extra.get("outside", {}), v.applier.runtime):
                 logp = _log_probs(walker, v.eval_inputs[k].hidden, ids)
             nll = _window_nll(logp, ids)
             if not torch.isfinite(nll).all():

@@ -218,7 +218,8 @@ def _dtype_name(dtype: torch.dtype | None) -> str | None:
 def save_quantized(model: LoadedModel | nn.Module, units: list[Unit], plan: Plan, out_dir: str | os.PathLike, *,
                    weights: dict[str, QuantizedWeight | QTensor] | None = None, manifest: dict | object | None = None,
                    progress: Progress | None = None, float_dtype: torch.dtype | None = torch.bfloat16,
-                   overwrite: bool = False, tensor_source=None, run: dict | None = None) -> dict:
+                   overwrite: bool = False, tensor_source=None, run: dict | None = None,
+                   runtime: dict | None = None) -> dict:
     """Write the packed checkpoint of `model` under `plan` to `out_dir`; returns the mixq.json
     document written.
 
@@ -231,8 +232,11 @@ def save_quantized(model: LoadedModel | nn.Module, units: list[Unit], plan: Plan
     tensor that is not a planned unit (None: each keeps its own). tensor_source: optional
     callable name -> tensor for state-dict entries the model holds only as meta tensors
     (blocks read lazily from disk). run: how the quantization ran (device, offload, peak
-    memory, seconds), recorded as it is. Raises ArtifactError naming a unit that cannot be
-    stored."""
+    memory, seconds), recorded as it is. runtime: `mixq.apply.Runtime.describe()` of the
+    quantization (static activation scales). Activation and KV formats are recorded, not
+    packed: each unit with an `@` part gets an "activation" record (format, static scale),
+    and the document a "kv" map (layer -> format); no kernel runs them yet. Raises
+    ArtifactError naming a unit that cannot be stored."""
     loaded = model if isinstance(model, LoadedModel) else None
     net = loaded.model if loaded is not None else model
     kind = loaded.kind if loaded is not None else ("causal_lm" if hasattr(net, "generate") else "image_classifier")
@@ -275,6 +279,10 @@ def save_quantized(model: LoadedModel | nn.Module, units: list[Unit], plan: Plan
                 tensors[names[k]] = s.detach().cpu().contiguous()
             doc_u = {**unit_to_dict(u), "format": str(fmt), "option": str(opt), "bits": fmt.bits(u.shape),
                      "bytes": sum(got.values()), "tensors": names}
+            if opt.act is not None:
+                scale = (runtime or {}).get("static_scales", {}).get(u.name)
+                doc_u["activation"] = {"format": str(opt.act), "bits": opt.act.code_bits, "static": opt.act.static,
+                                       "static_scale": scale}
             if tw is not None and not tw.transforms.is_identity:
                 record, extra = unit_transform_tensors(u, opt, tw.transforms)
                 tensors.update(extra)
@@ -304,6 +312,7 @@ def save_quantized(model: LoadedModel | nn.Module, units: list[Unit], plan: Plan
         "weights_file": WEIGHTS_FILE,
         "float_dtype": _dtype_name(float_dtype),
         "units": unit_docs,
+        "kv": {name: str(f) for name, f in plan.kv.items()},
         "all_units": [unit_to_dict(u) for u in units],
         "tensors": {k: {"dtype": _dtype_name(t.dtype), "shape": list(t.shape)} for k, t in sorted(plain.items())},
         "tied": tied,

@@ -31,6 +31,13 @@ keep the method's own number. `output` and `measure` already see correlated erro
 left as they are.
 Every table also carries the input statistics of every unit (one extra forward pass, shared
 with `output`).
+
+Activation and KV candidates (fisher and output, block by block). A candidate with an input
+activation format (`int4:g64@int8:tok`) costs its weight option's error plus the activation
+term of `sensitivity.actkv`: the unit's output Fisher of the change the quantized input
+makes, in the method's units (κ_u). `kv_candidates` (`int4:kchan`, ...) give every attention
+layer one error per KV format, on the same scale (the cached keys' and values' Fisher,
+weighted by κ of the layer's k_proj / v_proj), in the table's `kv` section.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ from torch import nn
 
 from mixq import __version__
 from mixq.errors import DataError, MixqError
+from mixq.formats.kvcache import parse_kv
 from mixq.models.units import Unit
 from mixq.models.walk import Walker
 from mixq.option import CalibConfig, Option
@@ -143,10 +151,13 @@ def analyze_keeping(model: nn.Module | Walker, units: list[Unit], candidates: li
                     seed: int = 0, loss: str = "ce", task: str | None = None, model_name: str = "",
                     calib_description: str = "", quantize_fn: QuantizeFn = rtn_quantize,
                     config: CalibConfig | None = None, progress: Progress | None = None,
-                    keep: set[str] | None = None, **method_opts) -> tuple[SensitivityTable, dict]:
+                    keep: set[str] | None = None, kv_candidates: list[str] = (), act_rows: int = 4096,
+                    **method_opts) -> tuple[SensitivityTable, dict]:
     """`analyze`, also returning the quantized weights it made of the options named in
     `keep` (block-by-block path only): {(unit, option): QuantizedWeight on the CPU}, so that
-    evaluating plans over these candidates needs no second quantization."""
+    evaluating plans over these candidates needs no second quantization. `kv_candidates`:
+    KV-cache formats weighed for every attention layer; `act_rows`: input rows per unit the
+    activation terms are computed on (a uniform subsample of the calibration tokens)."""
     if method not in METHODS:
         raise MixqError(f"unknown sensitivity method {method!r}; expected one of {', '.join(METHODS)}")
     if loss not in LOSSES:
@@ -155,6 +166,9 @@ def analyze_keeping(model: nn.Module | Walker, units: list[Unit], candidates: li
     if task not in TASKS:
         raise MixqError(f"unknown task {task!r}; expected one of {TASKS}")
     options = parse_candidates(candidates)
+    act_options = [o for o in options if o.act is not None]
+    weight_options = list({str(o.weight_only): o.weight_only for o in options}.values())
+    kv_formats = [parse_kv(k) for k in kv_candidates]
     units = [u for u in units if u.tied_to is None]
     if not units:
         raise MixqError("no units to analyse")
@@ -162,9 +176,19 @@ def analyze_keeping(model: nn.Module | Walker, units: list[Unit], candidates: li
     walker = model if isinstance(model, Walker) else None
     net = walker.model if walker is not None else model
     check_units(net, units)
-    shaped = [o for o in options if not o.is_plain]
-    run_options = list(options)
-    names = {str(o) for o in options}
+    if act_options or kv_formats:
+        if walker is None or task != "lm" or method not in ("fisher", "output"):
+            raise MixqError("activation and KV candidates are analysed block by block on a causal LM with the fisher "
+                            f"or output method (got method {method!r}, task {task!r})")
+        if kv_formats:
+            from mixq.apply.runtime import uniform_kv
+
+            for f in kv_formats:
+                uniform_kv(net, f)  # refuses a model without a KV cache, or a group not dividing the head
+        _check_act_units(units, act_options)
+    shaped = [o for o in weight_options if not o.is_plain]
+    run_options = list(weight_options)
+    names = {str(o) for o in weight_options}
     for o in shaped:
         plain = Option(o.format)
         if str(plain) not in names:
@@ -184,9 +208,9 @@ def analyze_keeping(model: nn.Module | Walker, units: list[Unit], candidates: li
             from mixq.sensitivity.blockwise import blockwise as run_blockwise
 
             correct = bool(shaped) and method in DIAGONAL_METHODS
-            result = run_blockwise(walker, units, run_options if correct else options, method, calib, seed=seed,
-                                   config=config, progress=progress, keep=keep, want_hessian=correct,
-                                   **method_opts)
+            result = run_blockwise(walker, units, run_options if correct else weight_options, method, calib,
+                                   seed=seed, config=config, progress=progress, keep=keep, want_hessian=correct,
+                                   act_options=act_options, kv_formats=kv_formats, act_rows=act_rows, **method_opts)
             output_errors, stats, cost = result["output_errors"], result["stats"], result["cost"]
             cache = result["cache"]
             quantizer_warnings = result["warnings"]
@@ -204,6 +228,18 @@ def analyze_keeping(model: nn.Module | Walker, units: list[Unit], candidates: li
     if correct:
         _correct_shaped(result["errors"], output_errors, shaped)
         result.setdefault("opts", {})["shaped_options"] = "rtn error x output-error ratio"
+    if act_options:
+        incs = result["act_increments"]
+        for u in units:
+            errs = result["errors"][u.name]
+            for o in act_options:
+                errs[str(o)] = errs[str(o.weight_only)] + incs.get((u.name, str(o)), 0.0)
+                if (u.name, str(o.weight_only)) in cache:
+                    cache[(u.name, str(o))] = cache[(u.name, str(o.weight_only))]
+    if act_options or kv_formats:
+        result.setdefault("opts", {})["activation_terms"] = {"rows": act_rows, "kappa": "sum e(f) / sum oF(f)"}
+        for u in units:
+            result["info"].setdefault(u.name, {})["kappa"] = result["kappa"].get(u.name)
     wall_s = time.perf_counter() - t0
     records = []
     for u in units:
@@ -225,6 +261,42 @@ def analyze_keeping(model: nn.Module | Walker, units: list[Unit], candidates: li
         task=task, calibration=calibration, method_opts=result.get("opts", {}),
         cost={k: round(v, 6) for k, v in sorted(cost.items())}, units=records,
         timing={"wall_s": wall_s}, mixq_version=__version__,
+        kv_candidates=[str(f) for f in kv_formats], kv=_kv_records(net, kv_formats, result.get("kv_errors", {})),
     )
     log.info("sensitivity %s: %d units x %d options in %.1f s", method, len(units), len(options), wall_s)
     return table, cache
+
+
+def _check_act_units(units: list[Unit], act_options: list[Option]) -> None:
+    """FormatError naming the first unit that cannot take an activation candidate."""
+    from mixq.models.inputs import check_hookable
+
+    outside = [u.name for u in units if u.block < 0]
+    if act_options and outside:
+        raise MixqError(f"activation candidates are analysed inside the decoder blocks; unit {outside[0]!r} lies "
+                        "outside them (analyse without the head, or give it a weight-only option)")
+    for u in units:
+        for o in act_options:
+            try:
+                check_hookable(u)
+                o.act.check_cols(u.shape[1])
+            except MixqError as e:
+                raise type(e)(f"unit {u.name!r} (shape {tuple(u.shape)}), candidate {o}: {e}") from e
+
+
+def _kv_records(model: nn.Module, kv_formats: list, kv_errors: dict) -> list[dict]:
+    """The table's `kv` section: per attention layer its KV candidates' errors."""
+    if not kv_formats:
+        return []
+    from mixq.models.kvcache import kv_layers
+
+    out = []
+    for layer in kv_layers(model):
+        errs = kv_errors.get(layer.name, {})
+        bad = {k: e for k, e in errs.items() if not math.isfinite(e) or e < 0}
+        if bad:
+            raise DataError(f"layer {layer.name!r}: KV errors {bad} are not finite and >= 0")
+        out.append({"name": layer.name, "block": layer.block, "n_kv_heads": layer.n_kv_heads,
+                    "head_dim": layer.head_dim,
+                    "options": [{"kv": str(f), "error": float(errs.get(str(f), 0.0))} for f in kv_formats]})
+    return out

@@ -33,6 +33,7 @@ oe(option) / oe(plain format), oe = tr(ΔW H ΔWᵀ).
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -47,6 +48,7 @@ from mixq.option import CalibConfig, Option
 from mixq.progress import Progress, track
 from mixq.quantizers.smooth import output_error
 from mixq.sensitivity.activations import _Acc
+from mixq.sensitivity.actkv import ActKVCollector
 from mixq.sensitivity.quantized import UnitQuantizer
 
 BLOCKWISE_METHODS = ("fisher", "output", "hutchinson")
@@ -92,7 +94,8 @@ class BlockwiseAnalysis:
 
     def __init__(self, walker: Walker, units: list[Unit], options: list[Option], calib: torch.Tensor, *,
                  batch_size: int = 1, config: CalibConfig = CalibConfig(), progress: Progress | None = None,
-                 keep: set[str] | None = None, want_hessian: bool = False) -> None:
+                 keep: set[str] | None = None, want_hessian: bool = False, act_options: list[Option] = (),
+                 kv_formats: list = (), method: str = "fisher", act_rows: int = 4096) -> None:
         self.walker, self.units, self.options = walker, units, options
         self.batches = [b.to(walker.device) for b in calib.split(batch_size)]
         self.n_total = calib.shape[0] * (calib.shape[1] - 1)
@@ -112,6 +115,17 @@ class BlockwiseAnalysis:
         self.output_errors: dict[tuple[str, str], float] = {}
         self.cache: dict[tuple[str, str], object] = {}
         self.quantizer = UnitQuantizer({}, config)
+        # activation and KV candidates (sensitivity/actkv.py): their errors, per unit and layer
+        self.act_increments: dict[tuple[str, str], float] = {}
+        self.kv_errors: dict[str, dict[str, float]] = {}
+        self.kappa: dict[str, float | None] = {}  # κ_u: the method's error per unit of output Fisher
+        self.actkv = None
+        if act_options or kv_formats:
+            from mixq.models.kvcache import kv_layers
+
+            self.kv_layers = kv_layers(walker.model) if kv_formats else []
+            self.actkv = ActKVCollector(list(act_options), list(kv_formats), self.kv_layers,
+                                        with_grads=method == "fisher", max_rows=act_rows, n_batches=len(self.batches))
 
     def add_cost(self, kind: str, passes: float) -> None:
         self.cost[kind] = self.cost.get(kind, 0.0) + float(passes)
@@ -200,6 +214,23 @@ class BlockwiseAnalysis:
         with unit_inputs(w.model, units, consumer):
             return self._backward(run, pairs, units, need_input_grad, sink)
 
+    def capture(self, units: list[Unit], b: int):
+        """The activation/KV collector's hooks on block b (a no-op context without such candidates)."""
+        if self.actkv is None:
+            return contextlib.nullcontext()
+        return self.actkv.capture(self.walker.model, units, b)
+
+    def block_actkv(self, units: list[Unit], b: int) -> None:
+        """KV errors of block b's layers (its units' κ known), then the collector is emptied."""
+        if self.actkv is None:
+            return
+        kappa = {u.role: (self.kappa.get(u.name) or 0.0) * self.actkv.row_fraction(u.name) for u in units}
+        for layer in self.actkv.layers:
+            if layer.block == b:
+                self.kv_errors[layer.name] = self.actkv.kv_errors(layer, kappa.get("k_proj", 0.0),
+                                                                  kappa.get("v_proj", 0.0))
+        self.actkv.release()
+
     def unit_stats(self, block, units: list[Unit], inputs: list[BlockInput]) -> _BlockConsumer:
         """Run the block on its float inputs with the units' input hooks (no graph)."""
         consumer = _BlockConsumer(units)
@@ -228,6 +259,7 @@ class BlockwiseAnalysis:
             W = get_weight(self.walker.model, u).detach()
             W32 = W.float()
             errs = {}
+            made = {}  # weight option -> (ŵ as the model computes with it, QuantizedWeight | None)
             for opt in self.options:
                 if opt.is_plain:
                     w_hat = opt.fmt.fake_quant(W32)
@@ -236,6 +268,7 @@ class BlockwiseAnalysis:
                     qw, _ = self.quantizer.quantize_weight(u, W32, opt, st)
                     w_hat = qw.weight()
                 dw = w_hat.to(W.dtype).float() - W32  # what the model would compute with
+                made[str(opt)] = (dw + W32, qw)
                 errs[str(opt)] = weigh(u, dw)
                 if H is not None:
                     self.output_errors[(u.name, str(opt))] = output_error(dw, H)
@@ -243,20 +276,30 @@ class BlockwiseAnalysis:
                     self.cache[(u.name, str(opt))] = qw.to("cpu")
             self.errors[u.name] = errs
             self.stats[u.name] = consumer.accs[u.name].stats()
+            if self.actkv is not None:  # activation increments; κ also weighs the layer's KV cache
+                incs, self.kappa[u.name] = self.actkv.unit_increments(u, W32, made, errs)
+                self.act_increments.update({(u.name, o): e for o, e in incs.items()})
 
 
 def blockwise(walker: Walker, units: list[Unit], options: list[Option], method: str, calib: torch.Tensor, *,
               seed: int = 0, batch_size: int = 1, config: CalibConfig = CalibConfig(),
               progress: Progress | None = None, keep: set[str] | None = None, want_hessian: bool = False,
-              tol: float = 1e-2, min_probes: int = 4, max_probes: int = 50, fd_eps: float = FD_EPS) -> dict:
+              tol: float = 1e-2, min_probes: int = 4, max_probes: int = 50, fd_eps: float = FD_EPS,
+              act_options: list[Option] = (), kv_formats: list = (), act_rows: int = 4096) -> dict:
     """Run `method` ("fisher", "output" or "hutchinson") block by block; returns the pieces a
     sensitivity table is made of: errors, info, stats, opts, cost, output_errors, and
-    `cache`: (unit, option) -> QuantizedWeight (on the CPU) for the options in `keep`."""
+    `cache`: (unit, option) -> QuantizedWeight (on the CPU) for the options in `keep`.
+    With activation options (weight options `options` plus an @ part) or KV formats
+    (fisher and output only): `act_increments` {(unit, option): error added to the weight
+    option's}, `kv_errors` {layer: {format: error}}, `kappa` {unit: κ_u} (sensitivity/actkv.py)."""
     if method not in BLOCKWISE_METHODS:
         raise MixqError(f"method {method!r} does not run block by block (only {', '.join(BLOCKWISE_METHODS)}); "
                         "it needs the whole model on the device (--offload none)")
+    if (act_options or kv_formats) and method not in ("fisher", "output"):
+        raise MixqError(f"activation and KV candidates are weighed by the fisher and output methods, not {method!r}")
     a = BlockwiseAnalysis(walker, units, options, calib, batch_size=batch_size, config=config, progress=progress,
-                          keep=keep, want_hessian=want_hessian)
+                          keep=keep, want_hessian=want_hessian, act_options=list(act_options),
+                          kv_formats=list(kv_formats), method=method, act_rows=act_rows)
     w = walker
     inputs = a.forward_sweep()
     head_units = a.by_block.get(-1, [])
@@ -278,9 +321,11 @@ def blockwise(walker: Walker, units: list[Unit], options: list[Option], method: 
             grads = zeros(us)
             with w.on_device(b) as block:
                 consumer = _BlockConsumer(us)
-                g = a.block_backward(block, us, inputs[b], g, b > 0, squares_into(grads), consumer)
+                with a.capture(us, b):
+                    g = a.block_backward(block, us, inputs[b], g, b > 0, squares_into(grads), consumer)
                 if us:
                     _finish(a, us, consumer, grads, n_batches)
+                a.block_actkv(us, b)
             inputs[b + 1] = None  # no longer needed
         a.add_cost("forward", 1)
         a.add_cost("backward", 1)
@@ -297,8 +342,10 @@ def blockwise(walker: Walker, units: list[Unit], options: list[Option], method: 
             us = a.by_block.get(b, [])
             if us:
                 with w.on_device(b) as block:
-                    consumer = a.unit_stats(block, us, inputs[b])
+                    with a.capture(us, b):
+                        consumer = a.unit_stats(block, us, inputs[b])
                     a.unit_errors(us, consumer, weigh_for(consumer))
+                    a.block_actkv(us, b)
         if head_units:
             consumer = a.head_stats(head_units, inputs[-1])
             a.unit_errors(head_units, consumer, weigh_for(consumer))
@@ -321,7 +368,8 @@ def blockwise(walker: Walker, units: list[Unit], options: list[Option], method: 
         opts.update({"tol": tol, "min_probes": min_probes, "max_probes": max_probes, "iterations": k,
                      "hvp": "central finite difference", "fd_eps": fd_eps})
     return {"errors": a.errors, "info": a.info, "stats": a.stats, "opts": opts, "cost": a.cost,
-            "output_errors": a.output_errors, "cache": a.cache, "warnings": a.quantizer.warnings}
+            "output_errors": a.output_errors, "cache": a.cache, "warnings": a.quantizer.warnings,
+            "act_increments": a.act_increments, "kv_errors": a.kv_errors, "kappa": a.kappa}
 
 
 def _finish(a: BlockwiseAnalysis, units: list[Unit], consumer: _BlockConsumer, grads: dict, n_batches: int) -> None:

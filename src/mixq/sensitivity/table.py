@@ -1,7 +1,10 @@
 """The `SensitivityTable` artifact: per unit x candidate option, exact bits and an estimated
 error, plus each unit's input statistics and what the method learnt about it.
 
-Saved as JSON (kind "sensitivity", schema_version 1) with `mixq.artifacts.write_artifact`.
+Saved as JSON (kind "sensitivity", schema_version 2) with `mixq.artifacts.write_artifact`.
+Schema 2 added the KV-cache candidates of each attention layer (`kv`, `kv_candidates`) and
+activation candidates; a table without them is still written, and read, as schema 1. Options with an activation part
+(`int4:g64@int8:tok`) are ordinary rows: their error includes the activation's.
 The file is a pure function of the inputs and the seed (same model, units, candidates,
 calibration and seed give the same bytes): wall-clock time is kept on the object
 (`timing`), never in the file; the deterministic cost (passes over the calibration set) is.
@@ -19,7 +22,8 @@ from mixq.artifacts import read_artifact, write_artifact
 from mixq.errors import ArtifactError
 
 SENSITIVITY_KIND = "sensitivity"
-SENSITIVITY_SCHEMA = 1
+SENSITIVITY_SCHEMA = 2
+SENSITIVITY_SCHEMAS_READ = (1, 2)
 
 
 @dataclass
@@ -78,6 +82,8 @@ class SensitivityTable:
     units: list[UnitSensitivity]
     timing: dict = field(default_factory=dict, compare=False)
     mixq_version: str = ""
+    kv_candidates: list[str] = field(default_factory=list)
+    kv: list[dict] = field(default_factory=list)  # per layer: name, block, n_kv_heads, head_dim, options
 
     # -- views ------------------------------------------------------------------------
     def to_rows(self) -> list[tuple[str, str, int, float]]:
@@ -121,7 +127,17 @@ class SensitivityTable:
             "method_opts": self.method_opts,
             "cost": self.cost,
             "units": [u.to_dict() for u in self.units],
+            **({"kv_candidates": list(self.kv_candidates), "kv": self.kv} if self.kv_candidates else {}),
         }
+
+    @property
+    def schema(self) -> int:
+        """2 with KV or activation candidates (what schema 2 added), else 1."""
+        return SENSITIVITY_SCHEMA if self.kv_candidates or any("@" in c for c in self.candidates) else 1
+
+    def kv_rows(self) -> list[tuple[str, str, float]]:
+        """(layer, KV format, error) rows of the KV candidates."""
+        return [(layer["name"], o["kv"], o["error"]) for layer in self.kv for o in layer["options"]]
 
     @classmethod
     def from_dict(cls, doc: dict, source: str = "sensitivity table") -> "SensitivityTable":
@@ -129,17 +145,18 @@ class SensitivityTable:
             return cls(doc["model"], doc["method"], list(doc["candidates"]), int(doc["seed"]), doc["loss"],
                        doc["task"], dict(doc["calibration"]), dict(doc["method_opts"]), dict(doc["cost"]),
                        [UnitSensitivity.from_dict(u) for u in doc["units"]],
-                       mixq_version=doc.get("mixq_version", ""))
+                       mixq_version=doc.get("mixq_version", ""), kv_candidates=list(doc.get("kv_candidates", [])),
+                       kv=[dict(layer) for layer in doc.get("kv", [])])
         except (KeyError, TypeError, ValueError, IndexError) as e:
             raise ArtifactError(f"{source}: malformed sensitivity table ({e.__class__.__name__}: {e})") from e
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the artifact atomically; same table, same bytes."""
-        write_artifact(path, SENSITIVITY_KIND, SENSITIVITY_SCHEMA, self.to_dict())
+        write_artifact(path, SENSITIVITY_KIND, self.schema, self.to_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "SensitivityTable":
-        return cls.from_dict(read_artifact(path, SENSITIVITY_KIND, SENSITIVITY_SCHEMA), str(path))
+        return cls.from_dict(read_artifact(path, SENSITIVITY_KIND, SENSITIVITY_SCHEMAS_READ), str(path))
 
 
 def spiky_units(table: SensitivityTable, ratio_threshold: float = 100.0) -> list[str]:
