@@ -25,3 +25,8 @@ class DataError(MixqError, ValueError):
 
 class BudgetError(MixqError, ValueError):
     """A budget no plan can meet; the message gives the achievable range."""
+
+
+class UnsupportedModelError(MixqError, ValueError):
+    """A model mixq cannot quantize (an encoder, an encoder-decoder, a vision transformer):
+    the message names its class and what is supported."""
