@@ -12,6 +12,7 @@ from mixq.apply import check_finite, fake_quantized, is_plain_rtn, plan_needs_ca
 from mixq.artifacts import sha256_text
 from mixq.errors import DataError, MixqError
 from mixq.models import DEFAULT_MODEL, LoadedModel, get_weight, load_model
+from mixq.models.support import context_length
 from mixq.plan import Plan, parse_option
 from mixq.progress import Progress
 
@@ -62,8 +63,11 @@ def evaluate(
     half (`cifar10-calib`), unit by unit. The manifest's warnings land in the row.
     Returns the body of an `eval` artifact (see `mixq.artifacts`).
     """
+    check_requests(options=list(formats), tasks=list(tasks))  # before the model loads
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
-    planned = _plans_for(loaded, list(formats), list(plans), include_head)
+    planned = _plans_for(loaded, list(formats), list(plans), include_head)  # refuses models without known blocks
+    if loaded.kind == "causal_lm":
+        check_window(loaded, seqlen, "eval seqlen")
     n_params = loaded.n_params
     all_units = loaded.units(include_head=True, include_embeddings=True)
     _check_weights(loaded, all_units, planned)
@@ -83,6 +87,26 @@ def evaluate(
     return body
 
 
+def check_requests(options=(), tasks=()) -> None:
+    """Refuse bad option specs (`FormatError`) and unknown zero-shot tasks (`NotFoundError`)
+    before any model is loaded."""
+    from mixq.data import TASK_NAMES
+    from mixq.errors import NotFoundError
+
+    for spec in options:
+        parse_option(spec)
+    unknown = [t for t in tasks if t not in TASK_NAMES]
+    if unknown:
+        raise NotFoundError(f"unknown task(s) {', '.join(map(repr, unknown))}; known tasks: {', '.join(TASK_NAMES)}")
+
+
+def check_window(loaded: LoadedModel, seqlen: int, what: str) -> None:
+    """Refuse windows longer than the model's context, naming the limit."""
+    from mixq.data import check_context
+
+    check_context(seqlen, context_length(loaded.model), what)
+
+
 def _check_weights(loaded: LoadedModel, units, planned) -> None:
     """Refuse NaN/inf weights in any unit a plan quantizes, naming the unit, before any work."""
     wanted = {name for _, plan in planned for name in plan.options}
@@ -92,7 +116,7 @@ def _check_weights(loaded: LoadedModel, units, planned) -> None:
 
 
 def _eval_lm(loaded, planned, all_units, n_params, body, data, seqlen, n_windows, tasks, limit, progress, calib_ids):
-    from mixq.data import load_text, token_windows
+    from mixq.data import load_text, token_windows, tokenization_record
     from mixq.eval.perplexity import FloatReference, lm_eval
     from mixq.eval.zeroshot import zero_shot
 
@@ -101,7 +125,7 @@ def _eval_lm(loaded, planned, all_units, n_params, body, data, seqlen, n_windows
     windows = token_windows(loaded.encode, text, seqlen, n_windows)
     body.update({"data": data, "data_sha256": sha256_text(text), "seqlen": seqlen,
                  "n_windows": int(windows.shape[0]), "n_tokens": int(windows.shape[0] * (seqlen - 1)),
-                 "tasks": list(tasks), "task_limit": limit})
+                 "tokenization": tokenization_record(loaded.encode), "tasks": list(tasks), "task_limit": limit})
     # Float log-probs are cached; when they would not all fit, the reference keeps a private
     # float copy of the model to recompute from while the shared one is fake-quantized.
     logp_bytes = windows.shape[0] * (seqlen - 1) * _vocab_size(loaded) * 4
@@ -186,11 +210,13 @@ def calibration_data(loaded: LoadedModel, calib: str | None = None, samples: int
     is random because the half is stored class by class (its first 500 images are all
     airplanes); it is returned in ascending index order."""
     if loaded.kind == "causal_lm":
-        from mixq.data import DEFAULT_CALIBRATION, calibration_windows
+        from mixq.data import DEFAULT_CALIBRATION, bos_of, calibration_windows
 
+        check_window(loaded, seqlen, "calibration seqlen")
         name = calib or DEFAULT_CALIBRATION
         ids = calibration_windows(loaded.encode, name, seqlen=seqlen, n_samples=samples, seed=seed)
-        return ids, f"{name}: {samples} random windows x {seqlen} tokens, seed {seed}"
+        bos = "" if bos_of(loaded.encode) is None else ", each after the tokenizer's BOS"
+        return ids, f"{name}: {samples} random windows x {seqlen} tokens{bos}, seed {seed}"
     import torch
 
     from mixq.data import load_cifar10
@@ -225,6 +251,7 @@ def analyze(model: str | LoadedModel = DEFAULT_MODEL, candidates=DEFAULT_CANDIDA
     from mixq.sensitivity import analyze as run_analysis
     from mixq.sensitivity import fwd_bwd_seconds
 
+    check_requests(options=list(candidates))  # before the model loads
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     units = loaded.units(include_head=include_head)
     data, description = calibration_data(loaded, calib, samples, seqlen, seed)
@@ -245,6 +272,10 @@ def analyze(model: str | LoadedModel = DEFAULT_MODEL, candidates=DEFAULT_CANDIDA
                          calib_description=description, progress=progress, **method_opts)
     if quantizer_warnings:  # option parts dropped for some units (e.g. +rotate on an odd input dim)
         table.calibration["quantizer_warnings"] = sorted(set(quantizer_warnings))
+    if loaded.kind == "causal_lm":
+        from mixq.data import tokenization_record
+
+        table.calibration["tokenization"] = tokenization_record(loaded.encode)
     if measure_cost:
         fb = fwd_bwd_seconds(loaded.model, data, batch_size=method_opts.get("batch_size", 1))
         table.timing["fwd_bwd_s"] = fb
@@ -328,6 +359,7 @@ def quantize(model: str | LoadedModel, out_dir: str | Path, *, plan: str | Path 
     from mixq.export.save import check_out_dir
 
     check_out_dir(out_dir, overwrite)  # before any quantization work
+    check_requests(options=[fmt] if fmt else [])
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     units = loaded.units(include_head=True, include_embeddings=True)
     if plan is None:
@@ -353,6 +385,7 @@ def evaluate_checkpoint(path: str | Path, *, data: str | None = None, seqlen: in
     name its mixq.json records), without quantizing again."""
     from mixq.export import load_quantized
 
+    check_requests(tasks=list(tasks))
     q = load_quantized(path, packed="auto", progress=progress)
     plan = q.extra["plan"]
     plan.meta.setdefault("label", f"checkpoint {Path(path).name}")
@@ -361,15 +394,17 @@ def evaluate_checkpoint(path: str | Path, *, data: str | None = None, seqlen: in
                   "model_params": q.extra["n_params"], "include_head": False}
     totals = bit_totals(plan, q.extra["units"], q.extra["n_params"])
     if ref_model.kind == "causal_lm":
-        from mixq.data import load_text, token_windows
+        from mixq.data import load_text, token_windows, tokenization_record
         from mixq.eval.perplexity import FloatReference, lm_eval
         from mixq.eval.zeroshot import zero_shot
 
+        check_window(ref_model, seqlen, "eval seqlen")
         data = data or ref_model.default_data
         text = load_text(data)
         win = token_windows(ref_model.encode, text, seqlen, windows)
         body.update({"data": data, "data_sha256": sha256_text(text), "seqlen": seqlen, "n_windows": int(win.shape[0]),
-                     "n_tokens": int(win.shape[0] * (seqlen - 1)), "tasks": list(tasks), "task_limit": limit})
+                     "n_tokens": int(win.shape[0] * (seqlen - 1)), "tokenization": tokenization_record(ref_model.encode),
+                     "tasks": list(tasks), "task_limit": limit})
         ref = FloatReference(ref_model.model, win)
         fl = {"label": "float", "option": None, **bit_totals(None, q.extra["units"], q.extra["n_params"]),
               **ref.metrics(progress), "kl": 0.0, "top1_agree": 1.0,

@@ -18,9 +18,26 @@ def _csv(text: str) -> list[str]:
 
 
 def _progress(args):
-    from mixq.progress import TqdmProgress
+    """Progress bars on a terminal; one line per finished stage when stderr is not one (a
+    log file, CI); nothing with -q."""
+    from mixq.progress import LineProgress, TqdmProgress, no_progress
 
-    return TqdmProgress(disable=getattr(args, "quiet", False))
+    if getattr(args, "quiet", False):
+        return no_progress
+    if not sys.stderr.isatty():
+        return LineProgress(sys.stderr)
+    return TqdmProgress()
+
+
+def _stage_printer(args):
+    """`mixq run`'s overall stage line, on stderr (none with -q)."""
+    if getattr(args, "quiet", False):
+        return None
+
+    def stage(i: int, n: int, text: str) -> None:
+        print(f"mixq run [{i}/{n}] {text}", file=sys.stderr, flush=True)
+
+    return stage
 
 
 # ---------------------------------------------------------------- tables
@@ -57,17 +74,22 @@ def eval_table(result: dict) -> str:
     is_lm = "ppl" in rows[0]
     task_names = list(result.get("tasks", []))
     if is_lm:
-        headers = ["format", "bpw blocks", "bpw all", "ppl", "KL", "top1 agree"] + task_names
+        headers = ["format", "bpw blocks", "bpw all", "ppl", "KL", "top1 agree"]
+        headers += [f"{t} {m}" for t in task_names for m in ("acc", "acc_norm")]
         body = [[r["label"], r["bpw_blocks"], r["bpw_all"], r["ppl"], r["kl"], r["top1_agree"]]
-                + [_task_acc(r["tasks"].get(t)) for t in task_names] for r in rows]
+                + [v for t in task_names for v in _task_columns(r["tasks"].get(t))] for r in rows]
         if any("quantize_s" in r for r in rows):
             headers.append("quant s")
             for b, r in zip(body, rows):
                 b.append(r.get("quantize_s"))
         head = (f"model {result['model']}  data {result['data']}: {result['n_windows']} windows x "
                 f"{result['seqlen']} tokens = {result['n_tokens']} scored tokens")
+        tok = result.get("tokenization") or {}
+        if tok.get("bos"):
+            head += f"; each window starts with the tokenizer's BOS {tok.get('bos_token')!r}"
         if task_names:
-            head += f"; zero-shot acc_norm (acc for lambada) on {result.get('task_limit') or 'all'} examples per task"
+            head += (f"; zero-shot on {result.get('task_limit') or 'all'} examples per task: acc, and acc_norm where "
+                     "lm-evaluation-harness reports it (- where it does not: boolq, copa, winogrande, lambada)")
     else:
         headers = ["format", "bpw quantized", "bpw all", "top1 %"]
         body = [[r["label"], r["bpw_units"], r["bpw_all"], 100 * r["top1"]] for r in rows]
@@ -86,11 +108,11 @@ def eval_table(result: dict) -> str:
     return f"{head}\n{render_table(headers, body)}\n{foot}{note}"
 
 
-def _task_acc(scores: dict | None):
+def _task_columns(scores: dict | None) -> list:
+    """[acc, acc_norm] of a task's scores (None where absent)."""
     if not scores:
-        return None
-    norm = scores.get("acc_norm")
-    return norm if norm is not None else scores.get("acc")
+        return [None, None]
+    return [scores.get("acc"), scores.get("acc_norm")]
 
 
 # ---------------------------------------------------------------- commands
@@ -243,10 +265,11 @@ def cmd_plan(args) -> int:
 def cmd_run(args) -> int:
     from mixq.pipeline import run
 
-    res = run(args.model, budget_bpw=args.budget, out_dir=args.out, candidates=_csv(args.candidates),
+    res = run(args.model, budget_bpw=args.budget, out_dir=args.out,
+              candidates=_csv(args.candidates) if args.candidates else None,
               method=args.method, calib=args.calib, samples=args.samples, seqlen=args.seqlen,
               eval_windows=args.windows, n_checks=args.checks, seed=args.seed,
-              ties=_csv(args.tie) if args.tie else [], progress=_progress(args))
+              ties=_csv(args.tie) if args.tie else [], progress=_progress(args), stage=_stage_printer(args))
     print(eval_table(res["eval"]))
     chk = res["check"]
     if chk.get("spearman") is not None:
@@ -295,19 +318,56 @@ def cmd_report(args) -> int:
 # ---------------------------------------------------------------- parser
 
 
+class _DEFAULTS(argparse.ArgumentDefaultsHelpFormatter):
+    """"(default: X)" after every option's help, except where the default is None, empty or
+    False (the help says what None means)."""
+
+    def _get_help_string(self, action):
+        d = action.default
+        if d is None or d is False or (isinstance(d, (str, list)) and not d):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _aliases() -> str:
+    from mixq.models import MODELS
+
+    return ", ".join(MODELS)
+
+
+def _task_names() -> tuple[str, ...]:
+    from mixq.data.tasks import TASK_NAMES
+
+    return TASK_NAMES
+
+
+def _add_common(sp: argparse.ArgumentParser) -> None:
+    """-q / -v after the subcommand too (`mixq eval -q ...`); SUPPRESS keeps the value given
+    before the subcommand when they are absent here."""
+    sp.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log progress details")
+    sp.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                    help="no progress bars or stage lines")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from mixq import __version__
+
     p = argparse.ArgumentParser(prog="mixq", description="Mixed-precision quantization: measure, plan, quantize, evaluate.")
+    p.add_argument("--version", action="version", version=f"mixq {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or stage lines (bars are off anyway "
+                   "when stderr is not a terminal: one line per finished stage instead)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    f = sub.add_parser("formats", help="list every numeric format with its all-in bits per weight")
-    f.add_argument("--rows", type=int, default=4096)
-    f.add_argument("--cols", type=int, default=4096)
+    f = sub.add_parser("formats", help="list every numeric format with its all-in bits per weight",
+                       formatter_class=_DEFAULTS)
+    f.add_argument("--rows", type=int, default=4096, help="rows (output channels) of the matrix the bits are counted for")
+    f.add_argument("--cols", type=int, default=4096, help="columns (input channels) of that matrix")
+    _add_common(f)
     f.set_defaults(func=cmd_formats)
 
     e = sub.add_parser("eval", help="evaluate the float model and quantized versions of it")
-    e.add_argument("model", help="built-in alias (smollm2-135m, resnet20-cifar10, resnet56-cifar10), model directory, "
+    e.add_argument("model", help=f"built-in alias ({_aliases()}), model directory, GGUF file, "
                    "hub id, or a checkpoint directory written by mixq quantize")
     e.add_argument("--format", action="append", default=[], metavar="SPEC",
                    help="format for every unit, e.g. int4:g64 (repeat or comma-separate for several)")
@@ -315,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", default=None, help="wikitext2 (default), wikitext2-valid, ptb, ptb-valid, or a text file")
     e.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
     e.add_argument("--windows", type=int, default=8, help="number of windows from the start of the text; 0 = all (default 8)")
-    e.add_argument("--tasks", default="", help="zero-shot tasks, comma-separated: piqa,arc_easy,arc_challenge,winogrande,hellaswag,lambada,...")
+    e.add_argument("--tasks", default="", help=f"zero-shot tasks, comma-separated: {','.join(_task_names())}")
     e.add_argument("--limit", type=int, default=None, help="examples per zero-shot task (default all)")
     e.add_argument("--include-head", action="store_true", help="also quantize lm_head (tied heads share the embedding)")
     e.add_argument("--quantizer", default="rtn", choices=["rtn", "gptq"], help="quantizer for --format (default rtn)")
@@ -328,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
     e.add_argument("--seed", type=int, default=0, help="seed of calibration sampling and rotations")
     e.add_argument("--json", default=None, metavar="OUT", help="write the results as an eval artifact")
+    _add_common(e)
     e.set_defaults(func=cmd_eval)
 
     a = sub.add_parser("analyze", help="measure per-unit sensitivity to every candidate format, once")
@@ -343,6 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--include-head", action="store_true")
     a.add_argument("--spike-ratio", type=float, default=1000.0, help="input max/median ratio that flags an activation spike")
     a.add_argument("-o", "--output", default="sensitivity.json")
+    _add_common(a)
     a.set_defaults(func=cmd_analyze)
 
     pl = sub.add_parser("plan", help="choose a format per unit under a bit budget")
@@ -362,37 +424,52 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("-o", "--output", default="plan.json")
     pl.add_argument("--frontier", default=None, metavar="FRONTIER_JSON", help="also write the whole error-vs-bits curve")
     pl.add_argument("--points", type=int, default=41, help="frontier points")
+    _add_common(pl)
     pl.set_defaults(func=cmd_plan)
 
-    r = sub.add_parser("run", help="analyze, plan, eval and report in one go, into a run directory")
-    r.add_argument("model", nargs="?", default="smollm2-135m")
-    r.add_argument("--budget", type=float, default=3.5, help="average all-in bits per weight (default 3.5)")
-    r.add_argument("--candidates", default="int2:g64,int3:g64,int4:g64,int8:ch")
-    r.add_argument("--method", default="fisher")
-    r.add_argument("--calib", default=None)
-    r.add_argument("--samples", type=int, default=8)
-    r.add_argument("--seqlen", type=int, default=512)
-    r.add_argument("--windows", type=int, default=8, help="evaluation windows")
+    r = sub.add_parser("run", help="analyze, plan, eval and report in one go, into a run directory",
+                       formatter_class=_DEFAULTS)
+    r.add_argument("model", nargs="?", default="smollm2-135m", help=f"built-in alias ({_aliases()}), model "
+                   "directory, GGUF file or hub id")
+    r.add_argument("--budget", type=float, default=3.5, help="average all-in bits per weight of the plan")
+    r.add_argument("--candidates", default=None, help="comma-separated options to choose from (default: "
+                   "int2:g64,int3:g64,int4:g64,int8:ch for LMs, int2:ch,int3:ch,int4:ch,int8:ch for CNNs)")
+    r.add_argument("--method", default="fisher", help="sensitivity method: fisher, output, hutchinson, eigen, measure")
+    r.add_argument("--calib", default=None, help="calibration text (default: wikitext2-valid; CNNs: cifar10-calib)")
+    r.add_argument("--samples", type=int, default=None, help="calibration windows (default: 8) or, for CNNs, images "
+                   "drawn at random from cifar10-calib (default: 512, as the CIFAR benchmarks)")
+    r.add_argument("--seqlen", type=int, default=512, help="tokens per calibration and evaluation window")
+    r.add_argument("--windows", type=int, default=8, help="WikiText-2 test windows the plans are evaluated on")
     r.add_argument("--checks", type=int, default=5, help="frontier plans measured for the additivity check")
-    r.add_argument("--tie", default="")
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--out", default="runs/default", help="run directory")
+    r.add_argument("--tie", default="", help="units that must share an option: qkv, gate_up, experts "
+                   "(comma-separated; default: none)")
+    r.add_argument("--seed", type=int, default=0, help="seed of calibration sampling (recorded in every artifact)")
+    r.add_argument("--out", default="runs/default", help="run directory (artifacts and report.html)")
+    _add_common(r)
     r.set_defaults(func=cmd_run)
 
-    qz = sub.add_parser("quantize", help="quantize a model by a plan (or one format) and write a packed checkpoint")
-    qz.add_argument("model")
-    qz.add_argument("--plan", default=None, help="plan.json from mixq plan")
-    qz.add_argument("--format", default=None, help="one option for every unit instead of a plan, e.g. int4:g64")
-    qz.add_argument("--quantizer", default="rtn", choices=["rtn", "gptq"])
-    qz.add_argument("--transform", action="append", default=[], metavar="T")
-    qz.add_argument("--include-head", action="store_true")
-    qz.add_argument("--calib", default=None)
-    qz.add_argument("--calib-samples", type=int, default=128)
-    qz.add_argument("--calib-seqlen", type=int, default=512)
-    qz.add_argument("--seed", type=int, default=0)
-    qz.add_argument("--fp32", action="store_true", help="store unquantized tensors in fp32 (default bf16)")
-    qz.add_argument("--overwrite", action="store_true", help="replace an existing mixq checkpoint directory")
-    qz.add_argument("-o", "--output", required=True, help="checkpoint directory")
+    qz = sub.add_parser("quantize", help="quantize a model by a plan (or one format) and write a packed checkpoint",
+                        formatter_class=_DEFAULTS)
+    qz.add_argument("model", help=f"built-in alias ({_aliases()}), model directory, GGUF file or hub id")
+    qz.add_argument("--plan", default=None, help="plan.json from mixq plan (give it or --format)")
+    qz.add_argument("--format", default=None, help="one option for every unit instead of a plan, e.g. int4:g64 "
+                    "(give it or --plan)")
+    qz.add_argument("--quantizer", default="rtn", choices=["rtn", "gptq"], help="quantizer for --format")
+    qz.add_argument("--transform", action="append", default=[], metavar="T",
+                    help="transform(s) before quantizing --format units: rotate, smooth, lowrank:R (repeat or "
+                         "comma-separate; default: none)")
+    qz.add_argument("--include-head", action="store_true", help="also quantize lm_head with --format (default: off)")
+    qz.add_argument("--calib", default=None, help="calibration text for gptq/smooth (default: wikitext2-valid; "
+                    "CNNs: cifar10-calib)")
+    qz.add_argument("--calib-samples", type=int, default=128, help="calibration windows (or images)")
+    qz.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration window")
+    qz.add_argument("--seed", type=int, default=0, help="seed of calibration sampling and rotations")
+    qz.add_argument("--fp32", action="store_true", help="store unquantized tensors in fp32 instead of bf16 "
+                    "(default: bf16)")
+    qz.add_argument("--overwrite", action="store_true", help="replace an existing mixq checkpoint directory "
+                    "(default: refuse)")
+    qz.add_argument("-o", "--output", required=True, help="checkpoint directory (required)")
+    _add_common(qz)
     qz.set_defaults(func=cmd_quantize)
 
     g = sub.add_parser("generate", help="generate text with a packed checkpoint")
@@ -402,23 +479,27 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     g.add_argument("--seed", type=int, default=0)
+    _add_common(g)
     g.set_defaults(func=cmd_generate)
 
     rp = sub.add_parser("report", help="write report.html for a run directory")
     rp.add_argument("run_dir")
+    _add_common(rp)
     rp.set_defaults(func=cmd_report)
 
     d = sub.add_parser("demo", help="run the default model through a few formats and print the table")
     d.add_argument("--seqlen", type=int, default=512)
     d.add_argument("--windows", type=int, default=8)
     d.add_argument("--json", default=None, metavar="OUT")
+    _add_common(d)
     d.set_defaults(func=cmd_demo)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
     func: Callable = args.func
     try:
         return func(args)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -23,6 +24,17 @@ from mixq.progress import Progress
 log = logging.getLogger(__name__)
 
 CHECK_SCHEMA = 1
+
+# Defaults by model kind. CNNs: per-channel candidates and 512 calibration images, the
+# set-up of the CIFAR benchmarks (a handful of images gives a noisy Fisher ranking).
+RUN_DEFAULTS: dict[str, dict] = {
+    "causal_lm": {"candidates": api.DEFAULT_CANDIDATES, "samples": 8},
+    "image_classifier": {"candidates": ("int2:ch", "int3:ch", "int4:ch", "int8:ch"), "samples": 512},
+}
+N_STAGES = 5
+
+# stage(i, n, text): stage i of n begins; the command line prints it as one line.
+Stage = Callable[[int, int, str], None]
 
 
 def closest_uniform(candidates: list[str], shapes: dict[str, tuple[int, int]], budget_bpw: float) -> str | None:
@@ -57,19 +69,34 @@ def _rank_check(predicted: list[float], measured: list[float]) -> dict:
 
 
 def run(model: str | LoadedModel = DEFAULT_MODEL, budget_bpw: float = 3.5, out_dir: str | Path = "runs/default",
-        candidates=api.DEFAULT_CANDIDATES, method: str = "fisher", calib: str | None = None, samples: int = 8,
+        candidates=None, method: str = "fisher", calib: str | None = None, samples: int | None = None,
         seqlen: int = 512, eval_data: str | None = None, eval_windows: int = 8, n_checks: int = 5, seed: int = 0,
-        ties: list[str] | None = None, progress: Progress | None = None) -> dict:
+        ties: list[str] | None = None, progress: Progress | None = None, stage: Stage | None = None) -> dict:
     """Run the whole pipeline; returns a summary and leaves in `out_dir`: sensitivity.json,
-    plan.json (ILP), plan_greedy.json, frontier.json, eval.json, check.json, report.html."""
+    plan.json (ILP), plan_greedy.json, frontier.json, eval.json, check.json, report.html.
+
+    `candidates` and `samples` default by model kind (`RUN_DEFAULTS`); `stage(i, n, text)`
+    is called as each of the `N_STAGES` stages begins."""
     from mixq.report import write_report
 
+    say = stage or (lambda i, n, text: None)
+    if candidates is not None:
+        api.check_requests(options=list(candidates))  # before the model loads
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    say(1, N_STAGES, f"load {model if isinstance(model, str) else model.name}")
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
+    defaults = RUN_DEFAULTS.get(loaded.kind, RUN_DEFAULTS["causal_lm"])
+    candidates = tuple(candidates) if candidates is not None else defaults["candidates"]
+    samples = samples if samples is not None else defaults["samples"]
+    if loaded.kind == "causal_lm":
+        api.check_window(loaded, seqlen, "seqlen")
+    say(2, N_STAGES, f"analyze: {method} sensitivity of {len(candidates)} candidates on {samples} calibration "
+                     f"{'windows' if loaded.kind == 'causal_lm' else 'images'}")
     table = api.analyze(loaded, candidates=candidates, method=method, calib=calib, samples=samples, seqlen=seqlen,
                         seed=seed, progress=progress)
     table.save(out / "sensitivity.json")
+    say(3, N_STAGES, f"plan at {budget_bpw:g} bits per weight (ILP, greedy, frontier)")
     plan, curve = api.plan(table, budget_bpw, ties=ties, frontier_points=41, progress=progress)
     plan.meta["label"] = f"mixed ILP @ {budget_bpw:g}"
     plan.save(out / "plan.json")
@@ -91,6 +118,7 @@ def run(model: str | LoadedModel = DEFAULT_MODEL, budget_bpw: float = 3.5, out_d
     shapes = {u.name: tuple(u.shape) for u in table.units}
     uniform = closest_uniform(list(table.candidates), shapes, budget_bpw)
     formats = list(table.candidates)
+    say(4, N_STAGES, f"eval: float, {len(formats)} uniform formats and {len(plans) + len(checks)} plans")
     res = api.evaluate(loaded, formats=formats, plans=plans + checks, data=eval_data, windows=eval_windows,
                        seqlen=seqlen, progress=progress)
     res["budget_bpw"] = budget_bpw
@@ -98,6 +126,7 @@ def run(model: str | LoadedModel = DEFAULT_MODEL, budget_bpw: float = 3.5, out_d
     write_artifact(out / "eval.json", "eval", api.EVAL_SCHEMA, res)
     check = _check(res, checks, formats, loaded.kind)
     write_artifact(out / "check.json", "check", CHECK_SCHEMA, check)
+    say(5, N_STAGES, "report")
     report = write_report(out)
     return {"out_dir": str(out), "report": str(report), "eval": res, "check": check, "plan": plan}
 

@@ -117,7 +117,8 @@ def token_windows(encode: Encode, text: str, seqlen: int, n_windows: int | None 
         raise DataError(f"n_windows must be positive, got {n_windows}")
     elif n_windows > n_full:
         raise DataError(
-            f"text has {n_tokens} tokens; {n_windows} windows of {span} text tokens need {n_windows * span} "
+            f"text has {n_tokens} tokens; {n_windows} windows of {span}{' (after the BOS)' if bos_id is not None else ''} "
+            f"need {n_windows * span} "
             f"(at most {n_full} full windows fit)"
         )
     flat = torch.tensor(ids[: n_windows * span], dtype=torch.long)

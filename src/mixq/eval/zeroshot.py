@@ -41,6 +41,7 @@ from mixq.data.tasks import TASK_NAMES, Example, LastWordExample, MCExample, loa
 from mixq.data.tokenize import bos_of
 from mixq.errors import DataError
 from mixq.eval.common import logits_of, model_device
+from mixq.models.support import context_length
 from mixq.progress import Progress, track
 
 TASKS: tuple[str, ...] = TASK_NAMES
@@ -239,12 +240,6 @@ def continuation_logprobs(
     tokens given the context, and whether greedy decoding reproduces them all. One forward."""
     reqs = [_request(encode, c, x, max_length) for c, x in zip(contexts, continuations, strict=True)]
     return model_logprobs(model)(reqs)
-
-
-def context_length(model: torch.nn.Module) -> int | None:
-    """The model's context (`config.max_position_embeddings`), None when unknown."""
-    n = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    return int(n) if isinstance(n, int) and n > 0 else None
 
 
 def zero_shot(

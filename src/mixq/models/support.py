@@ -21,7 +21,17 @@ SUPPORTED = ("decoder-only causal LMs with blocks named model.layers.N / transfo
 _ENCODER_TYPES = frozenset({
     "bert", "roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "electra", "ernie", "distilbert", "albert",
     "deberta", "deberta-v2", "mpnet", "modernbert", "nomic_bert", "megatron-bert", "rembert", "roc_bert",
-    "data2vec-text", "vit", "deit", "beit", "swin", "convnext", "dinov2", "clip", "siglip", "whisper",
+    "data2vec-text",
+})
+
+
+# Encoder-decoders. Some load through AutoModelForCausalLM as their decoder alone (BART's
+# BartForCausalLM drops the encoder and sets is_encoder_decoder=False on the config), so the
+# model_type decides, not only the flag.
+_ENCODER_DECODER_TYPES = frozenset({
+    "t5", "mt5", "umt5", "longt5", "switch_transformers", "bart", "mbart", "plbart", "pegasus", "pegasus_x",
+    "bigbird_pegasus", "marian", "blenderbot", "blenderbot-small", "led", "prophetnet", "xlm-prophetnet",
+    "m2m_100", "nllb-moe", "fsmt", "whisper", "seamless_m4t", "encoder-decoder",
 })
 
 
@@ -29,9 +39,9 @@ def kind_of(config) -> str | None:
     """'an encoder-decoder', 'an encoder' or 'a vision model' when the config says so, else None."""
     if config is None:
         return None
-    if getattr(config, "is_encoder_decoder", False):
-        return "an encoder-decoder"
     model_type = str(getattr(config, "model_type", "") or "")
+    if getattr(config, "is_encoder_decoder", False) or model_type in _ENCODER_DECODER_TYPES:
+        return "an encoder-decoder"
     if model_type in {"vit", "deit", "beit", "swin", "convnext", "dinov2", "clip", "siglip"}:
         return "a vision model"
     if model_type in _ENCODER_TYPES:
@@ -56,3 +66,10 @@ def check_causal_lm(model: nn.Module, what: str = "model") -> None:
         raise unsupported(what, f"{cls} (model_type {getattr(config, 'model_type', '?')!r})", kind)
     if not llm_units(model):
         raise unsupported(what, cls, "a model with no decoder block that mixq can find (0 quantizable units)")
+
+
+def context_length(model: nn.Module) -> int | None:
+    """The number of positions the model was built for (`config.max_position_embeddings`),
+    None when it does not say (CNNs, plain modules)."""
+    n = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return int(n) if isinstance(n, int) and n > 0 else None
