@@ -29,13 +29,13 @@ def _progress(args):
     return TqdmProgress()
 
 
-def _stage_printer(args):
-    """`mixq run`'s overall stage line, on stderr (none with -q)."""
+def _stage_printer(args, command: str = "run"):
+    """The overall stage line of `mixq run` / `mixq demo`, on stderr (none with -q)."""
     if getattr(args, "quiet", False):
         return None
 
     def stage(i: int, n: int, text: str) -> None:
-        print(f"mixq run [{i}/{n}] {text}", file=sys.stderr, flush=True)
+        print(f"mixq {command} [{i}/{n}] {text}", file=sys.stderr, flush=True)
 
     return stage
 
@@ -185,19 +185,34 @@ def _split_formats(spec: str) -> list[str]:
     return _csv(spec)
 
 
-DEMO_FORMATS = ["int8:ch", "int4:g64", "int4:g64:asym", "int3:g64", "mxfp4", "nvfp4", "nf4:g64"]
-
-
 def cmd_demo(args) -> int:
     from mixq import api
+    from mixq.demo import run_demo
 
-    print(f"mixq demo: default model, WikiText-2 test, {args.windows} windows x {args.seqlen} tokens, "
-          f"formats {', '.join(DEMO_FORMATS)} (round to nearest)")
-    result = api.evaluate(formats=DEMO_FORMATS, seqlen=args.seqlen, windows=args.windows,
-                          progress=_progress(args))
-    print(eval_table(result))
+    print("mixq demo: measure how sensitive each unit of the default model is, let the ILP spend the bits of a "
+          "uniform format where they matter, and compare at equal bits")
+    res = run_demo(samples=args.samples, seqlen=args.seqlen, windows=args.windows, out_dir=args.out,
+                   progress=_progress(args), stage=_stage_printer(args, "demo"))
+    print(eval_table(res.eval))
+    rows = {r["label"]: r for r in res.eval["rows"]}
+    print()
+    for uniform, mixed in res.pairs:
+        u, m = rows[uniform], rows[mixed]
+        counts: dict[str, int] = {}
+        for o in res.plans[mixed].options.values():
+            counts[str(o)] = counts.get(str(o), 0) + 1
+        mix = ", ".join(f"{n} x {o}" for o, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+        print(f"at {m['bpw_blocks']:.2f} bits per weight: KL to float {m['kl']:.3f} mixed vs {u['kl']:.3f} uniform "
+              f"{uniform} ({100 * (m['kl'] - u['kl']) / u['kl']:+.0f}%), ppl {m['ppl']:.2f} vs {u['ppl']:.2f}; "
+              f"the plan: {mix}")
+    t = res.timing
+    print(f"\n{t['total_s']:.0f} s in all. Left in {res.out_dir}: sensitivity.json (measured once) and the plans.")
+    print("next:")
+    print(f"  mixq plan {res.out_dir / 'sensitivity.json'} --budget 3.5     # any other budget from the same measurement")
+    print("  mixq run --budget 3.5 --out runs/default     # analyze, plan, eval, frontier check and report in one go")
+    print("  open runs/default/report.html                # sensitivity bars, frontier, bits per layer")
     if args.json:
-        _write_json(args.json, "eval", api.EVAL_SCHEMA, result)
+        _write_json(args.json, "eval", api.EVAL_SCHEMA, res.eval)
     return 0
 
 
@@ -487,10 +502,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(rp)
     rp.set_defaults(func=cmd_report)
 
-    d = sub.add_parser("demo", help="run the default model through a few formats and print the table")
-    d.add_argument("--seqlen", type=int, default=512)
-    d.add_argument("--windows", type=int, default=8)
-    d.add_argument("--json", default=None, metavar="OUT")
+    d = sub.add_parser("demo", help="the main job in a few minutes: measure sensitivity, plan at the bits of "
+                       "uniform int3/int4, compare at equal bits", formatter_class=_DEFAULTS)
+    d.add_argument("--samples", type=int, default=4, help="calibration windows the sensitivity is measured on")
+    d.add_argument("--seqlen", type=int, default=512, help="tokens per calibration and evaluation window")
+    d.add_argument("--windows", type=int, default=4, help="WikiText-2 test windows the plans are evaluated on")
+    d.add_argument("--out", default="runs/demo", help="directory for sensitivity.json and the plans")
+    d.add_argument("--json", default=None, metavar="OUT", help="also write the results as an eval artifact")
     _add_common(d)
     d.set_defaults(func=cmd_demo)
     return p
