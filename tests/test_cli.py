@@ -88,3 +88,20 @@ def test_progress_is_lines_off_a_terminal(capsys):
     for i in range(4):
         lines("fisher", i, 3)
     assert capsys.readouterr().err.strip().startswith("fisher: 3/3 in ")
+
+
+def test_eval_table_prints_acc_and_acc_norm_columns():
+    """Both columns per task; acc_norm '-' where the harness does not report it (BoolQ)."""
+    from mixq.cli import eval_table
+
+    row = {"label": "float", "bpw_blocks": 16.0, "bpw_all": 16.0, "ppl": 27.9, "kl": 0.0, "top1_agree": 1.0,
+           "tasks": {"boolq": {"acc": 0.36, "acc_norm": None, "metric": "acc", "n": 100},
+                     "piqa": {"acc": 0.6, "acc_norm": 0.62, "metric": "acc_norm", "n": 100}}}
+    result = {"model": "m", "data": "wikitext2", "n_windows": 4, "seqlen": 256, "n_tokens": 1020, "rows": [row],
+              "tasks": ["boolq", "piqa"], "task_limit": 100,
+              "tokenization": {"bos": True, "bos_token": "<bos>"}}
+    text = eval_table(result)
+    header, _, line = text.splitlines()[1:4]
+    assert header.split()[-8:] == ["boolq", "acc", "boolq", "acc_norm", "piqa", "acc", "piqa", "acc_norm"]
+    assert line.split()[-4:] == ["0.360", "-", "0.600", "0.620"]
+    assert "starts with the tokenizer's BOS '<bos>'" in text and "boolq, copa, winogrande" in text
