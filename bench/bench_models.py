@@ -38,6 +38,7 @@ def main() -> None:
     ap.add_argument("--candidates", default=CANDIDATES)
     ap.add_argument("--budgets", default="3.5,4.125", help="ILP budgets (bits per weight); '' for none")
     ap.add_argument("--fisher-samples", type=int, default=8)
+    ap.add_argument("--sensitivity", default=None, help="plan from this sensitivity.json instead of measuring")
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--calib-seqlen", type=int, default=512)
     ap.add_argument("--out", default="bench/results")
@@ -54,10 +55,16 @@ def main() -> None:
     budgets = [float(b) for b in a.budgets.split(",") if b]
     if budgets:
         t1 = time.perf_counter()
-        table = api.analyze(loaded, candidates=a.candidates.split(","), samples=a.fisher_samples, seqlen=a.seqlen,
-                            measure_cost=False, progress=progress)
-        table.save(out / f"models_{a.model}_sensitivity.json")
-        print(f"fisher on {a.fisher_samples} x {a.seqlen}: {time.perf_counter() - t1:.0f} s", flush=True)
+        if a.sensitivity:
+            from mixq.sensitivity import SensitivityTable
+
+            table = SensitivityTable.load(a.sensitivity)
+            print(f"sensitivity from {a.sensitivity}: {table.calibration.get('description')}", flush=True)
+        else:
+            table = api.analyze(loaded, candidates=a.candidates.split(","), samples=a.fisher_samples,
+                                seqlen=a.seqlen, measure_cost=False, progress=progress)
+            table.save(out / f"models_{a.model}_sensitivity.json")
+            print(f"fisher on {a.fisher_samples} x {a.seqlen}: {time.perf_counter() - t1:.0f} s", flush=True)
         for b in budgets:
             p, _ = api.plan(table, b)
             p.meta["label"] = f"mixed ILP @ {b:g}"
