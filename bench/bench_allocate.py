@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from mixq.allocate import Option, Problem, UnitChoices, frontier, solve
+from mixq.allocate import Choice, Problem, UnitChoices, frontier, solve
 
 # (name, payload bits per weight, scale bits per group, group size)
 FORMATS = (
@@ -49,7 +49,7 @@ def make_problem(n_units: int, seed: int, ties: bool) -> Problem:
         for name, payload, scale_bits, group in FORMATS:
             bits = n * payload + out_f * -(-in_f // group) * scale_bits
             err = n * 4.0 ** (-bits / n) * sens * float(rng.uniform(0.9, 1.1))
-            opts.append(Option(name, bits, err))
+            opts.append(Choice(name, bits, err))
         units.append(UnitChoices(f"model.layers.{block}.{roles[role]}", n, opts))
     if ties:
         names = {u.unit for u in units}

@@ -36,8 +36,9 @@ def load(a, device):
 
 
 def run(a):
-    from mixq.calibrate import quantize_model
+    from mixq.apply import applied, quantize_model
     from mixq.eval.perplexity import FloatReference, lm_eval
+    from mixq.option import CalibConfig
     from mixq.models.enumerate import llm_units
     from mixq.plan import Plan
     from mixq.accounting import bit_totals
@@ -51,7 +52,6 @@ def run(a):
     print(json.dumps({"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "fingerprint": fp,
                       "torch": torch.__version__, "calib": list(calib.shape), "eval": list(ev.shape), "desc": w["desc"]}), flush=True)
     units = llm_units(model)
-    float_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     t0 = time.perf_counter()
     ref = FloatReference(model, ev, copy_model=False)
     fm = ref.metrics()
@@ -59,17 +59,19 @@ def run(a):
     for spec in a.configs.split(","):
         opt, *flags = spec.split("@")
         act_order, true_seq = "noact" not in flags, "nots" not in flags
-        model.load_state_dict(float_state)
         plan = Plan.uniform("smollm2-135m", units, opt)
         if device == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        man = quantize_model(model, units, plan, calib, batch_size=a.batch_size, act_order=act_order, true_sequential=true_seq)
+        qm = quantize_model(model, units, plan, calib, config=CalibConfig(batch_size=a.batch_size, act_order=act_order,
+                                                                          true_sequential=true_seq))
+        man = qm.manifest
         if device == "cuda":
             torch.cuda.synchronize()
         qs = time.perf_counter() - t0
         t0 = time.perf_counter()
-        m = lm_eval(model, ev, reference=ref)
+        with applied(model, units, qm.weights):
+            m = lm_eval(model, ev, reference=ref)
         row = {"config": spec, "kl": m["kl"], "ppl": m["ppl"], "top1_agree": m["top1_agree"], "quant_s": qs,
                "eval_s": time.perf_counter() - t0, "n_calib": int(calib.shape[0]) if man.sequential else 0,
                "timing": man.timing, "n_warnings": len(man.warnings),
@@ -95,11 +97,12 @@ def plan_bench(a):
     from collections import Counter
 
     from mixq.accounting import bit_totals
-    from mixq.calibrate import quantize_fn_for_sensitivity, quantize_model
+    from mixq.apply import applied, quantize_model
     from mixq.eval.perplexity import FloatReference, lm_eval
+    from mixq.option import CalibConfig
     from mixq.models.enumerate import llm_units
     from mixq.planner import make_plan
-    from mixq.sensitivity import analyze
+    from mixq.sensitivity import UnitQuantizer, analyze
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     w = torch.load(a.windows)
@@ -108,14 +111,14 @@ def plan_bench(a):
     units = llm_units(model)
     all_units = llm_units(model, include_head=True, include_embeddings=True)
     n_params = sum(p.numel() for p in model.parameters())
-    float_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     rtn = a.rtn.split(",")
     extra = a.extra.split(",")
     out = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "desc": w["desc"],
            "rtn_candidates": rtn, "extra_candidates": extra, "n_sens_windows": a.sens_windows,
            "n_stats_windows": a.stats_windows, "n_calib": int(calib.shape[0]), "eval": list(ev.shape), "rows": []}
     t0 = time.perf_counter()
-    qfn = quantize_fn_for_sensitivity(model, units, calib[: a.stats_windows], batch_size=a.batch_size)
+    qfn = UnitQuantizer.from_calibration(model, units, calib[: a.stats_windows],
+                                         config=CalibConfig(batch_size=a.batch_size))
     table = analyze(model, units, rtn + extra, "fisher", calib[: a.sens_windows].to(device), quantize_fn=qfn,
                     model_name="smollm2-135m", calib_description=w["desc"])
     out["analysis_s"] = time.perf_counter() - t0
@@ -129,11 +132,11 @@ def plan_bench(a):
         for label, keep in (("rtn only", set(rtn)), ("with gptq/rotate", set(rtn + extra))):
             sub = [r for r in rows if r[1] in keep]
             plan, sol = make_plan(table.model, table.units_info, sub, budget)
-            model.load_state_dict(float_state)
             t1 = time.perf_counter()
-            man = quantize_model(model, units, plan, calib, batch_size=a.batch_size)
+            qm = quantize_model(model, units, plan, calib, config=CalibConfig(batch_size=a.batch_size))
             qs = time.perf_counter() - t1
-            m = lm_eval(model, ev, reference=ref)
+            with applied(model, units, qm.weights):
+                m = lm_eval(model, ev, reference=ref)
             row = {"budget": budget, "candidates": label, "kl": m["kl"], "ppl": m["ppl"],
                    "predicted": sol.total_error, "quant_s": qs,
                    "choices": dict(Counter(str(o) for o in plan.options.values()).most_common()),

@@ -9,7 +9,7 @@ Every Conv2d and Linear is quantized, the stem conv (27 inputs) and the classifi
 as in `bench_foundation.py`. Calibration: `--calib-samples` images drawn at random (seed 0)
 from `cifar10-calib`, the calibration half of the CIFAR-10 test images
 (`mixq.api.calibration_data`); GPTQ and smoothing run unit by unit in forward order
-(`mixq.calibrate.quantize_model`). Evaluation: the other half (5,000 images): top-1,
+(`mixq.apply.quantize_model`). Evaluation: the other half (5,000 images): top-1,
 agreement of the argmax with the float model, and the mean KL(float || quantized) of the
 class distributions. bpw is all-in (`mixq.accounting.bit_totals`) over the quantized units
 (and over every parameter). Quantization wall time is `quantize_model`'s, on this machine.
@@ -40,11 +40,13 @@ import torch
 from mixq import api
 from mixq.accounting import bit_totals
 from mixq.artifacts import write_artifact
-from mixq.calibrate import collect_stats, quantize_model
+from mixq.apply import applied, quantize_model
 from mixq.data import load_cifar10
 from mixq.models import get_weight, load_model
+from mixq.option import CalibConfig
 from mixq.plan import Plan
 from mixq.quantizers import output_error
+from mixq.sensitivity import collect_stats
 
 # label -> option suffix appended to the format
 METHODS = {"RTN": "", "GPTQ": "+gptq", "GPTQ+rotate": "+gptq+rotate", "RTN+smooth": "+smooth",
@@ -120,13 +122,14 @@ def main() -> None:
     for fmt in args.formats.split(","):
         for label in args.methods.split(","):
             spec = fmt + METHODS[label]
-            model.load_state_dict(float_state)
             plan = Plan.uniform(loaded.name, units, spec)
             t0 = time.perf_counter()
-            man = quantize_model(model, units, plan, calib, batch_size=args.batch_size, seed=args.seed)
+            qm = quantize_model(model, units, plan, calib, config=CalibConfig(batch_size=args.batch_size, seed=args.seed))
+            man = qm.manifest
             quant_s = time.perf_counter() - t0
-            m = compare(logits_of(model, images), ref, labels)
-            per_layer = {u.name: output_error(get_weight(model, u).detach() - float_w[u.name], gram[u.name])
+            with applied(model, units, qm.weights):
+                m = compare(logits_of(model, images), ref, labels)
+            per_layer = {u.name: output_error(qm.weights[u.name].weight() - float_w[u.name], gram[u.name])
                          / base[u.name] for u in units}
             row = {"label": f"{fmt} {label}", "format": fmt, "method": label, "option": spec, **m,
                    "quantize_s": quant_s, **bit_totals(plan, all_units, loaded.n_params),
@@ -181,11 +184,12 @@ def plan_bench(args) -> None:
     for budget in [float(b) for b in args.plan_budgets.split(",")]:
         for label, keep in (("RTN only", set(rtn)), ("with GPTQ(+rotate)", set(rtn + extra))):
             plan, sol = make_plan(table.model, table.units_info, [r for r in rows if r[1] in keep], budget)
-            model.load_state_dict(float_state)
             t1 = time.perf_counter()
-            man = quantize_model(model, units, plan, calib, batch_size=args.batch_size, seed=args.seed)
+            qm = quantize_model(model, units, plan, calib, config=CalibConfig(batch_size=args.batch_size, seed=args.seed))
+            man = qm.manifest
             quant_s = time.perf_counter() - t1
-            m = compare(logits_of(model, images), ref, labels)
+            with applied(model, units, qm.weights):
+                m = compare(logits_of(model, images), ref, labels)
             choices = dict(Counter(str(o) for o in plan.options.values()).most_common())
             row = {"budget": budget, "candidates": label, **m, "quantize_s": quant_s, "predicted": sol.total_error,
                    "choices": choices, "warnings": man.warnings, **bit_totals(plan, all_units, loaded.n_params)}

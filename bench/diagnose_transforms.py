@@ -14,7 +14,7 @@ import statistics
 import torch
 
 from mixq import formats
-from mixq.calibrate import collect_stats
+from mixq.sensitivity import collect_stats
 from mixq.data import calibration_windows
 from mixq.models import load_model
 from mixq.models.enumerate import llm_units

@@ -10,7 +10,7 @@ import pytest
 
 from mixq.allocate import (
     SOLVERS,
-    Option,
+    Choice,
     Problem,
     ProblemError,
     UnitChoices,
@@ -27,7 +27,7 @@ BPW = {"int2": 2, "int4": 4, "int8": 8, "fp16": 16}
 
 def unit(name: str, n_params: int, errors: dict[str, float], extra_bits: int = 0) -> UnitChoices:
     """A unit whose options cost exactly bpw * n_params (+ extra_bits for scales)."""
-    return UnitChoices(name, n_params, [Option(f, BPW[f] * n_params + extra_bits, errors[f]) for f in errors])
+    return UnitChoices(name, n_params, [Choice(f, BPW[f] * n_params + extra_bits, errors[f]) for f in errors])
 
 
 def two_units(**kw) -> Problem:
@@ -55,7 +55,7 @@ def two_units(**kw) -> Problem:
 )
 def test_bad_option_values(bits, error, match):
     with pytest.raises(ProblemError, match=match):
-        Option("int4", bits, error)
+        Choice("int4", bits, error)
 
 
 def test_errors_are_typed():
@@ -73,12 +73,12 @@ def test_duplicate_units_and_options():
     with pytest.raises(ProblemError, match=r"duplicate units: \['a'\]"):
         Problem([a, unit("a", 10, {"int4": 1.0})])
     with pytest.raises(ProblemError, match=r"unit 'a': option 'int2' listed twice"):
-        UnitChoices("a", 10, [Option("int2", 20, 1.0), Option("int2", 20, 2.0)])
+        UnitChoices("a", 10, [Choice("int2", 20, 1.0), Choice("int2", 20, 2.0)])
 
 
 def test_bad_units():
     with pytest.raises(ProblemError, match="n_params"):
-        UnitChoices("a", 0, [Option("int2", 0, 1.0)])
+        UnitChoices("a", 0, [Choice("int2", 0, 1.0)])
     with pytest.raises(ProblemError, match="no options"):
         UnitChoices("a", 10, [])
     with pytest.raises(ProblemError, match="no units"):
@@ -156,7 +156,7 @@ def test_achievable_range_reflects_constraints():
 
 def test_range_printed_rounded_up_is_feasible():
     # min bpw = 1000 / 3 = 333.33...: printed as 333.3334, which must itself be feasible.
-    p = Problem([UnitChoices("a", 3, [Option("lo", 1000, 1.0), Option("hi", 2000, 0.0)])])
+    p = Problem([UnitChoices("a", 3, [Choice("lo", 1000, 1.0), Choice("hi", 2000, 0.0)])])
     with pytest.raises(BudgetError) as info:
         solve_ilp(p, 300.0)
     lo = float(re.search(r"is ([0-9.]+) to", str(info.value)).group(1))

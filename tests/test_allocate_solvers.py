@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mixq.allocate import (
-    Option,
+    Choice,
     Problem,
     ProblemError,
     UnitChoices,
@@ -40,7 +40,7 @@ def random_problem(rng: np.random.Generator, n_units: int, n_options: int, const
             errors = rng.uniform(0, 10, size=n_options) * (rng.random(n_options) < 0.9)
             if rng.random() < 0.2:
                 errors[-1] = errors[0]
-            opts = [Option(str(nm), int(b * n_params + rng.integers(0, 3) * 8), float(e)) for nm, b, e in zip(names, bpw, errors)]
+            opts = [Choice(str(nm), int(b * n_params + rng.integers(0, 3) * 8), float(e)) for nm, b, e in zip(names, bpw, errors)]
             units.append(UnitChoices(f"blk.{i}", n_params, opts))
         if not constrained:
             return Problem(units)
@@ -79,7 +79,7 @@ def brute_force(problem: Problem, cap: int) -> tuple[float, int] | None:
     return best
 
 
-def in_window(problem: Problem, unit: UnitChoices, option: Option) -> bool:
+def in_window(problem: Problem, unit: UnitChoices, option: Choice) -> bool:
     lo, hi = problem.min_bits_per_weight, problem.max_bits_per_weight
     bpw = option.bits / unit.n_params
     return (lo is None or bpw >= lo) and (hi is None or bpw <= hi)
@@ -207,8 +207,8 @@ def test_greedy_is_not_optimal_but_ilp_is():
     # bit) but 9 bits still need a dropped too: 15.5. Keeping b alone costs 10.
     p = Problem(
         [
-            UnitChoices("a", 1, [Option("lo", 0, 10.0), Option("hi", 10, 0.0)]),
-            UnitChoices("b", 1, [Option("lo", 0, 5.5), Option("hi", 6, 0.0)]),
+            UnitChoices("a", 1, [Choice("lo", 0, 10.0), Choice("hi", 10, 0.0)]),
+            UnitChoices("b", 1, [Choice("lo", 0, 5.5), Choice("hi", 6, 0.0)]),
         ]
     )
     g, i, d = solve_greedy(p, 4.5), solve_ilp(p, 4.5), solve_dp(p, 4.5)  # 9 bits for 2 params
@@ -233,7 +233,7 @@ def test_large_bit_counts_respect_cap_exactly():
         opts = []
         for j, bpw in enumerate((2.125, 3.125, 4.125, 4.25, 6.0625, 8.0625)):
             error = float(rng.uniform(0.5, 1.5) * 2.0 ** (-2 * bpw) * n)
-            opts.append(Option(NAMES[j], int(bpw * n) + int(rng.integers(0, 64)), error))
+            opts.append(Choice(NAMES[j], int(bpw * n) + int(rng.integers(0, 64)), error))
         units.append(UnitChoices(f"model.layers.{i}.w", n, opts))
     p = Problem(units)
     for budget in (2.5, 3.7, 4.1, 4.25, 5.0):
@@ -288,8 +288,8 @@ def test_frontier_monotone_and_spans_range(solver):
 def test_frontier_given_budgets_skips_infeasible():
     p = Problem(
         [
-            UnitChoices("a", 10, [Option("int2", 20, 4.0), Option("int4", 40, 1.0), Option("int8", 80, 0.0)]),
-            UnitChoices("b", 10, [Option("int2", 20, 2.0), Option("int4", 40, 0.5), Option("int8", 80, 0.0)]),
+            UnitChoices("a", 10, [Choice("int2", 20, 4.0), Choice("int4", 40, 1.0), Choice("int8", 80, 0.0)]),
+            UnitChoices("b", 10, [Choice("int2", 20, 2.0), Choice("int4", 40, 0.5), Choice("int8", 80, 0.0)]),
         ]
     )
     points = frontier(p, budgets=[1.0, 2.0, 3.0, 3.5, 5.0, 8.0, 9.0])

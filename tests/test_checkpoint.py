@@ -12,13 +12,14 @@ import pytest
 import torch
 
 from mixq import formats
-from mixq.apply import fake_quantized
+from mixq.apply import applied, quantize_model
 from mixq.errors import ArtifactError
 from mixq.export import WEIGHTS_FILE, load_qtensors, load_quantized, read_checkpoint, save_quantized
 from mixq.export import save as save_mod
 from mixq.models import cnn_units, get_weight, llm_units
 from mixq.nn import QuantLinear
-from mixq.plan import Plan, parse_option
+from mixq.option import parse_option
+from mixq.plan import Plan
 
 SPECS = ["int2:g32", "int3:g32:asym", "int4:ch", "int8:ch", "fp8_e4m3:ch", "mxfp4", "nvfp4", "nf4:g32"]
 
@@ -42,7 +43,8 @@ def _ids(n: int = 2, length: int = 12) -> torch.Tensor:
 
 
 def _fake_quant_logits(model, units, plan, ids) -> torch.Tensor:
-    with torch.no_grad(), fake_quantized(model, units, plan):
+    qm = quantize_model(model, units, plan)
+    with torch.no_grad(), applied(model, units, qm.weights):
         return model(ids).logits
 
 
@@ -222,19 +224,21 @@ def test_gptq_weights_stored_exactly(tiny_llama, tmp_path):
     weights = {}
     for u, s in zip(units, specs):
         x = torch.randn(256, u.shape[1], generator=gen) * torch.linspace(0.2, 2.0, u.shape[1])
-        w_hat, _ = quantize_unit(get_weight(tiny_llama, u).detach(), s, H=2 * x.T @ x / 256)
-        weights[u.name] = w_hat
+        weights[u.name], _ = quantize_unit(get_weight(tiny_llama, u).detach(), s, H=2 * x.T @ x / 256)
     manifest = {"seed": 0, "warnings": ["u: fell back to rtn"], "units": {}}
     doc = save_quantized(tiny_llama, llm_units(tiny_llama), plan, tmp_path / "g", weights=weights, manifest=manifest)
     assert doc["manifest"] == manifest and doc["warnings"] == manifest["warnings"]
-    for name, q in load_qtensors(tmp_path / "g").items():
-        assert torch.equal(formats.parse(q.fmt).dequantize(q), weights[name])
+    for name, q in load_qtensors(tmp_path / "g").items():  # GPTQ's own codes and scales, bit for bit
+        for field in ("codes", "scales", "zeros", "tensor_scale"):
+            a, b = getattr(q, field), getattr(weights[name].qtensor, field)
+            assert (a is None and b is None) or torch.equal(a, b)
+        assert torch.equal(formats.parse(q.fmt).dequantize(q), weights[name].weight())
 
-    off_grid = dict(weights)
+    wrong = dict(weights)
     name = units[1].name
-    off_grid[name] = weights[name] + 1e-3
+    wrong[name] = weights[units[0].name]  # a quantized weight of another format and shape
     with pytest.raises(ArtifactError, match=name.replace(".", r"\.")):
-        save_quantized(tiny_llama, llm_units(tiny_llama), plan, tmp_path / "h", weights=off_grid)
+        save_quantized(tiny_llama, llm_units(tiny_llama), plan, tmp_path / "h", weights=wrong)
     assert not (tmp_path / "h").exists()
     # a GPTQ option whose quantizer never ran: the float weight is refused, naming the unit
     with pytest.raises(ArtifactError, match="quantize_model"):
@@ -248,10 +252,12 @@ def test_rotated_unit_needs_its_transformed_weight(tiny_llama, tmp_path):
 
     u = llm_units(tiny_llama)[0]
     plan = Plan("tiny", {u.name: parse_option("int4:g32+rotate")}, {u.name: u.shape})
-    w_hat, info = quantize_unit(get_weight(tiny_llama, u).detach(), "int4:g32+rotate")
-    with pytest.raises(ArtifactError, match="rotate.*keep_transformed"):
-        save_quantized(tiny_llama, [u], plan, tmp_path / "r", weights={u.name: w_hat})
-    doc = save_quantized(tiny_llama, [u], plan, tmp_path / "r", transformed={u.name: info.transformed})
+    qw, info = quantize_unit(get_weight(tiny_llama, u).detach(), "int4:g32+rotate")
+    with pytest.raises(ArtifactError, match="rotate.*quantizer's output"):
+        save_quantized(tiny_llama, [u], plan, tmp_path / "r", weights={u.name: qw.weight()})
+    with pytest.raises(ArtifactError, match="quantize_model"):
+        save_quantized(tiny_llama, [u], plan, tmp_path / "r")
+    doc = save_quantized(tiny_llama, [u], plan, tmp_path / "r", weights={u.name: qw})
     assert doc["units"][u.name]["transforms"]["rotate"]["block"] == 64
 
 
@@ -288,7 +294,8 @@ def test_resnet20_round_trip(tmp_path):
     doc = save_quantized(model, units, plan, tmp_path / "r20", float_dtype=None)
     assert doc["model"]["arch"] == {"family": "cifar_resnet", "depth": 20, "num_classes": 10}
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad(), fake_quantized(model, units, plan):
+    qm = quantize_model(model, units, plan)
+    with torch.no_grad(), applied(model, units, qm.weights):
         ref = model(x)
     q = load_qtensors(tmp_path / "r20")
     for u in units:

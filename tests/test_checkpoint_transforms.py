@@ -15,13 +15,13 @@ import torch
 
 from conftest import needs_gpu, needs_smollm2
 from mixq import formats
-from mixq.calibrate import quantize_model
+from mixq.apply import applied, quantize_model
 from mixq.errors import ArtifactError
-from mixq.export import (WEIGHTS_FILE, load_qtensors, load_quantized, load_transforms, read_checkpoint,
-                         save_quantized, unit_qtensor)
+from mixq.export import WEIGHTS_FILE, load_qtensors, load_quantized, load_transforms, read_checkpoint, save_quantized
 from mixq.models import LoadedModel, llm_units
 from mixq.nn import QuantLinear
-from mixq.plan import Plan, parse_option
+from mixq.option import CalibConfig, parse_option
+from mixq.plan import Plan
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -38,12 +38,16 @@ def _ids(n: int = 2, length: int = 12, seed: int = 1) -> torch.Tensor:
 
 
 def _quantize(float_model, plan, units):
-    """A fake-quantized copy of the model, its manifest (with the transformed weights) and logits."""
-    model = copy.deepcopy(float_model)
-    manifest = quantize_model(model, units, plan, _ids(4, 32, seed=2), batch_size=2, keep_transformed=True)
-    with torch.no_grad():
-        logits = model(_ids()).logits
-    return model, manifest, logits
+    """The quantized weights of the model under the plan (QuantizedModel) and the logits of
+    the fake-quantized model."""
+    qm = quantize_model(float_model, units, plan, _ids(4, 32, seed=2), config=CalibConfig(batch_size=2))
+    with torch.no_grad(), applied(float_model, units, qm.weights):
+        logits = float_model(_ids()).logits
+    return qm, logits
+
+
+def _transformed(qm):
+    return {n: w for n, w in qm.weights.items() if not w.transforms.is_identity}
 
 
 def _plan(model, specs, embedding=None):
@@ -60,10 +64,11 @@ def saved(request, tiny_llama, tmp_path_factory):
         plan = _plan(tiny_llama, MIXED, embedding=EMBEDDING)
     else:
         plan = _plan(tiny_llama, [request.param])
-    model, manifest, ref = _quantize(tiny_llama, plan, all_units)
+    qm, ref = _quantize(tiny_llama, plan, all_units)
     out = tmp_path_factory.mktemp("tf") / "ckpt"
-    doc = save_quantized(model, all_units, plan, out, manifest=manifest, float_dtype=torch.float32)
-    return request.param, all_units, plan, manifest, ref, out, doc
+    doc = save_quantized(tiny_llama, all_units, plan, out, weights=qm.weights, manifest=qm.manifest,
+                         float_dtype=torch.float32)
+    return request.param, all_units, plan, qm, ref, out, doc
 
 
 def test_loaded_logits_equal_fake_quant(saved):
@@ -88,7 +93,7 @@ def test_loaded_logits_equal_fake_quant(saved):
         assert (m.lowrank_l is not None) == any(t.startswith("lowrank") for t in opt.transforms)
         if opt.transforms:  # the module's own weight in the unit's basis is the fake-quant weight
             n_transformed += 1
-            assert torch.equal(m.effective_weight(), manifest.transformed[u.name].weight())
+            assert torch.equal(m.effective_weight(), manifest.weights[u.name].weight())
     assert n_transformed > 0
     if spec == "mixed":  # the embedding (rotated) is reconstructed in the float model
         assert "model.embed_tokens" in packed.extra["dequantized_units"]
@@ -100,12 +105,12 @@ def test_codes_and_transforms_round_trip(saved):
     qts = load_qtensors(out)
     tfs = load_transforms(out)
     by_name = {u.name: u for u in units}
-    for name, tw in manifest.transformed.items():
+    assert set(by_name) >= set(qts)
+    for name, tw in _transformed(manifest).items():
         q = qts[name]
         fmt = formats.parse(q.fmt)
-        assert torch.equal(fmt.dequantize(q), tw.qweight), name  # Q(E) exactly
-        again = unit_qtensor(by_name[name], plan.options[name], tw.qweight, given=True)
-        assert torch.equal(q.codes, again.codes) and torch.equal(q.scales, again.scales)
+        assert torch.equal(fmt.dequantize(q), fmt.dequantize(tw.qtensor)), name  # Q(E) exactly
+        assert torch.equal(q.codes, tw.qtensor.codes) and torch.equal(q.scales, tw.qtensor.scales)
         got, want = tfs[name], tw.transforms
         assert got.rotate_seed == want.rotate_seed and got.rotate_block == want.rotate_block
         assert (got.smooth_scales is None) == (want.smooth_scales is None)
@@ -113,7 +118,7 @@ def test_codes_and_transforms_round_trip(saved):
         pairs = [(got.smooth_scales, want.smooth_scales)] + list(zip(got.lowrank or (), want.lowrank or ()))
         for a, b in pairs:
             assert a is None or (a.dtype == torch.float32 and torch.equal(a, b)), name
-    assert set(tfs) == set(manifest.transformed)
+    assert set(tfs) == set(_transformed(manifest))
     if spec == "mixed":  # plain RTN / GPTQ units carry no transforms record
         assert all("transforms" not in doc["units"][n] for n, o in plan.options.items() if not o.transforms)
 
@@ -133,7 +138,7 @@ def test_stored_bytes_equal_accounting(saved):
             assert size == u["bytes"]
             n_bytes += size
             n_tensors += len(names)
-    fallbacks = [n for n, r in manifest.units.items() if r["fallback"]]
+    fallbacks = [n for n, r in manifest.manifest.units.items() if r["fallback"]]
     expected = {n: b for n, b in plan.unit_bits().items() if n not in fallbacks}
     assert {n: doc["units"][n]["bits"] for n in expected} == expected  # the accounting's bits (Option.bits)
     assert doc["totals"]["unit_bytes"] == n_bytes
@@ -170,21 +175,18 @@ def test_state_dict_and_device_move(saved):
 def test_transform_plan_without_transformed_weights_refused(tiny_llama, tmp_path):
     all_units = llm_units(tiny_llama, include_head=True, include_embeddings=True)
     plan = _plan(tiny_llama, ["int4:g32+rotate"])
-    model, manifest, _ = _quantize(tiny_llama, plan, all_units)
+    qm, _ = _quantize(tiny_llama, plan, all_units)
     first = next(iter(plan.options))
-    with pytest.raises(ArtifactError, match=f"unit '{first}'.*keep_transformed"):
-        save_quantized(model, all_units, plan, tmp_path / "a")  # ŵ is off the grid in the unit's basis
-    off = dict(manifest.transformed)
-    tw = off[first]
-    off[first] = type(tw)(tw.qweight + 1e-3, tw.transforms)
-    with pytest.raises(ArtifactError, match=f"unit '{first}'.*not on the grid"):
-        save_quantized(model, all_units, plan, tmp_path / "b", transformed=off)
+    with pytest.raises(ArtifactError, match=f"unit '{first}'.*quantize_model"):
+        save_quantized(tiny_llama, all_units, plan, tmp_path / "a")  # no quantized weights given
+    with pytest.raises(ArtifactError, match=f"unit '{first}'.*quantizer's output"):
+        save_quantized(tiny_llama, all_units, plan, tmp_path / "b", weights={first: qm.weights[first].weight()})
     rtn = _plan(tiny_llama, ["int4:g32"])
-    with pytest.raises(ArtifactError, match="without transforms|does not quantize with transforms"):
-        save_quantized(model, all_units, rtn, tmp_path / "c", transformed=manifest.transformed)
+    with pytest.raises(ArtifactError, match=f"unit '{first}'.*rotation given, but the option does not rotate"):
+        save_quantized(tiny_llama, all_units, rtn, tmp_path / "c", weights=qm.weights)
     smooth_plan = _plan(tiny_llama, ["int4:g32+smooth"])
     with pytest.raises(ArtifactError, match=f"unit '{first}'.*rotation given, but the option does not rotate"):
-        save_quantized(model, all_units, smooth_plan, tmp_path / "d", transformed=manifest.transformed)
+        save_quantized(tiny_llama, all_units, smooth_plan, tmp_path / "d", weights=qm.weights)
     assert not any((tmp_path / d).exists() for d in "abcd")
 
 
@@ -192,9 +194,9 @@ def test_transform_plan_without_transformed_weights_refused(tiny_llama, tmp_path
 def lowrank_ckpt(tiny_llama, tmp_path_factory):
     all_units = llm_units(tiny_llama, include_head=True, include_embeddings=True)
     plan = _plan(tiny_llama, ["int4:g32+smooth+rotate+lowrank:4"])
-    model, manifest, _ = _quantize(tiny_llama, plan, all_units)
+    qm, _ = _quantize(tiny_llama, plan, all_units)
     out = tmp_path_factory.mktemp("lr") / "ckpt"
-    save_quantized(model, all_units, plan, out, manifest=manifest)
+    save_quantized(tiny_llama, all_units, plan, out, weights=qm.weights, manifest=qm.manifest)
     return out
 
 
@@ -302,7 +304,6 @@ def test_api_quantize_keeps_transforms(tiny_llama, char_encode, text_file, tmp_p
     """mixq.api.quantize with a calibrated option with every transform: the checkpoint runs
     as the fake-quantized model does on the same calibration windows."""
     from mixq import api
-    from mixq.apply import fake_quantized
 
     spec = "int3:g32+gptq+smooth+rotate+lowrank:4"
     model = copy.deepcopy(tiny_llama)
@@ -311,7 +312,8 @@ def test_api_quantize_keeps_transforms(tiny_llama, char_encode, text_file, tmp_p
     ids, _ = api.calibration_data(loaded, calib["calib"], calib["calib_samples"], calib["calib_seqlen"], 0)
     units = loaded.units(include_head=True, include_embeddings=True)
     plan = Plan.uniform("tiny", loaded.units(), spec)
-    with torch.no_grad(), fake_quantized(model, units, plan, calib_ids=ids):
+    qm = quantize_model(model, units, plan, ids)
+    with torch.no_grad(), applied(model, units, qm.weights):
         ref = model(_ids()).logits
     doc = api.quantize(loaded, tmp_path / "q", fmt=spec, fp32=True, **calib)
     assert doc["schema_version"] == 2 and doc["totals"]["transform_bytes"] > 0
@@ -335,14 +337,11 @@ def test_smollm2_rotated_checkpoint(tmp_path):
     all_units = loaded.units(include_head=True, include_embeddings=True)
     plan = Plan.uniform(loaded.name, [u for u in loaded.units() if u.block < 4], "int4:g64+rotate")
     ids = torch.randint(0, 49152, (1, 24), generator=torch.Generator().manual_seed(0))
-    state = {k: v.clone() for k, v in loaded.model.state_dict().items()}
-    try:
-        manifest = quantize_model(loaded.model, all_units, plan, keep_transformed=True)
-        with torch.no_grad():
-            ref = loaded.model(ids).logits
-        doc = save_quantized(loaded, all_units, plan, tmp_path / "smol", manifest=manifest, float_dtype=None)
-    finally:
-        loaded.model.load_state_dict(state)
+    qm = quantize_model(loaded.model, all_units, plan)
+    with torch.no_grad(), applied(loaded.model, all_units, qm.weights):
+        ref = loaded.model(ids).logits
+    doc = save_quantized(loaded, all_units, plan, tmp_path / "smol", weights=qm.weights, manifest=qm.manifest,
+                         float_dtype=None)
     assert doc["units"]["model.layers.0.mlp.down_proj"]["transforms"]["rotate"]["block"] == 512
     assert doc["totals"]["unit_bits"] == sum(plan.unit_bits().values())
     for packed in (False, True):
@@ -373,11 +372,12 @@ def test_transformed_checkpoint_on_gpu(tmp_path):
     plan = _plan(float_model, ["int4:g64+rotate", "int4:g64+gptq+smooth+rotate", "nvfp4+lowrank:16",
                                "int3:g64+gptq+rotate+lowrank:8", "mxfp4+smooth"])
     all_units = llm_units(float_model, include_head=True, include_embeddings=True)
-    model, manifest, _ = _quantize(float_model, plan, all_units)
+    qm, _ = _quantize(float_model, plan, all_units)
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        ref = model(ids).logits
-    save_quantized(model, all_units, plan, tmp_path / "c", manifest=manifest, float_dtype=torch.float32)
+    with torch.no_grad(), applied(float_model, all_units, qm.weights):
+        ref = float_model(ids).logits
+    save_quantized(float_model, all_units, plan, tmp_path / "c", weights=qm.weights, manifest=qm.manifest,
+                   float_dtype=torch.float32)
     packed = load_quantized(tmp_path / "c", device="cuda", dtype=torch.bfloat16, packed="auto")
     dense = load_quantized(tmp_path / "c", device="cuda", dtype=torch.bfloat16, packed=False)
     qlins = [m for m in packed.model.modules() if isinstance(m, QuantLinear)]

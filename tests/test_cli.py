@@ -62,7 +62,7 @@ def test_unknown_task_and_bad_format_exit_2_before_loading(monkeypatch, capsys):
 def test_non_utf8_data_file_exits_2_with_a_message(monkeypatch, tmp_path, tiny_loaded, capsys):
     bad = tmp_path / "latin1.txt"
     bad.write_bytes("na\xefve caf\xe9 ".encode("latin-1") * 200)
-    monkeypatch.setattr(api, "load_model", lambda name: tiny_loaded)
+    monkeypatch.setattr(api, "load_model", lambda name, **placement: tiny_loaded)
     assert main(["eval", "tiny", "-q", "--data", str(bad), "--seqlen", "32", "--windows", "1"]) == 2
     err = capsys.readouterr().err
     assert "latin1.txt: not UTF-8 text (byte 2" in err and "Traceback" not in err
@@ -71,7 +71,7 @@ def test_non_utf8_data_file_exits_2_with_a_message(monkeypatch, tmp_path, tiny_l
 def test_encoder_exits_2_naming_the_class(monkeypatch, tiny_bert, capsys):
     from mixq.models import LoadedModel
 
-    monkeypatch.setattr(api, "load_model", lambda name: LoadedModel("minilm", "causal_lm", tiny_bert, "fixture",
+    monkeypatch.setattr(api, "load_model", lambda name, **placement: LoadedModel("minilm", "causal_lm", tiny_bert, "fixture",
                                                                     encode=list))
     assert main(["eval", "minilm", "-q", "--format", "int8:ch"]) == 2
     assert "BertLMHeadModel (model_type 'bert') is an encoder" in capsys.readouterr().err

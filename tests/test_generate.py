@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from conftest import needs_data, needs_gpu, needs_smollm2
-from mixq.apply import fake_quantized
+from mixq.apply import applied, quantize_model
 from mixq.errors import MixqError
 from mixq.export import generate, generate_ids, load_quantized, save_quantized
 from mixq.models import llm_units
-from mixq.plan import Plan, parse_option
+from mixq.option import parse_option
+from mixq.plan import Plan
 
 SPECS = ["int4:g32", "nvfp4", "int3:g32:asym", "mxfp4", "int8:ch", "nf4:g32", "fp8_e4m3:ch", "int2:g32"]
 PROMPT = [1, 17, 42, 99, 5]
@@ -29,7 +30,7 @@ def ckpt(tiny_llama, tmp_path_factory):
 
 def test_generate_packed_equals_dequantized_and_fake_quant(ckpt):
     model, units, plan, out = ckpt
-    with fake_quantized(model, units, plan):
+    with applied(model, units, quantize_model(model, units, plan).weights):
         ref = generate_ids(model, PROMPT, max_new_tokens=8)
     packed = load_quantized(out, packed=True)
     dense = load_quantized(out, packed=False)
@@ -66,7 +67,7 @@ def test_smollm2_int4_checkpoint(tmp_path):
     all_units = loaded.units(include_head=True, include_embeddings=True)
     plan = Plan.uniform(loaded.name, loaded.units(), "int4:g64")
     windows = token_windows(loaded.encode, load_text("wikitext2"), 128, 1)
-    with fake_quantized(loaded.model, all_units, plan):
+    with applied(loaded.model, all_units, quantize_model(loaded.model, all_units, plan).weights):
         ref = lm_eval(loaded.model, windows)["ppl"]
     doc = save_quantized(loaded, all_units, plan, tmp_path / "smol", float_dtype=None)
     # unit streams: the format's bits up to byte rounding (2 streams per unit: codes, scales)

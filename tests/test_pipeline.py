@@ -125,11 +125,11 @@ def test_run_on_a_cnn_defaults_to_benchmark_calibration_and_per_channel(monkeypa
     class Stop(Exception):
         pass
 
-    def fake_analyze(loaded, **kw):
-        seen.update(kw)
+    def fake_analyze(loaded, candidates, method, calib, samples, *args, **kw):
+        seen.update(candidates=candidates, samples=samples)
         raise Stop
 
-    monkeypatch.setattr(api, "analyze", fake_analyze)
+    monkeypatch.setattr(api, "analyze_keeping", fake_analyze)
     cnn = LoadedModel(name="resnet20", kind="image_classifier", model=CifarResNet(20), source="fixture")
     with pytest.raises(Stop):
         run(cnn, out_dir=tmp_path / "r")

@@ -7,17 +7,35 @@ import pytest
 from mixq.accounting import bit_totals
 from mixq.errors import ArtifactError, FormatError
 from mixq.models import llm_units
-from mixq.plan import Option, Plan, parse_option
+from mixq.option import Option, parse_option
+from mixq.plan import Plan
 
 
 def test_option_round_trip():
     o = parse_option("int3:g64+gptq+rotate")
-    assert o == Option("int3:g64", "gptq", ("rotate",))
+    assert o == Option("int3:g64", "gptq", rotate=True)
     assert parse_option(str(o)) == o
     assert str(parse_option("int4:g64")) == "int4:g64"
 
 
-@pytest.mark.parametrize("bad", ["", "int4:g64+foo", "int4:g64+lowrank:x", "int4:g64+lowrank:0", "nope"])
+def test_option_string_is_canonical():
+    """Parts in any order give one option, written in the canonical order."""
+    o = parse_option("int4:g128+lowrank:16+smooth+rotate+gptq")
+    assert o == Option("int4:g128", "gptq", rotate=True, smooth=True, lowrank=16)
+    assert str(o) == "int4:g128+gptq+rotate+smooth+lowrank:16"
+    assert o.needs_calibration and not o.is_plain
+    assert parse_option("int4:g64").is_plain and not parse_option("int4:g64+rotate").needs_calibration
+
+
+@pytest.mark.parametrize("fields", [{"rotate": ("rotate",)}, {"smooth": 1}, {"lowrank": 0}, {"lowrank": True},
+                                    {"quantizer": "awq"}])
+def test_option_fields_are_typed(fields):
+    with pytest.raises(FormatError):
+        Option("int4:g64", **fields)
+
+
+@pytest.mark.parametrize("bad", ["", "int4:g64+foo", "int4:g64+lowrank:x", "int4:g64+lowrank:0", "nope",
+                                 "int4:g64+lowrank:8+lowrank:16"])
 def test_bad_options_raise(bad):
     with pytest.raises(FormatError):
         parse_option(bad)

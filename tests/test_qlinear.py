@@ -57,19 +57,18 @@ def test_plain_format_is_refused():
 def test_online_transforms_compute_the_fake_quant_weight(transforms):
     """x' = (x diag(1/s)) Q, y = x' Q(E)ᵀ + (x' Rᵀ) Lᵀ + b equals x ŵᵀ + b for the ŵ that
     quantize_unit evaluates (float32: to rounding; bf16 activations: to bf16 rounding)."""
-    from mixq.export.regrid import int_qtensor_on_grid
+    from mixq.option import CalibConfig
     from mixq.quantizers import quantize_unit
 
     g = torch.Generator().manual_seed(3)
     X = torch.randn(512, 256, generator=g) * torch.linspace(0.1, 3.0, 256)
     w, bias = torch.randn(24, 256, generator=g), torch.randn(24, generator=g)
     spec = f"int4:g64+{transforms}"
-    w_hat, info = quantize_unit(w, spec, H=2 * X.T @ X / 512, act_absmean=X.abs().mean(0), seed=7)
-    tw = info.transformed
+    tw, _ = quantize_unit(w, spec, H=2 * X.T @ X / 512, act_absmean=X.abs().mean(0), config=CalibConfig(seed=7))
+    w_hat = tw.weight()
     fmt = formats.parse("int4:g64")
-    q = int_qtensor_on_grid(fmt, tw.qweight, fmt.quantize(tw.qweight))  # GPTQ's steps, exactly
-    qlin = QuantLinear.from_qtensor(q, fmt, bias, tw.transforms)
-    assert torch.equal(qlin.dequantized_weight(), tw.qweight)  # stored: Q(E), the transformed basis
+    qlin = QuantLinear.from_qtensor(tw.qtensor, fmt, bias, tw.transforms)  # the quantizer's own codes
+    assert torch.equal(qlin.dequantized_weight(), fmt.dequantize(tw.qtensor))  # stored: Q(E), the transformed basis
     assert torch.equal(qlin.effective_weight(), w_hat)  # ŵ, the unit's basis
     x = torch.randn(2, 5, 256, generator=g)
     ref = nn.functional.linear(x, w_hat, bias)

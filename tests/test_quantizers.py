@@ -10,7 +10,7 @@ import torch
 from mixq import formats
 from mixq.errors import DataError, FormatError, MixqError
 from mixq.formats.fixed import fake_quant_with, group_params
-from mixq.plan import parse_option
+from mixq.option import CalibConfig, parse_option
 from mixq.quantizers import (fwht, gptq, hadamard_matrix, lowrank_split, output_error, quantize_unit,
                              rotate_quantize, rotation, smooth_quantize, smooth_scales)
 
@@ -47,11 +47,37 @@ def test_gptq_beats_rtn_on_correlated_inputs(spec):
     H = 2 * X.T @ X / X.shape[0]
     w = torch.randn(64, 256, generator=torch.Generator().manual_seed(2))
     fmt = formats.parse(spec)
-    w_hat, info = gptq(w, H, fmt)
+    q, info = gptq(w, H, fmt)
+    w_hat = fmt.dequantize(q)
     assert out_err(X, w, w_hat) < 0.5 * out_err(X, w, fmt.fake_quant(w))
     assert info.damp == 0.01 and info.damp_retries == 0 and info.n_dead == 0
-    # every value sits on the format's grid for the recorded parameters
-    assert torch.equal(fake_quant_with(fmt, w_hat, info.params), w_hat)
+    assert q.fmt == str(fmt) and q.codes.dtype == torch.uint8
+
+
+@pytest.mark.parametrize("spec", ["int3:g64", "int4:ch", "int4:g32:asym", "int8:t", "fp4_e2m1:g32", "nf4:g64",
+                                  "fp8_e4m3:ch", "nvfp4", "mxfp4", "mxint8", "mxfp6_e3m2", "bf16"])
+def test_codes_from_fixed_parameters_dequantize_to_their_values(spec):
+    """What GPTQ stores: the codes `encode_columns` picks with fixed group parameters, in a
+    QTensor with those parameters' stored scales, dequantize to exactly the values it
+    computed (no re-derivation from the float weight)."""
+    from mixq.formats.fixed import encode_columns, qtensor_from
+
+    fmt = formats.parse(spec)
+    g = torch.Generator().manual_seed(40)
+    w = torch.randn(24, 96, generator=g) * torch.rand(24, 1, generator=g) * 3
+    x = w + 0.3 * torch.randn(24, 96, generator=g)  # other values, rounded with w's parameters
+    params = group_params(fmt, w)
+    if params is None:  # unquantized: the cast
+        codes, values = encode_columns(fmt, x, None)
+    else:
+        gs = fmt.group_size_for(96)
+        groups = torch.arange(96) // gs if gs < 96 else torch.zeros(96, dtype=torch.long)
+        step, zero = params.columns(groups)
+        codes, values = encode_columns(fmt, x, step, zero)
+    q = qtensor_from(fmt, (24, 96), codes, params)
+    assert torch.equal(fmt.dequantize(q), values)
+    if params is not None:
+        assert torch.equal(q.scales, fmt.quantize(w).scales)  # the stored form of the same scales
 
 
 def test_gptq_act_order_static_groups():
@@ -60,11 +86,13 @@ def test_gptq_act_order_static_groups():
     H = 2 * X.T @ X / X.shape[0]
     w = torch.randn(32, 256, generator=torch.Generator().manual_seed(4))
     fmt = formats.parse("int3:g64")
-    w_hat, info = gptq(w, H, fmt, act_order=True)
+    q, info = gptq(w, H, fmt, act_order=True)
+    w_hat = fmt.dequantize(q)
     assert info.act_order
-    assert torch.equal(fake_quant_with(fmt, w_hat, info.params), w_hat)
-    # static groups: the parameters are RTN's, computed from the original W
-    assert torch.equal(info.params.step, group_params(fmt, w).step)
+    # static groups: the scales are RTN's, computed from the original W, and every value is
+    # on their grid
+    assert torch.equal(q.scales, fmt.quantize(w).scales)
+    assert torch.equal(fake_quant_with(fmt, w_hat, group_params(fmt, w)), w_hat)
     assert out_err(X, w, w_hat) < 0.5 * out_err(X, w, fmt.fake_quant(w))
 
 
@@ -72,10 +100,10 @@ def test_gptq_act_order_static_groups():
 def test_gptq_with_identity_hessian_is_rtn(spec):
     fmt = formats.parse(spec)
     w = torch.randn(16, 192, generator=torch.Generator().manual_seed(5))
-    w_hat, _ = gptq(w, torch.eye(192), fmt)
-    assert torch.equal(w_hat, fmt.fake_quant(w))
-    # idempotent for the fixed scales (a symmetric INT grid re-derived from w_hat may differ)
-    assert torch.equal(fake_quant_with(fmt, w_hat, group_params(fmt, w)), w_hat)
+    q, _ = gptq(w, torch.eye(192), fmt)
+    rtn = fmt.quantize(w)
+    assert torch.equal(q.codes, rtn.codes) and torch.equal(q.scales, rtn.scales)  # the very same codes
+    assert torch.equal(fmt.dequantize(q), fmt.fake_quant(w))
 
 
 def test_gptq_composes_with_mse_clip_search():
@@ -84,12 +112,12 @@ def test_gptq_composes_with_mse_clip_search():
     w = torch.randn(32, 256, generator=torch.Generator().manual_seed(7))
     w[:, ::37] *= 6  # heavy tails: clipping pays
     plain, mse = formats.parse("int3:g64"), formats.parse("int3:g64:mse")
-    w_mse, info = gptq(w, H, mse)
-    assert torch.equal(fake_quant_with(mse, w_mse, info.params), w_mse)
+    q_mse, info = gptq(w, H, mse)
+    w_mse = mse.dequantize(q_mse)
     assert out_err(X, w, w_mse) < out_err(X, w, mse.fake_quant(w))
-    w_opt, _ = quantize_unit(w, "int3:g64:mse+gptq", H=H, act_order=False)
-    assert torch.equal(w_opt, w_mse)
-    assert out_err(X, w, w_mse) < 1.5 * out_err(X, w, gptq(w, H, plain)[0])
+    qw, _ = quantize_unit(w, "int3:g64:mse+gptq", H=H, config=CalibConfig(act_order=False))
+    assert torch.equal(qw.weight(), w_mse)
+    assert out_err(X, w, w_mse) < 1.5 * out_err(X, w, plain.dequantize(gptq(w, H, plain)[0]))
 
 
 def test_gptq_damps_non_pd_hessian_and_records_it():
@@ -100,7 +128,8 @@ def test_gptq_damps_non_pd_hessian_and_records_it():
     H.diagonal().clamp_(min=0.1)
     assert torch.linalg.eigvalsh(H)[0] < 0
     w = torch.randn(8, 64, generator=g)
-    w_hat, info = gptq(w, H, "int4:g32")
+    q, info = gptq(w, H, "int4:g32")
+    w_hat = formats.parse("int4:g32").dequantize(q)
     assert info.damp_retries > 0 and info.damp > 0.01
     assert info.damp == pytest.approx(0.01 * 10**info.damp_retries)
     assert any("not positive definite" in m for m in info.warnings)
@@ -112,7 +141,8 @@ def test_gptq_dead_inputs():
     X[:, [3, 10]] = 0
     H = 2 * X.T @ X / X.shape[0]
     w = torch.randn(8, 64, generator=torch.Generator().manual_seed(10))
-    w_hat, info = gptq(w, H, "int4:g32")
+    q, info = gptq(w, H, "int4:g32")
+    w_hat = formats.parse("int4:g32").dequantize(q)
     assert info.n_dead == 2
     assert (w_hat[:, [3, 10]] == 0).all()
 
@@ -197,7 +227,8 @@ def test_rotate_with_gptq_rotates_the_hessian():
     X = correlated_inputs(seed=13)
     H = 2 * X.T @ X / X.shape[0]
     w = torch.randn(32, 256, generator=torch.Generator().manual_seed(14))
-    w_hat, info = quantize_unit(w, "int3:g64+gptq+rotate", H=H, compare_rtn=True)
+    qw, info = quantize_unit(w, "int3:g64+gptq+rotate", H=H, compare_rtn=True)
+    w_hat = qw.weight()
     assert info.rotate_block == 256
     assert out_err(X, w, w_hat) < 0.5 * out_err(X, w, formats.parse("int3:g64").fake_quant(w))
     assert info.output_error < info.output_error_rtn
@@ -240,7 +271,7 @@ def test_lowrank_does_no_harm_without_low_rank_structure():
     w = torch.randn(128, 256, generator=torch.Generator().manual_seed(22))
     for spec in ("int4:g64", "int3:g64"):
         fmt = formats.parse(spec)
-        w_hat, _ = quantize_unit(w, spec + "+lowrank:8")
+        w_hat = quantize_unit(w, spec + "+lowrank:8")[0].weight()
         plain = (fmt.fake_quant(w) - w).pow(2).sum()
         assert 0.85 * plain < (w_hat - w).pow(2).sum() <= 1.01 * plain
 
@@ -249,10 +280,11 @@ def test_lowrank_reduces_error_and_is_counted():
     g = torch.Generator().manual_seed(17)
     w = 0.2 * torch.randn(128, 32, generator=g) @ torch.randn(32, 256, generator=g) + 0.05 * torch.randn(128, 256, generator=g)
     fmt = formats.parse("int3:g64")
-    w_hat, info = quantize_unit(w, "int3:g64+lowrank:32")
+    qw, info = quantize_unit(w, "int3:g64+lowrank:32")
+    w_hat = qw.weight()
     assert info.rank == 32
     assert (w_hat - w).pow(2).sum() < 0.01 * (fmt.fake_quant(w) - w).pow(2).sum()
-    L, R = info.lowrank
+    L, R = qw.transforms.lowrank
     assert torch.equal(L, L.bfloat16().float()) and torch.equal(R, R.bfloat16().float())  # honest bf16 factors
     opt = parse_option("int3:g64+lowrank:32")
     assert opt.bits((128, 256)) == fmt.bits((128, 256)) + 16 * 32 * (128 + 256)
@@ -270,8 +302,9 @@ def test_quantize_unit_names_missing_calibration():
         quantize_unit(w, "int3:g64+gptq")
     with pytest.raises(MixqError, match="needs calibration data.*mean \\|x\\|"):
         quantize_unit(w, "int4:g64+smooth", H=torch.eye(64))
-    w_hat, info = quantize_unit(w, "int4:g64")  # RTN needs nothing
-    assert torch.equal(w_hat, formats.parse("int4:g64").fake_quant(w))
+    qw, info = quantize_unit(w, "int4:g64")  # RTN needs nothing
+    assert torch.equal(qw.weight(), formats.parse("int4:g64").fake_quant(w))
+    assert qw.transforms.is_identity
     assert info.to_dict()["quantizer"] == "rtn"
 
 
@@ -280,7 +313,8 @@ def test_quantize_unit_full_chain():
     X[:, [1, 50]] *= 20
     H, a = 2 * X.T @ X / X.shape[0], X.abs().mean(0)
     w = torch.randn(48, 256, generator=torch.Generator().manual_seed(19))
-    w_hat, info = quantize_unit(w, "int3:g64+gptq+smooth+rotate+lowrank:8", H=H, act_absmean=a, compare_rtn=True)
+    qw, info = quantize_unit(w, "int3:g64+gptq+smooth+rotate+lowrank:8", H=H, act_absmean=a, compare_rtn=True)
+    w_hat = qw.weight()
     d = info.to_dict()
     assert d["alpha"] is not None and d["rank"] == 8 and d["rotate_block"] == 256 and d["damp"] == 0.01
     assert info.output_error < 0.5 * info.output_error_rtn

@@ -15,7 +15,7 @@ from mixq.errors import ArtifactError, FormatError, MixqError
 from mixq.models import llm_units
 from mixq.models.enumerate import cnn_units
 from mixq.models.units import Unit, get_weight
-from mixq.plan import parse_option
+from mixq.option import parse_option
 from mixq.sensitivity import (METHODS, SensitivityTable, analyze, calibration_loss_fn, fwd_bwd_seconds,
                               spiky_units)
 
@@ -295,7 +295,7 @@ def test_bad_inputs_and_quantize_hook(tiny):
         analyze(model, units, CANDS, "magic", calib)
     with pytest.raises(FormatError):
         analyze(model, units, ["int99:g7"], "output", calib)
-    with pytest.raises(MixqError, match="not supported yet"):
+    with pytest.raises(MixqError, match="not plain round to nearest.*UnitQuantizer"):
         analyze(model, units, ["int4:g32+gptq"], "output", calib)
     same = analyze(model, units, CANDS, "output", calib, quantize_fn=lambda u, w, opt: w)
     assert all(o["error"] == 0.0 for u in same.units for o in u.options)

@@ -8,12 +8,12 @@ import time
 from pathlib import Path
 
 from mixq.accounting import bit_totals
-from mixq.apply import check_finite, fake_quantized, is_plain_rtn, plan_needs_calibration
 from mixq.artifacts import sha256_text
 from mixq.errors import DataError, MixqError
 from mixq.models import DEFAULT_MODEL, LoadedModel, get_weight, load_model
 from mixq.models.support import context_length
-from mixq.plan import Plan, parse_option
+from mixq.option import CalibConfig, parse_option
+from mixq.plan import Plan
 from mixq.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -50,21 +50,30 @@ def evaluate(
     calib_seqlen: int = 512,
     seed: int = 0,
     progress: Progress | None = None,
+    config: CalibConfig | None = None,
+    device: str | None = "auto",
+    dtype: str | None = None,
+    offload: str | None = "auto",
+    cache: dict | None = None,
 ) -> dict:
     """Evaluate the float model and each uniform format / plan on it.
 
     Causal LMs: token-level perplexity on `windows` non-overlapping windows of `seqlen`
     tokens of `data` (None: all full windows), KL to the float model and top-1 agreement,
-    and zero-shot `tasks` (first `limit` examples each). Image classifiers: top-1 on the
-    evaluation half of CIFAR-10. Every row carries its all-in bits per weight.
+    and zero-shot `tasks` (first `limit` examples each), all variants in one block-by-block
+    walk over the model (`eval.streamed`). Image classifiers: top-1 on the evaluation half
+    of CIFAR-10. Every row carries its all-in bits per weight.
     Options with GPTQ or smoothing (`int3:g64+gptq+rotate`) are calibrated on `calib_samples`
     random windows of `calib_seqlen` tokens of `calib` (default `wikitext2-valid`), block by
     block; image classifiers on `calib_samples` random images of the CIFAR-10 calibration
-    half (`cifar10-calib`), unit by unit. The manifest's warnings land in the row.
+    half (`cifar10-calib`), unit by unit. The manifest's warnings land in the row. `cache`:
+    (unit, option) -> QuantizedWeight made earlier (e.g. by the analysis), used instead of
+    quantizing again. device/dtype/offload: see `models.load_model` (a LoadedModel keeps its own).
     Returns the body of an `eval` artifact (see `mixq.artifacts`).
     """
     check_requests(options=list(formats), tasks=list(tasks))  # before the model loads
-    loaded = model if isinstance(model, LoadedModel) else load_model(model)
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device, offload=offload)
+    config = config or CalibConfig(seed=seed)
     planned = _plans_for(loaded, list(formats), list(plans), include_head)  # refuses models without known blocks
     if loaded.kind == "causal_lm":
         check_window(loaded, seqlen, "eval seqlen")
@@ -72,18 +81,20 @@ def evaluate(
     all_units = loaded.units(include_head=True, include_embeddings=True)
     _check_weights(loaded, all_units, planned)
     body: dict = {"model": loaded.name, "model_source": loaded.source, "note": loaded.note,
-                  "model_params": n_params, "include_head": include_head}
+                  "model_params": n_params, "include_head": include_head, **_placement(loaded)}
     calib_ids = None
-    if any(plan_needs_calibration(p) for _, p in planned):
+    if any(_needs_calibration(p) for _, p in planned) and not cache:
         calib_data, desc = calibration_data(loaded, calib, calib_samples, calib_seqlen, seed)
         calib_ids = calibration_inputs(calib_data)
         body["calibration"] = desc
+    _reset_peak(loaded)
     if loaded.kind == "causal_lm":
         rows = _eval_lm(loaded, planned, all_units, n_params, body, data, seqlen, windows, tasks, limit, progress,
-                        calib_ids)
+                        calib_ids, config, cache)
     else:
-        rows = _eval_image(loaded, planned, all_units, n_params, body, progress, calib_ids)
+        rows = _eval_image(loaded, planned, all_units, n_params, body, progress, calib_ids, config)
     body["rows"] = rows
+    body.update(_peak_memory(loaded))
     return body
 
 
@@ -107,17 +118,58 @@ def check_window(loaded: LoadedModel, seqlen: int, what: str) -> None:
     check_context(seqlen, context_length(loaded.model), what)
 
 
+def _needs_calibration(plan: Plan) -> bool:
+    return any(o.needs_calibration for o in plan.options.values())
+
+
+def _placement(loaded: LoadedModel) -> dict:
+    dev = loaded.compute_device
+    dtype = next((p.dtype for p in loaded.model.parameters() if p.is_floating_point()), None)
+    return {"device": str(dev), "dtype": str(dtype).removeprefix("torch.") if dtype else None,
+            "offload": loaded.offload}
+
+
+def _reset_peak(loaded: LoadedModel) -> None:
+    import torch
+
+    if loaded.compute_device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(loaded.compute_device)
+
+
+def _peak_memory(loaded: LoadedModel) -> dict:
+    """Peak memory allocated on the CUDA device since the last reset (bytes), when it is one."""
+    import torch
+
+    if loaded.compute_device.type != "cuda":
+        return {}
+    return {"peak_device_bytes": int(torch.cuda.max_memory_allocated(loaded.compute_device))}
+
+
 def _check_weights(loaded: LoadedModel, units, planned) -> None:
-    """Refuse NaN/inf weights in any unit a plan quantizes, naming the unit, before any work."""
+    """Refuse NaN/inf weights in any unit a plan quantizes, naming the unit, before any work
+    (weights not in memory, read from disk block by block, are checked when quantized)."""
     wanted = {name for _, plan in planned for name in plan.options}
     for u in units:
         if u.name in wanted:
-            check_finite(u, get_weight(loaded.model, u))
+            w = get_weight(loaded.model, u)
+            if w.device.type != "meta":
+                check_finite(u, w)
 
 
-def _eval_lm(loaded, planned, all_units, n_params, body, data, seqlen, n_windows, tasks, limit, progress, calib_ids):
+def check_finite(unit, w) -> None:
+    """Raise DataError naming the unit if its weight holds NaN or inf."""
+    import torch
+
+    if not torch.isfinite(w).all():
+        n_bad = int((~torch.isfinite(w)).sum())
+        raise DataError(f"unit {unit.name!r}: weight contains {n_bad} NaN/inf values; refusing to quantize it")
+
+
+def _eval_lm(loaded, planned, all_units, n_params, body, data, seqlen, n_windows, tasks, limit, progress, calib_ids,
+             config, cache):
+    from mixq.apply import applied
     from mixq.data import load_text, token_windows, tokenization_record
-    from mixq.eval.perplexity import FloatReference, lm_eval
+    from mixq.eval.streamed import Variant, evaluate_variants
     from mixq.eval.zeroshot import zero_shot
 
     data = data or loaded.default_data
@@ -126,46 +178,35 @@ def _eval_lm(loaded, planned, all_units, n_params, body, data, seqlen, n_windows
     body.update({"data": data, "data_sha256": sha256_text(text), "seqlen": seqlen,
                  "n_windows": int(windows.shape[0]), "n_tokens": int(windows.shape[0] * (seqlen - 1)),
                  "tokenization": tokenization_record(loaded.encode), "tasks": list(tasks), "task_limit": limit})
-    # Float log-probs are cached; when they would not all fit, the reference keeps a private
-    # float copy of the model to recompute from while the shared one is fake-quantized.
-    logp_bytes = windows.shape[0] * (seqlen - 1) * _vocab_size(loaded) * 4
-    ref = FloatReference(loaded.model, windows, copy_model=logp_bytes > _REF_CACHE_BYTES,
-                         cache_bytes=_REF_CACHE_BYTES)
+    if tasks and loaded.offload != "none":
+        raise MixqError("zero-shot tasks run on the whole model: load it on the device (--offload none) or drop --tasks")
+    t0 = time.perf_counter()
+    walker = loaded.walker()
+    variants = [Variant.for_plan(label, loaded.model, plan, calib=calib_ids, config=config, cache=cache,
+                                 keep_all=bool(tasks)) for label, plan in planned]
+    float_m, metrics = evaluate_variants(walker, all_units, windows, variants, progress=progress)
+    wall = time.perf_counter() - t0
 
     def task_scores():
         return {t: zero_shot(loaded.model, loaded.encode, t, limit=limit, progress=progress) for t in tasks}
 
-    t0 = time.perf_counter()
-    row = {"label": "float", "option": None, **bit_totals(None, all_units, n_params),
-           **ref.metrics(progress), "kl": 0.0, "top1_agree": 1.0}
-    row["tasks"] = task_scores()
-    row["eval_s"] = time.perf_counter() - t0
+    row = {"label": "float", "option": None, **bit_totals(None, all_units, n_params), **float_m,
+           "kl": 0.0, "top1_agree": 1.0, "tasks": task_scores()}
     rows = [row]
-    for label, plan in planned:
-        t0 = time.perf_counter()
-        extra: dict = {}
-        with fake_quantized(loaded.model, all_units, plan, progress, calib_ids=calib_ids, manifest_out=extra):
-            t_quant = time.perf_counter() - t0
-            m = lm_eval(loaded.model, windows, reference=ref, progress=progress)
-            row = {"label": label, "option": _describe(plan), **bit_totals(plan, all_units, n_params), **m}
-            row["tasks"] = task_scores()
-        row["quantize_s"] = t_quant
-        row["eval_s"] = time.perf_counter() - t0
-        if "manifest" in extra:
-            row["manifest_warnings"] = extra["manifest"]["warnings"]
+    for (label, plan), v, m in zip(planned, variants, metrics):
+        row = {"label": label, "option": _describe(plan), **bit_totals(plan, all_units, n_params), **m}
+        if tasks:
+            with applied(loaded.model, all_units, v.applier.weights):
+                row["tasks"] = task_scores()
+        else:
+            row["tasks"] = {}
         rows.append(row)
+    body["eval_s"] = wall
     return rows
 
 
-_REF_CACHE_BYTES = 6e9
-
-
-def _vocab_size(loaded: LoadedModel) -> int:
-    head = loaded.model.get_output_embeddings()
-    return int(getattr(head, "out_features", None) or head.weight.shape[0])
-
-
-def _eval_image(loaded, planned, all_units, n_params, body, progress, calib_ids):
+def _eval_image(loaded, planned, all_units, n_params, body, progress, calib_ids, config):
+    from mixq.apply import applied, quantize_model
     from mixq.data import load_cifar10
     from mixq.eval.vision import top1
 
@@ -175,14 +216,15 @@ def _eval_image(loaded, planned, all_units, n_params, body, progress, calib_ids)
              **top1(loaded.model, images, labels, progress=progress)}]
     for label, plan in planned:
         t0 = time.perf_counter()
-        extra: dict = {}
-        with fake_quantized(loaded.model, all_units, plan, progress, calib_ids=calib_ids, manifest_out=extra):
-            t_quant = time.perf_counter() - t0
+        qm = quantize_model(loaded.model, all_units, plan, calib_ids, config=config, progress=progress,
+                            keep_device=None)
+        t_quant = time.perf_counter() - t0
+        with applied(loaded.model, all_units, qm.weights):
             m = top1(loaded.model, images, labels, progress=progress)
         row = {"label": label, "option": _describe(plan), **bit_totals(plan, all_units, n_params), **m,
                "quantize_s": t_quant}
-        if "manifest" in extra:
-            row["manifest_warnings"] = extra["manifest"]["warnings"]
+        if any(not o.is_plain for o in plan.options.values()):
+            row["manifest_warnings"] = list(qm.manifest.warnings)
         rows.append(row)
     return rows
 
@@ -235,7 +277,7 @@ def calibration_data(loaded: LoadedModel, calib: str | None = None, samples: int
 
 
 def calibration_inputs(data):
-    """What `mixq.calibrate` takes from `calibration_data`'s result: the token windows, or
+    """What `mixq.apply.quantize_model` takes from `calibration_data`'s result: the token windows, or
     the images of an (images, labels) pair."""
     return data[0] if isinstance(data, tuple) else data
 
@@ -243,44 +285,63 @@ def calibration_inputs(data):
 def analyze(model: str | LoadedModel = DEFAULT_MODEL, candidates=DEFAULT_CANDIDATES, method: str = "fisher",
             calib: str | None = None, samples: int = 8, seqlen: int = 512, seed: int = 0,
             include_head: bool = False, measure_cost: bool = True, progress: Progress | None = None,
-            **method_opts):
+            device: str | None = "auto", dtype: str | None = None, offload: str | None = "auto",
+            config: CalibConfig | None = None, **method_opts):
     """Measure sensitivity once: a `SensitivityTable` over every unit x candidate option.
 
-    Its `timing` holds the analysis wall time and, with `measure_cost`, the wall time of
-    one float forward+backward over the same calibration set and their ratio."""
-    from mixq.sensitivity import analyze as run_analysis
-    from mixq.sensitivity import fwd_bwd_seconds
+    Causal LMs run fisher, output and (offloaded) hutchinson block by block, one block on the
+    device at a time. Its `timing` holds the analysis wall time and, with `measure_cost`, the
+    wall time of one float forward+backward over the same calibration set and their ratio
+    (when the model fits the device), and the peak device memory."""
+    return analyze_keeping(model, candidates, method, calib, samples, seqlen, seed, include_head, measure_cost,
+                           progress, device, dtype, offload, config, **method_opts)[0]
+
+
+def analyze_keeping(model, candidates, method, calib, samples, seqlen, seed, include_head, measure_cost, progress,
+                    device, dtype, offload, config, keep: bool = False, **method_opts):
+    """`analyze`, also returning the quantized weights of its calibrated candidates when
+    `keep` (see `sensitivity.analyze_keeping`): (table, cache)."""
+    import torch
+
+    from mixq.sensitivity import UnitQuantizer, fwd_bwd_seconds
+    from mixq.sensitivity import analyze_keeping as run_analysis
 
     check_requests(options=list(candidates))  # before the model loads
-    loaded = model if isinstance(model, LoadedModel) else load_model(model)
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device, offload=offload)
+    config = config or CalibConfig(seed=seed)
     units = loaded.units(include_head=include_head)
     data, description = calibration_data(loaded, calib, samples, seqlen, seed)
+    options = [parse_option(c) for c in candidates]
     if loaded.kind == "image_classifier":
         # Images are small: batches of 64 (the Fisher is then over per-batch gradients of 64).
         method_opts.setdefault("batch_size", 64)
-    quantizer_warnings: list[str] = []
-    if any(o.quantizer != "rtn" or o.transforms for o in map(parse_option, candidates)):
-        # Candidates with GPTQ/rotation/smoothing: their weights come from per-unit
-        # statistics of one float capture pass on the same calibration data
-        # (image models: the calibration images, without their labels).
-        from mixq.calibrate import quantize_fn_for_sensitivity
-
-        method_opts["quantize_fn"] = quantize_fn_for_sensitivity(loaded.model, units, calibration_inputs(data),
-                                                                 seed=seed, progress=progress,
-                                                                 warnings_out=quantizer_warnings)
-    table = run_analysis(loaded.model, units, list(candidates), method, data, seed=seed, model_name=loaded.name,
-                         calib_description=description, progress=progress, **method_opts)
-    if quantizer_warnings:  # option parts dropped for some units (e.g. +rotate on an odd input dim)
-        table.calibration["quantizer_warnings"] = sorted(set(quantizer_warnings))
+    _reset_peak(loaded)
+    if loaded.kind == "causal_lm":
+        fd = method == "hutchinson" and loaded.offload != "none"
+        target = loaded.walker(compute_dtype=torch.float32 if fd else None)
+        keep_set = {str(o) for o in options if not o.is_plain} if keep else None
+    else:
+        target, keep_set = loaded.model, None
+        if any(not o.is_plain for o in options):
+            # Candidates with GPTQ/rotation/smoothing: their weights come from per-unit
+            # statistics of one float capture pass on the same calibration data
+            # (image models: the calibration images, without their labels).
+            method_opts["quantize_fn"] = UnitQuantizer.from_calibration(loaded.model, units, calibration_inputs(data),
+                                                                        config=config, progress=progress)
+    table, cache = run_analysis(target, units, list(candidates), method, data, seed=seed, model_name=loaded.name,
+                                calib_description=description, progress=progress, config=config, keep=keep_set,
+                                **method_opts)
+    table.timing.update(_peak_memory(loaded))
+    table.timing.update(_placement(loaded))
     if loaded.kind == "causal_lm":
         from mixq.data import tokenization_record
 
         table.calibration["tokenization"] = tokenization_record(loaded.encode)
-    if measure_cost:
+    if measure_cost and loaded.offload == "none":
         fb = fwd_bwd_seconds(loaded.model, data, batch_size=method_opts.get("batch_size", 1))
         table.timing["fwd_bwd_s"] = fb
         table.timing["ratio_to_fwd_bwd"] = table.timing["wall_s"] / fb
-    return table
+    return table, cache
 
 
 def plan(table, budget_bpw: float, *, solver: str = "ilp", max_bytes: int | None = None,
@@ -341,26 +402,28 @@ def is_checkpoint(path: str | Path) -> bool:
 def quantize(model: str | LoadedModel, out_dir: str | Path, *, plan: str | Path | Plan | None = None,
              fmt: str | None = None, include_head: bool = False, calib: str | None = None, calib_samples: int = 128,
              calib_seqlen: int = 512, seed: int = 0, fp32: bool = False, overwrite: bool = False,
-             progress: Progress | None = None) -> dict:
+             progress: Progress | None = None, config: CalibConfig | None = None, device: str | None = "auto",
+             dtype: str | None = None, offload: str | None = "auto") -> dict:
     """Quantize a model by a plan (or one option everywhere) and write a packed checkpoint.
 
-    GPTQ/smoothing options are calibrated block by block on `calib`; the manifest of what was
-    done lands in the checkpoint's mixq.json. Units with transforms (rotate, smooth, lowrank)
-    are stored as the codes of their quantized transformed weight with s, the rotation's
-    seed and the low-rank factors beside them, applied online when the checkpoint runs.
-    Returns that document."""
+    Every unit goes through `mixq.apply.quantize_model` (block by block, one block on the
+    device at a time; GPTQ/smoothing calibrated on `calib`), and the checkpoint stores the
+    quantizer's codes as they are: a unit with transforms (rotate, smooth, lowrank) as the
+    codes of its transformed weight Q(E) with s, the rotation's seed and the low-rank
+    factors beside them, applied online when the checkpoint runs. The manifest of what was
+    done lands in the checkpoint's mixq.json. Returns that document."""
     import torch
 
-    from mixq.calibrate import quantize_model
+    from mixq.apply import quantize_model
     from mixq.export import save_quantized
+    from mixq.export.save import check_out_dir
 
     if (plan is None) == (fmt is None):
         raise MixqError("give exactly one of a plan (--plan plan.json) or a format (--format SPEC)")
-    from mixq.export.save import check_out_dir
-
     check_out_dir(out_dir, overwrite)  # before any quantization work
     check_requests(options=[fmt] if fmt else [])
-    loaded = model if isinstance(model, LoadedModel) else load_model(model)
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device, offload=offload)
+    config = config or CalibConfig(seed=seed)
     units = loaded.units(include_head=True, include_embeddings=True)
     if plan is None:
         the_plan = Plan.uniform(loaded.name, loaded.units(include_head=include_head), fmt)
@@ -368,34 +431,45 @@ def quantize(model: str | LoadedModel, out_dir: str | Path, *, plan: str | Path 
         the_plan = plan if isinstance(plan, Plan) else Plan.load(plan)
     the_plan.check_against(units)
     _check_weights(loaded, units, [("plan", the_plan)])
-    manifest = None
-    if not is_plain_rtn(the_plan):
-        calib_ids = None
-        if plan_needs_calibration(the_plan):
-            calib_ids = calibration_inputs(calibration_data(loaded, calib, calib_samples, calib_seqlen, seed)[0])
-        manifest = quantize_model(loaded.model, units, the_plan, calib_ids, progress=progress, seed=seed,
-                                  keep_transformed=True)
-    return save_quantized(loaded, units, the_plan, out_dir, manifest=manifest, progress=progress,
-                          float_dtype=torch.float32 if fp32 else torch.bfloat16, overwrite=overwrite)
+    calib_ids = None
+    if _needs_calibration(the_plan):
+        calib_ids = calibration_inputs(calibration_data(loaded, calib, calib_samples, calib_seqlen, seed)[0])
+    _reset_peak(loaded)
+    target = loaded.walker() if loaded.kind == "causal_lm" else loaded.model
+    qm = quantize_model(target, units, the_plan, calib_ids, config=config, progress=progress, keep_device="cpu")
+    run = {**_placement(loaded), **_peak_memory(loaded), "quantize_s": qm.manifest.wall_s}
+    return save_quantized(loaded, units, the_plan, out_dir, weights=qm.weights, manifest=qm.manifest, progress=progress,
+                          float_dtype=torch.float32 if fp32 else torch.bfloat16, overwrite=overwrite,
+                          tensors=loaded.store.tensor if loaded.store is not None else None, run=run)
 
 
 def evaluate_checkpoint(path: str | Path, *, data: str | None = None, seqlen: int = 512, windows: int | None = 8,
-                        tasks=(), limit: int | None = None, progress: Progress | None = None) -> dict:
+                        tasks=(), limit: int | None = None, progress: Progress | None = None,
+                        device: str | None = "auto", dtype: str | None = None, offload: str | None = "auto") -> dict:
     """Evaluate a packed checkpoint against the float model it was made from (loaded by the
-    name its mixq.json records), without quantizing again."""
-    from mixq.export import load_quantized
+    name its mixq.json records), without quantizing again. On a GPU the checkpoint runs
+    packed (the quantized kernels); the float reference runs block by block when it does not
+    fit the device (its log-probabilities are then kept in host memory)."""
+    from mixq.export import load_quantized, read_checkpoint
+    from mixq.models.placement import DTYPES, resolve_device, resolve_dtype
 
     check_requests(tasks=list(tasks))
-    q = load_quantized(path, packed="auto", progress=progress)
+    dev = resolve_device(device)
+    stored = read_checkpoint(path, verify=False).get("float_dtype")
+    compute_dtype = resolve_dtype(dtype, dev, DTYPES.get(stored) if stored else None)
+    q = load_quantized(path, device=dev, dtype=compute_dtype, packed="auto", progress=progress)
     plan = q.extra["plan"]
     plan.meta.setdefault("label", f"checkpoint {Path(path).name}")
-    ref_model = load_model(q.name)
+    ref_model = load_model(q.name, dtype=compute_dtype, device=dev, offload=offload)
     body: dict = {"model": q.name, "model_source": ref_model.source, "checkpoint": str(path), "note": ref_model.note,
-                  "model_params": q.extra["n_params"], "include_head": False}
+                  "model_params": q.extra["n_params"], "include_head": False, **_placement(ref_model),
+                  "packed": bool(q.extra.get("packed"))}
     totals = bit_totals(plan, q.extra["units"], q.extra["n_params"])
+    _reset_peak(ref_model)
     if ref_model.kind == "causal_lm":
         from mixq.data import load_text, token_windows, tokenization_record
         from mixq.eval.perplexity import FloatReference, lm_eval
+        from mixq.eval.streamed import streamed_log_probs
         from mixq.eval.zeroshot import zero_shot
 
         check_window(ref_model, seqlen, "eval seqlen")
@@ -403,12 +477,18 @@ def evaluate_checkpoint(path: str | Path, *, data: str | None = None, seqlen: in
         text = load_text(data)
         win = token_windows(ref_model.encode, text, seqlen, windows)
         body.update({"data": data, "data_sha256": sha256_text(text), "seqlen": seqlen, "n_windows": int(win.shape[0]),
-                     "n_tokens": int(win.shape[0] * (seqlen - 1)), "tokenization": tokenization_record(ref_model.encode),
-                     "tasks": list(tasks), "task_limit": limit})
-        ref = FloatReference(ref_model.model, win)
+                     "n_tokens": int(win.shape[0] * (seqlen - 1)),
+                     "tokenization": tokenization_record(ref_model.encode), "tasks": list(tasks), "task_limit": limit})
+        if ref_model.offload == "none":
+            ref = FloatReference(ref_model.model, win)
+        else:
+            ref = FloatReference.from_log_probs(win, streamed_log_probs(ref_model.walker(), win, progress=progress))
         fl = {"label": "float", "option": None, **bit_totals(None, q.extra["units"], q.extra["n_params"]),
-              **ref.metrics(progress), "kl": 0.0, "top1_agree": 1.0,
-              "tasks": {t: zero_shot(ref_model.model, ref_model.encode, t, limit=limit) for t in tasks}}
+              **ref.metrics(progress), "kl": 0.0, "top1_agree": 1.0}
+        if tasks and ref_model.offload != "none":
+            raise MixqError("zero-shot tasks run on the whole float model: load it on the device (--offload none) "
+                            "or drop --tasks")
+        fl["tasks"] = {t: zero_shot(ref_model.model, ref_model.encode, t, limit=limit) for t in tasks}
         qr = {"label": plan.meta["label"], "option": _describe(plan), **totals,
               **lm_eval(q.model, win, reference=ref, progress=progress),
               "tasks": {t: zero_shot(q.model, q.encode, t, limit=limit) for t in tasks}}
@@ -423,4 +503,5 @@ def evaluate_checkpoint(path: str | Path, *, data: str | None = None, seqlen: in
         qr = {"label": plan.meta["label"], "option": _describe(plan), **totals,
               **top1(q.model, images, labels, progress=progress)}
     body["rows"] = [fl, qr]
+    body.update(_peak_memory(ref_model))
     return body

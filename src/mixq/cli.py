@@ -147,7 +147,7 @@ def cmd_eval(args) -> int:
         result = api.evaluate_checkpoint(args.model, data=args.data, seqlen=args.seqlen,
                                          windows=None if args.windows == 0 else args.windows,
                                          tasks=_csv(args.tasks) if args.tasks else [], limit=args.limit,
-                                         progress=_progress(args))
+                                         progress=_progress(args), **_placement(args))
         print(eval_table(result))
         if args.json:
             _write_json(args.json, "eval", api.EVAL_SCHEMA, result)
@@ -173,6 +173,7 @@ def cmd_eval(args) -> int:
         calib_seqlen=args.calib_seqlen,
         seed=args.seed,
         progress=_progress(args),
+        **_placement(args),
     )
     print(eval_table(result))
     if args.json:
@@ -232,13 +233,18 @@ def cmd_analyze(args) -> int:
 
     table = api.analyze(args.model, candidates=_csv(args.candidates), method=args.method, calib=args.calib,
                         samples=args.samples, seqlen=args.seqlen, seed=args.seed, include_head=args.include_head,
-                        progress=_progress(args))
+                        progress=_progress(args), **_placement(args))
     table.save(args.output)
     t = table.timing
     print(f"sensitivity ({table.method}) of {len(table.units)} units x {len(table.candidates)} candidates; "
           f"calibration: {table.calibration.get('description', '')}")
-    print(f"analysis {t['wall_s']:.1f} s = {t.get('ratio_to_fwd_bwd', float('nan')):.1f} x one float "
-          f"forward+backward over the calibration set ({t.get('fwd_bwd_s', float('nan')):.2f} s)")
+    if "ratio_to_fwd_bwd" in t:
+        print(f"analysis {t['wall_s']:.1f} s = {t['ratio_to_fwd_bwd']:.1f} x one float forward+backward over the "
+              f"calibration set ({t['fwd_bwd_s']:.2f} s)")
+    else:
+        print(f"analysis {t['wall_s']:.1f} s (blocks offloaded to {t.get('offload')}: no whole-model reference timed)")
+    if t.get("peak_device_bytes"):
+        print(f"peak {t['device']} memory {t['peak_device_bytes'] / 2**30:.2f} GiB")
     worst = sorted(table.units, key=lambda u: -u.options[0]["error"])[:8]
     print(render_table(["most sensitive unit", f"error @ {table.candidates[0]}", "input max/median"],
                        [[u.name, u.options[0]["error"], u.stats.get("ratio")] for u in worst]))
@@ -280,17 +286,20 @@ def cmd_plan(args) -> int:
 def cmd_run(args) -> int:
     from mixq.pipeline import run
 
-    res = run(args.model, budget_bpw=args.budget, out_dir=args.out,
-              candidates=_csv(args.candidates) if args.candidates else None,
-              method=args.method, calib=args.calib, samples=args.samples, seqlen=args.seqlen,
-              eval_windows=args.windows, n_checks=args.checks, seed=args.seed,
-              ties=_csv(args.tie) if args.tie else [], progress=_progress(args), stage=_stage_printer(args))
+    budgets = [float(b) for b in _csv(args.budget)]
+    if not budgets:
+        raise MixqError("--budget: give one or more bits-per-weight budgets, e.g. 3.5 or 4.25,3.25")
+    res = run(args.model, budget_bpw=budgets if len(budgets) > 1 else budgets[0], out_dir=args.out,
+              candidates=_csv(args.candidates) if args.candidates else None, method=args.method, calib=args.calib,
+              samples=args.samples, seqlen=args.seqlen, eval_windows=args.windows, n_checks=args.checks,
+              seed=args.seed, ties=_csv(args.tie) if args.tie else [], progress=_progress(args),
+              stage=_stage_printer(args), **_placement(args))
     print(eval_table(res["eval"]))
     chk = res["check"]
     if chk.get("spearman") is not None:
         print(f"additivity check over {len(chk['plans'])} frontier plans: Spearman(predicted error, measured "
               f"{chk['metric']}) = {chk['spearman']:.3f}")
-    print(f"closest uniform format under {args.budget:g} bits: {res['eval'].get('closest_uniform')}")
+    print(f"closest uniform format under {args.budget} bits: {res['eval'].get('closest_uniform')}")
     print(f"run directory {res['out_dir']}; report {res['report']}")
     return 0
 
@@ -302,12 +311,16 @@ def cmd_quantize(args) -> int:
     doc = api.quantize(args.model, args.output, plan=args.plan, fmt=(args.format + suffix) if args.format else None,
                        include_head=args.include_head, calib=args.calib, calib_samples=args.calib_samples,
                        calib_seqlen=args.calib_seqlen, seed=args.seed, fp32=args.fp32, overwrite=args.overwrite,
-                       progress=_progress(args))
+                       progress=_progress(args), **_placement(args))
     t = doc.get("totals", {})
     print(f"wrote {args.output}: {len(doc['units'])} packed units"
           + (f", {t.get('bpw_all', float('nan')):.3f} bits per weight all-in" if t else ""))
     if doc.get("warnings"):
         print(f"{len(doc['warnings'])} warning(s) recorded in mixq.json, first: {doc['warnings'][0]}")
+    r = doc.get("run", {})
+    if r.get("peak_device_bytes"):
+        print(f"quantized in {r['quantize_s']:.1f} s on {r['device']} (blocks offloaded: {r['offload']}), "
+              f"peak memory {r['peak_device_bytes'] / 2**30:.2f} GiB")
     return 0
 
 
@@ -316,8 +329,10 @@ def cmd_generate(args) -> int:
 
     from mixq.export import generate, load_quantized
 
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    from mixq.models.placement import resolve_device, resolve_dtype
+
+    dev = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, dev, torch.bfloat16)
     loaded = load_quantized(args.checkpoint, device=dev, dtype=dtype, packed="auto")
     print(generate(loaded, args.prompt, args.max_new_tokens, greedy=not args.sample, chat=args.chat, seed=args.seed))
     return 0
@@ -335,11 +350,11 @@ def cmd_report(args) -> int:
 
 class _DEFAULTS(argparse.ArgumentDefaultsHelpFormatter):
     """"(default: X)" after every option's help, except where the default is None, empty or
-    False (the help says what None means)."""
+    False (the help says what None means) or the help already names its default."""
 
     def _get_help_string(self, action):
         d = action.default
-        if d is None or d is False or (isinstance(d, (str, list)) and not d):
+        if d is None or d is False or (isinstance(d, (str, list)) and not d) or "(default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 
@@ -362,6 +377,22 @@ def _add_common(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log progress details")
     sp.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
                     help="no progress bars or stage lines")
+
+
+def _placement_args(p: argparse.ArgumentParser) -> None:
+    """--device / --dtype / --offload (see mixq.models.placement)."""
+    p.add_argument("--device", default="auto", help="auto (a CUDA GPU when there is one, else the CPU), cpu, cuda, "
+                   "cuda:N (default auto)")
+    p.add_argument("--dtype", default="auto", help="auto (the model's own dtype on a GPU, float32 on the CPU), "
+                   "bfloat16, float16, float32 (default auto)")
+    p.add_argument("--offload", default="auto", choices=["auto", "none", "cpu", "disk"],
+                   help="where the decoder blocks wait while one at a time computes on the device: none (all on "
+                   "the device), cpu (host memory), disk (read from the safetensors shards); auto picks none when "
+                   "the model fits the device (default auto)")
+
+
+def _placement(args) -> dict:
+    return {"device": args.device, "dtype": args.dtype, "offload": args.offload}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -404,6 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0, help="seed of calibration sampling and rotations")
     e.add_argument("--json", default=None, metavar="OUT", help="write the results as an eval artifact")
     _add_common(e)
+    _placement_args(e)
     e.set_defaults(func=cmd_eval)
 
     a = sub.add_parser("analyze", help="measure per-unit sensitivity to every candidate format, once")
@@ -420,6 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--spike-ratio", type=float, default=1000.0, help="input max/median ratio that flags an activation spike")
     a.add_argument("-o", "--output", default="sensitivity.json")
     _add_common(a)
+    _placement_args(a)
     a.set_defaults(func=cmd_analyze)
 
     pl = sub.add_parser("plan", help="choose a format per unit under a bit budget")
@@ -446,7 +479,8 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=_DEFAULTS)
     r.add_argument("model", nargs="?", default="smollm2-135m", help=f"built-in alias ({_aliases()}), model "
                    "directory, GGUF file or hub id")
-    r.add_argument("--budget", type=float, default=3.5, help="average all-in bits per weight of the plan")
+    r.add_argument("--budget", default="3.5", help="average all-in bits per weight of the plan; several "
+                   "comma-separated (4.25,3.25) share one analysis")
     r.add_argument("--candidates", default=None, help="comma-separated options to choose from (default: "
                    "int2:g64,int3:g64,int4:g64,int8:ch for LMs, int2:ch,int3:ch,int4:ch,int8:ch for CNNs)")
     r.add_argument("--method", default="fisher", help="sensitivity method: fisher, output, hutchinson, eigen, measure")
@@ -460,6 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(comma-separated; default: none)")
     r.add_argument("--seed", type=int, default=0, help="seed of calibration sampling (recorded in every artifact)")
     r.add_argument("--out", default="runs/default", help="run directory (artifacts and report.html)")
+    _placement_args(r)
     _add_common(r)
     r.set_defaults(func=cmd_run)
 
@@ -484,6 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
     qz.add_argument("--overwrite", action="store_true", help="replace an existing mixq checkpoint directory "
                     "(default: refuse)")
     qz.add_argument("-o", "--output", required=True, help="checkpoint directory (required)")
+    _placement_args(qz)
     _add_common(qz)
     qz.set_defaults(func=cmd_quantize)
 
@@ -495,6 +531,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     g.add_argument("--seed", type=int, default=0)
     _add_common(g)
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default auto)")
+    g.add_argument("--dtype", default="auto", help="activation dtype: auto (bf16 on a GPU, float32 on the CPU), "
+                   "bfloat16, float16, float32")
     g.set_defaults(func=cmd_generate)
 
     rp = sub.add_parser("report", help="write report.html for a run directory")

@@ -15,7 +15,8 @@ from typing import Callable
 
 from mixq import api
 from mixq.models import DEFAULT_MODEL, load_model
-from mixq.plan import Plan, parse_option
+from mixq.option import parse_option
+from mixq.plan import Plan
 from mixq.progress import Progress
 
 # Candidates the ILP chooses among; the mixed plans are matched to the bits of these

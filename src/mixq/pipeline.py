@@ -18,7 +18,8 @@ from mixq import api
 from mixq.artifacts import write_artifact
 from mixq.errors import BudgetError
 from mixq.models import DEFAULT_MODEL, LoadedModel, load_model
-from mixq.plan import Plan, parse_option
+from mixq.option import parse_option
+from mixq.plan import Plan
 from mixq.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -68,12 +69,20 @@ def _rank_check(predicted: list[float], measured: list[float]) -> dict:
     return {"spearman": float(rho), "pearson_log": None if pl is None else float(pl)}
 
 
-def run(model: str | LoadedModel = DEFAULT_MODEL, budget_bpw: float = 3.5, out_dir: str | Path = "runs/default",
-        candidates=None, method: str = "fisher", calib: str | None = None, samples: int | None = None,
-        seqlen: int = 512, eval_data: str | None = None, eval_windows: int = 8, n_checks: int = 5, seed: int = 0,
-        ties: list[str] | None = None, progress: Progress | None = None, stage: Stage | None = None) -> dict:
+def run(model: str | LoadedModel = DEFAULT_MODEL, budget_bpw: float | list[float] = 3.5,
+        out_dir: str | Path = "runs/default", candidates=None, method: str = "fisher",
+        calib: str | None = None, samples: int | None = None, seqlen: int = 512, eval_data: str | None = None,
+        eval_windows: int = 8, n_checks: int = 5, seed: int = 0, ties: list[str] | None = None,
+        progress: Progress | None = None, device: str | None = "auto", dtype: str | None = None,
+        offload: str | None = "auto", calib_samples: int = 128, stage: Stage | None = None) -> dict:
     """Run the whole pipeline; returns a summary and leaves in `out_dir`: sensitivity.json,
-    plan.json (ILP), plan_greedy.json, frontier.json, eval.json, check.json, report.html.
+    plan.json (ILP; plan_<budget>.json for each further budget), plan_greedy.json,
+    frontier.json, eval.json, check.json, report.html.
+
+    Calibrated candidates (gptq, smooth) are quantized once, in the analysis (from each
+    unit's float input Hessian on the analysis' calibration windows), and every plan is
+    evaluated with those weights: one measurement serves every budget. `mixq quantize` of a
+    plan calibrates sequentially on `calib_samples` windows instead.
 
     `candidates` and `samples` default by model kind (`RUN_DEFAULTS`); `stage(i, n, text)`
     is called as each of the `N_STAGES` stages begins."""
@@ -82,10 +91,11 @@ def run(model: str | LoadedModel = DEFAULT_MODEL, budget_bpw: float = 3.5, out_d
     say = stage or (lambda i, n, text: None)
     if candidates is not None:
         api.check_requests(options=list(candidates))  # before the model loads
+    budgets = [float(b) for b in (budget_bpw if isinstance(budget_bpw, (list, tuple)) else [budget_bpw])]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     say(1, N_STAGES, f"load {model if isinstance(model, str) else model.name}")
-    loaded = model if isinstance(model, LoadedModel) else load_model(model)
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device, offload=offload)
     defaults = RUN_DEFAULTS.get(loaded.kind, RUN_DEFAULTS["causal_lm"])
     candidates = tuple(candidates) if candidates is not None else defaults["candidates"]
     samples = samples if samples is not None else defaults["samples"]
@@ -93,42 +103,50 @@ def run(model: str | LoadedModel = DEFAULT_MODEL, budget_bpw: float = 3.5, out_d
         api.check_window(loaded, seqlen, "seqlen")
     say(2, N_STAGES, f"analyze: {method} sensitivity of {len(candidates)} candidates on {samples} calibration "
                      f"{'windows' if loaded.kind == 'causal_lm' else 'images'}")
-    table = api.analyze(loaded, candidates=candidates, method=method, calib=calib, samples=samples, seqlen=seqlen,
-                        seed=seed, progress=progress)
+    table, cache = api.analyze_keeping(loaded, candidates, method, calib, samples, seqlen, seed, False, True, progress,
+                                       device, dtype, offload, None, keep=True)
     table.save(out / "sensitivity.json")
-    say(3, N_STAGES, f"plan at {budget_bpw:g} bits per weight (ILP, greedy, frontier)")
-    plan, curve = api.plan(table, budget_bpw, ties=ties, frontier_points=41, progress=progress)
-    plan.meta["label"] = f"mixed ILP @ {budget_bpw:g}"
-    plan.save(out / "plan.json")
+    say(3, N_STAGES, f"plan at {', '.join(f'{b:g}' for b in budgets)} bits per weight (ILP, greedy, frontier)")
+    plans = []
+    curve: list[dict] = []
+    for i, budget in enumerate(budgets):
+        plan, c = api.plan(table, budget, ties=ties, frontier_points=41 if i == 0 else 0, progress=progress)
+        plan.meta["label"] = f"mixed ILP @ {budget:g}"
+        plan.save(out / ("plan.json" if i == 0 else f"plan_{budget:g}.json"))
+        plans.append(plan)
+        curve = curve or c
     api.save_frontier(out / "frontier.json", curve, {"model": loaded.name, "solver": "ilp",
-                                                     "sensitivity": plan.meta["sensitivity"]})
-    plans = [plan]
+                                                     "sensitivity": plans[0].meta["sensitivity"]})
     try:
-        greedy, _ = api.plan(table, budget_bpw, solver="greedy", ties=ties)
-        greedy.meta["label"] = f"mixed greedy @ {budget_bpw:g}"
+        greedy, _ = api.plan(table, budgets[0], solver="greedy", ties=ties)
+        greedy.meta["label"] = f"mixed greedy @ {budgets[0]:g}"
         greedy.save(out / "plan_greedy.json")
         plans.append(greedy)
     except BudgetError as e:
-        log.warning("greedy found no plan at %g: %s", budget_bpw, e)
+        log.warning("greedy found no plan at %g: %s", budgets[0], e)
     checks = []
     for p in check_points(curve, n_checks):
         cp, _ = api.plan(table, p["budget_bpw"], ties=ties)
         cp.meta["label"] = f"frontier @ {p['bits_per_weight']:.3f}"
         checks.append(cp)
     shapes = {u.name: tuple(u.shape) for u in table.units}
-    uniform = closest_uniform(list(table.candidates), shapes, budget_bpw)
+    uniform = {b: closest_uniform(list(table.candidates), shapes, b) for b in budgets}
     formats = list(table.candidates)
     say(4, N_STAGES, f"eval: float, {len(formats)} uniform formats and {len(plans) + len(checks)} plans")
     res = api.evaluate(loaded, formats=formats, plans=plans + checks, data=eval_data, windows=eval_windows,
-                       seqlen=seqlen, progress=progress)
-    res["budget_bpw"] = budget_bpw
-    res["closest_uniform"] = uniform
+                       seqlen=seqlen, progress=progress, cache=cache, seed=seed, calib=calib,
+                       calib_samples=calib_samples, calib_seqlen=seqlen)
+    res["budget_bpw"] = budgets[0] if len(budgets) == 1 else budgets
+    res["closest_uniform"] = uniform[budgets[0]] if len(budgets) == 1 else {f"{b:g}": u for b, u in uniform.items()}
+    res["analysis"] = {"wall_s": table.timing.get("wall_s"), "peak_device_bytes": table.timing.get("peak_device_bytes"),
+                       "calibrated_from": "the analysis' float input Hessians" if cache else None}
     write_artifact(out / "eval.json", "eval", api.EVAL_SCHEMA, res)
     check = _check(res, checks, formats, loaded.kind)
     write_artifact(out / "check.json", "check", CHECK_SCHEMA, check)
     say(5, N_STAGES, "report")
     report = write_report(out)
-    return {"out_dir": str(out), "report": str(report), "eval": res, "check": check, "plan": plan}
+    return {"out_dir": str(out), "report": str(report), "eval": res, "check": check, "plan": plans[0],
+            "plans": plans[:len(budgets)]}
 
 
 def _measured(row: dict, kind: str) -> float:

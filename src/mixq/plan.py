@@ -1,8 +1,8 @@
 """The `Plan` artifact: an explicit unit -> option mapping.
 
-An option is a numeric format plus the quantizer that produces it and any transforms applied
-first, written `FORMAT[+QUANTIZER][+TRANSFORM...]` (e.g. `int4:g64`, `int3:g64+gptq+rotate`).
-Every unit is named; nothing is left to patterns. A plan records the shape of every unit so
+An option (`mixq.option.Option`) is a numeric format plus the quantizer that produces it and
+any transforms applied first, written `FORMAT[+QUANTIZER][+TRANSFORM...]` (e.g. `int4:g64`,
+`int3:g64+gptq+rotate`). Every unit is named; nothing is left to patterns. A plan records the shape of every unit so
 that applying it to another model is refused with the first mismatches listed.
 """
 
@@ -11,70 +11,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from mixq import formats
 from mixq.artifacts import read_artifact, write_artifact
-from mixq.errors import ArtifactError, FormatError
+from mixq.errors import ArtifactError
 from mixq.models.units import Unit
+from mixq.option import Option, parse_option
 
 PLAN_SCHEMA = 1
-QUANTIZERS = ("rtn", "gptq")
-
-
-@dataclass(frozen=True)
-class Option:
-    """A format with the quantizer and transforms that produce it."""
-
-    format: str
-    quantizer: str = "rtn"
-    transforms: tuple[str, ...] = ()
-
-    def __str__(self) -> str:
-        parts = [self.format]
-        if self.quantizer != "rtn":
-            parts.append(self.quantizer)
-        parts.extend(self.transforms)
-        return "+".join(parts)
-
-    @property
-    def fmt(self) -> formats.Format:
-        return formats.parse(self.format)
-
-    def bits(self, shape: tuple[int, int]) -> int:
-        """All-in bits of the unit under this option: the format's bits plus what transforms
-        store beside the codes, as a packed checkpoint writes them: a low-rank branch
-        16 r (out + in) (bf16 factors, r capped at min(out, in) as `quantize_unit` does),
-        smoothing scales 32 in (one float32 per input channel). A rotation is a seed: 0 bits."""
-        extra = 0
-        for t in self.transforms:
-            if t.startswith("lowrank:"):
-                rank = min(int(t.split(":", 1)[1]), shape[0], shape[1])
-                extra += 16 * rank * (shape[0] + shape[1])
-            elif t == "smooth":
-                extra += 32 * shape[1]
-        return self.fmt.bits(shape) + extra
-
-
-def parse_option(text: str) -> Option:
-    """Parse `FORMAT[+QUANTIZER][+TRANSFORM...]`; the format is validated by formats.parse."""
-    parts = [p.strip() for p in text.strip().split("+") if p.strip()]
-    if not parts:
-        raise FormatError(f"empty option {text!r}; expected FORMAT[+gptq][+rotate|+smooth|+lowrank:R]")
-    fmt = str(formats.parse(parts[0]))
-    quantizer, transforms = "rtn", []
-    for p in parts[1:]:
-        low = p.lower()
-        if low in QUANTIZERS:
-            quantizer = low
-        elif low in ("rotate", "smooth") or low.startswith("lowrank:"):
-            if low.startswith("lowrank:") and (not low.split(":", 1)[1].isdigit() or int(low.split(":", 1)[1]) < 1):
-                raise FormatError(f"option {text!r}: lowrank needs a positive integer rank, e.g. lowrank:16")
-            transforms.append(low)
-        else:
-            raise FormatError(
-                f"option {text!r}: unknown part {p!r}; expected a quantizer ({', '.join(QUANTIZERS)}) "
-                "or a transform (rotate, smooth, lowrank:R)"
-            )
-    return Option(fmt, quantizer, tuple(transforms))
 
 
 @dataclass

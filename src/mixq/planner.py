@@ -15,9 +15,10 @@ import re
 from collections import defaultdict
 
 from mixq.allocate import Problem, Solution, UnitChoices, frontier, solve
-from mixq.allocate import Option as AllocOption
+from mixq.allocate import Choice
 from mixq.errors import MixqError
-from mixq.plan import Plan, parse_option
+from mixq.option import parse_option
+from mixq.plan import Plan
 
 TIE_RULES = {
     "qkv": ("q_proj", "k_proj", "v_proj"),
@@ -66,16 +67,16 @@ def build_problem(table_units: list[dict], rows: list[tuple[str, str, int, float
     """
     names = [u["name"] for u in table_units]
     shapes = {u["name"]: tuple(u["shape"]) for u in table_units}
-    options: dict[str, list[AllocOption]] = defaultdict(list)
+    options: dict[str, list[Choice]] = defaultdict(list)
     for unit, opt, bits, err in rows:
-        options[unit].append(AllocOption(opt, bits, err))
+        options[unit].append(Choice(opt, bits, err))
     pins: dict[str, str] = {}
     for pattern, opt_text in (keep or {}).items():
         opt = str(parse_option(opt_text))
         for name in expand_pattern(pattern, names):
             pins[name] = opt
             if not any(o.name == opt for o in options[name]):
-                options[name].append(AllocOption(opt, parse_option(opt).bits(shapes[name]), 0.0))
+                options[name].append(Choice(opt, parse_option(opt).bits(shapes[name]), 0.0))
     units = [UnitChoices(u["name"], int(u["n_params"]), options[u["name"]]) for u in table_units]
     return Problem(units, tie_groups(table_units, ties or []), pins, min_bits, max_bits)
 

@@ -33,7 +33,7 @@ class ProblemError(MixqError, ValueError):
 
 
 @dataclass(frozen=True)
-class Option:
+class Choice:
     """One candidate for a unit: a format name, its exact all-in bits, its estimated error."""
 
     name: str
@@ -64,7 +64,7 @@ class UnitChoices:
 
     unit: str
     n_params: int
-    options: list[Option]
+    options: list[Choice]
 
     def __post_init__(self) -> None:
         if not isinstance(self.unit, str) or not self.unit:
@@ -77,13 +77,13 @@ class UnitChoices:
             raise ProblemError(f"unit {self.unit!r} has no options")
         seen: set[str] = set()
         for opt in self.options:
-            if not isinstance(opt, Option):
-                raise ProblemError(f"unit {self.unit!r}: options must be Option, got {type(opt).__name__}")
+            if not isinstance(opt, Choice):
+                raise ProblemError(f"unit {self.unit!r}: options must be Choice, got {type(opt).__name__}")
             if opt.name in seen:
                 raise ProblemError(f"unit {self.unit!r}: option {opt.name!r} listed twice")
             seen.add(opt.name)
 
-    def option(self, name: str) -> Option:
+    def option(self, name: str) -> Choice:
         """The option called `name`; ProblemError if the unit has none."""
         for opt in self.options:
             if opt.name == name:
@@ -202,10 +202,10 @@ def problem_from_rows(
 ) -> Problem:
     """Build a Problem from (unit, option, bits, error) rows (e.g. a sensitivity table) and a
     unit -> n_params map. Units appear in order of first row; options in row order."""
-    options: dict[str, list[Option]] = {}
+    options: dict[str, list[Choice]] = {}
     for unit, name, bits, error in rows:
         try:
-            options.setdefault(unit, []).append(Option(name, bits, error))
+            options.setdefault(unit, []).append(Choice(name, bits, error))
         except ProblemError as e:
             raise ProblemError(f"unit {unit!r}: {e}") from None
     missing = sorted(set(options) - set(n_params))

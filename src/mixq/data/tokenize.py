@@ -16,8 +16,8 @@ from typing import Callable, Sequence
 
 Encode = Callable[[str], Sequence[int]]
 
-# A short probe: the tokenizer's special tokens show up around any text.
-_PROBE = "Hello world"
+# Probes: the tokenizer's special tokens show up around any text, the empty one included.
+_PROBES = ("", "Hello world")
 
 
 @dataclass(frozen=True)
@@ -45,14 +45,20 @@ class TextEncoder:
 def tokenizer_bos(tokenizer) -> int | None:
     """The BOS id `tokenizer` puts before text when asked for its special tokens, or None.
 
-    Read from what the tokenizer does (encode a probe with and without special tokens),
-    not from its `bos_token` attribute: many tokenizers define a BOS they never add."""
-    plain = list(tokenizer(_PROBE, add_special_tokens=False)["input_ids"])
-    full = list(tokenizer(_PROBE, add_special_tokens=True)["input_ids"])
+    Read from what the tokenizer does (encode an empty probe, then a short text, with and
+    without special tokens), not from its `bos_token` attribute alone: many tokenizers
+    define a BOS they never add."""
     bos = getattr(tokenizer, "bos_token_id", None)
-    if bos is None or not full or full[0] != bos or (plain and plain[0] == bos):
+    if bos is None:
         return None
-    return int(bos)
+    for probe in _PROBES:
+        try:
+            plain = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
+            full = list(tokenizer(probe, add_special_tokens=True)["input_ids"])
+        except Exception:  # noqa: BLE001 -- `tokenizers` raises plain Exception (e.g. no [UNK] for the probe)
+            continue
+        return int(bos) if full and full[0] == bos and not (plain and plain[0] == bos) else None
+    return None
 
 
 def hf_encoder(tokenizer) -> TextEncoder:

@@ -107,6 +107,29 @@ class FloatReference:
         self._bytes_per_window = 0
         self._weights = _fingerprint(self.model)
 
+    @classmethod
+    def from_log_probs(cls, windows: torch.Tensor, log_probs: torch.Tensor) -> FloatReference:
+        """A reference whose log-probs (n, L-1, V) were computed elsewhere (e.g. block by
+        block, `eval.streamed.streamed_log_probs`); every window is cached, none recomputed."""
+        windows = _check_windows(windows).cpu()
+        n, seqlen = windows.shape
+        if log_probs.dim() != 3 or tuple(log_probs.shape[:2]) != (n, seqlen - 1):
+            raise DataError(f"log-probs {tuple(log_probs.shape)} do not fit windows {tuple(windows.shape)}")
+        ref = cls.__new__(cls)
+        ref.model = None
+        ref.windows = windows
+        ref.cache_bytes = float("inf")
+        ref.cache_device = log_probs.device
+        ref.batch_size = 1
+        ref.n_forward = 0
+        ref._cache = {i: log_probs[i] for i in range(n)}
+        ref._bytes_per_window = log_probs[0].numel() * log_probs.element_size()
+        ref._cached_bytes = n * ref._bytes_per_window
+        nll = _window_nll(log_probs, windows[:, :].to(log_probs.device))
+        ref._nll = {i: float(nll[i]) for i in range(n)}
+        ref._weights = None
+        return ref
+
     @property
     def n_cached(self) -> int:
         """How many windows' log-probs are held in the cache."""
@@ -148,7 +171,7 @@ class FloatReference:
         the model's device."""
         single = isinstance(indices, int)
         idx = [indices] if single else [int(i) for i in indices]
-        device = model_device(self.model)
+        device = model_device(self.model) if self.model is not None else self.cache_device
         missing = [i for i in idx if i not in self._cache]
         fresh = dict(zip(missing, self._compute(missing))) if missing else {}
         out = torch.stack([fresh[i] if i in fresh else self._cache[i].to(device) for i in idx])
@@ -212,7 +235,7 @@ def lm_eval(
                 raise DataError(f"model gives non-finite log-probabilities on window(s) {idx}")
             nll_sum += nll.sum().item()
             if reference is not None:
-                kl, a = _kl_and_agree(reference.log_probs(idx), logp)
+                kl, a = _kl_and_agree(reference.log_probs(idx).to(logp.device), logp)
                 kl_sum += kl
                 agree += a
     out = _summary(nll_sum, n, seqlen)

@@ -4,9 +4,9 @@
     q = load_quantized("ckpt")                       # LoadedModel; QuantLinear modules (packed)
     f = load_quantized("ckpt", packed=False)         # dequantized float model (== fake quant)
     generate(q, "The capital of France is", max_new_tokens=16)
-    # options with transforms (+rotate, +smooth, +lowrank:R): keep what quantize_model made
-    m = quantize_model(model, units, plan, calib_ids, keep_transformed=True)
-    save_quantized(loaded, units, plan, "ckpt", manifest=m)   # m.transformed: Q(E), s, seed, L, R
+    # calibrated options and transforms: store the quantizer's own codes and transforms
+    qm = mixq.apply.quantize_model(loaded.walker(), units, plan, calib_ids)
+    save_quantized(loaded, units, plan, "ckpt", weights=qm.weights, manifest=qm.manifest)
 
 Layout of the directory in `mixq.export.layout`.
 """

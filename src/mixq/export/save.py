@@ -1,13 +1,10 @@
 """`save_quantized`: write a packed checkpoint directory (layout in `mixq.export.layout`).
 
-Each planned unit is stored as the codes-plus-scales of its format, derived by `fmt.quantize`
-from the weight: the model's own (round to nearest, exactly what fake quantization
-evaluates) or an already quantized weight (GPTQ output, passed as `weights[name]` or left in
-the model by `mixq.calibrate.quantize_model`), which must then lie on the format's grid so
-that the stored codes reproduce it bit for bit. A unit quantized with transforms (smooth,
-rotate, lowrank) is stored from its `TransformedWeight` (`transformed[name]`, kept by
-`quantize_model(..., keep_transformed=True)`): the codes of Q(E), on the grid, and s, the
-rotation's seed and L, R beside them (layout in `mixq.export.layout`). The directory is
+Each planned unit is stored as the codes-plus-scales its quantizer made: the
+`QuantizedWeight` of `mixq.apply.quantize_model` (GPTQ's or RTN's codes of Q(E), with s, the
+rotation's seed and L, R beside them for a unit with transforms; layout in
+`mixq.export.layout`), exactly as evaluation computed with them; a round-to-nearest unit
+given no quantized weight is quantized here by its format from the model's weight. The directory is
 assembled under a temporary name beside `out_dir` and renamed into place: a crash leaves no
 half-written checkpoint.
 """
@@ -32,16 +29,15 @@ from mixq.export import arch as arch_mod
 from mixq.export.layout import (CHECKPOINT_KIND, CHECKPOINT_SCHEMA, META_FILE, PLAN_FILE, WEIGHTS_FILE,
                                 signs_digest, slice_name, stream_bytes, stream_name, transform_bits,
                                 transform_name, unit_to_dict)
-from mixq.export.regrid import int_qtensor_on_grid
-from mixq.formats import IntFormat, QTensor
+from mixq.formats import QTensor
 from mixq.formats.packing import pack_qtensor
 from mixq.models.load import LoadedModel
 from mixq.models.units import Unit, get_weight
 from mixq.nn.qlinear import QuantLinear
-from mixq.plan import Option, Plan
+from mixq.option import Option
+from mixq.plan import Plan
 from mixq.progress import Progress, track
-from mixq.quantizers.transformed import TransformedWeight, UnitTransforms
-from mixq.quantizers.unit import lowrank_rank
+from mixq.quantizers.transformed import QuantizedWeight, UnitTransforms
 
 
 def _planned_units(units: list[Unit], plan: Plan) -> list[Unit]:
@@ -51,45 +47,28 @@ def _planned_units(units: list[Unit], plan: Plan) -> list[Unit]:
     return [u for u in planned if u.tied_to is None or u.tied_to not in owners]
 
 
-def unit_qtensor(unit: Unit, option: Option, w: torch.Tensor | QTensor, *, given: bool = False) -> QTensor:
-    """Codes-plus-scales of one unit's weight (out, in) under `option`.
-
-    A round-to-nearest option quantizes `w` (idempotent: an already quantized weight keeps its
-    codes). A given weight (`given=True`, e.g. GPTQ output) or an option with another quantizer
-    or transforms must lie on the format's grid: dequantize(quantize(w)) == w exactly, else
-    ArtifactError naming the unit (INT groups whose step RTN would pick differently are
-    re-derived from the weight's own grid, see `export.regrid`). A QTensor is taken as it is (its format must match)."""
+def unit_qtensor(unit: Unit, option: Option, w: torch.Tensor | QTensor) -> QTensor:
+    """Codes-plus-scales of one unit under a round-to-nearest `option`: the format's own
+    quantization of the float weight w (out, in), or a given QTensor (its format and shape must
+    match). Options with another quantizer or transforms are refused: their codes are what
+    the quantizer made (a `QuantizedWeight`), never re-derived from a float weight."""
     fmt = option.fmt
     if isinstance(w, QTensor):
         if w.fmt != str(fmt) or tuple(w.shape) != tuple(unit.shape):
             raise ArtifactError(f"unit {unit.name!r}: given QTensor is {w.fmt} {tuple(w.shape)}, "
                                 f"the plan says {fmt} {tuple(unit.shape)}")
         return w
-    w = w.detach().float()
+    if not option.is_plain:
+        raise ArtifactError(f"unit {unit.name!r}: option {option} is stored from its quantizer's output (codes and "
+                            "transforms): quantize with mixq.apply.quantize_model and pass weights=qm.weights "
+                            "(mixq.api.quantize does both), not a float weight")
+    if w.device.type == "meta":
+        raise ArtifactError(f"unit {unit.name!r}: its weight is not loaded (meta tensor) and no quantized weight "
+                            "was given")
     try:
-        q = fmt.quantize(w)  # refuses NaN/inf (DataError)
+        return fmt.quantize(w.detach().float())  # refuses NaN/inf (DataError)
     except (FormatError, DataError) as e:
         raise type(e)(f"unit {unit.name!r} (shape {tuple(w.shape)}), format {fmt}: {e}") from e
-    if given or option.quantizer != "rtn" or option.transforms:
-        w_back = fmt.dequantize(q)
-        if not torch.equal(w_back, w) and isinstance(fmt, IntFormat):
-            q = int_qtensor_on_grid(fmt, w, q)  # GPTQ: groups whose step is not the one RTN picks
-            w_back = fmt.dequantize(q)
-        if not torch.equal(w_back, w):
-            err = float((w_back - w).abs().max())
-            if option.transforms:
-                why = (f"option {option} applies {'+'.join(option.transforms)}: a checkpoint stores its quantized "
-                       "transformed weight with the transforms; quantize with mixq.calibrate.quantize_model(..., "
-                       "keep_transformed=True) and pass transformed=manifest.transformed (mixq.api.quantize does both), "
-                       "not its weight in the unit's basis")
-            elif option.quantizer != "rtn" and not given:
-                why = (f"option {option} needs its quantizer's output: run mixq.calibrate.quantize_model on "
-                       "the model first, or pass weights={name: quantized weight}")
-            else:
-                why = "the codes and scales cannot be re-derived from this weight by the format's own rounding"
-            raise ArtifactError(f"unit {unit.name!r}: its weight is not on the grid of {fmt} "
-                                f"(max |dequantize(quantize(w)) - w| = {err:.3g}); {why}")
-    return q
 
 
 def unit_transform_tensors(unit: Unit, option: Option, tf: UnitTransforms) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -120,7 +99,7 @@ def unit_transform_tensors(unit: Unit, option: Option, tf: UnitTransforms) -> tu
                                 f"has block {rot.block}")
         record["rotate"] = {"seed": int(tf.rotate_seed), "block": rot.block, "signs_sha256": signs_digest(rot.signs)}
     if tf.lowrank is not None:
-        rank = lowrank_rank(option)
+        rank = option.lowrank
         if rank is None:
             raise ArtifactError(f"{where}: low-rank factors given, but the option has no lowrank branch")
         L, R = (t.detach().float().cpu() for t in tf.lowrank)
@@ -142,9 +121,10 @@ def _identity(t: torch.Tensor) -> tuple:
     return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
 
 
-def _plain_tensors(net: nn.Module, planned: list[Unit], float_dtype: torch.dtype | None):
+def _plain_tensors(net: nn.Module, planned: list[Unit], float_dtype: torch.dtype | None, source=None):
     """(tensors, tied groups, expert slices): everything of the state dict the planned units do
-    not cover, tied tensors once, floating tensors cast to `float_dtype` (None: kept)."""
+    not cover, tied tensors once, floating tensors cast to `float_dtype` (None: kept). A meta
+    tensor (a block not in memory) is read through `source(name)`."""
     full = {u.param for u in planned if u.index is None}
     experts: dict[str, set[int]] = {}
     for u in planned:
@@ -159,7 +139,11 @@ def _plain_tensors(net: nn.Module, planned: list[Unit], float_dtype: torch.dtype
         key = _identity(t) if t.numel() else ("empty", k)
         groups.setdefault(key, []).append(k)
 
-    def cast(t: torch.Tensor) -> torch.Tensor:
+    def cast(t: torch.Tensor, name: str) -> torch.Tensor:
+        if t.device.type == "meta":
+            if source is None:
+                raise ArtifactError(f"tensor {name!r} is not loaded (meta) and no source to read it from was given")
+            t = source(name)
         dtype = float_dtype if (float_dtype is not None and t.is_floating_point()) else t.dtype
         return t.detach().to(device="cpu", dtype=dtype, copy=True).contiguous()
 
@@ -176,9 +160,9 @@ def _plain_tensors(net: nn.Module, planned: list[Unit], float_dtype: torch.dtype
             rest = [e for e in range(state[partial].shape[0]) if e not in experts[partial]]
             slices[partial] = rest
             for e in rest:
-                tensors[slice_name(partial, e)] = cast(state[partial][e])
+                tensors[slice_name(partial, e)] = cast(state[partial][e], partial)
             continue
-        tensors[names[0]] = cast(state[names[0]])
+        tensors[names[0]] = cast(state[names[0]], names[0])
     return tensors, sorted(tied), slices
 
 
@@ -230,21 +214,23 @@ def _dtype_name(dtype: torch.dtype | None) -> str | None:
 
 
 def save_quantized(model: LoadedModel | nn.Module, units: list[Unit], plan: Plan, out_dir: str | os.PathLike, *,
-                   weights: dict[str, torch.Tensor | QTensor] | None = None, manifest: dict | object | None = None,
-                   transformed: dict[str, TransformedWeight] | None = None, progress: Progress | None = None,
-                   float_dtype: torch.dtype | None = torch.bfloat16, overwrite: bool = False) -> dict:
+                   weights: dict[str, QuantizedWeight | QTensor] | None = None, manifest: dict | object | None = None,
+                   progress: Progress | None = None, float_dtype: torch.dtype | None = torch.bfloat16,
+                   overwrite: bool = False, tensors=None, run: dict | None = None) -> dict:
     """Write the packed checkpoint of `model` under `plan` to `out_dir`; returns the mixq.json
     document written.
 
     units: the model's units (all of them, e.g. `loaded.units(include_head=True,
     include_embeddings=True)`: they are recorded for bit accounting). weights: unit name ->
-    already quantized (out, in) weight or QTensor, overriding the model's weight (it must lie on
-    the format's grid). manifest: what was done (a `calibrate.Manifest` or its dict; a
-    Manifest's `transformed` is used when `transformed` is not given). transformed: unit
-    name -> `TransformedWeight` of each unit quantized with transforms (its Q(E) must lie on
-    the format's grid). float_dtype: storage dtype of every tensor that is not a planned unit
-    (None: each keeps its own). Raises ArtifactError naming the unit whose weight cannot be
-    stored exactly."""
+    `QuantizedWeight` (what `mixq.apply.quantize_model` made: the quantizer's codes and the
+    unit's transforms, stored as they are) or a QTensor; a planned unit without one must have
+    a round-to-nearest option, and is quantized from the model's weight here. manifest: what
+    was done (a `mixq.apply.Manifest` or its dict). float_dtype: storage dtype of every
+    tensor that is not a planned unit (None: each keeps its own). tensors: optional
+    callable name -> tensor for state-dict entries the model holds only as meta tensors
+    (blocks read lazily from disk). run: how the quantization ran (device, offload, peak
+    memory, seconds), recorded as it is. Raises ArtifactError naming a unit that cannot be
+    stored."""
     loaded = model if isinstance(model, LoadedModel) else None
     net = loaded.model if loaded is not None else model
     kind = loaded.kind if loaded is not None else ("causal_lm" if hasattr(net, "generate") else "image_classifier")
@@ -254,21 +240,10 @@ def save_quantized(model: LoadedModel | nn.Module, units: list[Unit], plan: Plan
                         "(load_quantized(..., packed=False) gives one)")
     plan.check_against(units)
     weights = dict(weights or {})
-    if transformed is None and getattr(manifest, "transformed", None):
-        transformed = manifest.transformed
-    transformed = dict(transformed or {})
     planned = _planned_units(units, plan)
     unknown = sorted(set(weights) - {u.name for u in planned})
     if unknown:
         raise ArtifactError(f"weights given for units the plan does not quantize: {', '.join(unknown[:5])}")
-    unknown = sorted(n for n in transformed if n not in plan.options or not plan.options[n].transforms
-                     or n not in {u.name for u in planned})
-    if unknown:
-        raise ArtifactError(f"transformed weights given for units the plan does not quantize with transforms: "
-                            f"{', '.join(unknown[:5])}")
-    both = sorted(set(weights) & set(transformed))
-    if both:
-        raise ArtifactError(f"units given both a weight and a transformed weight: {', '.join(both[:5])}")
     if manifest is not None and hasattr(manifest, "to_dict"):
         manifest = manifest.to_dict()
 
@@ -278,15 +253,15 @@ def save_quantized(model: LoadedModel | nn.Module, units: list[Unit], plan: Plan
     with torch.no_grad():
         for u in track(planned, "pack", len(planned), progress):
             opt = plan.options[u.name]
-            tw = transformed.get(u.name)
+            given = weights.get(u.name)
+            tw = given if isinstance(given, QuantizedWeight) else None
             if tw is not None:
-                if tuple(tw.qweight.shape) != tuple(u.shape):
-                    raise ArtifactError(f"unit {u.name!r}: transformed weight of shape {tuple(tw.qweight.shape)}, "
-                                        f"the unit is {tuple(u.shape)}")
-                q = unit_qtensor(u, Option(opt.format, opt.quantizer), tw.qweight, given=True)  # Q(E) on the grid
+                q = tw.qtensor
+                if q.fmt != opt.format or tuple(q.shape) != tuple(u.shape):
+                    raise ArtifactError(f"unit {u.name!r}: quantized weight is {q.fmt} {tuple(q.shape)}, the plan "
+                                        f"says {opt.format} {tuple(u.shape)}")
             else:
-                given = u.name in weights
-                q = unit_qtensor(u, opt, weights[u.name] if given else get_weight(net, u), given=given)
+                q = unit_qtensor(u, opt, given if given is not None else get_weight(net, u))
             fmt = formats.parse(q.fmt)
             streams = pack_qtensor(q, fmt)
             expected = stream_bytes(fmt, u.shape)
@@ -307,7 +282,7 @@ def save_quantized(model: LoadedModel | nn.Module, units: list[Unit], plan: Plan
                 doc_u["bytes"] += n_extra
                 transform_bytes += n_extra
             unit_docs[u.name] = doc_u
-        plain, tied, slices = _plain_tensors(net, planned, float_dtype)
+        plain, tied, slices = _plain_tensors(net, planned, float_dtype, tensors)
     clash = sorted(set(plain) & set(tensors))
     if clash:
         raise MixqError(f"tensor names clash between packed units and other tensors: {clash[:5]}")
@@ -331,6 +306,7 @@ def save_quantized(model: LoadedModel | nn.Module, units: list[Unit], plan: Plan
         "tied": tied,
         "expert_slices": slices,
         "manifest": manifest,
+        "run": dict(run or {}),
         "warnings": list((manifest or {}).get("warnings", [])) if isinstance(manifest, dict) else [],
         "totals": {
             "unit_bits": sum(d["bits"] for d in unit_docs.values()),

@@ -53,6 +53,26 @@ class LoadedModel:
     note: str = ""
     default_data: str = ""
     extra: dict = field(default_factory=dict)
+    # placement (see models.placement): the compute device (None: where the parameters are),
+    # "none" | "cpu" | "disk" offload of the decoder blocks, and the BlockStore for "disk"
+    device: torch.device | None = None
+    offload: str = "none"
+    store: object | None = None
+
+    @property
+    def compute_device(self) -> torch.device:
+        if self.device is not None:
+            return torch.device(self.device)
+        for p in self.model.parameters():
+            if p.device.type != "meta":
+                return p.device
+        return torch.device("cpu")
+
+    def walker(self, compute_dtype: torch.dtype | None = None):
+        """A `models.walk.Walker` over this causal LM with its placement."""
+        from mixq.models.walk import Walker
+
+        return Walker(self.model, self.compute_device, self.offload, store=self.store, compute_dtype=compute_dtype)
 
     def units(self, include_head: bool = False, include_embeddings: bool = False) -> list[Unit]:
         if self.kind == "causal_lm":
@@ -147,9 +167,13 @@ def _load_cifar_resnet(depth: int) -> LoadedModel:
     )
 
 
-def _load_hf(name_or_path: str, dtype: torch.dtype) -> LoadedModel:
+def _load_hf(name_or_path: str, dtype: torch.dtype | str | None, device: torch.device = torch.device("cpu"),
+             offload: str | None = "none") -> LoadedModel:
     _require_transformers()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from mixq.models import lazy
+    from mixq.models.placement import choose_offload, config_dtype, resolve_dtype
 
     path = Path(name_or_path)
     kwargs: dict = {}
@@ -169,8 +193,21 @@ def _load_hf(name_or_path: str, dtype: torch.dtype) -> LoadedModel:
         deq = gguf_cache.dequantized(gguf_file)
         path, note = deq.folder, gguf_cache.baseline_note(deq.info, gguf_file.name)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **kwargs).eval()
+        config = AutoConfig.from_pretrained(str(path), **kwargs)
+        dtype = resolve_dtype(dtype, device, config_dtype(config))
+        lazily = "gguf_file" not in kwargs and path.is_dir() and lazy.checkpoint_bytes(path) > 0
+        n_bytes = _weight_bytes(path, config, dtype) if lazily else 0
+        offload = choose_offload(offload, device, n_bytes, lazily)
+        store = None
+        if offload == "disk":
+            model = lazy.load_skeleton(path, dtype)
+            store = lazy.BlockStore(path)
+            store.check_names(model)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **kwargs).eval()
         check_causal_lm(model, name_or_path)
+        if offload == "none" and device.type != "cpu":
+            model = model.to(device)
         tok = AutoTokenizer.from_pretrained(str(path), **kwargs)
     except ValueError as e:  # transformers: "Unrecognized configuration class ... for AutoModelForCausalLM"
         _refuse_unloadable(name_or_path, path, e)
@@ -182,7 +219,8 @@ def _load_hf(name_or_path: str, dtype: torch.dtype) -> LoadedModel:
             f"{str(e).splitlines()[0] if str(e) else ''})"
         ) from e
     return LoadedModel(name=name_or_path, kind="causal_lm", model=model, source=str(path),
-                       encode=_hf_encode(tok), tokenizer=tok, note=note, default_data="wikitext2")
+                       encode=_hf_encode(tok), tokenizer=tok, note=note, default_data="wikitext2", device=device,
+                       offload=offload, store=store)
 
 
 def _refuse_unloadable(name: str, path: Path, err: ValueError) -> None:
@@ -211,7 +249,22 @@ def _load_builtin_gguf(name: str, dtype: torch.dtype) -> LoadedModel:
     return loaded
 
 
-MODELS: dict[str, Callable[[torch.dtype], LoadedModel]] = {
+def _weight_bytes(path: Path, config, dtype: torch.dtype) -> int:
+    """Bytes of the model's weights in `dtype`, from the size of its safetensors files and the
+    dtype they are stored in."""
+    from mixq.models.placement import config_dtype
+
+    stored = config_dtype(config) or torch.float32
+    return int(_safetensors_bytes(path) * dtype.itemsize / stored.itemsize)
+
+
+def _safetensors_bytes(path: Path) -> int:
+    from mixq.models.lazy import checkpoint_bytes
+
+    return checkpoint_bytes(path)
+
+
+MODELS: dict[str, Callable[[torch.dtype | None], LoadedModel]] = {
     "smollm2-135m": _load_smollm2,
     "qwen2.5-coder-1.5b": lambda dtype: _load_builtin_gguf("qwen2.5-coder-1.5b", dtype),
     "gemma3-270m": lambda dtype: _load_builtin_gguf("gemma3-270m", dtype),
@@ -224,9 +277,23 @@ MODELS: dict[str, Callable[[torch.dtype], LoadedModel]] = {
 DEFAULT_MODEL = "smollm2-135m"
 
 
-def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load a model by alias (`MODELS`), local directory, GGUF file, or hub id."""
+def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype | str | None = None,
+               device: str | torch.device | None = "auto", offload: str | None = "auto") -> LoadedModel:
+    """Load a model by alias (`MODELS`), local directory, GGUF file, or hub id.
+
+    device: auto (a CUDA GPU when there is one), cpu, cuda, cuda:N. dtype: None/"auto" loads
+    in the model's own dtype on a GPU and float32 on the CPU. offload: where the decoder
+    blocks wait while one at a time computes on the device (see `models.placement`)."""
+    from mixq.models.placement import choose_offload, resolve_device, resolve_dtype
+
+    dev = resolve_device(device)
     key = name_or_path.strip().lower()
     if key in MODELS:
-        return MODELS[key](dtype)
-    return _load_hf(name_or_path, dtype)
+        loaded = MODELS[key](resolve_dtype(dtype, dev, None))
+        n_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
+        loaded.offload = choose_offload(offload, dev, n_bytes, False) if loaded.kind == "causal_lm" else "none"
+        loaded.device = dev
+        if loaded.offload == "none" and dev.type != "cpu":
+            loaded.model = loaded.model.to(dev)
+        return loaded
+    return _load_hf(name_or_path, dtype, dev, offload)

@@ -24,12 +24,15 @@ Group parameters (scales, zero points, MX exponents, NVFP4 block scales):
   float32 tensor scale likewise).
 `:mse` formats run their clip-ratio search wherever parameters are computed.
 
-Every output value lies on the format's grid for the recorded parameters
-(`info.params`), so `formats.fixed.fake_quant_with(fmt, w_hat, info.params) == w_hat`;
-`fmt.fake_quant(w_hat)` re-derives scales from w_hat, which need not reproduce them (a
-symmetric INT group whose extreme lands on the extra negative level gets a larger scale),
-so exporters should store `info.params` (or recover the grid) rather than re-quantize.
+The result is a `QTensor`: the codes GPTQ rounded to with the parameters they were rounded
+with (`formats.fixed.qtensor_from`). Re-deriving codes from the dequantized weight would not
+do: `fmt.quantize` picks scales from the values, which need not reproduce GPTQ's (a
+symmetric INT group whose extreme lands on the extra negative level gets a larger scale).
 With H = identity there is no error to spread and GPTQ equals RTN exactly.
+
+On a CUDA device, for INT formats with parameters fixed up front (activation order, or per
+channel / per tensor), the column loop runs as one fused Triton kernel per block of columns
+(`mixq.kernels.triton_gptq`), the same rounding in the same order.
 
 Damping: `damp * mean(diag(H))` is added to the diagonal; if a Cholesky factorisation
 fails (H not positive definite), the relative damping is multiplied by 10 and retried up to
@@ -47,7 +50,8 @@ import torch
 
 from mixq import formats
 from mixq.errors import DataError, MixqError
-from mixq.formats.fixed import GroupParams, group_params, round_columns
+from mixq.formats.base import QTensor
+from mixq.formats.fixed import GroupParams, encode_columns, group_params, qtensor_from
 from mixq.formats.plain import PlainFormat
 
 MAX_DAMP = 100.0  # largest relative damping tried before giving up (×10 steps from `damp`)
@@ -55,8 +59,7 @@ MAX_DAMP = 100.0  # largest relative damping tried before giving up (×10 steps 
 
 @dataclass
 class GPTQInfo:
-    """What one GPTQ run did. `params` (tensors) are the group parameters of the result;
-    `to_dict()` gives the JSON-serialisable rest."""
+    """What one GPTQ run did; `to_dict()` is JSON-serialisable."""
 
     damp: float  # relative damping used (multiple of mean(diag(H)))
     damp_abs: float  # the absolute value added to diag(H)
@@ -65,7 +68,6 @@ class GPTQInfo:
     block_size: int  # effective block size
     act_order: bool
     loss: float  # sum over columns of (w - q)² / U_jj², GPTQ's own error estimate (/2)
-    params: GroupParams | None = field(default=None, repr=False)
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -115,10 +117,12 @@ def _block_len(block_size: int, group: int, grouped: bool) -> int:
 
 @torch.no_grad()
 def gptq(w: torch.Tensor, H: torch.Tensor, fmt, *, block_size: int = 128, damp: float = 0.01,
-         act_order: bool = False) -> tuple[torch.Tensor, GPTQInfo]:
+         act_order: bool = False) -> tuple[QTensor, GPTQInfo]:
     """GPTQ-quantize w (out, in) against the input Hessian H (in, in) (e.g. 2XᵀX/n) in format
-    `fmt` (a Format or spec). Returns (w_hat (out, in) float32, GPTQInfo). See the module
-    docstring for group parameters, damping and dead inputs."""
+    `fmt` (a Format or spec). Returns (QTensor, GPTQInfo): the codes GPTQ chose with the
+    scales (zero points, tensor scale) they were rounded with, so that `fmt.dequantize` of
+    the result is GPTQ's output bit for bit. See the module docstring for group parameters,
+    damping and dead inputs. The arithmetic runs in float32 on w's device."""
     fmt = formats.parse(fmt)
     if w.dim() != 2:
         raise DataError(f"GPTQ needs a 2-D weight (out, in), got {tuple(w.shape)}")
@@ -129,7 +133,7 @@ def gptq(w: torch.Tensor, H: torch.Tensor, fmt, *, block_size: int = 128, damp: 
     if block_size < 1:
         raise DataError(f"block_size must be positive, got {block_size}")
     W = w.detach().float().clone()  # (out, in)
-    H = H.detach().float().clone()  # (in, in)
+    H = H.detach().to(W.device, torch.float32).clone()  # (in, in)
     dead = torch.diagonal(H) == 0
     n_dead = int(dead.sum())
     if n_dead:
@@ -147,15 +151,66 @@ def gptq(w: torch.Tensor, H: torch.Tensor, fmt, *, block_size: int = 128, damp: 
     if act_order:
         perm = torch.argsort(torch.diagonal(H), descending=True)
         W, H = W[:, perm], H[perm][:, perm]
+    # group of every column, in processing order (static parameters only)
+    col_group = None
+    if up_front is not None:
+        orig = perm if perm is not None else torch.arange(cols, device=W.device)
+        col_group = orig // g if grouped else torch.zeros(cols, dtype=torch.long, device=W.device)
 
-    perm_list = perm.tolist() if perm is not None else None
     U, rel, lam, retries = inverse_cholesky(H, damp)
     del H
     B = _block_len(block_size, g, grouped and not act_order)
+    fused = _fused_kernel(fmt, W)
+    if fused is not None and up_front is None and grouped and g <= 128:
+        # groups whose parameters come from the updated weights: one launch per group
+        Q, C, loss, steps, zeros = fused.gptq_dynamic(W, U, fmt)
+        params = GroupParams(steps, zeros, steps.to(torch.float16))
+    elif fused is not None and up_front is not None:
+        step_cols, zero_cols = up_front.columns(col_group)
+        if step_cols.shape[0] == 1:  # per-tensor: one step for every row
+            step_cols = step_cols.expand(rows, -1)
+            zero_cols = None if zero_cols is None else zero_cols.expand(rows, -1)
+        Q, C, loss = fused.gptq_static(W, U, step_cols.contiguous(),
+                                             None if zero_cols is None else zero_cols.contiguous(),
+                                             fmt.code_bits, fmt.asym, B)
+        params = up_front
+    else:
+        Q, C, loss, params = _gptq_columns(W, U, fmt, B, g, grouped, plain, up_front, col_group, nvfp4_ts)
+
+    if perm is not None:
+        inv = torch.argsort(perm)
+        Q, C = Q[:, inv], C[:, inv]
+    warnings = []
+    if n_dead:
+        warnings.append(f"{n_dead} of {cols} inputs never active in calibration (H_ii = 0): their weights set to 0")
+    if retries:
+        warnings.append(f"Hessian not positive definite at damp {damp:g}: used {rel:g} x mean(diag(H))")
+    info = GPTQInfo(damp=rel, damp_abs=lam, damp_retries=retries, n_dead=n_dead, block_size=B,
+                    act_order=act_order, loss=float(loss.sum()), warnings=warnings)
+    if not math.isfinite(info.loss):
+        raise MixqError("GPTQ produced non-finite values (ill-conditioned Hessian?)")
+    return qtensor_from(fmt, (rows, cols), C, params), info
+
+
+def _fused_kernel(fmt, W: torch.Tensor):
+    """The fused Triton GPTQ module when it applies to `fmt` on W's device, else None."""
+    if not W.is_cuda:
+        return None
+    try:
+        from mixq.kernels import triton_gptq
+    except ImportError:
+        return None
+    return triton_gptq if triton_gptq.supported(fmt, W.device) else None
+
+
+def _gptq_columns(W, U, fmt, B, g, grouped, plain, up_front, col_group, nvfp4_ts):
+    """The column loop in torch: (values Q, codes C, loss per row, parameters) in processing
+    order. W (out, in) is updated in place."""
+    rows, cols = W.shape
     Q = torch.zeros_like(W)
-    n_groups = -(-cols // g) if grouped else 1
-    dyn_steps = torch.zeros(rows, n_groups, device=W.device) if grouped and not act_order else None
-    dyn_zeros = None
+    C = torch.zeros((rows, cols), dtype=fmt.dtype if plain else torch.uint8, device=W.device)
+    dynamic = grouped and up_front is None
+    dyn_params: list[GroupParams] = []
     loss = torch.zeros(rows, dtype=torch.float64, device=W.device)
     step = zero = None
     for i1 in range(0, cols, B):
@@ -167,42 +222,23 @@ def gptq(w: torch.Tensor, H: torch.Tensor, fmt, *, block_size: int = 128, damp: 
             j = i1 + i  # column in processing order
             if plain:
                 step = zero = None
-            elif dyn_steps is not None:
+            elif dynamic:
                 if j % g == 0:  # first column of a group: parameters from the updated weights
                     p = group_params(fmt, W1[:, i : i + g], tensor_scale=nvfp4_ts)
                     step, zero = p.step, p.zero
-                    dyn_steps[:, j // g] = step[:, 0]
-                    if zero is not None:
-                        if dyn_zeros is None:
-                            dyn_zeros = torch.zeros(rows, n_groups, device=W.device)
-                        dyn_zeros[:, j // g] = zero[:, 0]
+                    dyn_params.append(p)
             else:
-                orig = perm_list[j] if perm_list is not None else j
-                step, zero = up_front.column(orig // g if grouped else 0)
+                k = int(col_group[j])
+                step, zero = up_front.column(k)
             col = W1[:, i : i + 1]  # (out, 1)
-            q = round_columns(fmt, col, step, zero)  # (out, 1)
+            c, q = encode_columns(fmt, col, step, zero)  # (out, 1) codes and values
             Q[:, j : j + 1] = q
+            C[:, j : j + 1] = c
             d = U1[i, i]
             err = (col - q) / d  # (out, 1)
             loss += (err[:, 0].double() ** 2) / 2
             W1[:, i:] -= err * U1[i : i + 1, i:]  # OBS update of this block's later columns
             Err1[:, i : i + 1] = err
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]  # lazy batch update of the columns after the block
-
-    if perm is not None:
-        Q = Q[:, torch.argsort(perm)]
-    params = None
-    if dyn_steps is not None:
-        params = GroupParams(dyn_steps, dyn_zeros)
-    elif up_front is not None:
-        params = up_front
-    warnings = []
-    if n_dead:
-        warnings.append(f"{n_dead} of {cols} inputs never active in calibration (H_ii = 0): their weights set to 0")
-    if retries:
-        warnings.append(f"Hessian not positive definite at damp {damp:g}: used {rel:g} x mean(diag(H))")
-    info = GPTQInfo(damp=rel, damp_abs=lam, damp_retries=retries, n_dead=n_dead, block_size=B,
-                    act_order=act_order, loss=float(loss.sum()), params=params, warnings=warnings)
-    if not math.isfinite(info.loss):
-        raise MixqError("GPTQ produced non-finite values (ill-conditioned Hessian?)")
-    return Q, info
+    params = GroupParams.concat(dyn_params) if dynamic else up_front
+    return Q, C, loss, params

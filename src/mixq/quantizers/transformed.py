@@ -5,11 +5,11 @@
     smooth  W1 = W diag(s)            rotate  W2 = W1 Q            lowrank  W2 = L R + E
     ŵ = ((L R + Q(E)) Qᵀ) diag(1/s)
 
-A packed checkpoint stores Q(E) as the format's codes and `UnitTransforms` beside them (s,
-the rotation as its seed and block, L and R); `UnitTransforms.to_weight` is the *one*
-function that turns Q(E) back into ŵ, used both by `quantize_unit` (so fake quantization
-evaluates exactly this) and by the checkpoint loader for units it does not run packed, so
-the two agree bit for bit. At run time the same identity runs on the activations instead:
+A `QuantizedWeight` holds Q(E) as the format's codes (a `QTensor`, exactly as the quantizer
+made them) and `UnitTransforms` beside them (s, the rotation as its seed and block, L and
+R); a packed checkpoint stores both as they are. `UnitTransforms.to_weight` is the *one*
+function that turns Q(E) back into ŵ, used both by fake quantization and by the checkpoint
+loader for units it does not run packed, so the two agree bit for bit. At run time the same identity runs on the activations instead:
 
     x ŵᵀ = x diag(1/s) Q (L R + Q(E))ᵀ = x' Q(E)ᵀ + (x' Rᵀ) Lᵀ,   x' = (x diag(1/s)) Q
 
@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from mixq import formats
+from mixq.formats import QTensor
 from mixq.quantizers.hadamard import Rotation, rotation
 
 
@@ -74,17 +76,30 @@ class UnitTransforms:
 
 
 @dataclass(frozen=True)
-class TransformedWeight:
-    """What a packed checkpoint needs of a unit with transforms: Q(E) (out, in) float32,
-    exactly on the format's grid (the codes are derived from it bit for bit), and the
-    transforms that map it back to ŵ."""
+class QuantizedWeight:
+    """One unit quantized: the codes-plus-scales of its (transformed) weight Q(E), exactly as
+    the quantizer produced them, and the transforms that map Q(E) back to the unit's basis
+    (identity when the option has none). This is what fake quantization evaluates
+    (`weight()`) and what a packed checkpoint stores (`qtensor` and `transforms`), so the two
+    are the same numbers by construction."""
 
-    qweight: torch.Tensor
-    transforms: UnitTransforms
+    qtensor: QTensor
+    transforms: UnitTransforms = UnitTransforms()
+
+    @property
+    def fmt(self):
+        return formats.parse(self.qtensor.fmt)
 
     def weight(self) -> torch.Tensor:
-        """ŵ (out, in) float32 in the unit's basis (what fake quantization evaluates)."""
-        return self.transforms.to_weight(self.qweight)
+        """ŵ (out, in) float32 in the unit's basis: ((L R + Q(E)) Qᵀ) diag(1/s)."""
+        qe = self.fmt.dequantize(self.qtensor)
+        return qe if self.transforms.is_identity else self.transforms.to_weight(qe)
 
-    def to(self, device: torch.device | str) -> TransformedWeight:
-        return TransformedWeight(self.qweight.to(device), self.transforms.to(device))
+    def to(self, device: torch.device | str) -> QuantizedWeight:
+        q = self.qtensor
+
+        def mv(t):
+            return None if t is None else t.to(device)
+
+        moved = QTensor(q.fmt, q.shape, mv(q.codes), mv(q.scales), mv(q.zeros), mv(q.tensor_scale))
+        return QuantizedWeight(moved, self.transforms.to(device))

@@ -10,11 +10,12 @@ Methods: `METHODS` (hutchinson, eigen, fisher, output, measure); see `analyze`.
 """
 
 from mixq.sensitivity.activations import output_method
-from mixq.sensitivity.analyze import METHODS, analyze, calibration_digest
-from mixq.sensitivity.context import calibration_loss_fn, fwd_bwd_seconds, rtn_quantize
+from mixq.sensitivity.analyze import METHODS, analyze, analyze_keeping, calibration_digest
+from mixq.sensitivity.context import calibration_loss_fn, fwd_bwd_seconds
+from mixq.sensitivity.quantized import UnitQuantizer, collect_stats, rtn_quantize
 from mixq.sensitivity.table import SENSITIVITY_KIND, SENSITIVITY_SCHEMA, SensitivityTable, UnitSensitivity, spiky_units
 
 __all__ = [
-    "METHODS", "SENSITIVITY_KIND", "SENSITIVITY_SCHEMA", "SensitivityTable", "UnitSensitivity", "analyze",
+    "METHODS", "SENSITIVITY_KIND", "UnitQuantizer", "analyze_keeping", "collect_stats", "SENSITIVITY_SCHEMA", "SensitivityTable", "UnitSensitivity", "analyze",
     "calibration_digest", "calibration_loss_fn", "fwd_bwd_seconds", "output_method", "rtn_quantize", "spiky_units",
 ]

@@ -9,15 +9,16 @@ Methods (one explicit dict, `METHODS`; each documents its cost in its module):
     measure     KL to the float model with that unit alone quantized (measure.py)
 
 ΔW = quantize_fn(unit, W, option) - W; the default `rtn_quantize` is the option's format's
-round-to-nearest `fake_quant` (calibrated quantizers plug in through `quantize_fn`).
+round-to-nearest `fake_quant` (calibrated quantizers plug in through `quantize_fn`, a
+`UnitQuantizer`).
 
 Calibrated options and the diagonal methods. fisher, hutchinson and eigen weigh each weight
 error on its own (a diagonal or scalar curvature): they cannot see that GPTQ or a rotation
 shapes ΔW so that its errors cancel on the unit's correlated inputs. On SmolLM2-135M the
 diagonal Fisher rated int3:g64+gptq+rotate *worse* than plain int3:g64 on every o_proj
-(median 1.37x), while the option cuts those units' output error. So when `quantize_fn`
-carries `gram(unit)` (the input Hessian H = 2XᵀX/n, as
-`mixq.calibrate.quantize_fn_for_sensitivity` provides), the error of an option with a
+(median 1.37x), while the option cuts those units' output error. So when the input Hessians H = 2XᵀX/n are at hand (`quantize_fn` a
+`sensitivity.UnitQuantizer` on the whole-model path; always on the block-by-block path),
+the error of an option with a
 quantizer or transforms is the method's error for plain round to nearest of its format,
 scaled by the ratio of output errors tr(ΔW H ΔWᵀ) of the two:
 
@@ -46,11 +47,12 @@ from torch import nn
 from mixq import __version__
 from mixq.errors import DataError, MixqError
 from mixq.models.units import Unit
-from mixq.plan import Option
+from mixq.models.walk import Walker
+from mixq.option import CalibConfig, Option
 from mixq.progress import Progress
 from mixq.sensitivity.activations import capture, output_method
-from mixq.sensitivity.context import (LOSSES, TASKS, Context, QuantizeFn, check_units, detect_task,
-                                      parse_candidates, rtn_quantize)
+from mixq.sensitivity.context import LOSSES, TASKS, Context, QuantizeFn, check_units, detect_task, parse_candidates
+from mixq.sensitivity.quantized import UnitQuantizer, rtn_quantize
 from mixq.sensitivity.fisher import fisher
 from mixq.sensitivity.hessian import eigen, hutchinson
 from mixq.sensitivity.measure import measure
@@ -96,7 +98,7 @@ def calibration_digest(calib) -> dict:
 
 
 def analyze(
-    model: nn.Module,
+    model: nn.Module | Walker,
     units: list[Unit],
     candidates: list[str],
     method: str,
@@ -108,13 +110,17 @@ def analyze(
     model_name: str = "",
     calib_description: str = "",
     quantize_fn: QuantizeFn = rtn_quantize,
+    config: CalibConfig | None = None,
     progress: Progress | None = None,
     **method_opts,
 ) -> SensitivityTable:
     """Estimate, for every unit and candidate option, the error the option would cause.
 
     model: the float model (left unchanged: weights, requires_grad flags, train mode and
-        attention implementation are restored).
+        attention implementation are restored), or a `Walker` over a causal LM: then fisher,
+        output and (with offloaded blocks) hutchinson run block by block
+        (`sensitivity.blockwise`), one block's weights on the device at a time, and
+        calibrated candidates are quantized there from each unit's float input Hessian.
     units: the units to analyse; a unit tied to another (`tied_to`) is skipped, its format
         follows the unit it is tied to.
     candidates: option strings ("int4:g64", "fp8_e4m3", ...).
@@ -123,8 +129,24 @@ def analyze(
     calib: LongTensor (n, seqlen) of token ids (task "lm"), or (images, labels) (task
         "image"); `task` is inferred from it when not given.
     seed: seeds every random draw (Hutchinson probes, power-iteration starts).
+    quantize_fn: the whole-model path's quantized weights (`rtn_quantize`, or a
+        `UnitQuantizer` for calibrated candidates, whose input Hessians then credit shaped
+        options in the diagonal methods). config: calibrated candidates' settings.
     Returns a `SensitivityTable`; its `timing` holds the wall seconds of this call.
     """
+    return analyze_keeping(model, units, candidates, method, calib, seed=seed, loss=loss, task=task,
+                           model_name=model_name, calib_description=calib_description, quantize_fn=quantize_fn,
+                           config=config, progress=progress, **method_opts)[0]
+
+
+def analyze_keeping(model: nn.Module | Walker, units: list[Unit], candidates: list[str], method: str, calib, *,
+                    seed: int = 0, loss: str = "ce", task: str | None = None, model_name: str = "",
+                    calib_description: str = "", quantize_fn: QuantizeFn = rtn_quantize,
+                    config: CalibConfig | None = None, progress: Progress | None = None,
+                    keep: set[str] | None = None, **method_opts) -> tuple[SensitivityTable, dict]:
+    """`analyze`, also returning the quantized weights it made of the options named in
+    `keep` (block-by-block path only): {(unit, option): QuantizedWeight on the CPU}, so that
+    evaluating plans over these candidates needs no second quantization."""
     if method not in METHODS:
         raise MixqError(f"unknown sensitivity method {method!r}; expected one of {', '.join(METHODS)}")
     if loss not in LOSSES:
@@ -136,30 +158,52 @@ def analyze(
     units = [u for u in units if u.tied_to is None]
     if not units:
         raise MixqError("no units to analyse")
-    check_units(model, units)
-    gram = getattr(quantize_fn, "gram", None)
-    shaped = [o for o in options if o.quantizer != "rtn" or o.transforms]
-    correct = gram is not None and bool(shaped) and method in DIAGONAL_METHODS
+    config = config or CalibConfig(seed=seed)
+    walker = model if isinstance(model, Walker) else None
+    net = walker.model if walker is not None else model
+    check_units(net, units)
+    shaped = [o for o in options if not o.is_plain]
     run_options = list(options)
-    if correct:
-        names = {str(o) for o in options}
-        for o in shaped:
-            plain = Option(o.format)
-            if str(plain) not in names:
-                names.add(str(plain))
-                run_options.append(plain)
-    ctx = Context(model, units, run_options, calib, task, loss, seed, progress, quantize_fn,
-                  gram=gram if correct else None)
+    names = {str(o) for o in options}
+    for o in shaped:
+        plain = Option(o.format)
+        if str(plain) not in names:
+            names.add(str(plain))
+            run_options.append(plain)
+    blockwise = walker is not None and task == "lm" and (
+        method in ("fisher", "output") or (method == "hutchinson" and walker.offload != "none"))
+    if walker is not None and not blockwise and walker.offload != "none":
+        raise MixqError(f"method {method!r} needs the whole model on the device: its blocks are offloaded "
+                        f"({walker.offload}); use --offload none or a method that runs block by block "
+                        "(fisher, output, hutchinson)")
     t0 = time.perf_counter()
+    cache: dict = {}
     with torch.random.fork_rng(devices=[]):  # the caller's global RNG state is left alone
         torch.manual_seed(seed)  # any draw a model makes internally
-        result = METHODS[method](ctx, **method_opts)
+        if blockwise:
+            from mixq.sensitivity.blockwise import blockwise as run_blockwise
+
+            correct = bool(shaped) and method in DIAGONAL_METHODS
+            result = run_blockwise(walker, units, run_options if correct else options, method, calib, seed=seed,
+                                   config=config, progress=progress, keep=keep, want_hessian=correct,
+                                   **method_opts)
+            output_errors, stats, cost = result["output_errors"], result["stats"], result["cost"]
+            cache = result["cache"]
+            quantizer_warnings = result["warnings"]
+        else:
+            hessian = quantize_fn.hessian if isinstance(quantize_fn, UnitQuantizer) else None
+            correct = hessian is not None and bool(shaped) and method in DIAGONAL_METHODS
+            ctx = Context(net, units, run_options if correct else options, calib, task, loss, seed, progress,
+                          quantize_fn, hessian=hessian if correct else None)
+            result = METHODS[method](ctx, **method_opts)
+            stats = result.get("stats")
+            if stats is None:
+                stats, _, _ = capture(ctx, want_gram=False)
+            output_errors, cost = ctx.output_errors, ctx.cost
+            quantizer_warnings = quantize_fn.warnings if isinstance(quantize_fn, UnitQuantizer) else []
     if correct:
-        _correct_shaped(result["errors"], ctx.output_errors, shaped)
+        _correct_shaped(result["errors"], output_errors, shaped)
         result.setdefault("opts", {})["shaped_options"] = "rtn error x output-error ratio"
-    stats = result.get("stats")
-    if stats is None:
-        stats, _, _ = capture(ctx, want_gram=False)
     wall_s = time.perf_counter() - t0
     records = []
     for u in units:
@@ -174,11 +218,13 @@ def analyze(
             stats[u.name], result["info"].get(u.name, {}), u.index,
         ))
     calibration = {"description": calib_description, **calibration_digest(calib)}
+    if quantizer_warnings:  # option parts dropped for some units (e.g. +rotate on an odd input dim)
+        calibration["quantizer_warnings"] = sorted(set(quantizer_warnings))
     table = SensitivityTable(
         model=model_name, method=method, candidates=[str(o) for o in options], seed=seed, loss=loss,
         task=task, calibration=calibration, method_opts=result.get("opts", {}),
-        cost={k: round(v, 6) for k, v in sorted(ctx.cost.items())}, units=records,
+        cost={k: round(v, 6) for k, v in sorted(cost.items())}, units=records,
         timing={"wall_s": wall_s}, mixq_version=__version__,
     )
     log.info("sensitivity %s: %d units x %d options in %.1f s", method, len(units), len(options), wall_s)
-    return table
+    return table, cache

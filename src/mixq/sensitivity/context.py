@@ -21,29 +21,16 @@ from torch import nn
 from mixq.errors import DataError, MixqError
 from mixq.models.capture import forward_logits, owner_module
 from mixq.models.units import Unit, get_weight
-from mixq.plan import Option, parse_option
+from mixq.option import Option, parse_option
 from mixq.progress import Progress
 from mixq.quantizers.smooth import output_error
+from mixq.sensitivity.quantized import rtn_quantize
 
 TASKS = ("lm", "image")
 LOSSES = ("ce",)
 
 # quantize_fn(unit, w (out, in), option) -> w_hat (out, in): the weight a unit would carry.
 QuantizeFn = Callable[[Unit, torch.Tensor, Option], torch.Tensor]
-
-
-def rtn_quantize(unit: Unit, w: torch.Tensor, option: Option) -> torch.Tensor:
-    """Round-to-nearest fake quantization with the option's format. Options that need a
-    calibrated quantizer or transforms (gptq, rotate, ...) are not supported here: pass a
-    `quantize_fn` that implements them."""
-    if option.quantizer != "rtn" or option.transforms:
-        raise MixqError(
-            f"unit {unit.name!r}: option {option} is not supported yet by sensitivity analysis "
-            "(only round-to-nearest options; pass quantize_fn= to analyze() for gptq/transforms)"
-        )
-    if not torch.isfinite(w).all():
-        raise DataError(f"unit {unit.name!r}: weight contains NaN/inf values")
-    return option.fmt.fake_quant(w)
 
 
 @dataclass
@@ -103,7 +90,7 @@ def calibration_loss_fn(model: nn.Module, calib, *, task: str | None = None, los
     """A closure returning the calibration loss (mean over all predicted items) as a graph-
     carrying scalar; calling `.backward()` on it gives the calibration gradient."""
     task = task or detect_task(calib)
-    batches = make_batches(calib, task, batch_size)
+    batches = _on_device(make_batches(calib, task, batch_size), model)
 
     def fn() -> torch.Tensor:
         return sum(b.weight * batch_loss(model, b, task, loss) for b in batches)
@@ -117,16 +104,25 @@ def fwd_bwd_seconds(model: nn.Module, calib, *, task: str | None = None, loss: s
     micro-batch, gradients freed in between): the unit in which analysis cost is reported.
     The best of `repeats` runs."""
     task = task or detect_task(calib)
-    batches = make_batches(calib, task, batch_size)
+    batches = _on_device(make_batches(calib, task, batch_size), model)
     params = [p for p in model.parameters() if p.requires_grad]
+    device = batches[0].x.device
     best = float("inf")
     for _ in range(max(1, repeats)):
         t0 = time.perf_counter()
         for b in batches:
             lb = b.weight * batch_loss(model, b, task, loss)
             torch.autograd.grad(lb, params, allow_unused=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         best = min(best, time.perf_counter() - t0)
     return best
+
+
+def _on_device(batches: list[Batch], model: nn.Module) -> list[Batch]:
+    """The micro-batches on the model's device."""
+    device = next(model.parameters()).device
+    return [Batch(b.x.to(device), None if b.y is None else b.y.to(device), b.weight, b.n_items) for b in batches]
 
 
 @dataclass
@@ -142,18 +138,16 @@ class Context:
     seed: int
     progress: Progress | None
     quantize_fn: QuantizeFn = rtn_quantize
-    # gram(unit) -> the unit's input Hessian (in, in) or None; when given, `deltas` records
+    # hessian(unit) -> the unit's input Hessian (in, in) or None; when given, `deltas` records
     # every option's output error tr(ΔW H ΔWᵀ) in `output_errors[(unit name, option)]`
-    gram: Callable[[Unit], torch.Tensor | None] | None = None
+    hessian: Callable[[Unit], torch.Tensor | None] | None = None
     # deterministic pass counts, in units of one pass over the whole calibration set
     cost: dict = field(default_factory=dict)
     output_errors: dict = field(default_factory=dict)
 
     def batches(self, batch_size: int) -> list[Batch]:
         """Micro-batches on the model's device."""
-        device = next(self.model.parameters()).device
-        return [Batch(b.x.to(device), None if b.y is None else b.y.to(device), b.weight, b.n_items)
-                for b in make_batches(self.calib, self.task, batch_size)]
+        return _on_device(make_batches(self.calib, self.task, batch_size), self.model)
 
     def batch_loss(self, batch: Batch) -> torch.Tensor:
         return batch_loss(self.model, batch, self.task, self.loss)
@@ -165,7 +159,7 @@ class Context:
         """(option, ΔW = Q(W) - W (out, in) float32) for every candidate option."""
         with torch.no_grad():
             w = get_weight(self.model, unit).detach()
-            H = self.gram(unit) if self.gram is not None else None
+            H = self.hessian(unit) if self.hessian is not None else None
             if H is not None:
                 H = H.to(w.device)
             for opt in self.options:

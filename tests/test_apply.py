@@ -1,4 +1,5 @@
-"""Sequential calibrated application (`mixq.calibrate`) on tiny random models."""
+"""The one path from a plan to quantized weights (`mixq.apply`): sequential calibrated
+application on tiny random models, unit by unit on CNNs, sensitivity's UnitQuantizer."""
 
 from __future__ import annotations
 
@@ -10,13 +11,19 @@ import torch
 
 from conftest import needs_data, needs_smollm2
 from mixq import formats
-from mixq.calibrate import collect_stats, quantize_fn_for_sensitivity, quantize_model
+from mixq.apply import applied, quantize_model
 from mixq.errors import DataError
 from mixq.eval.perplexity import lm_eval
 from mixq.models.enumerate import llm_units
 from mixq.models.units import get_weight
-from mixq.plan import Plan, parse_option
+from mixq.option import CalibConfig, parse_option
+from mixq.plan import Plan
 from mixq.quantizers import output_error
+from mixq.sensitivity import UnitQuantizer, collect_stats
+
+
+def bs(n: int) -> CalibConfig:
+    return CalibConfig(batch_size=n)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -34,9 +41,12 @@ def test_sequential_gptq_beats_rtn_on_tiny_llama(tiny_llama):
     for spec in ("int3:g32", "int3:g32+gptq", "int3:g32+gptq+rotate"):
         model = copy.deepcopy(float_model)
         plan = Plan.uniform("tiny", units, spec)
-        manifest = quantize_model(model, units, plan, calib, batch_size=4)
-        kls[spec] = lm_eval(model, evalw, reference=float_model)["kl"]
-        doc = json.loads(json.dumps(manifest.to_dict()))  # JSON-serialisable
+        qm = quantize_model(model, units, plan, calib, config=bs(4))
+        for name, p in model.named_parameters():  # the model is left as it was
+            assert torch.equal(p, float_model.get_parameter(name))
+        with applied(model, units, qm.weights):
+            kls[spec] = lm_eval(model, evalw, reference=float_model)["kl"]
+        doc = json.loads(json.dumps(qm.manifest.to_dict()))  # JSON-serialisable
         assert doc["sequential"] == ("gptq" in spec)
         assert set(doc["units"]) == {u.name for u in units}
         for name, rec in doc["units"].items():
@@ -56,11 +66,15 @@ def test_sequential_gptq_beats_rtn_on_tiny_llama(tiny_llama):
 def test_rtn_plan_needs_no_calibration(tiny_llama):
     model = copy.deepcopy(tiny_llama)
     units = llm_units(model)
-    manifest = quantize_model(model, units, Plan.uniform("tiny", units, "int4:g32"))
-    assert not manifest.sequential
+    qm = quantize_model(model, units, Plan.uniform("tiny", units, "int4:g32"))
+    assert not qm.manifest.sequential
     fmt = formats.parse("int4:g32")
     u = units[0]
-    assert torch.equal(get_weight(model, u), fmt.fake_quant(get_weight(tiny_llama, u)))
+    assert torch.equal(qm.weights[u.name].weight(), fmt.fake_quant(get_weight(tiny_llama, u)))
+    assert torch.equal(qm.weights[u.name].qtensor.codes, fmt.quantize(get_weight(tiny_llama, u)).codes)
+    with applied(model, units, qm.weights):
+        assert torch.equal(get_weight(model, u), fmt.fake_quant(get_weight(tiny_llama, u)))
+    assert torch.equal(get_weight(model, u), get_weight(tiny_llama, u))  # restored
     with pytest.raises(DataError, match="calib_ids"):
         quantize_model(copy.deepcopy(tiny_llama), units, Plan.uniform("tiny", units, "int4:g32+gptq"))
 
@@ -70,7 +84,8 @@ def test_moe_experts_get_routed_hessians(tiny_moe):
     units = llm_units(model)
     calib = windows(4, 32, seed=3)
     plan = Plan.uniform("moe", units, "int3:g32+gptq")
-    manifest = quantize_model(model, units, plan, calib, batch_size=2)
+    qm = quantize_model(model, units, plan, calib, config=bs(2))
+    manifest = qm.manifest
     experts = [u for u in units if u.kind == "expert"]
     assert experts
     recs = [manifest.units[u.name] for u in experts]
@@ -79,14 +94,15 @@ def test_moe_experts_get_routed_hessians(tiny_moe):
     for r in recs:
         if r["fallback"] is not None:  # an expert no calibration token reached
             assert r["n_tokens"] == 0 and r["warnings"]
-    out = model(calib[:1]).logits
+    with applied(model, units, qm.weights):
+        out = model(calib[:1]).logits
     assert torch.isfinite(out).all()
 
 
-def test_quantize_fn_for_sensitivity(tiny_llama):
+def test_unit_quantizer_for_sensitivity(tiny_llama):
     units = llm_units(tiny_llama)
     calib = windows(8, 64, seed=4)
-    fn = quantize_fn_for_sensitivity(tiny_llama, units, calib, batch_size=4)
+    fn = UnitQuantizer.from_calibration(tiny_llama, units, calib, config=bs(4))
     stats = collect_stats(tiny_llama, units, calib, batch_size=4)
     u = next(x for x in units if x.role == "down_proj")
     w = get_weight(tiny_llama, u).detach()
@@ -106,7 +122,7 @@ def test_smollm2_first_block(data_dir):
     units = [u for u in loaded.units() if u.block == 0]
     plan = Plan.uniform(loaded.name, units, "int3:g64+gptq+rotate")
     calib = windows(2, 64, seed=5, vocab=49152)
-    manifest = quantize_model(loaded.model, units, plan, calib, batch_size=2)
+    manifest = quantize_model(loaded.model, units, plan, calib, config=bs(2)).manifest
     assert set(manifest.units) == {u.name for u in units}
     rec = manifest.units["model.layers.0.mlp.down_proj"]
     assert rec["rotate_block"] == 512 and rec["n_tokens"] == 128
@@ -166,9 +182,10 @@ def test_cnn_sequential_gptq_beats_rtn(tiny_cnn):
     kls, manifests = {}, {}
     for spec in ("int3:ch", "int3:ch+gptq", "int3:ch+gptq+rotate"):
         model = copy.deepcopy(tiny_cnn)
-        manifest = quantize_model(model, units, Plan.uniform("tiny", units, spec), calib, batch_size=16)
-        kls[spec] = image_kl(model, tiny_cnn, held_out)
-        manifests[spec] = json.loads(json.dumps(manifest.to_dict()))  # JSON-serialisable
+        qm = quantize_model(model, units, Plan.uniform("tiny", units, spec), calib, config=bs(16))
+        with applied(model, units, qm.weights):
+            kls[spec] = image_kl(model, tiny_cnn, held_out)
+        manifests[spec] = json.loads(json.dumps(qm.manifest.to_dict()))  # JSON-serialisable
     doc = manifests["int3:ch+gptq"]
     assert doc["sequential"] and doc["settings"]["order"] == "units" and doc["timing"]["n_passes"] == 4
     assert doc["calibration"]["n_images"] == 64 and doc["calibration"]["image_shape"] == [3, 16, 16]
@@ -196,16 +213,16 @@ def test_cnn_units_calibrated_on_quantized_predecessors(tiny_cnn):
     plan = Plan("tiny", {"conv1": parse_option("int2:ch"), "conv2": parse_option("int4:ch+gptq")},
                 {"conv1": units[0].shape, "conv2": units[1].shape})
     model = copy.deepcopy(tiny_cnn)
-    quantize_model(model, units, plan, calib, batch_size=8)
+    qm = quantize_model(model, units, plan, calib, config=bs(8))
     conv2 = units[1]
     w = get_weight(tiny_cnn, conv2).detach()
     partly = copy.deepcopy(tiny_cnn)  # conv1 quantized, conv2 float
-    partly.conv1.weight.data.copy_(model.conv1.weight.data)
+    partly.conv1.weight.data.copy_(qm.weights["conv1"].weight().reshape(partly.conv1.weight.shape))
     for source, expect_equal in ((partly, True), (tiny_cnn, False)):
         st = collect_stats(source, [conv2], calib, batch_size=8)["conv2"]
-        w_hat, _ = quantize_unit(w, "int4:ch+gptq", H=st.hessian(), act_absmean=st.absmean())
-        assert torch.allclose(w_hat, get_weight(model, conv2), atol=1e-6) == expect_equal
-    assert torch.equal(model.conv3.weight, tiny_cnn.conv3.weight)  # unplanned units untouched
+        qw, _ = quantize_unit(w, "int4:ch+gptq", H=st.hessian(), act_absmean=st.absmean())
+        assert torch.allclose(qw.weight(), qm.weights["conv2"].weight(), atol=1e-6) == expect_equal
+    assert set(qm.weights) == {"conv1", "conv2"}  # unplanned units untouched
 
 
 def test_bad_calibration_inputs_are_clear_errors(tiny_cnn, tiny_llama):
@@ -233,21 +250,21 @@ def test_bad_calibration_inputs_are_clear_errors(tiny_cnn, tiny_llama):
         quantize_model(copy.deepcopy(tiny_llama), lm_units, Plan.uniform("tiny", lm_units, "int4:g32+gptq"), images)
 
 
-def test_quantize_fn_for_sensitivity_on_cnn(tiny_cnn):
+def test_unit_quantizer_on_cnn(tiny_cnn):
     """Same rule as quantize_model: +rotate on the odd stem is dropped (and reported), the
     others rotate; calibrated options use the float statistics of image inputs."""
     from mixq.models.enumerate import cnn_units
     from mixq.quantizers import quantize_unit
 
     units = cnn_units(tiny_cnn)
-    warnings: list[str] = []
-    fn = quantize_fn_for_sensitivity(tiny_cnn, units, smooth_images(16, seed=5), batch_size=8, warnings_out=warnings)
+    fn = UnitQuantizer.from_calibration(tiny_cnn, units, smooth_images(16, seed=5), config=bs(8))
+    warnings = fn.warnings
     conv1, conv2 = units[0], units[1]
     w1, w2 = get_weight(tiny_cnn, conv1).detach(), get_weight(tiny_cnn, conv2).detach()
     assert torch.equal(fn(conv1, w1, parse_option("int3:ch+rotate")), formats.parse("int3:ch").fake_quant(w1))
     fn(conv1, w1, parse_option("int3:ch+rotate"))  # warned once per unit and option
     assert len(warnings) == 1 and warnings[0].startswith("conv1: ") and "27" in warnings[0]
-    assert torch.equal(fn(conv2, w2, parse_option("int3:ch+rotate")), quantize_unit(w2, "int3:ch+rotate")[0])
+    assert torch.equal(fn(conv2, w2, parse_option("int3:ch+rotate")), quantize_unit(w2, "int3:ch+rotate")[0].weight())
     assert not torch.equal(fn(conv2, w2, parse_option("int3:ch+gptq")), formats.parse("int3:ch").fake_quant(w2))
     with pytest.raises(Exception, match="odd"):  # one unit, directly: still an error
         quantize_unit(w1, "int3:ch+rotate")
@@ -273,11 +290,12 @@ def test_resnet20_gptq_on_cifar(one_thread):
     float_state = copy.deepcopy(loaded.model.state_dict())
     acc = {}
     for spec in ("int3:ch", "int3:ch+gptq"):
-        loaded.model.load_state_dict(float_state)
-        man = quantize_model(loaded.model, units, Plan.uniform(loaded.name, units, spec), calib, batch_size=32)
-        acc[spec] = top1(loaded.model, images, labels)["top1"]
-        assert len(man.units) == len(units) == 20
-    loaded.model.load_state_dict(float_state)
+        qm = quantize_model(loaded.model, units, Plan.uniform(loaded.name, units, spec), calib, config=bs(32))
+        with applied(loaded.model, units, qm.weights):
+            acc[spec] = top1(loaded.model, images, labels)["top1"]
+        assert len(qm.manifest.units) == len(units) == 20
+    for k, v in loaded.model.state_dict().items():
+        assert torch.equal(v, float_state[k])
     assert acc["int3:ch+gptq"] > acc["int3:ch"] + 0.08
     # sensitivity analysis with calibrated candidates on an image model
     table = api.analyze(loaded, candidates=["int3:ch", "int3:ch+gptq+rotate"], method="output", samples=32,
@@ -296,7 +314,7 @@ def test_diagonal_methods_credit_error_shaping(tiny_llama):
 
     units = llm_units(tiny_llama)
     calib = windows(8, 64, seed=4)
-    fn = quantize_fn_for_sensitivity(tiny_llama, units, calib, batch_size=4)
+    fn = UnitQuantizer.from_calibration(tiny_llama, units, calib, config=bs(4))
     # the plain format is not a candidate: it is analysed alongside, then dropped
     table = analyze(tiny_llama, units, ["int3:g32+gptq", "int4:g32"], "fisher", calib, quantize_fn=fn)
     assert table.candidates == ["int3:g32+gptq", "int4:g32"]
@@ -316,7 +334,7 @@ def test_diagonal_methods_credit_error_shaping(tiny_llama):
         checked += 1
     assert checked == len(units)
     # without Hessians the method scores the shaped ΔW on its own diagonal
-    fn_blind = lambda unit, w, option: fn(unit, w, option)  # noqa: E731  (no .gram)
+    fn_blind = lambda unit, w, option: fn(unit, w, option)  # noqa: E731  (not a UnitQuantizer: no Hessians)
     blind = analyze(tiny_llama, units, ["int3:g32+gptq"], "fisher", calib, quantize_fn=fn_blind)
     assert blind.method_opts.get("shaped_options") is None
     assert any(abs(b.options[0]["error"] - {o["option"]: o["error"] for o in r.options}["int3:g32+gptq"])
@@ -332,7 +350,7 @@ def test_spike_rule_rotate_or_keep(tiny_llama):
 
     units = llm_units(tiny_llama)
     calib = windows(4, 64, seed=6)
-    fn = quantize_fn_for_sensitivity(tiny_llama, units, calib, batch_size=4)
+    fn = UnitQuantizer.from_calibration(tiny_llama, units, calib, config=bs(4))
     table = analyze(tiny_llama, units, ["int2:g32", "int4:g32", "int8:ch", "int3:g32+gptq+rotate"], "fisher", calib,
                     quantize_fn=fn)
     ratios = sorted(u.stats["ratio"] for u in table.units)

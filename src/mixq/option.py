@@ -1,0 +1,175 @@
+"""Options and calibration settings: what a plan assigns to a unit, typed, low in the stack.
+
+An option is a numeric format plus the quantizer that produces it and the transforms applied
+before quantizing, written `FORMAT[+QUANTIZER][+rotate][+smooth][+lowrank:R]`:
+
+    int4:g64                  round to nearest
+    int3:g64+gptq+rotate      GPTQ on the rotated weight
+    int4:g128+smooth+lowrank:16
+
+`parse_option(str(o)) == o` for every option; the string form is canonical (quantizer, then
+rotate, smooth, lowrank, whatever order the parts were written in), so plans and tables
+compare options by their strings. The composition order is fixed by the math, not the
+string: smooth, then rotate, then the low-rank split, then the quantizer (see
+`mixq.quantizers.unit`).
+
+`CalibConfig` carries the settings of calibrated application (GPTQ's block size, damping and
+activation order, the smoothing grid, micro-batch size, true-sequential order), so they
+travel as one frozen value instead of keyword arguments through every layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from functools import cached_property
+
+from mixq import formats
+from mixq.errors import FormatError
+
+QUANTIZERS = ("rtn", "gptq")
+TRANSFORMS = ("rotate", "smooth", "lowrank:R")
+
+_HELP = "expected FORMAT[+gptq][+rotate][+smooth][+lowrank:R], e.g. int3:g64+gptq+rotate"
+
+
+@dataclass(frozen=True)
+class Option:
+    """A format with the quantizer and transforms that produce it.
+
+    format: canonical format spec (`formats.parse` validates it).
+    quantizer: "rtn" (round to nearest) or "gptq".
+    rotate: a random-sign block Hadamard rotation of the input dimension.
+    smooth: AWQ-style per-input-channel scales.
+    lowrank: rank R of a bf16 low-rank branch kept beside the quantized residual, or None."""
+
+    format: str
+    quantizer: str = "rtn"
+    rotate: bool = False
+    smooth: bool = False
+    lowrank: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "format", str(formats.parse(self.format)))
+        for name in ("rotate", "smooth"):
+            if not isinstance(getattr(self, name), bool):
+                raise FormatError(f"option {self.format}: {name} must be True or False, got {getattr(self, name)!r}")
+        if self.quantizer not in QUANTIZERS:
+            raise FormatError(f"option {self.format}+{self.quantizer}: unknown quantizer {self.quantizer!r}; "
+                              f"expected one of {', '.join(QUANTIZERS)}")
+        if self.lowrank is not None and (isinstance(self.lowrank, bool) or not isinstance(self.lowrank, int)
+                                         or self.lowrank < 1):
+            raise FormatError(f"option {self.format}: lowrank needs a positive integer rank, got {self.lowrank!r}")
+
+    def __str__(self) -> str:
+        parts = [self.format]
+        if self.quantizer != "rtn":
+            parts.append(self.quantizer)
+        parts.extend(self.transforms)
+        return "+".join(parts)
+
+    @cached_property
+    def fmt(self) -> formats.Format:
+        return formats.parse(self.format)
+
+    @property
+    def transforms(self) -> tuple[str, ...]:
+        """The transform parts as written in the spec: ("rotate", "smooth", "lowrank:R")."""
+        out = []
+        if self.rotate:
+            out.append("rotate")
+        if self.smooth:
+            out.append("smooth")
+        if self.lowrank is not None:
+            out.append(f"lowrank:{self.lowrank}")
+        return tuple(out)
+
+    @property
+    def is_plain(self) -> bool:
+        """Round to nearest with no transform: the weight is the format's own rounding."""
+        return self.quantizer == "rtn" and not self.transforms
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether the option needs calibration data (an input Hessian or activation statistics)."""
+        return self.quantizer == "gptq" or self.smooth
+
+    def replace(self, **changes) -> Option:
+        return dataclasses.replace(self, **changes)
+
+    def lowrank_rank(self, shape: tuple[int, int]) -> int | None:
+        """The rank actually kept for a unit of `shape` (capped at min(out, in)), or None."""
+        return None if self.lowrank is None else min(self.lowrank, shape[0], shape[1])
+
+    def transform_bits(self, shape: tuple[int, int]) -> int:
+        """Bits stored beside the codes: a low-rank branch 16 r (out + in) (bf16 factors),
+        smoothing scales 32 in (one float32 per input channel). A rotation is a seed: 0."""
+        rank = self.lowrank_rank(shape)
+        return (16 * rank * (shape[0] + shape[1]) if rank else 0) + (32 * shape[1] if self.smooth else 0)
+
+    def bits(self, shape: tuple[int, int]) -> int:
+        """All-in bits of a unit of `shape` under this option, as a packed checkpoint stores it."""
+        return self.fmt.bits(shape) + self.transform_bits(shape)
+
+
+def parse_option(text: str | Option) -> Option:
+    """Parse `FORMAT[+QUANTIZER][+TRANSFORM...]` (an Option is returned as it is)."""
+    if isinstance(text, Option):
+        return text
+    if not isinstance(text, str):
+        raise FormatError(f"option must be a string, got {type(text).__name__}; {_HELP}")
+    parts = [p.strip() for p in text.strip().split("+") if p.strip()]
+    if not parts:
+        raise FormatError(f"empty option {text!r}; {_HELP}")
+    fmt = str(formats.parse(parts[0]))
+    fields: dict = {}
+    for p in parts[1:]:
+        low = p.lower()
+        if low in QUANTIZERS:
+            key, value = "quantizer", low
+        elif low in ("rotate", "smooth"):
+            key, value = low, True
+        elif low.startswith("lowrank:"):
+            rank = low.split(":", 1)[1]
+            if not rank.isdigit() or int(rank) < 1:
+                raise FormatError(f"option {text!r}: lowrank needs a positive integer rank, e.g. lowrank:16")
+            key, value = "lowrank", int(rank)
+        else:
+            raise FormatError(f"option {text!r}: unknown part {p!r}; expected a quantizer ({', '.join(QUANTIZERS)}) "
+                              "or a transform (rotate, smooth, lowrank:R)")
+        if key in fields and fields[key] != value:
+            raise FormatError(f"option {text!r}: {key} given twice ({fields[key]} and {value})")
+        fields[key] = value
+    return Option(fmt, **fields)
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    """Settings of calibrated application (GPTQ, smoothing) and of the calibration passes.
+
+    block_size, damp, act_order: GPTQ's column block, relative damping and activation order
+    (static groups; see `quantizers.gptq`). smooth_grid: α grid of the smoothing search.
+    batch_size: windows (images) per forward micro-batch. true_sequential: calibrate a
+    block's units in stages (q/k/v, o, gate/up, down), each on the inputs the already
+    quantized earlier stages produce. seed: the rotations' sign seed."""
+
+    block_size: int = 128
+    damp: float = 0.01
+    act_order: bool = True
+    smooth_grid: int = 20
+    batch_size: int = 8
+    true_sequential: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "smooth_grid", "batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise FormatError(f"CalibConfig.{name} must be a positive integer, got {v!r}")
+        if not (self.damp > 0):
+            raise FormatError(f"CalibConfig.damp must be positive, got {self.damp!r}")
+
+    def quantizer_settings(self) -> dict:
+        """What the manifest records of the quantizer settings."""
+        return {"block_size": self.block_size, "damp": self.damp, "act_order": self.act_order,
+                "smooth_grid": self.smooth_grid}
