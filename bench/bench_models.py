@@ -43,12 +43,14 @@ def main() -> None:
     ap.add_argument("--calib-seqlen", type=int, default=512)
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--device", default="cpu", help="cpu, cuda, auto (see mixq.models.load_model)")
+    ap.add_argument("--offload", default="auto", help="none, cpu, disk, auto: where the blocks wait (disk: one block "
+                    "in memory at a time)")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     progress = LineProgress(sys.stderr)
     t0 = time.perf_counter()
-    loaded = load_model(a.model, device=a.device)
+    loaded = load_model(a.model, device=a.device, offload=a.offload)
     print(f"# {a.model}, {datetime.date.today()}: loaded in {time.perf_counter() - t0:.0f} s; {loaded.note}", flush=True)
     plans = []
     budgets = [float(b) for b in a.budgets.split(",") if b]
