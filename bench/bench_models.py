@@ -50,7 +50,15 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     progress = LineProgress(sys.stderr)
     t0 = time.perf_counter()
-    loaded = load_model(a.model, device=a.device, offload=a.offload)
+    from mixq.models import builtin, gguf_cache
+
+    if a.offload == "disk" and a.model in builtin.SOURCES:
+        # block by block from the dequantized cache (safetensors): one block in memory at a time
+        deq = gguf_cache.dequantized(builtin.gguf_path(a.model))
+        loaded = load_model(str(deq.folder), device=a.device, offload="disk")
+        loaded.name, loaded.note = a.model, gguf_cache.baseline_note(deq.info, builtin.SOURCES[a.model].description)
+    else:
+        loaded = load_model(a.model, device=a.device, offload=a.offload)
     print(f"# {a.model}, {datetime.date.today()}: loaded in {time.perf_counter() - t0:.0f} s; {loaded.note}", flush=True)
     plans = []
     budgets = [float(b) for b in a.budgets.split(",") if b]
