@@ -105,3 +105,28 @@ def test_eval_table_prints_acc_and_acc_norm_columns():
     assert header.split()[-8:] == ["boolq", "acc", "boolq", "acc_norm", "piqa", "acc", "piqa", "acc_norm"]
     assert line.split()[-4:] == ["0.360", "-", "0.600", "0.620"]
     assert "starts with the tokenizer's BOS '<bos>'" in text and "boolq, copa, winogrande" in text
+
+
+@pytest.mark.real
+def test_demo_plans_at_the_bits_of_the_uniform_formats(tiny_loaded, tmp_path, monkeypatch):
+    """The demo measures once, plans at exactly the bits of uniform int3:g64 and int4:g64,
+    and evaluates each plan beside its uniform format (tiny model, real WikiText-2 data)."""
+    from conftest import shared_data_dir
+
+    if shared_data_dir() is None:
+        pytest.skip("../shared/data (or $MIXQ_DATA_DIR) not present")
+    monkeypatch.setenv("MIXQ_DATA_DIR", str(shared_data_dir()))
+    from mixq.demo import MATCHED, run_demo
+
+    stages = []
+    res = run_demo(tiny_loaded, samples=2, seqlen=32, windows=2, out_dir=tmp_path / "demo",
+                   stage=lambda i, n, t: stages.append(i))
+    assert stages == [1, 2, 3, 4] and (tmp_path / "demo" / "sensitivity.json").is_file()
+    labels = [r["label"] for r in res.eval["rows"]]
+    assert labels == ["float", "int3:g64", "mixed @ 3.25", "int4:g64", "mixed @ 4.25"]
+    rows = {r["label"]: r for r in res.eval["rows"]}
+    for uniform, mixed in res.pairs:
+        assert uniform in MATCHED
+        assert rows[mixed]["bpw_blocks"] <= rows[uniform]["bpw_blocks"] + 1e-9
+        assert len({str(o) for o in res.plans[mixed].options.values()}) >= 1
+        assert (tmp_path / "demo" / f"plan_{rows[uniform]['bpw_blocks']:.2f}.json").is_file()

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from mixq import api
-from mixq.models import DEFAULT_MODEL, load_model
+from mixq.models import DEFAULT_MODEL, LoadedModel, load_model
 from mixq.option import parse_option
 from mixq.plan import Plan
 from mixq.progress import Progress
@@ -44,7 +44,7 @@ def uniform_bpw(option: str, shapes: dict[str, tuple[int, int]]) -> float:
     return sum(opt.bits(s) for s in shapes.values()) / sum(r * c for r, c in shapes.values())
 
 
-def run_demo(model: str = DEFAULT_MODEL, *, samples: int = 4, seqlen: int = 512, windows: int = 4,
+def run_demo(model: str | LoadedModel = DEFAULT_MODEL, *, samples: int = 4, seqlen: int = 512, windows: int = 4,
              out_dir: str | Path = "runs/demo", seed: int = 0, progress: Progress | None = None,
              stage: Callable[[int, int, str], None] | None = None) -> DemoResult:
     """Analyze (Fisher, `samples` calibration windows), plan at the bits of each `MATCHED`
@@ -56,8 +56,8 @@ def run_demo(model: str = DEFAULT_MODEL, *, samples: int = 4, seqlen: int = 512,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    say(1, N_STAGES, f"load {model}")
-    loaded = load_model(model)
+    say(1, N_STAGES, f"load {model if isinstance(model, str) else model.name}")
+    loaded = model if isinstance(model, LoadedModel) else load_model(model)
     say(2, N_STAGES, f"measure: Fisher sensitivity of every unit to {', '.join(CANDIDATES)} on {samples} calibration "
                      f"windows x {seqlen} tokens")
     table = api.analyze(loaded, candidates=CANDIDATES, samples=samples, seqlen=seqlen, seed=seed, measure_cost=False,
@@ -79,8 +79,8 @@ def run_demo(model: str = DEFAULT_MODEL, *, samples: int = 4, seqlen: int = 512,
         pairs.append((fmt, label))
     say(4, N_STAGES, f"evaluate float, {len(MATCHED)} uniform formats and {len(plans)} mixed plans on {windows} "
                      f"WikiText-2 test windows x {seqlen} tokens")
-    res = api.evaluate(loaded, formats=list(MATCHED), plans=list(plans.values()), seqlen=seqlen, windows=windows,
-                       progress=progress)
+    res = api.evaluate(loaded, formats=list(MATCHED), plans=list(plans.values()), data="wikitext2", seqlen=seqlen,
+                       windows=windows, progress=progress)
     by_label = {r["label"]: r for r in res["rows"]}
     res["rows"] = [by_label["float"]] + [by_label[x] for pair in pairs for x in pair]
     t2 = time.perf_counter()
