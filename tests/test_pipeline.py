@@ -86,8 +86,11 @@ def test_run_leaves_a_complete_run_directory(tiny_loaded, text_file, tmp_path):
     out = tmp_path / "run"
     before = {k: v.clone() for k, v in tiny_loaded.model.state_dict().items()}
     # Evaluate on the same small text (a test file stands in for both splits here).
+    stages = []
     res = run(tiny_loaded, budget_bpw=4.0, out_dir=out, candidates=CANDS, calib=str(text_file), samples=4, seqlen=32,
-              eval_data=str(text_file), eval_windows=4, n_checks=4)
+              eval_data=str(text_file), eval_windows=4, n_checks=4, stage=lambda i, n, t: stages.append((i, n, t)))
+    assert [(i, n) for i, n, _ in stages] == [(1, 5), (2, 5), (3, 5), (4, 5), (5, 5)]
+    assert stages[1][2].startswith(f"analyze: fisher sensitivity of {len(CANDS)} candidates on 4 calibration windows")
     for name in ("sensitivity.json", "plan.json", "plan_greedy.json", "frontier.json", "eval.json", "check.json",
                  "report.html", "sensitivity.png", "bits.png", "frontier.png"):
         assert (out / name).is_file(), name
@@ -108,3 +111,29 @@ def test_report_refuses_a_non_run_directory(tmp_path):
 
     with pytest.raises(ArtifactError, match="not a mixq run directory"):
         write_report(tmp_path)
+
+
+def test_run_on_a_cnn_defaults_to_benchmark_calibration_and_per_channel(monkeypatch, tmp_path):
+    """`mixq run` on a CNN: 512 calibration images and per-channel candidates by default (the
+    CIFAR benchmarks' set-up), not 8 images and group-64 candidates."""
+    from mixq import api
+    from mixq.models import LoadedModel
+    from mixq.models.resnet_cifar import CifarResNet
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_analyze(loaded, candidates, method, calib, samples, *args, **kw):
+        seen.update(candidates=candidates, samples=samples)
+        raise Stop
+
+    monkeypatch.setattr(api, "analyze_keeping", fake_analyze)
+    cnn = LoadedModel(name="resnet20", kind="image_classifier", model=CifarResNet(20), source="fixture")
+    with pytest.raises(Stop):
+        run(cnn, out_dir=tmp_path / "r")
+    assert seen["samples"] == 512 and tuple(seen["candidates"]) == ("int2:ch", "int3:ch", "int4:ch", "int8:ch")
+    with pytest.raises(Stop):
+        run(cnn, out_dir=tmp_path / "r", samples=64, candidates=["int4:ch"])
+    assert seen["samples"] == 64 and list(seen["candidates"]) == ["int4:ch"]

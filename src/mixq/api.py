@@ -12,6 +12,7 @@ from mixq.accounting import bit_totals, kv_totals
 from mixq.artifacts import sha256_text
 from mixq.errors import DataError, MixqError
 from mixq.models import DEFAULT_MODEL, LoadedModel, get_weight, load_model
+from mixq.models.support import context_length
 from mixq.option import CalibConfig, parse_option
 from mixq.plan import Plan
 from mixq.progress import Progress
@@ -88,9 +89,12 @@ def evaluate(
     model first (see `models.fold`); the float row is then the rotated model (equal to the
     original to float rounding). Returns the body of an `eval` artifact (see `mixq.artifacts`).
     """
+    check_requests(options=list(formats), tasks=list(tasks))  # before the model loads
     loaded = _load(model, dtype, device, offload, rotate_residual)
     config = config or CalibConfig(seed=seed)
-    planned = _plans_for(loaded, list(formats), list(plans), include_head, list(kv))
+    planned = _plans_for(loaded, list(formats), list(plans), include_head, list(kv))  # refuses models without known blocks
+    if loaded.kind == "causal_lm":
+        check_window(loaded, seqlen, "eval seqlen")
     n_params = loaded.n_params
     all_units = loaded.units(include_head=True, include_embeddings=True)
     _check_weights(loaded, all_units, planned)
@@ -123,6 +127,26 @@ def _load(model: str | LoadedModel, dtype, device, offload, rotate_residual: int
     if rotate_residual is not None:
         fold_residual_rotation(model, rotate_residual)
     return model
+
+
+def check_requests(options=(), tasks=()) -> None:
+    """Refuse bad option specs (`FormatError`) and unknown zero-shot tasks (`NotFoundError`)
+    before any model is loaded."""
+    from mixq.data import TASK_NAMES
+    from mixq.errors import NotFoundError
+
+    for spec in options:
+        parse_option(spec)
+    unknown = [t for t in tasks if t not in TASK_NAMES]
+    if unknown:
+        raise NotFoundError(f"unknown task(s) {', '.join(map(repr, unknown))}; known tasks: {', '.join(TASK_NAMES)}")
+
+
+def check_window(loaded: LoadedModel, seqlen: int, what: str) -> None:
+    """Refuse windows longer than the model's context, naming the limit."""
+    from mixq.data import check_context
+
+    check_context(seqlen, context_length(loaded.model), what)
 
 
 def _needs_calibration(plan: Plan) -> bool:
@@ -179,7 +203,7 @@ def check_finite(unit, w) -> None:
 def _eval_lm(loaded, planned, all_units, n_params, body, data, seqlen, n_windows, tasks, limit, progress, calib_ids,
              config, cache):
     from mixq.apply import applied
-    from mixq.data import load_text, token_windows
+    from mixq.data import load_text, token_windows, tokenization_record
     from mixq.eval.streamed import Variant, evaluate_variants
     from mixq.eval.zeroshot import zero_shot
 
@@ -188,7 +212,7 @@ def _eval_lm(loaded, planned, all_units, n_params, body, data, seqlen, n_windows
     windows = token_windows(loaded.encode, text, seqlen, n_windows)
     body.update({"data": data, "data_sha256": sha256_text(text), "seqlen": seqlen,
                  "n_windows": int(windows.shape[0]), "n_tokens": int(windows.shape[0] * (seqlen - 1)),
-                 "tasks": list(tasks), "task_limit": limit})
+                 "tokenization": tokenization_record(loaded.encode), "tasks": list(tasks), "task_limit": limit})
     if tasks and loaded.offload != "none":
         raise MixqError("zero-shot tasks run on the whole model: load it on the device (--offload none) or drop --tasks")
     t0 = time.perf_counter()
@@ -266,11 +290,13 @@ def calibration_data(loaded: LoadedModel, calib: str | None = None, samples: int
     is random because the half is stored class by class (its first 500 images are all
     airplanes); it is returned in ascending index order."""
     if loaded.kind == "causal_lm":
-        from mixq.data import DEFAULT_CALIBRATION, calibration_windows
+        from mixq.data import DEFAULT_CALIBRATION, bos_of, calibration_windows
 
+        check_window(loaded, seqlen, "calibration seqlen")
         name = calib or DEFAULT_CALIBRATION
         ids = calibration_windows(loaded.encode, name, seqlen=seqlen, n_samples=samples, seed=seed)
-        return ids, f"{name}: {samples} random windows x {seqlen} tokens, seed {seed}"
+        bos = "" if bos_of(loaded.encode) is None else ", each after the tokenizer's BOS"
+        return ids, f"{name}: {samples} random windows x {seqlen} tokens{bos}, seed {seed}"
     import torch
 
     from mixq.data import load_cifar10
@@ -342,6 +368,7 @@ def analyze_keeping(model, candidates, method, calib, samples, seqlen, seed, inc
     from mixq.sensitivity import UnitQuantizer, fwd_bwd_seconds
     from mixq.sensitivity import analyze_keeping as run_analysis
 
+    check_requests(options=list(candidates))  # before the model loads
     loaded = _load(model, dtype, device, offload, rotate_residual)
     config = config or CalibConfig(seed=seed)
     units = loaded.units(include_head=include_head)
@@ -373,6 +400,10 @@ def analyze_keeping(model, candidates, method, calib, samples, seqlen, seed, inc
     table.timing.update(_placement(loaded))
     if loaded.extra.get("rotate_residual") is not None:
         table.calibration["rotate_residual"] = loaded.extra["rotate_residual"]
+    if loaded.kind == "causal_lm":
+        from mixq.data import tokenization_record
+
+        table.calibration["tokenization"] = tokenization_record(loaded.encode)
     if measure_cost and loaded.offload == "none":
         fb = fwd_bwd_seconds(loaded.model, data, batch_size=method_opts.get("batch_size", 1))
         table.timing["fwd_bwd_s"] = fb
@@ -506,6 +537,7 @@ def quantize(model: str | LoadedModel, out_dir: str | Path, *, plan: str | Path 
     if (plan is None) == (fmt is None):
         raise MixqError("give exactly one of a plan (--plan plan.json) or a format (--format SPEC)")
     check_out_dir(out_dir, overwrite)  # before any quantization work
+    check_requests(options=[fmt] if fmt else [])
     loaded = _load(model, dtype, device, offload, rotate_residual)
     config = config or CalibConfig(seed=seed)
     units = loaded.units(include_head=True, include_embeddings=True)
@@ -552,6 +584,7 @@ def evaluate_checkpoint(path: str | Path, *, data: str | None = None, seqlen: in
     from mixq.export import load_quantized, read_checkpoint
     from mixq.models.placement import DTYPES, resolve_device, resolve_dtype
 
+    check_requests(tasks=list(tasks))
     dev = resolve_device(device)
     stored = read_checkpoint(path, verify=False).get("float_dtype")
     compute_dtype = resolve_dtype(dtype, dev, DTYPES.get(stored) if stored else None)
@@ -568,16 +601,18 @@ def evaluate_checkpoint(path: str | Path, *, data: str | None = None, seqlen: in
     totals = bit_totals(plan, q.extra["units"], q.extra["n_params"])
     _reset_peak(ref_model)
     if ref_model.kind == "causal_lm":
-        from mixq.data import load_text, token_windows
+        from mixq.data import load_text, token_windows, tokenization_record
         from mixq.eval.perplexity import FloatReference, lm_eval
         from mixq.eval.streamed import streamed_log_probs
         from mixq.eval.zeroshot import zero_shot
 
+        check_window(ref_model, seqlen, "eval seqlen")
         data = data or ref_model.default_data
         text = load_text(data)
         win = token_windows(ref_model.encode, text, seqlen, windows)
         body.update({"data": data, "data_sha256": sha256_text(text), "seqlen": seqlen, "n_windows": int(win.shape[0]),
-                     "n_tokens": int(win.shape[0] * (seqlen - 1)), "tasks": list(tasks), "task_limit": limit})
+                     "n_tokens": int(win.shape[0] * (seqlen - 1)),
+                     "tokenization": tokenization_record(ref_model.encode), "tasks": list(tasks), "task_limit": limit})
         if ref_model.offload == "none":
             ref = FloatReference(ref_model.model, win)
         else:

@@ -18,9 +18,26 @@ def _csv(text: str) -> list[str]:
 
 
 def _progress(args):
-    from mixq.progress import TqdmProgress
+    """Progress bars on a terminal; one line per finished stage when stderr is not one (a
+    log file, CI); nothing with -q."""
+    from mixq.progress import LineProgress, TqdmProgress, no_progress
 
-    return TqdmProgress(disable=getattr(args, "quiet", False))
+    if getattr(args, "quiet", False):
+        return no_progress
+    if not sys.stderr.isatty():
+        return LineProgress(sys.stderr)
+    return TqdmProgress()
+
+
+def _stage_printer(args, command: str = "run"):
+    """The overall stage line of `mixq run` / `mixq demo`, on stderr (none with -q)."""
+    if getattr(args, "quiet", False):
+        return None
+
+    def stage(i: int, n: int, text: str) -> None:
+        print(f"mixq {command} [{i}/{n}] {text}", file=sys.stderr, flush=True)
+
+    return stage
 
 
 # ---------------------------------------------------------------- tables
@@ -57,9 +74,10 @@ def eval_table(result: dict) -> str:
     is_lm = "ppl" in rows[0]
     task_names = list(result.get("tasks", []))
     if is_lm:
-        headers = ["format", "bpw blocks", "bpw all", "ppl", "KL", "top1 agree"] + task_names
+        headers = ["format", "bpw blocks", "bpw all", "ppl", "KL", "top1 agree"]
+        headers += [f"{t} {m}" for t in task_names for m in ("acc", "acc_norm")]
         body = [[r["label"], r["bpw_blocks"], r["bpw_all"], r["ppl"], r["kl"], r["top1_agree"]]
-                + [_task_acc(r["tasks"].get(t)) for t in task_names] for r in rows]
+                + [v for t in task_names for v in _task_columns(r["tasks"].get(t))] for r in rows]
         if any(r.get("kv_format") for r in rows):
             headers.insert(3, "kv bits")
             for b, r in zip(body, rows):
@@ -70,8 +88,12 @@ def eval_table(result: dict) -> str:
                 b.append(r.get("quantize_s"))
         head = (f"model {result['model']}  data {result['data']}: {result['n_windows']} windows x "
                 f"{result['seqlen']} tokens = {result['n_tokens']} scored tokens")
+        tok = result.get("tokenization") or {}
+        if tok.get("bos"):
+            head += f"; each window starts with the tokenizer's BOS {tok.get('bos_token')!r}"
         if task_names:
-            head += f"; zero-shot acc_norm (acc for lambada) on {result.get('task_limit') or 'all'} examples per task"
+            head += (f"; zero-shot on {result.get('task_limit') or 'all'} examples per task: acc, and acc_norm where "
+                     "lm-evaluation-harness reports it (- where it does not: boolq, copa, winogrande, lambada)")
     else:
         headers = ["format", "bpw quantized", "bpw all", "top1 %"]
         body = [[r["label"], r["bpw_units"], r["bpw_all"], 100 * r["top1"]] for r in rows]
@@ -92,11 +114,11 @@ def eval_table(result: dict) -> str:
     return f"{head}\n{render_table(headers, body)}\n{foot}{note}"
 
 
-def _task_acc(scores: dict | None):
+def _task_columns(scores: dict | None) -> list:
+    """[acc, acc_norm] of a task's scores (None where absent)."""
     if not scores:
-        return None
-    norm = scores.get("acc_norm")
-    return norm if norm is not None else scores.get("acc")
+        return [None, None]
+    return [scores.get("acc"), scores.get("acc_norm")]
 
 
 # ---------------------------------------------------------------- commands
@@ -172,19 +194,34 @@ def _split_formats(spec: str) -> list[str]:
     return _csv(spec)
 
 
-DEMO_FORMATS = ["int8:ch", "int4:g64", "int4:g64:asym", "int3:g64", "mxfp4", "nvfp4", "nf4:g64"]
-
-
 def cmd_demo(args) -> int:
     from mixq import api
+    from mixq.demo import run_demo
 
-    print(f"mixq demo: default model, WikiText-2 test, {args.windows} windows x {args.seqlen} tokens, "
-          f"formats {', '.join(DEMO_FORMATS)} (round to nearest)")
-    result = api.evaluate(formats=DEMO_FORMATS, seqlen=args.seqlen, windows=args.windows,
-                          progress=_progress(args))
-    print(eval_table(result))
+    print("mixq demo: measure how sensitive each unit of the default model is, let the ILP spend the bits of a "
+          "uniform format where they matter, and compare at equal bits")
+    res = run_demo(samples=args.samples, seqlen=args.seqlen, windows=args.windows, out_dir=args.out,
+                   progress=_progress(args), stage=_stage_printer(args, "demo"))
+    print(eval_table(res.eval))
+    rows = {r["label"]: r for r in res.eval["rows"]}
+    print()
+    for uniform, mixed in res.pairs:
+        u, m = rows[uniform], rows[mixed]
+        counts: dict[str, int] = {}
+        for o in res.plans[mixed].options.values():
+            counts[str(o)] = counts.get(str(o), 0) + 1
+        mix = ", ".join(f"{n} x {o}" for o, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+        print(f"at {m['bpw_blocks']:.2f} bits per weight: KL to float {m['kl']:.3f} mixed vs {u['kl']:.3f} uniform "
+              f"{uniform} ({100 * (m['kl'] - u['kl']) / u['kl']:+.0f}%), ppl {m['ppl']:.2f} vs {u['ppl']:.2f}; "
+              f"the plan: {mix}")
+    t = res.timing
+    print(f"\n{t['total_s']:.0f} s in all. Left in {res.out_dir}: sensitivity.json (measured once) and the plans.")
+    print("next:")
+    print(f"  mixq plan {res.out_dir / 'sensitivity.json'} --budget 3.5     # any other budget from the same measurement")
+    print("  mixq run --budget 3.5 --out runs/default     # analyze, plan, eval, frontier check and report in one go")
+    print("  open runs/default/report.html                # sensitivity bars, frontier, bits per layer")
     if args.json:
-        _write_json(args.json, "eval", api.EVAL_SCHEMA, result)
+        _write_json(args.json, "eval", api.EVAL_SCHEMA, res.eval)
     return 0
 
 
@@ -287,9 +324,10 @@ def cmd_run(args) -> int:
     if not budgets:
         raise MixqError("--budget: give one or more bits-per-weight budgets, e.g. 3.5 or 4.25,3.25")
     res = run(args.model, budget_bpw=budgets if len(budgets) > 1 else budgets[0], out_dir=args.out,
-              candidates=_csv(args.candidates), method=args.method, calib=args.calib, samples=args.samples,
-              seqlen=args.seqlen, eval_windows=args.windows, n_checks=args.checks, seed=args.seed,
-              ties=_csv(args.tie) if args.tie else [], progress=_progress(args), rotate_residual=_rotation(args),
+              candidates=_csv(args.candidates) if args.candidates else None, method=args.method, calib=args.calib,
+              samples=args.samples, seqlen=args.seqlen, eval_windows=args.windows, n_checks=args.checks,
+              seed=args.seed, ties=_csv(args.tie) if args.tie else [], progress=_progress(args),
+              stage=_stage_printer(args), rotate_residual=_rotation(args),
               act_candidates=_csv(args.act_candidates), kv_candidates=_csv(args.kv_candidates),
               context=args.context, bits_per_mac=args.bits_per_mac, kv_bits=args.kv_bits, max_bytes=args.max_bytes,
               **_placement(args))
@@ -379,6 +417,37 @@ def cmd_report(args) -> int:
 # ---------------------------------------------------------------- parser
 
 
+class _DEFAULTS(argparse.ArgumentDefaultsHelpFormatter):
+    """"(default: X)" after every option's help, except where the default is None, empty or
+    False (the help says what None means) or the help already names its default."""
+
+    def _get_help_string(self, action):
+        d = action.default
+        if d is None or d is False or (isinstance(d, (str, list)) and not d) or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _aliases() -> str:
+    from mixq.models import MODELS
+
+    return ", ".join(MODELS)
+
+
+def _task_names() -> tuple[str, ...]:
+    from mixq.data.tasks import TASK_NAMES
+
+    return TASK_NAMES
+
+
+def _add_common(sp: argparse.ArgumentParser) -> None:
+    """-q / -v after the subcommand too (`mixq eval -q ...`); SUPPRESS keeps the value given
+    before the subcommand when they are absent here."""
+    sp.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log progress details")
+    sp.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                    help="no progress bars or stage lines")
+
+
 def _placement_args(p: argparse.ArgumentParser) -> None:
     """--device / --dtype / --offload (see mixq.models.placement)."""
     p.add_argument("--device", default="auto", help="auto (a CUDA GPU when there is one, else the CPU), cpu, cuda, "
@@ -411,18 +480,24 @@ def _placement(args) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mixq import __version__
+
     p = argparse.ArgumentParser(prog="mixq", description="Mixed-precision quantization: measure, plan, quantize, evaluate.")
+    p.add_argument("--version", action="version", version=f"mixq {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or stage lines (bars are off anyway "
+                   "when stderr is not a terminal: one line per finished stage instead)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    f = sub.add_parser("formats", help="list every numeric format with its all-in bits per weight")
-    f.add_argument("--rows", type=int, default=4096)
-    f.add_argument("--cols", type=int, default=4096)
+    f = sub.add_parser("formats", help="list every numeric format with its all-in bits per weight",
+                       formatter_class=_DEFAULTS)
+    f.add_argument("--rows", type=int, default=4096, help="rows (output channels) of the matrix the bits are counted for")
+    f.add_argument("--cols", type=int, default=4096, help="columns (input channels) of that matrix")
+    _add_common(f)
     f.set_defaults(func=cmd_formats)
 
     e = sub.add_parser("eval", help="evaluate the float model and quantized versions of it")
-    e.add_argument("model", help="built-in alias (smollm2-135m, resnet20-cifar10, resnet56-cifar10), model directory, "
+    e.add_argument("model", help=f"built-in alias ({_aliases()}), model directory, GGUF file, "
                    "hub id, or a checkpoint directory written by mixq quantize")
     e.add_argument("--format", action="append", default=[], metavar="SPEC",
                    help="format for every unit, e.g. int4:g64, or with an input-activation format int8:ch@int8:tok "
@@ -434,7 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", default=None, help="wikitext2 (default), wikitext2-valid, ptb, ptb-valid, or a text file")
     e.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
     e.add_argument("--windows", type=int, default=8, help="number of windows from the start of the text; 0 = all (default 8)")
-    e.add_argument("--tasks", default="", help="zero-shot tasks, comma-separated: piqa,arc_easy,arc_challenge,winogrande,hellaswag,lambada,...")
+    e.add_argument("--tasks", default="", help=f"zero-shot tasks, comma-separated: {','.join(_task_names())}")
     e.add_argument("--limit", type=int, default=None, help="examples per zero-shot task (default all)")
     e.add_argument("--include-head", action="store_true", help="also quantize lm_head (tied heads share the embedding)")
     e.add_argument("--quantizer", default="rtn", choices=["rtn", "gptq"], help="quantizer for --format (default rtn)")
@@ -448,6 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0, help="seed of calibration sampling and rotations")
     e.add_argument("--json", default=None, metavar="OUT", help="write the results as an eval artifact")
     _rotation_arg(e)
+    _add_common(e)
     _placement_args(e)
     e.set_defaults(func=cmd_eval)
 
@@ -466,6 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
     _actkv_args(a)
     a.add_argument("-o", "--output", default="sensitivity.json")
     _rotation_arg(a)
+    _add_common(a)
     _placement_args(a)
     a.set_defaults(func=cmd_analyze)
 
@@ -490,46 +567,61 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("-o", "--output", default="plan.json")
     pl.add_argument("--frontier", default=None, metavar="FRONTIER_JSON", help="also write the whole error-vs-bits curve")
     pl.add_argument("--points", type=int, default=41, help="frontier points")
+    _add_common(pl)
     pl.set_defaults(func=cmd_plan)
 
-    r = sub.add_parser("run", help="analyze, plan, eval and report in one go, into a run directory")
-    r.add_argument("model", nargs="?", default="smollm2-135m")
-    r.add_argument("--budget", default="3.5", help="average all-in bits per weight; several comma-separated "
-                   "(4.25,3.25) share one analysis (default 3.5)")
-    r.add_argument("--candidates", default="int2:g64,int3:g64,int4:g64,int8:ch")
-    r.add_argument("--method", default="fisher")
-    r.add_argument("--calib", default=None)
-    r.add_argument("--samples", type=int, default=8)
-    r.add_argument("--seqlen", type=int, default=512)
-    r.add_argument("--windows", type=int, default=8, help="evaluation windows")
+    r = sub.add_parser("run", help="analyze, plan, eval and report in one go, into a run directory",
+                       formatter_class=_DEFAULTS)
+    r.add_argument("model", nargs="?", default="smollm2-135m", help=f"built-in alias ({_aliases()}), model "
+                   "directory, GGUF file or hub id")
+    r.add_argument("--budget", default="3.5", help="average all-in bits per weight of the plan; several "
+                   "comma-separated (4.25,3.25) share one analysis")
+    r.add_argument("--candidates", default=None, help="comma-separated options to choose from (default: "
+                   "int2:g64,int3:g64,int4:g64,int8:ch for LMs, int2:ch,int3:ch,int4:ch,int8:ch for CNNs)")
+    r.add_argument("--method", default="fisher", help="sensitivity method: fisher, output, hutchinson, eigen, measure")
+    r.add_argument("--calib", default=None, help="calibration text (default: wikitext2-valid; CNNs: cifar10-calib)")
+    r.add_argument("--samples", type=int, default=None, help="calibration windows (default: 8) or, for CNNs, images "
+                   "drawn at random from cifar10-calib (default: 512, as the CIFAR benchmarks)")
+    r.add_argument("--seqlen", type=int, default=512, help="tokens per calibration and evaluation window")
+    r.add_argument("--windows", type=int, default=8, help="WikiText-2 test windows the plans are evaluated on")
     r.add_argument("--checks", type=int, default=5, help="frontier plans measured for the additivity check")
-    r.add_argument("--tie", default="")
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--out", default="runs/default", help="run directory")
+    r.add_argument("--tie", default="", help="units that must share an option: qkv, gate_up, experts "
+                   "(comma-separated; default: none)")
+    r.add_argument("--seed", type=int, default=0, help="seed of calibration sampling (recorded in every artifact)")
+    r.add_argument("--out", default="runs/default", help="run directory (artifacts and report.html)")
     _rotation_arg(r)
     r.add_argument("--max-bytes", type=int, default=None, help="cap the bytes of weights plus the KV cache at --context")
     _actkv_args(r)
     _budget_args(r)
     _placement_args(r)
+    _add_common(r)
     r.set_defaults(func=cmd_run)
 
-    qz = sub.add_parser("quantize", help="quantize a model by a plan (or one format) and write a packed checkpoint")
-    qz.add_argument("model")
-    qz.add_argument("--plan", default=None, help="plan.json from mixq plan")
-    qz.add_argument("--format", default=None, help="one option for every unit instead of a plan, e.g. int4:g64")
-    qz.add_argument("--quantizer", default="rtn", choices=["rtn", "gptq"])
-    qz.add_argument("--transform", action="append", default=[], metavar="T")
-    qz.add_argument("--include-head", action="store_true")
+    qz = sub.add_parser("quantize", help="quantize a model by a plan (or one format) and write a packed checkpoint",
+                        formatter_class=_DEFAULTS)
+    qz.add_argument("model", help=f"built-in alias ({_aliases()}), model directory, GGUF file or hub id")
+    qz.add_argument("--plan", default=None, help="plan.json from mixq plan (give it or --format)")
+    qz.add_argument("--format", default=None, help="one option for every unit instead of a plan, e.g. int4:g64 "
+                    "(give it or --plan)")
+    qz.add_argument("--quantizer", default="rtn", choices=["rtn", "gptq"], help="quantizer for --format")
+    qz.add_argument("--transform", action="append", default=[], metavar="T",
+                    help="transform(s) before quantizing --format units: rotate, smooth, lowrank:R (repeat or "
+                         "comma-separate; default: none)")
+    qz.add_argument("--include-head", action="store_true", help="also quantize lm_head with --format (default: off)")
+    qz.add_argument("--calib", default=None, help="calibration text for gptq/smooth (default: wikitext2-valid; "
+                    "CNNs: cifar10-calib)")
+    qz.add_argument("--calib-samples", type=int, default=128, help="calibration windows (or images)")
+    qz.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration window")
+    qz.add_argument("--seed", type=int, default=0, help="seed of calibration sampling and rotations")
+    qz.add_argument("--fp32", action="store_true", help="store unquantized tensors in fp32 instead of bf16 "
+                    "(default: bf16)")
+    qz.add_argument("--overwrite", action="store_true", help="replace an existing mixq checkpoint directory "
+                    "(default: refuse)")
+    qz.add_argument("-o", "--output", required=True, help="checkpoint directory (required)")
     qz.add_argument("--kv", default=None, metavar="SPEC", help="KV-cache format for every layer, recorded in mixq.json")
-    qz.add_argument("--calib", default=None)
-    qz.add_argument("--calib-samples", type=int, default=128)
-    qz.add_argument("--calib-seqlen", type=int, default=512)
-    qz.add_argument("--seed", type=int, default=0)
-    qz.add_argument("--fp32", action="store_true", help="store unquantized tensors in fp32 (default bf16)")
-    qz.add_argument("--overwrite", action="store_true", help="replace an existing mixq checkpoint directory")
-    qz.add_argument("-o", "--output", required=True, help="checkpoint directory")
     _rotation_arg(qz)
     _placement_args(qz)
+    _add_common(qz)
     qz.set_defaults(func=cmd_quantize)
 
     x = sub.add_parser("export", help="write a checkpoint in a runtime's format (compressed-tensors for vLLM and "
@@ -550,6 +642,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     g.add_argument("--seed", type=int, default=0)
+    _add_common(g)
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default auto)")
     g.add_argument("--dtype", default="auto", help="activation dtype: auto (bf16 on a GPU, float32 on the CPU), "
                    "bfloat16, float16, float32")
@@ -560,19 +653,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     rp = sub.add_parser("report", help="write report.html for a run directory")
     rp.add_argument("run_dir")
+    _add_common(rp)
     rp.set_defaults(func=cmd_report)
 
-    d = sub.add_parser("demo", help="run the default model through a few formats and print the table")
-    d.add_argument("--seqlen", type=int, default=512)
-    d.add_argument("--windows", type=int, default=8)
-    d.add_argument("--json", default=None, metavar="OUT")
+    d = sub.add_parser("demo", help="the main job in a few minutes: measure sensitivity, plan at the bits of "
+                       "uniform int3/int4, compare at equal bits", formatter_class=_DEFAULTS)
+    d.add_argument("--samples", type=int, default=4, help="calibration windows the sensitivity is measured on")
+    d.add_argument("--seqlen", type=int, default=512, help="tokens per calibration and evaluation window")
+    d.add_argument("--windows", type=int, default=4, help="WikiText-2 test windows the plans are evaluated on")
+    d.add_argument("--out", default="runs/demo", help="directory for sensitivity.json and the plans")
+    d.add_argument("--json", default=None, metavar="OUT", help="also write the results as an eval artifact")
+    _add_common(d)
     d.set_defaults(func=cmd_demo)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
     func: Callable = args.func
     try:
         return func(args)

@@ -30,3 +30,8 @@ class BudgetError(MixqError, ValueError):
 class ExportError(MixqError, ValueError):
     """A checkpoint or plan that a target format (compressed-tensors, GGUF) cannot hold; the
     message names the units and says why."""
+
+
+class UnsupportedModelError(MixqError, ValueError):
+    """A model mixq cannot quantize (an encoder, an encoder-decoder, a vision transformer):
+    the message names its class and what is supported."""

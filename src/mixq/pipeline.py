@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -24,6 +25,17 @@ from mixq.progress import Progress
 log = logging.getLogger(__name__)
 
 CHECK_SCHEMA = 1
+
+# Defaults by model kind. CNNs: per-channel candidates and 512 calibration images, the
+# set-up of the CIFAR benchmarks (a handful of images gives a noisy Fisher ranking).
+RUN_DEFAULTS: dict[str, dict] = {
+    "causal_lm": {"candidates": api.DEFAULT_CANDIDATES, "samples": 8},
+    "image_classifier": {"candidates": ("int2:ch", "int3:ch", "int4:ch", "int8:ch"), "samples": 512},
+}
+N_STAGES = 5
+
+# stage(i, n, text): stage i of n begins; the command line prints it as one line.
+Stage = Callable[[int, int, str], None]
 
 
 def closest_uniform(candidates: list[str], shapes: dict[str, tuple[int, int]], budget_bpw: float) -> str | None:
@@ -58,13 +70,13 @@ def _rank_check(predicted: list[float], measured: list[float]) -> dict:
 
 
 def run(model: str | LoadedModel = DEFAULT_MODEL, budget_bpw: float | list[float] = 3.5,
-        out_dir: str | Path = "runs/default", candidates=api.DEFAULT_CANDIDATES, method: str = "fisher",
-        calib: str | None = None, samples: int = 8, seqlen: int = 512, eval_data: str | None = None,
+        out_dir: str | Path = "runs/default", candidates=None, method: str = "fisher",
+        calib: str | None = None, samples: int | None = None, seqlen: int = 512, eval_data: str | None = None,
         eval_windows: int = 8, n_checks: int = 5, seed: int = 0, ties: list[str] | None = None,
         progress: Progress | None = None, device: str | None = "auto", dtype: str | None = None,
         offload: str | None = "auto", calib_samples: int = 128, rotate_residual: int | None = None,
         act_candidates=(), kv_candidates=(), context: int | None = None, bits_per_mac: float | None = None,
-        kv_bits: float | None = None, max_bytes: int | None = None) -> dict:
+        kv_bits: float | None = None, max_bytes: int | None = None, stage: Stage | None = None) -> dict:
     """Run the whole pipeline; returns a summary and leaves in `out_dir`: sensitivity.json,
     plan.json (ILP; plan_<budget>.json for each further budget), plan_greedy.json,
     frontier.json, eval.json, check.json, report.html. rotate_residual: a seed to fold a
@@ -78,18 +90,31 @@ def run(model: str | LoadedModel = DEFAULT_MODEL, budget_bpw: float | list[float
     `act_candidates` / `kv_candidates` add input-activation and KV-cache choices to the
     analysis; with `context`, `bits_per_mac`, `kv_bits` or `max_bytes` every plan meets those
     limits too (`mixq.budget`), and chooses KV formats (no frontier then: the additivity check
-    is skipped)."""
+    is skipped).
+    `candidates` and `samples` default by model kind (`RUN_DEFAULTS`); `stage(i, n, text)`
+    is called as each of the `N_STAGES` stages begins."""
     from mixq.report import write_report
 
+    say = stage or (lambda i, n, text: None)
+    if candidates is not None:
+        api.check_requests(options=list(candidates))  # before the model loads
     budgets = [float(b) for b in (budget_bpw if isinstance(budget_bpw, (list, tuple)) else [budget_bpw])]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    say(1, N_STAGES, f"load {model if isinstance(model, str) else model.name}")
     loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device, offload=offload,
                                                                      rotate_residual=rotate_residual)
     if rotate_residual is not None and isinstance(model, LoadedModel):
         from mixq.models.load import fold_residual_rotation
 
         fold_residual_rotation(loaded, rotate_residual)
+    defaults = RUN_DEFAULTS.get(loaded.kind, RUN_DEFAULTS["causal_lm"])
+    candidates = tuple(candidates) if candidates is not None else defaults["candidates"]
+    samples = samples if samples is not None else defaults["samples"]
+    if loaded.kind == "causal_lm":
+        api.check_window(loaded, seqlen, "seqlen")
+    say(2, N_STAGES, f"analyze: {method} sensitivity of {len(candidates)} candidates on {samples} calibration "
+                     f"{'windows' if loaded.kind == 'causal_lm' else 'images'}")
     table, cache = api.analyze_keeping(loaded, candidates, method, calib, samples, seqlen, seed, False, True, progress,
                                        device, dtype, offload, None, keep=True, act_candidates=act_candidates,
                                        kv_candidates=kv_candidates)
@@ -97,6 +122,7 @@ def run(model: str | LoadedModel = DEFAULT_MODEL, budget_bpw: float | list[float
     if not any(v is not None for v in (context, bits_per_mac, kv_bits)):
         multi = {"max_bytes": max_bytes} if max_bytes is not None else {}
     table.save(out / "sensitivity.json")
+    say(3, N_STAGES, f"plan at {', '.join(f'{b:g}' for b in budgets)} bits per weight (ILP, greedy, frontier)")
     plans = []
     curve: list[dict] = []
     for i, budget in enumerate(budgets):
@@ -124,6 +150,7 @@ def run(model: str | LoadedModel = DEFAULT_MODEL, budget_bpw: float | list[float
     shapes = {u.name: tuple(u.shape) for u in table.units}
     uniform = {b: closest_uniform(list(table.candidates), shapes, b) for b in budgets}
     formats = list(table.candidates)
+    say(4, N_STAGES, f"eval: float, {len(formats)} uniform formats and {len(plans) + len(checks)} plans")
     res = api.evaluate(loaded, formats=formats, plans=plans + checks, data=eval_data, windows=eval_windows,
                        seqlen=seqlen, progress=progress, cache=cache, seed=seed, calib=calib,
                        calib_samples=calib_samples, calib_seqlen=seqlen)
@@ -134,6 +161,7 @@ def run(model: str | LoadedModel = DEFAULT_MODEL, budget_bpw: float | list[float
     write_artifact(out / "eval.json", "eval", api.EVAL_SCHEMA, res)
     check = _check(res, checks, formats, loaded.kind)
     write_artifact(out / "check.json", "check", CHECK_SCHEMA, check)
+    say(5, N_STAGES, "report")
     report = write_report(out)
     return {"out_dir": str(out), "report": str(report), "eval": res, "check": check, "plan": plans[0],
             "plans": plans[:len(budgets)]}

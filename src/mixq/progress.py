@@ -45,3 +45,24 @@ class TqdmProgress:
         if done >= total:
             bar.close()
             self._bars.pop(task, None)
+
+
+class LineProgress:
+    """A `Progress` callback for output that is not a terminal (a log file, a pipe): no bars,
+    one line per finished task that took at least `min_seconds`."""
+
+    def __init__(self, stream, min_seconds: float = 1.0) -> None:
+        self._stream = stream
+        self._min_seconds = min_seconds
+        self._started: dict[str, float] = {}
+
+    def __call__(self, task: str, done: int, total: int) -> None:
+        import time
+
+        now = time.perf_counter()
+        if done == 0 or task not in self._started:
+            self._started[task] = now
+        if done >= total:
+            elapsed = now - self._started.pop(task, now)
+            if elapsed >= self._min_seconds:
+                print(f"{task}: {total}/{total} in {elapsed:.1f} s", file=self._stream, flush=True)

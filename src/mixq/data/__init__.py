@@ -8,10 +8,12 @@ from mixq.data.text import (
     TEST_SPLITS,
     TEXT_DATASETS,
     calibration_windows,
+    check_context,
     load_text,
     sample_windows,
     token_windows,
 )
+from mixq.data.tokenize import TextEncoder, bos_of, hf_encoder, tokenization_record
 from mixq.data.vision import CIFAR10_MEAN, CIFAR10_STD, cifar10_split_indices, load_cifar10
 
 __all__ = [
@@ -24,6 +26,11 @@ __all__ = [
     "TEXT_DATASETS",
     "LastWordExample",
     "MCExample",
+    "TextEncoder",
+    "bos_of",
+    "check_context",
+    "hf_encoder",
+    "tokenization_record",
     "calibration_windows",
     "cifar10_split_indices",
     "data_dir",

@@ -4,6 +4,9 @@ Perplexity is measured on fixed, non-overlapping windows cut from the start of t
 tokenized text (`token_windows`); calibration draws random windows from a calibration text
 with a seed (`calibration_windows`, the GPTQ recipe). Tokenization is a plain callable
 `encode(text) -> list[int]`, so any tokenizer (or a byte-level stand-in in tests) works.
+When `encode` is a `TextEncoder` whose tokenizer adds a BOS token, every window starts with
+that BOS followed by `seqlen - 1` text tokens: the model sees what it was trained on, and
+the scored tokens of a window are exactly its text tokens (the BOS is never predicted).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Callable, Sequence
 import torch
 
 from mixq.data.paths import data_file
+from mixq.data.tokenize import bos_of
 from mixq.errors import DataError, NotFoundError
 
 log = logging.getLogger(__name__)
@@ -37,7 +41,11 @@ DEFAULT_CALIBRATION = "wikitext2-valid"
 
 
 def _read(path: Path) -> str:
-    return path.read_text(encoding="utf-8").replace("\r\n", "\n")
+    try:
+        return path.read_text(encoding="utf-8").replace("\r\n", "\n")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start} is {e.object[e.start:e.start + 1]!r}); "
+                        "give a UTF-8 text file (e.g. iconv -f latin1 -t utf-8)") from e
 
 
 def load_text(name_or_path: str | os.PathLike) -> str:
@@ -71,17 +79,36 @@ def _check_seqlen(seqlen: int) -> None:
         raise DataError(f"seqlen must be at least 2 (one context token and one predicted token), got {seqlen}")
 
 
+def check_context(seqlen: int, context_length: int | None, what: str = "seqlen") -> None:
+    """Refuse windows longer than the model's context (`context_length` positions; None:
+    unknown, not checked): positions past it give numbers without meaning."""
+    if context_length is not None and seqlen > context_length:
+        raise DataError(f"{what} {seqlen} is longer than the model's context of {context_length} positions "
+                        f"(max_position_embeddings); use at most {context_length}")
+
+
+def _with_bos(rows: torch.Tensor, bos_id: int | None) -> torch.Tensor:
+    """(n, L) text tokens -> (n, L + 1) with `bos_id` first; unchanged when bos_id is None."""
+    if bos_id is None:
+        return rows
+    bos = torch.full((rows.shape[0], 1), int(bos_id), dtype=rows.dtype)
+    return torch.cat([bos, rows], dim=1)
+
+
 def token_windows(encode: Encode, text: str, seqlen: int, n_windows: int | None = None) -> torch.Tensor:
     """Tokenize `text` once and cut fixed non-overlapping windows from its start.
 
     Returns a LongTensor (n_windows, seqlen): window i holds tokens [i*seqlen, (i+1)*seqlen).
-    `n_windows=None` takes every full window (the tail shorter than `seqlen` is dropped).
+    With a BOS (`bos_of(encode)`), window i is BOS + text tokens [i*(seqlen-1), (i+1)*(seqlen-1)).
+    `n_windows=None` takes every full window (the tail shorter than a window is dropped).
     Raises `DataError` when the text has fewer tokens than the windows need.
     """
     _check_seqlen(seqlen)
+    bos_id = bos_of(encode)
+    span = seqlen - (bos_id is not None)  # text tokens per window
     ids = list(encode(text))
     n_tokens = len(ids)
-    n_full = n_tokens // seqlen
+    n_full = n_tokens // span
     if n_windows is None:
         if n_full == 0:
             raise DataError(f"text has {n_tokens} tokens, fewer than one window of {seqlen}")
@@ -90,28 +117,32 @@ def token_windows(encode: Encode, text: str, seqlen: int, n_windows: int | None 
         raise DataError(f"n_windows must be positive, got {n_windows}")
     elif n_windows > n_full:
         raise DataError(
-            f"text has {n_tokens} tokens; {n_windows} windows of {seqlen} need {n_windows * seqlen} "
+            f"text has {n_tokens} tokens; {n_windows} windows of {span}{' (after the BOS)' if bos_id is not None else ''} "
+            f"need {n_windows * span} "
             f"(at most {n_full} full windows fit)"
         )
-    flat = torch.tensor(ids[: n_windows * seqlen], dtype=torch.long)
-    return flat.view(n_windows, seqlen)  # (n_windows, seqlen)
+    flat = torch.tensor(ids[: n_windows * span], dtype=torch.long)
+    return _with_bos(flat.view(n_windows, span), bos_id)  # (n_windows, seqlen)
 
 
-def sample_windows(ids: Sequence[int], seqlen: int, n_samples: int, seed: int) -> torch.Tensor:
+def sample_windows(ids: Sequence[int], seqlen: int, n_samples: int, seed: int,
+                   bos_id: int | None = None) -> torch.Tensor:
     """`n_samples` windows of `seqlen` tokens at random starts in `ids` (may overlap).
 
-    Starts are drawn with `random.Random(seed).randint(0, len(ids) - seqlen)`, so the same
+    Starts are drawn with `random.Random(seed).randint(0, len(ids) - span)`, where span is
+    `seqlen` (or `seqlen - 1` text tokens after `bos_id` when one is given), so the same
     tokens and seed give the same windows on every platform. Returns (n_samples, seqlen).
     """
     _check_seqlen(seqlen)
     if n_samples < 1:
         raise DataError(f"n_samples must be positive, got {n_samples}")
-    if len(ids) < seqlen:
-        raise DataError(f"calibration text has {len(ids)} tokens, fewer than one window of {seqlen}")
+    span = seqlen - (bos_id is not None)
+    if len(ids) < span:
+        raise DataError(f"calibration text has {len(ids)} tokens, fewer than one window of {span}")
     rng = random.Random(seed)
     flat = torch.as_tensor(list(ids), dtype=torch.long)
-    starts = [rng.randint(0, len(ids) - seqlen) for _ in range(n_samples)]
-    return torch.stack([flat[s : s + seqlen] for s in starts])  # (n_samples, seqlen)
+    starts = [rng.randint(0, len(ids) - span) for _ in range(n_samples)]
+    return _with_bos(torch.stack([flat[s : s + span] for s in starts]), bos_id)  # (n_samples, seqlen)
 
 
 def calibration_windows(
@@ -121,8 +152,9 @@ def calibration_windows(
 
     The whole text is tokenized once and `n_samples` windows start at seeded random offsets
     (see `sample_windows`). Calibrating on a test split (`TEST_SPLITS`) is allowed but logged
-    as a warning: the caller decides. Returns (n_samples, seqlen).
+    as a warning: the caller decides. Windows start with the tokenizer's BOS where it adds
+    one (`bos_of(encode)`). Returns (n_samples, seqlen).
     """
     if str(name) in TEST_SPLITS:
         log.warning("calibrating on %r, a test split: evaluation on it will be optimistic", str(name))
-    return sample_windows(encode(load_text(name)), seqlen, n_samples, seed)
+    return sample_windows(encode(load_text(name)), seqlen, n_samples, seed, bos_id=bos_of(encode))

@@ -83,7 +83,10 @@ def generate(loaded: LoadedModel, prompt: str | list[int], max_new_tokens: int =
             if isinstance(ids, dict) or hasattr(ids, "keys"):
                 ids = ids["input_ids"]
         else:
-            ids = tok(prompt, add_special_tokens=False)["input_ids"]
+            from mixq.data.tokenize import hf_encoder
+
+            enc = hf_encoder(tok)  # the tokenizer's BOS first, where it adds one
+            ids = ([enc.bos_id] if enc.bos_id is not None else []) + enc(prompt)
     else:
         ids = list(prompt)
     new = generate_ids(loaded.model, ids, max_new_tokens, greedy, temperature=temperature, top_p=top_p, seed=seed,

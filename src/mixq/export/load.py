@@ -232,10 +232,9 @@ def _sync_tied(model: torch.nn.Module, doc: dict, sources: set[str]) -> None:
 
 
 def _hf_encode(tokenizer):
-    def encode(text: str) -> list[int]:
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    from mixq.data.tokenize import hf_encoder
 
-    return encode
+    return hf_encoder(tokenizer)  # with the tokenizer's BOS convention
 
 
 def load_quantized(folder: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,

