@@ -316,13 +316,14 @@ def analyze_keeping(model, candidates, method, calib, samples, seqlen, seed, inc
 def plan(table, budget_bpw: float, *, solver: str = "ilp", max_bytes: int | None = None,
          keep: dict[str, str] | None = None, ties: list[str] | None = None, min_bits: float | None = None,
          max_bits: float | None = None, frontier_points: int = 0, spikes: str | None = None,
-         spike_ratio: float = 1000.0, progress: Progress | None = None):
+         spike_ratio: float = 1000.0, target: str | None = None, progress: Progress | None = None):
     """Allocate options under a budget from a sensitivity table (or its path).
 
     `spikes` applies the spike-aware rule to the units whose inputs spike (input
     max/median > `spike_ratio`): "keep" (8+ bits), "rotate" (+rotate options or 8+ bits) or
     an option to pin them to (see `mixq.planner.spike_rule`); the flagged units land in
-    the plan's meta. Returns (plan, frontier) where frontier is a list of points (empty
+    the plan's meta. `target` ("gguf") offers each unit only the candidates that export
+    target can store (`mixq.export.targets`), so that the plan exports as it is. Returns (plan, frontier) where frontier is a list of points (empty
     unless `frontier_points` > 0): estimated error against bits, each with its explicit
     choice."""
     from mixq.planner import make_frontier, make_plan
@@ -337,6 +338,12 @@ def plan(table, budget_bpw: float, *, solver: str = "ilp", max_bytes: int | None
     rows = table.to_rows()
     meta = {"sensitivity": {"source": source, "method": table.method, "seed": table.seed,
                             "calibration": table.calibration, "candidates": table.candidates}}
+    if target:
+        from mixq.export.targets import restrict_rows
+
+        n_rows = len(rows)
+        rows = restrict_rows(rows, info, target, keep)
+        meta["target"] = {"name": target, "candidate_rows_dropped": n_rows - len(rows)}
     if spikes:
         from mixq.planner import spike_rule
         from mixq.sensitivity import spiky_units
@@ -351,6 +358,21 @@ def plan(table, budget_bpw: float, *, solver: str = "ilp", max_bytes: int | None
         curve = make_frontier(info, rows, n_points=frontier_points, solver=solver, keep=keep, ties=ties,
                               min_bits=min_bits, max_bits=max_bits, progress=progress)
     return the_plan, curve
+
+
+def llama_quantize_args(the_plan: Plan, embedding_type: str = "f16") -> list[str]:
+    """The plan as llama-quantize arguments: a `--tensor-type REGEX=TYPE` per role and type
+    (every option must be a GGUF type; see `mixq.export.gguf_plan`)."""
+    from mixq.export.gguf_plan import llama_quantize_args as args_of
+
+    return args_of(the_plan, embedding_type=embedding_type)
+
+
+def llama_quantize_base(the_plan: Plan) -> str:
+    """llama-quantize's positional type for the plan (its most frequent GGML type)."""
+    from mixq.export.gguf_plan import base_type
+
+    return base_type(the_plan)
 
 
 def save_frontier(path, curve: list[dict], meta: dict) -> None:
@@ -410,6 +432,24 @@ def quantize(model: str | LoadedModel, out_dir: str | Path, *, plan: str | Path 
                          tensors=loaded.store.tensor if loaded.store is not None else None)
     doc["run"] = {**_placement(loaded), **_peak_memory(loaded), "quantize_s": qm.manifest.wall_s}
     return doc
+
+
+EXPORT_TARGETS = ("gguf",)
+
+
+def export(checkpoint: str | Path, out: str | Path, *, to: str = "gguf", float_type: str = "f16",
+           metadata_from: str | Path | None = None, tokenizer_pre: str | None = None, overwrite: bool = False,
+           progress: Progress | None = None) -> dict:
+    """Write a mixq checkpoint in a runtime's own format. `to="gguf"`: one GGUF file for
+    llama.cpp (`mixq.export.gguf.export_gguf`: the stored codes as llama.cpp's blocks;
+    embeddings, head and unplanned tensors in `float_type`). A plan with a unit the target
+    cannot hold is refused, naming the units. Returns a summary of what was written."""
+    if to not in EXPORT_TARGETS:
+        raise MixqError(f"unknown export target {to!r}; expected one of {', '.join(EXPORT_TARGETS)}")
+    from mixq.export.gguf import export_gguf
+
+    return export_gguf(checkpoint, out, float_type=float_type, metadata_from=metadata_from,
+                       tokenizer_pre=tokenizer_pre, overwrite=overwrite, progress=progress)
 
 
 def evaluate_checkpoint(path: str | Path, *, data: str | None = None, seqlen: int = 512, windows: int | None = 8,

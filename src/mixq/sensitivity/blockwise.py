@@ -46,6 +46,7 @@ from mixq.option import CalibConfig, Option
 from mixq.progress import Progress, track
 from mixq.quantizers.smooth import output_error
 from mixq.sensitivity.activations import _Acc
+from mixq.sensitivity.context import unit_options
 from mixq.sensitivity.quantized import UnitQuantizer
 
 BLOCKWISE_METHODS = ("fisher", "output", "hutchinson")
@@ -212,7 +213,7 @@ class BlockwiseAnalysis:
             W = get_weight(self.walker.model, u).detach()
             W32 = W.float()
             errs = {}
-            for opt in self.options:
+            for opt in unit_options(self.options, u):
                 if opt.is_plain:
                     w_hat = opt.fmt.fake_quant(W32)
                     qw = None
