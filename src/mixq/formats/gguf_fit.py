@@ -14,10 +14,12 @@ each element weighted by `weights` (default 1):
                        by least squares on its nearest levels (as llama.cpp's IQ4 search)
     sub-blocks         (k-quants, iq4_xs) the same search per sub-block, for a float scale
                        (and, with mins, llama.cpp's make_qkx2 grid: the range [min(x, 0), max]
-                       mapped onto nmax + rmin + rdelta i levels, then scale and min refitted)
+                       mapped onto nmax + rmin + rdelta i levels, then scale and min refitted;
+                       also [0, max] with no min, which suits a block with one large outlier)
     super-block        d = s_ext / (the integer range's end + a small stretch), the sub-block
-                       scales rounded to integers of it; the stretch with the least error of
-                       the final rounding wins (mins: dmin = max m / m_max)
+                       scales rounded to integers of it (mins: dmin = max m / m_max), then each
+                       sub-block's integer scale (and min) moved by one where that lowers its
+                       error; the stretch with the least error of the final rounding wins
 
 Every candidate is scored on the values the stored (float16, integer) parameters give, so the
 search never does worse than its first candidate, llama.cpp's own starting point.
@@ -33,6 +35,7 @@ from mixq.formats.gguf import GGMLType, block_params, encode_header
 QKX2 = {"q2_k": (-0.5, 0.1, 15), "q4_k": (-1.0, 0.1, 20), "q5_k": (-0.5, 0.1, 15)}
 # stretches of the super-block scale tried (fractions of the integer range)
 SUPER_STRETCH = (0.0, -0.04, 0.03, 0.06, 0.1, 0.15, 0.22)
+MIN_STRETCH = (0.0, 0.3)  # and of the super-min (types with mins)
 
 
 def _levels(t: GGMLType) -> torch.Tensor:
@@ -103,6 +106,18 @@ def _fit_asym(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: 
         best_err = torch.where(better, err, best_err)
         best_a = torch.where(better, a, best_a)
         best_b = torch.where(better, b, best_b)
+        # the same grid from 0 (no min): a block with one large outlier is often best served
+        # by leaving its small elements at level 0
+        pos = mx > 0
+        q = torch.clamp(torch.round(((nmax + rmin + rdelta * i) / torch.where(pos, mx, torch.ones_like(mx))).unsqueeze(-1)
+                                    * x), 0, nmax)
+        sqq, sxq = (w * q * q).sum(-1), (w * x * q).sum(-1)
+        a = sxq / torch.where(sqq > 0, sqq, torch.ones_like(sqq))
+        err = (w * (a.unsqueeze(-1) * q - x) ** 2).sum(-1)
+        better = (err < best_err) & (sqq > 0) & pos
+        best_err = torch.where(better, err, best_err)
+        best_a = torch.where(better, a, best_a)
+        best_b = torch.where(better, torch.zeros_like(best_b), best_b)
     return best_a.clamp(min=0), (-best_b).clamp(min=0)
 
 
@@ -138,7 +153,7 @@ def _iq4_nl(t: GGMLType, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.where(better.unsqueeze(1), fitted, first)
 
 
-def _quantize_subs(t: GGMLType, s: torch.Tensor, m: torch.Tensor | None, stretch: float):
+def _quantize_subs(t: GGMLType, s: torch.Tensor, m: torch.Tensor | None, stretch: float, min_stretch: float = 0.0):
     """Super-block parameters of float sub-block scales s (N, S) (mins m): (d, dmin, sc, mi)."""
     lo, hi = t.sub_scale
     if lo == 0:  # unsigned scales (with mins)
@@ -151,11 +166,41 @@ def _quantize_subs(t: GGMLType, s: torch.Tensor, m: torch.Tensor | None, stretch
     if m is None:
         return d, None, sc, None
     mlo, mhi = t.sub_min
-    dmin = m.amax(1) / mhi
+    dmin = m.amax(1) / (mhi * (1 + min_stretch))
     dm16 = dmin.to(torch.float16).float()
     safe_m = torch.where(dm16 != 0, dm16, torch.ones_like(dm16)).unsqueeze(1)
     mi = torch.where(dm16.unsqueeze(1) != 0, torch.clamp(torch.round(m / safe_m), mlo, mhi), torch.zeros_like(m)).long()
     return d, dmin, sc, mi
+
+
+def _refine(t: GGMLType, xs: torch.Tensor, ws: torch.Tensor, d: torch.Tensor, dmin: torch.Tensor | None,
+            sc: torch.Tensor, mi: torch.Tensor | None):
+    """The integer sub-block scales (and mins) within one of their rounded values that give
+    each sub-block the least error of the final rounding, the super-scales held."""
+    from mixq.formats.gguf import GGUFFormat
+
+    fmt = GGUFFormat(t.name)
+    d16 = d.to(torch.float16).float().unsqueeze(1)
+    dm16 = None if dmin is None else dmin.to(torch.float16).float().unsqueeze(1)
+    lo, hi = t.sub_scale
+    best_sc, best_mi, best_e = sc, mi, None
+    for ds in (0, -1, 1):
+        for dm in ((0, -1, 1) if mi is not None else (0,)):
+            c_sc = torch.clamp(sc + ds, lo, hi)
+            c_mi = None if mi is None else torch.clamp(mi + dm, *t.sub_min)
+            step = (d16 * c_sc.float()).unsqueeze(-1)  # the products block_params forms
+            off = None if c_mi is None else (dm16 * c_mi.float()).unsqueeze(-1)
+            _, v = fmt.encode(xs, step, off, with_codes=False)
+            e = (ws * (v - xs) ** 2).sum(-1)  # (N, S)
+            if best_e is None:
+                best_e = e
+                continue
+            better = e < best_e
+            best_e = torch.where(better, e, best_e)
+            best_sc = torch.where(better, c_sc, best_sc)
+            if mi is not None:
+                best_mi = torch.where(better, c_mi, best_mi)
+    return best_sc, best_mi
 
 
 def _super(t: GGMLType, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -166,8 +211,11 @@ def _super(t: GGMLType, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     else:
         s, m = _fit_sym(xs, ws, _levels(t)), None
     best_h = best_e = None
-    for stretch in SUPER_STRETCH:
-        h = encode_header(t, *_quantize_subs(t, s, m, stretch))
+    pairs = [(a, b) for a in SUPER_STRETCH for b in (MIN_STRETCH if t.asym else (0.0,))]
+    for stretch, min_stretch in pairs:
+        d, dmin, sc, mi = _quantize_subs(t, s, m, stretch, min_stretch)
+        sc, mi = _refine(t, xs, ws, d, dmin, sc, mi)
+        h = encode_header(t, d, dmin, sc, mi)
         e = _round_error(t, x, w, h)
         if best_h is None:
             best_h, best_e = h, e
