@@ -129,6 +129,11 @@ def test_export_refuses_what_gguf_cannot_hold(tiny_loaded, tmp_path):
         assert u.name in msg
     assert "int4:g64 is not a GGML type" in msg and "rotate" in msg and "nearest GGUF types: " in msg
     assert not (tmp_path / "m.gguf").exists()
+    # a float type the embeddings' rows cannot take (64 wide) is refused too, naming the tensor
+    api.quantize(tiny_loaded, tmp_path / "ck2", plan=Plan.uniform("tiny", units, "q4_0"))
+    with pytest.raises(MixqError, match=r"--float-type q6_k: tensor (model.embed_tokens|lm_head).weight \(128, 64\) cannot take it"):
+        api.export(tmp_path / "ck2", tmp_path / "m.gguf", to="gguf", float_type="q6_k")
+    assert not (tmp_path / "m.gguf").exists()
 
 
 def test_export_writes_the_checkpoint_codes_as_llama_cpp_blocks(gguf_loaded, tmp_path):
@@ -144,6 +149,8 @@ def test_export_writes_the_checkpoint_codes_as_llama_cpp_blocks(gguf_loaded, tmp
     assert any("token ids only" in w for w in res["warnings"])
     with pytest.raises(Exception, match="exists"):
         api.export(tmp_path / "ck", tmp_path / "m.gguf", to="gguf")
+    q8 = api.export(tmp_path / "ck", tmp_path / "q8.gguf", to="gguf", float_type="q8_0")
+    assert q8["tensor_types"]["Q8_0"] == 3  # embeddings and head in q8_0, and the plan's one q8_0 unit
 
     from mixq.export import load_qtensors
     from mixq import formats

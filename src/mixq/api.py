@@ -25,7 +25,9 @@ def _plans_for(loaded: LoadedModel, formats: list[str], plans: list[str | Path |
     units = loaded.units(include_head=include_head)
     out: list[tuple[str, Plan]] = []
     for spec in formats:
-        out.append((spec, Plan.uniform(loaded.name, units, spec)))
+        uniform = Plan.uniform(loaded.name, units, spec)
+        uniform.check_against(units)  # e.g. a k-quant on rows that are not whole super-blocks
+        out.append((spec, uniform))
     for p in plans:
         plan = p if isinstance(p, Plan) else Plan.load(p)
         all_units = loaded.units(include_head=True, include_embeddings=True)
