@@ -28,7 +28,7 @@ llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python not instal
 from mixq.eval.runtime import compare_gguf  # noqa: E402
 
 from conftest import needs_data, needs_smollm2  # noqa: E402
-from test_export_gguf import MIXED, gguf_llama, mixed_plan  # noqa: E402,F401
+from test_export_gguf import gguf_llama, mixed_plan  # noqa: E402,F401  (gguf_llama: a fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

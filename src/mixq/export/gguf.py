@@ -22,7 +22,6 @@ The file is written beside its destination and renamed into place.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import tempfile
 from collections import Counter
@@ -39,8 +38,6 @@ from mixq.export.layout import PLAN_FILE
 from mixq.formats.gguf import GGUFFormat, ggml_type_of, int_to_gguf, to_blocks
 from mixq.plan import Plan
 from mixq.progress import Progress, track
-
-log = logging.getLogger(__name__)
 
 FLOAT_TYPES = ("f16", "f32", "bf16")
 GGML_QNT_VERSION = 2  # general.quantization_version of the current block layouts
@@ -224,8 +221,6 @@ def export_gguf(checkpoint: str | os.PathLike, out: str | os.PathLike, *, float_
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    for w in warnings:
-        log.warning("%s", w)
     return {"path": str(out), "bytes": out.stat().st_size, "n_tensors": len(entries),
             "tensor_types": dict(Counter(all_types)), "unit_types": dict(unit_types),
             "bpw_units": unit_bits / unit_params if unit_params else None, "float_type": float_type,

@@ -20,12 +20,9 @@ SmolLM2) is written; any other is refused by name.
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 from mixq.errors import MixqError
-
-log = logging.getLogger(__name__)
 
 SKIPPED_KEYS = ("general.file_type", "general.quantization_version", "general.architecture")
 # keys of a source GGUF that must agree with config.json: GGUF key -> config attribute

@@ -49,8 +49,6 @@ def refusal_message(bad: dict[str, tuple[Option, tuple[int, int], str]], max_lis
 def tensor_name(unit: str, n_blocks: int, arch: str = "llama") -> str:
     """The GGUF tensor name of a unit's weight (e.g. model.layers.3.self_attn.q_proj ->
     blk.3.attn_q.weight)."""
-    import gguf
-
     from mixq.errors import MixqError
 
     name = _name_map(arch, n_blocks).get_name(unit + ".weight", try_suffixes=(".weight", ".bias"))
