@@ -111,3 +111,41 @@ def test_smollm2_gguf_plan_agrees_with_mixq(tmp_path):
     # measured: KL 0.0074 to mixq's evaluation, 0.906 to the float model, top-1 agreement 0.91
     assert res["mixq"]["kl"] < FLOOR_QUANT_SMOLLM2 and res["mixq"]["kl"] < 0.02 * res["float"]["kl"]
     assert res["mixq"]["top1_agree"] > 0.85
+
+
+def test_hf_bpe_tokenizer_is_written_as_llama_cpp_reads_it(tmp_path, char_encode):
+    """A Hugging Face checkpoint with a byte-level BPE tokenizer.json: the GGUF carries its
+    tokens, merges and pre-tokenizer, and llama.cpp splits text into the same ids."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    text = " ".join(f"The {w} of {i % 13} is {w[::-1]}, isn't it? 42" for i, w in
+                    enumerate(["cat", "dog", "river", "mountain", "quantize", "llama"] * 40))
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=tok.get_vocab_size(), max_position_embeddings=128,
+                      tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg).eval()
+    loaded = LoadedModel(name="tiny-bpe", kind="causal_lm", model=model, source="fixture",
+                         encode=lambda t: hf_tok(t, add_special_tokens=False)["input_ids"], tokenizer=hf_tok)
+    api.quantize(loaded, tmp_path / "ck", plan=Plan.uniform("tiny-bpe", loaded.units(), "q8_0"), fp32=True)
+    res = api.export(tmp_path / "ck", tmp_path / "t.gguf", to="gguf")
+    assert not res["warnings"]  # the pre-tokenizer was recognised (byte-level: gpt-2)
+    import gguf
+
+    fields = gguf.GGUFReader(str(tmp_path / "t.gguf")).fields
+    assert fields["tokenizer.ggml.pre"].contents() == "gpt-2" and fields["tokenizer.ggml.model"].contents() == "gpt2"
+    assert "output.weight" not in {t.name for t in gguf.GGUFReader(str(tmp_path / "t.gguf")).tensors}  # tied head
+    vocab = llama_cpp.Llama(model_path=str(tmp_path / "t.gguf"), vocab_only=True, verbose=False)
+    sample = "The llama of 7 is amall, isn't it? 42 quantize the river"
+    assert vocab.tokenize(sample.encode(), add_bos=False, special=False) == loaded.encode(sample)
+    windows = torch.randint(0, cfg.vocab_size, (2, 32), generator=torch.Generator().manual_seed(3))
+    ref = mixq_log_probs(tmp_path / "ck", windows)
+    out = compare_gguf(tmp_path / "t.gguf", windows, {"mixq": lambda i: ref[i]}, n_threads=1)
+    assert out["mixq"]["kl"] < FLOOR_QUANT_TINY
