@@ -20,7 +20,8 @@ Stages (each cached in --work, so a run resumes where it stopped):
    per recipe's bits per weight (`--target gguf`), its checkpoint assembled from the analysis'
    GPTQ codes (each unit's from its float input Hessian) and exported;
 5. every file run by llama.cpp on the first --windows windows of WikiText-2 test: KL to the
-   F32 reference, perplexity, top-1 agreement.
+   F32 reference, perplexity, top-1 agreement; and, on the first two windows, the KL of
+   llama.cpp's run of the first mixq plan to mixq's own evaluation of its checkpoint.
 Prints the table for BENCHMARKS.md and writes every number to --out.
 """
 
@@ -171,6 +172,21 @@ def floor(work: Path, args, loaded, windows: torch.Tensor, refs: list[Path]) -> 
     return {"kl": kl / n, "top1_agree": agree / n, "n_tokens": n}
 
 
+def agreement(work: Path, args, windows: torch.Tensor, label: str, budget: float) -> dict:
+    """KL of llama.cpp's run of a mixq GGUF to mixq's own (torch) evaluation of the same
+    checkpoint, first two windows: llama.cpp's 8-bit activations and summation order."""
+    from mixq.eval.perplexity import _next_token_log_probs
+    from mixq.eval.runtime import compare_gguf
+    from mixq.export import load_quantized
+
+    q = load_quantized(work / f"ck-mixq-{budget:.4f}", packed=False)
+    w = windows[:2]
+    with torch.no_grad():
+        ref = _next_token_log_probs(q.model, w)
+    res = compare_gguf(work / f"mixq-{budget:.4f}.gguf", w, {"mixq": lambda i: ref[i]}, n_threads=args.threads)
+    return {"plan": label, **res["mixq"], "n_tokens": res["n_tokens"]}
+
+
 def evaluate(path: Path, args, windows: torch.Tensor, refs: list[Path]) -> dict:
     from mixq.eval.runtime import compare_gguf
 
@@ -211,9 +227,14 @@ def main() -> None:
     windows = token_windows(loaded.encode, load_text("wikitext2"), args.seqlen, args.windows)
     refs = reference_log_probs(work, args, base, windows)
     results["floor_f32_vs_torch"] = results.get("floor_f32_vs_torch") or floor(work, args, loaded, windows, refs)
+    first = next(iter(budgets))
+    results["agreement_mixq"] = results.get("agreement_mixq") or agreement(work, args, windows, first, budgets[first])
     results.update({"model": "smollm2-135m", "data": "wikitext2", "n_windows": args.windows, "seqlen": args.seqlen,
                     "calib_windows": args.calib, "candidates": CANDIDATES})
-    for label, path in files.items():
+    # the comparison first (mixq and llama.cpp with its imatrix), then llama.cpp without one
+    order = sorted(files, key=lambda k: (0 if k.startswith("mixq") or "imatrix" in k else 1, k))
+    for label in order:
+        path = files[label]
         if label not in results["rows"]:
             log(f"llama.cpp runs {path.name}")
             t0 = time.perf_counter()
@@ -221,7 +242,9 @@ def main() -> None:
                                       "eval_s": time.perf_counter() - t0}
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(results, indent=1))
-    print(f"\nfloor: llama.cpp F32 vs mixq float evaluation: KL {results['floor_f32_vs_torch']['kl']:.2e}")
+    print(f"\nfloor: llama.cpp F32 vs mixq float evaluation: KL {results['floor_f32_vs_torch']['kl']:.2e}; "
+          f"llama.cpp vs mixq's evaluation of {results['agreement_mixq']['plan']}: KL "
+          f"{results['agreement_mixq']['kl']:.2e}")
     print("| file | bpw blocks | share on Q4_1-grid types | ppl | KL to float | top-1 agree |")
     print("|---|---|---|---|---|---|")
     for label, r in sorted(results["rows"].items(), key=lambda kv: kv[1]["bpw_blocks"]):
