@@ -12,7 +12,7 @@ import torch
 
 from mixq import api, formats
 from mixq.cli import main
-from mixq.errors import ArtifactError, ExportError
+from mixq.errors import ArtifactError, ExportError, MixqError
 from mixq.export import load_quantized, save_quantized
 from mixq.export.compressed_tensors import EXPORT_FILE, export_compressed_tensors, pack_int32, unit_tensors
 from mixq.export.ct_schema import restrict_rows, scheme_for, unsupported_reason
@@ -295,7 +295,9 @@ def test_cli_export(llama_export, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "vllm serve" in out and "7 scheme(s)" in out
     assert main(["-q", "export", str(ckpt), "--to", "gguf", "-o", str(tmp_path / "g.gguf")]) == 2
-    assert "not available" in capsys.readouterr().err
+    err = capsys.readouterr().err  # this checkpoint's fp8 units have no GGUF type: refused by name
+    assert "cannot be stored in a GGUF file" in err and "fp8_e4m3:ch" in err
+    assert not (tmp_path / "g.gguf").exists()
 
 
 # ---------------------------------------------------------------- planning for the target
@@ -328,8 +330,11 @@ def test_plan_target_ties_and_restricts(tiny_loaded, text_file):
     for b in range(2):
         assert len({str(plan.options[f"model.layers.{b}.self_attn.{p}_proj"]) for p in "qkv"}) == 1
         assert len({str(plan.options[f"model.layers.{b}.mlp.{p}_proj"]) for p in ("gate", "up")}) == 1
-    with pytest.raises(ExportError, match="not available"):
-        api.plan(table, 5.0, target="gguf")
+    g, _ = api.plan(table, 5.0, target="gguf")  # of these candidates only int4:g32 is a GGML type (q4_0's grid)
+    assert {str(o) for o in g.options.values()} == {"int4:g32"} and g.meta["target"]["name"] == "gguf"
+    with pytest.raises(MixqError, match="no candidate that gguf can store"):
+        api.plan(api.analyze(tiny_loaded, candidates=["int3:g32", "int8:ch"], method="output", calib=str(text_file),
+                             samples=4, seqlen=32, measure_cost=False), 5.0, target="gguf")
 
 
 # ---------------------------------------------------------------- the real model

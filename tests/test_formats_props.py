@@ -12,13 +12,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mixq.errors import DataError, FormatError
-from mixq.formats import (GridFormat, IntFormat, MXFormat, NVFP4Format, PlainFormat, catalogue,
-                          parse)
+from mixq.formats import (GGUFFormat, GridFormat, IntFormat, MXFormat, NVFP4Format, PlainFormat,
+                          catalogue, parse)
 from mixq.formats.elements import GRIDS, grid_levels
 from mixq.formats.grouping import to_groups
 
 QUANTIZED = [s for s in catalogue() if not isinstance(parse(s), PlainFormat)]
-SHAPES = [(7, 100), (576, 576), (3, 33), (1, 1), (2, 17)]
+SHAPES = [(7, 100), (576, 576), (3, 33), (1, 1), (2, 17), (5, 512)]
+
+
+def supported(specs, shapes):
+    """(spec, shape) pairs where the format can hold the shape (GGUF rows are whole blocks)."""
+    return [(s, sh) for s in specs for sh in shapes if parse(s).supports(sh) is None]
 
 
 def make_weight(shape, seed, dtype=torch.float32):
@@ -64,6 +69,14 @@ def element_grid(fmt, q):
         levels = fmt.levels()
         if fmt.element == "int8":
             levels = levels[levels > -2.0]  # -128/64 is never produced (documented clamp)
+    elif isinstance(fmt, GGUFFormat):
+        step, off = fmt.params(q.scales, shape[0])  # (R, n_sub): value = level * step - off
+        g = fmt.sub_block
+        levels = fmt.levels()[1:] if fmt.name == "q8_0" else fmt.levels()  # q8_0 never uses -128
+        safe = torch.where(step != 0, step, torch.ones_like(step))
+        if off is not None:
+            offset = expand(off / safe, shape, g)
+        scale = step
     else:
         assert isinstance(fmt, NVFP4Format)
         scale = grid_levels(GRIDS["fp8_e4m3"], torch.device("cpu"))[q.scales.long()] * q.tensor_scale
@@ -84,8 +97,7 @@ def nearest_and_half_step(y: torch.Tensor, levels: torch.Tensor):
     return nearest, half
 
 
-@pytest.mark.parametrize("spec", catalogue())
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("spec,shape", supported(catalogue(), SHAPES))
 def test_dequantize_equals_fake_quant(spec, shape):
     fmt = parse(spec)
     w = make_weight(shape, seed=zlib.crc32(spec.encode()) % 1000)
@@ -99,8 +111,7 @@ def test_dequantize_equals_fake_quant(spec, shape):
         assert (q.scales.shape, q.scales.dtype) == (fmt.layout(shape).scales_shape, fmt.layout(shape).scale_dtype)
 
 
-@pytest.mark.parametrize("spec", QUANTIZED)
-@pytest.mark.parametrize("shape", [(7, 100), (576, 576), (5, 17)])
+@pytest.mark.parametrize("spec,shape", supported(QUANTIZED, [(7, 100), (576, 576), (5, 17), (5, 512)]))
 def test_nearest_rounding_within_half_step(spec, shape):
     """Every in-range element lands within half its local grid spacing (times the scale);
     without :mse every element lands on the nearest grid value."""
@@ -113,7 +124,7 @@ def test_nearest_rounding_within_half_step(spec, shape):
     nearest, half = nearest_and_half_step(y, levels)
     err = (w - fq).abs()
     step = scale.abs()  # symmetric INT scales carry a sign
-    tol = 1e-6 * (y.abs() + 1) * step + 1e-30  # float32 rounding of w / scale
+    tol = 1e-6 * (y.abs() + offset.abs() + 1) * step + 1e-30  # float32 rounding of w / scale + offset
     inside = torch.isfinite(half)
     assert torch.all(err[inside] <= half[inside] * step[inside] + tol[inside])
     if not getattr(fmt, "mse", False):
@@ -127,9 +138,10 @@ def test_nearest_rounding_within_half_step(spec, shape):
         assert torch.all((y >= levels[0] - slack) & (y <= levels[-1] + slack))
 
 
-@pytest.mark.parametrize("spec", [s for s in QUANTIZED if not getattr(parse(s), "asym", False)
-                                  and not getattr(parse(s), "mse", False)])
-@pytest.mark.parametrize("shape", [(7, 100), (576, 576), (3, 33)])
+# GGUF types that search their block parameters (k-quants, IQ4) are not claimed idempotent.
+@pytest.mark.parametrize("spec,shape", supported(
+    [s for s in QUANTIZED if not getattr(parse(s), "asym", False) and not getattr(parse(s), "mse", False)
+     and s not in ("iq4_nl", "iq4_xs", "q3_k", "q6_k")], [(7, 100), (576, 576), (3, 33), (3, 64)]))
 def test_idempotent(spec, shape):
     """Re-quantizing a quantized weight changes nothing: same codes and scales."""
     fmt = parse(spec)
@@ -153,6 +165,11 @@ def test_idempotent(spec, shape):
         again = torch.round(fq / scale) + 2 ** (fmt.code_bits - 1)
         assert torch.equal(again, q1.codes.float())
         assert torch.equal(fmt.dequantize(q1), fq)
+    elif isinstance(fmt, GGUFFormat):
+        # an all-zero block keeps llama.cpp's d = 0 / -8 = -0.0, which re-quantizes as +0.0
+        assert torch.equal(q1.codes, q2.codes)
+        assert torch.equal(fmt.params(q1.scales, shape[0])[0], fmt.params(q2.scales, shape[0])[0])
+        assert torch.equal(fmt.fake_quant(fq), fq)
     else:
         assert torch.equal(q1.codes, q2.codes) and torch.equal(q1.scales, q2.scales)
         assert torch.equal(fmt.fake_quant(fq), fq)
@@ -218,7 +235,7 @@ def test_dtypes(spec, dtype):
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_nan_inf_raise_data_error(spec, bad):
     fmt = parse(spec)
-    w = make_weight((4, 40), 9)
+    w = make_weight((4, 40) if fmt.supports((4, 40)) is None else (4, 256), 9)
     w[2, 3] = bad
     for fn in (fmt.fake_quant, fmt.quantize):
         with pytest.raises(DataError, match="NaN/inf"):
@@ -248,6 +265,8 @@ def test_plain_formats():
        log_scale=st.integers(-12, 8), seed=st.integers(0, 2**31 - 1))
 def test_hypothesis_shapes_and_magnitudes(spec, rows, cols, log_scale, seed):
     fmt = parse(spec)
+    if fmt.supports((rows, cols)) is not None:  # GGUF: whole blocks
+        cols = -(-cols // fmt.group_size_for(cols)) * fmt.group_size_for(cols)
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(rows, cols, generator=g) * 2.0**log_scale
     q = fmt.quantize(w)
@@ -258,7 +277,7 @@ def test_hypothesis_shapes_and_magnitudes(spec, rows, cols, log_scale, seed):
     nearest, half = nearest_and_half_step(y, levels)
     err = (w - fq).abs()
     step = scale.abs()  # symmetric INT scales carry a sign
-    tol = 1e-6 * (y.abs() + 1) * step + 1e-30
+    tol = 1e-6 * (y.abs() + offset.abs() + 1) * step + 1e-30
     inside = torch.isfinite(half)
     assert torch.all(err[inside] <= half[inside] * step[inside] + tol[inside])
     if not getattr(fmt, "mse", False):
@@ -270,7 +289,7 @@ def test_hypothesis_shapes_and_magnitudes(spec, rows, cols, log_scale, seed):
 @pytest.mark.parametrize("spec", catalogue())
 def test_cuda_matches_cpu(spec):
     fmt = parse(spec)
-    w = make_weight((64, 200), 11)
+    w = make_weight((64, 200) if fmt.supports((64, 200)) is None else (64, 256), 11)
     out = fmt.fake_quant(w.cuda())
     assert out.device.type == "cuda"
     assert torch.equal(out.cpu(), fmt.fake_quant(w))

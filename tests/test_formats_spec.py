@@ -23,7 +23,8 @@ def test_catalogue_covers_families():
         assert {f"int{k}:g64", f"int{k}:g128", f"int{k}:ch"} <= set(cat)
     for spec in ("int4:g64:asym", "fp8_e4m3:ch", "fp8_e5m2:g32", "fp6_e3m2:ch", "fp6_e2m3:g32",
                  "fp4_e2m1:g32", "mxfp8", "mxfp8_e5m2", "mxfp6", "mxfp6_e3m2", "mxfp4", "mxint8",
-                 "nvfp4", "nf4:g64", "bf16", "fp16", "fp32"):
+                 "nvfp4", "nf4:g64", "bf16", "fp16", "fp32", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0",
+                 "q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_nl", "iq4_xs"):
         assert spec in cat
 
 
@@ -38,6 +39,8 @@ def test_catalogue_covers_families():
     ("MXFP8_E4M3", "mxfp8"),
     ("mxfp6_e2m3", "mxfp6"),
     ("mxfp4_e2m1", "mxfp4"),
+    ("Q4_K", "q4_k"),
+    (" IQ4_NL ", "iq4_nl"),
     ("bfloat16", "bf16"),
     ("float16", "fp16"),
     ("NVFP4", "nvfp4"),
@@ -85,7 +88,9 @@ def test_parse_objects():
     ("bf16:ch", "bf16"),
     ("mxfp5", None),
     ("int4g64", "int4:g64"),
-    ("q4_k", None),
+    ("q4_k_m", "q4_k"),
+    ("q4_k:g32", "q4_k"),
+    ("iq4", "iq4_nl or iq4_xs"),
     ("e4m3", "fp8_e4m3:ch"),
     ("int4:", None),
 ])
@@ -134,6 +139,20 @@ def test_direct_construction_validates():
     ("nvfp4", (7, 100), 4 * 700 + 8 * 7 * 7 + 32),
     ("bf16", (7, 100), 16 * 700),
     ("fp32", (7, 100), 32 * 700),
+    # GGUF: 8 x llama.cpp's bytes (block bytes: q4_0 18, q4_1 20, q5_0 22, q5_1 24, q8_0 34,
+    # iq4_nl 18 per 32; q2_k 84, q3_k 110, q4_k 144, q5_k 176, q6_k 210, iq4_xs 136 per 256)
+    ("q4_0", (576, 576), 8 * 18 * 576 * 18),
+    ("q4_1", (576, 576), 8 * 20 * 576 * 18),
+    ("q5_0", (3, 64), 8 * 22 * 3 * 2),
+    ("q5_1", (3, 64), 8 * 24 * 3 * 2),
+    ("q8_0", (576, 1536), 8 * 34 * 576 * 48),
+    ("iq4_nl", (576, 576), 8 * 18 * 576 * 18),
+    ("q2_k", (576, 1536), 8 * 84 * 576 * 6),
+    ("q3_k", (576, 1536), 8 * 110 * 576 * 6),
+    ("q4_k", (576, 1536), 8 * 144 * 576 * 6),
+    ("q5_k", (2, 512), 8 * 176 * 2 * 2),
+    ("q6_k", (2, 512), 8 * 210 * 2 * 2),
+    ("iq4_xs", (2, 512), 8 * 136 * 2 * 2),
 ])
 def test_bits(spec, shape, bits):
     assert parse(spec).bits(shape) == bits

@@ -35,13 +35,15 @@ def out_err(X: torch.Tensor, w: torch.Tensor, w_hat: torch.Tensor) -> float:
 @pytest.mark.parametrize("spec", formats.catalogue())
 def test_fixed_params_reproduce_fake_quant(spec):
     fmt = formats.parse(spec)
-    w = torch.randn(12, 100, generator=torch.Generator().manual_seed(1))  # partial last groups
+    cols = 100 if fmt.supports((12, 100)) is None else 512  # partial last groups (GGUF: whole blocks)
+    w = torch.randn(12, cols, generator=torch.Generator().manual_seed(1))
     assert torch.equal(fake_quant_with(fmt, w, group_params(fmt, w)), fmt.fake_quant(w))
 
 
 # ---------------------------------------------------------------- GPTQ
 
-@pytest.mark.parametrize("spec", ["int3:g64", "int4:ch", "fp4_e2m1:g32", "nvfp4", "mxfp4", "int3:g64:asym"])
+@pytest.mark.parametrize("spec", ["int3:g64", "int4:ch", "fp4_e2m1:g32", "nvfp4", "mxfp4", "int3:g64:asym",
+                                  "q4_0", "q2_k", "q3_k", "q4_k", "iq4_xs"])
 def test_gptq_beats_rtn_on_correlated_inputs(spec):
     X = correlated_inputs()
     H = 2 * X.T @ X / X.shape[0]
@@ -55,26 +57,29 @@ def test_gptq_beats_rtn_on_correlated_inputs(spec):
 
 
 @pytest.mark.parametrize("spec", ["int3:g64", "int4:ch", "int4:g32:asym", "int8:t", "fp4_e2m1:g32", "nf4:g64",
-                                  "fp8_e4m3:ch", "nvfp4", "mxfp4", "mxint8", "mxfp6_e3m2", "bf16"])
+                                  "fp8_e4m3:ch", "nvfp4", "mxfp4", "mxint8", "mxfp6_e3m2", "bf16",
+                                  "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "iq4_nl",
+                                  "q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_xs"])
 def test_codes_from_fixed_parameters_dequantize_to_their_values(spec):
     """What GPTQ stores: the codes `encode_columns` picks with fixed group parameters, in a
     QTensor with those parameters' stored scales, dequantize to exactly the values it
     computed (no re-derivation from the float weight)."""
-    from mixq.formats.fixed import encode_columns, qtensor_from
+    from mixq.formats.fixed import encode_columns, param_group_size, qtensor_from
 
     fmt = formats.parse(spec)
+    cols = 96 if fmt.supports((24, 96)) is None else 512  # GGUF k-quants: super-blocks of 256
     g = torch.Generator().manual_seed(40)
-    w = torch.randn(24, 96, generator=g) * torch.rand(24, 1, generator=g) * 3
-    x = w + 0.3 * torch.randn(24, 96, generator=g)  # other values, rounded with w's parameters
+    w = torch.randn(24, cols, generator=g) * torch.rand(24, 1, generator=g) * 3
+    x = w + 0.3 * torch.randn(24, cols, generator=g)  # other values, rounded with w's parameters
     params = group_params(fmt, w)
     if params is None:  # unquantized: the cast
         codes, values = encode_columns(fmt, x, None)
     else:
-        gs = fmt.group_size_for(96)
-        groups = torch.arange(96) // gs if gs < 96 else torch.zeros(96, dtype=torch.long)
+        gs = param_group_size(fmt, cols)  # columns sharing one step (GGUF: a sub-block)
+        groups = torch.arange(cols) // gs if gs < cols else torch.zeros(cols, dtype=torch.long)
         step, zero = params.columns(groups)
         codes, values = encode_columns(fmt, x, step, zero)
-    q = qtensor_from(fmt, (24, 96), codes, params)
+    q = qtensor_from(fmt, (24, cols), codes, params)
     assert torch.equal(fmt.dequantize(q), values)
     if params is not None:
         assert torch.equal(q.scales, fmt.quantize(w).scales)  # the stored form of the same scales
@@ -96,11 +101,13 @@ def test_gptq_act_order_static_groups():
     assert out_err(X, w, w_hat) < 0.5 * out_err(X, w, fmt.fake_quant(w))
 
 
-@pytest.mark.parametrize("spec", ["int4:ch", "int3:g64", "int4:g64:asym", "nf4:g64", "mxfp4", "nvfp4", "int8:t"])
+@pytest.mark.parametrize("spec", ["int4:ch", "int3:g64", "int4:g64:asym", "nf4:g64", "mxfp4", "nvfp4", "int8:t",
+                                  "q4_0", "q5_1", "iq4_nl", "q3_k", "q4_k", "q6_k"])
 def test_gptq_with_identity_hessian_is_rtn(spec):
     fmt = formats.parse(spec)
-    w = torch.randn(16, 192, generator=torch.Generator().manual_seed(5))
-    q, _ = gptq(w, torch.eye(192), fmt)
+    cols = 192 if fmt.supports((16, 192)) is None else 512
+    w = torch.randn(16, cols, generator=torch.Generator().manual_seed(5))
+    q, _ = gptq(w, torch.eye(cols), fmt)
     rtn = fmt.quantize(w)
     assert torch.equal(q.codes, rtn.codes) and torch.equal(q.scales, rtn.scales)  # the very same codes
     assert torch.equal(fmt.dequantize(q), fmt.fake_quant(w))

@@ -33,7 +33,9 @@ def _plans_for(loaded: LoadedModel, formats: list[str], plans: list[str | Path |
     kv_maps = [(str(parse_kv(k)), uniform_kv(loaded.model, parse_kv(k))) for k in kv]
     base: list[tuple[str, Plan]] = []
     for spec in formats:
-        base.append((spec, Plan.uniform(loaded.name, units, spec)))
+        uniform = Plan.uniform(loaded.name, units, spec)
+        uniform.check_against(units)  # e.g. a k-quant on rows that are not whole super-blocks
+        base.append((spec, uniform))
     for p in plans:
         plan = p if isinstance(p, Plan) else Plan.load(p)
         all_units = loaded.units(include_head=True, include_embeddings=True)
@@ -429,8 +431,9 @@ def plan(table, budget_bpw: float | None, *, solver: str = "ilp", max_bytes: int
     an option to pin them to (see `mixq.planner.spike_rule`); the flagged units land in
     the plan's meta. `target` restricts the plan to what a runtime format holds:
     "compressed-tensors" keeps only the candidates `export.ct_schema` maps onto a scheme and
-    ties q/k/v and gate/up (what it dropped lands in the plan's `meta["target"]`); a unit
-    left with no candidate is refused by name. Returns (plan, frontier) where frontier is a
+    ties q/k/v and gate/up (what it dropped lands in the plan's `meta["target"]`); "gguf"
+    offers each unit only the GGUF types its shape can take (`mixq.export.targets`), so the
+    plan exports as it is; a unit left with no candidate is refused by name. Returns (plan, frontier) where frontier is a
     list of points (empty unless `frontier_points` > 0): estimated error against bits, each
     with its explicit choice."""
     from mixq.planner import make_frontier, make_plan
@@ -488,8 +491,26 @@ def _restrict_to_target(target: str, rows, info, keep, ties):
         ties = sorted(set(ties or []) | set(TARGET_TIES))
         return kept, ties, {"name": target, "ties": list(TARGET_TIES), "dropped": dropped}
     if target == "gguf":
-        raise ExportError("--target gguf is not available in this build")
+        from mixq.export.targets import restrict_rows
+
+        kept = restrict_rows(rows, info, target, keep)
+        return kept, ties, {"name": target, "candidate_rows_dropped": len(rows) - len(kept)}
     raise ExportError(f"--target {target!r}: expected one of {', '.join(PLAN_TARGETS)}")
+
+
+def llama_quantize_args(the_plan: Plan, embedding_type: str = "f16") -> list[str]:
+    """The plan as llama-quantize arguments: a `--tensor-type REGEX=TYPE` per role and type
+    (every option must be a GGUF type; see `mixq.export.gguf_plan`)."""
+    from mixq.export.gguf_plan import llama_quantize_args as args_of
+
+    return args_of(the_plan, embedding_type=embedding_type)
+
+
+def llama_quantize_base(the_plan: Plan) -> str:
+    """llama-quantize's positional type for the plan (its most frequent GGML type)."""
+    from mixq.export.gguf_plan import base_type
+
+    return base_type(the_plan)
 
 
 def save_frontier(path, curve: list[dict], meta: dict) -> None:
@@ -572,6 +593,27 @@ def export_compressed_tensors(checkpoint: str | Path, out_dir: str | Path, *, dt
     from mixq.export.compressed_tensors import export_compressed_tensors as write
 
     return write(checkpoint, out_dir, dtype=dtype, overwrite=overwrite, progress=progress)
+
+
+EXPORT_TARGETS = ("gguf", "compressed-tensors")
+
+
+def export(checkpoint: str | Path, out: str | Path, *, to: str = "gguf", float_type: str = "f16",
+           metadata_from: str | Path | None = None, tokenizer_pre: str | None = None, overwrite: bool = False,
+           progress: Progress | None = None) -> dict:
+    """Write a mixq checkpoint in a runtime's own format. `to="gguf"`: one GGUF file for
+    llama.cpp (`mixq.export.gguf.export_gguf`: the stored codes as llama.cpp's blocks;
+    embeddings, head and unplanned tensors in `float_type`); `to="compressed-tensors"`: see
+    `export_compressed_tensors` (which also takes its `dtype`). A plan with a unit the target
+    cannot hold is refused, naming the units. Returns a summary of what was written."""
+    if to not in EXPORT_TARGETS:
+        raise MixqError(f"unknown export target {to!r}; expected one of {', '.join(EXPORT_TARGETS)}")
+    if to == "compressed-tensors":
+        return export_compressed_tensors(checkpoint, out, overwrite=overwrite, progress=progress)
+    from mixq.export.gguf import export_gguf
+
+    return export_gguf(checkpoint, out, float_type=float_type, metadata_from=metadata_from,
+                       tokenizer_pre=tokenizer_pre, overwrite=overwrite, progress=progress)
 
 
 def evaluate_checkpoint(path: str | Path, *, data: str | None = None, seqlen: int = 512, windows: int | None = 8,

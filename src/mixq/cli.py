@@ -131,7 +131,8 @@ def cmd_formats(args) -> int:
     rows = []
     for spec in formats.catalogue():
         fmt = formats.parse(spec)
-        rows.append([spec, fmt.bits(shape) / (shape[0] * shape[1])])
+        why = fmt.supports(shape)
+        rows.append([spec, fmt.bits(shape) / (shape[0] * shape[1]) if why is None else f"- ({why})"])
     print(f"bits per weight (all-in: codes, scales, zero points) for a {shape[0]}x{shape[1]} matrix")
     print(render_table(["format", "bits/weight"], rows))
     return 0
@@ -255,9 +256,18 @@ def cmd_analyze(args) -> int:
         print(f"analysis {t['wall_s']:.1f} s (blocks offloaded to {t.get('offload')}: no whole-model reference timed)")
     if t.get("peak_device_bytes"):
         print(f"peak {t['device']} memory {t['peak_device_bytes'] / 2**30:.2f} GiB")
-    worst = sorted(table.units, key=lambda u: -u.options[0]["error"])[:8]
-    print(render_table(["most sensitive unit", f"error @ {table.candidates[0]}", "input max/median"],
-                       [[u.name, u.options[0]["error"], u.stats.get("ratio")] for u in worst]))
+    first = table.candidates[0]
+    errs = {u.name: next((o["error"] for o in u.options if o["option"] == first), None) for u in table.units}
+    worst = sorted((u for u in table.units if errs[u.name] is not None), key=lambda u: -errs[u.name])[:8]
+    print(render_table(["most sensitive unit", f"error @ {first}", "input max/median"],
+                       [[u.name, errs[u.name], u.stats.get("ratio")] for u in worst]))
+    skipped: dict[str, int] = {}
+    for u in table.units:
+        for opt in u.skipped:
+            skipped[opt] = skipped.get(opt, 0) + 1
+    if skipped:
+        print("candidates skipped where a unit's shape rules them out (recorded per unit in the table): "
+              + ", ".join(f"{o} on {n} unit(s)" for o, n in skipped.items()))
     spiky = spiky_units(table, args.spike_ratio)
     if spiky:
         print(f"activation spikes (input max/median > {args.spike_ratio:g}): {', '.join(spiky)}")
@@ -314,6 +324,13 @@ def cmd_plan(args) -> int:
         api.save_frontier(args.frontier, curve, {"model": the_plan.model, "solver": args.solver,
                                                  "sensitivity": m["sensitivity"]})
         print(f"wrote {args.frontier} ({len(curve)} points)")
+    if args.emit == "llama-quantize":
+        import shlex
+
+        print("the same plan with llama.cpp's own quantizer (from an F32/F16 GGUF of the model; add --imatrix FILE "
+              "to weight its rounding):")
+        print(shlex.join(["llama-quantize", *api.llama_quantize_args(the_plan), "MODEL-F32.gguf", "OUT.gguf",
+                          api.llama_quantize_base(the_plan)]))
     return 0
 
 
@@ -367,6 +384,13 @@ EXPORT_TARGETS = ["gguf", "compressed-tensors"]
 def cmd_export(args) -> int:
     from mixq import api
 
+    gguf_only = [f for f, v in (("--float-type", args.float_type), ("--metadata-from", args.metadata_from),
+                                ("--tokenizer-pre", args.tokenizer_pre)) if v is not None]
+    if args.to == "compressed-tensors" and gguf_only:
+        raise MixqError(f"{', '.join(gguf_only)}: options of --to gguf, not of --to compressed-tensors")
+    if args.to == "gguf" and args.dtype is not None:
+        raise MixqError("--dtype: an option of --to compressed-tensors; for gguf, --float-type sets the type of the "
+                        "unquantized tensors")
     if args.to == "compressed-tensors":
         doc = api.export_compressed_tensors(args.checkpoint, args.output, dtype=args.dtype, overwrite=args.overwrite,
                                             progress=_progress(args))
@@ -379,7 +403,17 @@ def cmd_export(args) -> int:
               + (f", {bpw:.3f} bits per weight over the quantized layers" if bpw else ""))
         print(f"run it: vllm serve {args.output}   |   AutoModelForCausalLM.from_pretrained({str(args.output)!r})")
         return 0
-    raise MixqError(f"--to {args.to}: not available in this build")
+    res = api.export(args.checkpoint, args.output, to=args.to, float_type=args.float_type or "f16",
+                     metadata_from=args.metadata_from, tokenizer_pre=args.tokenizer_pre, overwrite=args.overwrite,
+                     progress=_progress(args))
+    types = ", ".join(f"{t} x{n}" for t, n in sorted(res["unit_types"].items()))
+    print(f"wrote {res['path']}: {res['bytes'] / 2**20:.1f} MiB, {res['n_tensors']} tensors; planned units {types} "
+          f"({res['bpw_units']:.4f} bits per weight); other 2-D tensors {res['float_type']}, norms f32; "
+          f"metadata from {res['metadata']}")
+    for w in res["warnings"]:
+        print(f"warning: {w}")
+    print(f"run it: llama-cli -m {res['path']}")
+    return 0
 
 
 def _rotation(args) -> int | None:
@@ -563,7 +597,11 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--spike-ratio", type=float, default=1000.0, help="input max/median ratio that flags a spike")
     pl.add_argument("--solver", default="ilp", choices=["ilp", "greedy", "dp"])
     pl.add_argument("--target", default=None, choices=EXPORT_TARGETS,
-                    help="only options this runtime format holds; compressed-tensors also ties qkv and gate_up")
+                    help="offer each unit only the candidates this export target stores as they are (gguf: llama.cpp's "
+                    "types, k-quants only where rows are multiples of 256; compressed-tensors: its schemes, and qkv "
+                    "and gate_up tied), so that the plan exports")
+    pl.add_argument("--emit", default=None, choices=["llama-quantize"],
+                    help="also print the plan as llama-quantize --tensor-type arguments")
     pl.add_argument("-o", "--output", default="plan.json")
     pl.add_argument("--frontier", default=None, metavar="FRONTIER_JSON", help="also write the whole error-vs-bits curve")
     pl.add_argument("--points", type=int, default=41, help="frontier points")
@@ -624,15 +662,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(qz)
     qz.set_defaults(func=cmd_quantize)
 
-    x = sub.add_parser("export", help="write a checkpoint in a runtime's format (compressed-tensors for vLLM and "
-                       "transformers)")
+    x = sub.add_parser("export", help="write a checkpoint in a runtime's format (gguf: one file for llama.cpp; "
+                       "compressed-tensors: a directory for vLLM and transformers)")
     x.add_argument("checkpoint", help="checkpoint directory written by mixq quantize")
     x.add_argument("--to", required=True, choices=EXPORT_TARGETS, help="target format")
-    x.add_argument("-o", "--output", required=True, help="output directory (compressed-tensors)")
+    x.add_argument("-o", "--output", required=True, help="output file (gguf) or directory (compressed-tensors)")
     x.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
-                   help="dtype of the unquantized tensors and of the config (default: as the checkpoint stores them); "
-                        "float16 keeps mixq's float16 INT scales exact in the runtime")
-    x.add_argument("--overwrite", action="store_true", help="replace an existing export directory")
+                   help="compressed-tensors: dtype of the unquantized tensors and of the config (default: as the "
+                        "checkpoint stores them); float16 keeps mixq's float16 INT scales exact in the runtime")
+    x.add_argument("--float-type", default=None, help="gguf: type of embeddings, head and unplanned tensors: f16 "
+                   "(default), f32, bf16 or a GGUF type such as q8_0; norms are always f32")
+    x.add_argument("--metadata-from", default=None, metavar="GGUF",
+                   help="gguf: copy architecture and tokenizer metadata from this GGUF (default: the model's own "
+                   "source GGUF when it came from one, else config.json and the tokenizer files)")
+    x.add_argument("--tokenizer-pre", default=None, help="gguf: llama.cpp's pre-tokenizer name (tokenizer.ggml.pre), "
+                   "when mixq does not recognise the tokenizer's")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing export")
     x.set_defaults(func=cmd_export)
 
     g = sub.add_parser("generate", help="generate text with a packed checkpoint")

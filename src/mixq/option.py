@@ -135,6 +135,11 @@ class Option:
     def replace(self, **changes) -> Option:
         return dataclasses.replace(self, **changes)
 
+    def supports(self, shape: tuple[int, int]) -> str | None:
+        """None when a unit of `shape` can take this option, else why not (its format cannot
+        hold the shape, e.g. a GGUF k-quant on rows that are not multiples of 256)."""
+        return self.fmt.supports(tuple(shape))
+
     def lowrank_rank(self, shape: tuple[int, int]) -> int | None:
         """The rank actually kept for a unit of `shape` (capped at min(out, in)), or None."""
         return None if self.lowrank is None else min(self.lowrank, shape[0], shape[1])

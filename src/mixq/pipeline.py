@@ -39,11 +39,14 @@ Stage = Callable[[int, int, str], None]
 
 
 def closest_uniform(candidates: list[str], shapes: dict[str, tuple[int, int]], budget_bpw: float) -> str | None:
-    """The uniform candidate with the most bits per weight that fits the budget."""
+    """The uniform candidate with the most bits per weight that fits the budget (of those
+    every unit can take)."""
     n = sum(r * c for r, c in shapes.values())
     fits = []
     for c in candidates:
         opt = parse_option(c)
+        if any(opt.supports(s) is not None for s in shapes.values()):
+            continue
         bpw = sum(opt.bits(s) for s in shapes.values()) / n
         if bpw <= budget_bpw + 1e-12:
             fits.append((bpw, c))
@@ -149,7 +152,7 @@ def run(model: str | LoadedModel = DEFAULT_MODEL, budget_bpw: float | list[float
         checks.append(cp)
     shapes = {u.name: tuple(u.shape) for u in table.units}
     uniform = {b: closest_uniform(list(table.candidates), shapes, b) for b in budgets}
-    formats = list(table.candidates)
+    formats = [c for c in table.candidates if all(parse_option(c).supports(s) is None for s in shapes.values())]
     say(4, N_STAGES, f"eval: float, {len(formats)} uniform formats and {len(plans) + len(checks)} plans")
     res = api.evaluate(loaded, formats=formats, plans=plans + checks, data=eval_data, windows=eval_windows,
                        seqlen=seqlen, progress=progress, cache=cache, seed=seed, calib=calib,

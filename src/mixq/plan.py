@@ -53,7 +53,9 @@ class Plan:
                     {n: parse_kv(f) for n, f in kv.items()})
 
     def check_against(self, units: list[Unit], max_listed: int = 5) -> None:
-        """Raise ArtifactError if the plan names units the model lacks or shapes differ."""
+        """Raise ArtifactError if the plan names units the model lacks, shapes differ, or a
+        unit's option cannot hold its shape (e.g. a k-quant on rows that are not multiples
+        of 256)."""
         by_name = {u.name: u for u in units}
         problems = []
         for name, shape in self.shapes.items():
@@ -62,6 +64,8 @@ class Plan:
                 problems.append(f"unit {name!r} is not in the model")
             elif tuple(u.shape) != tuple(shape):
                 problems.append(f"unit {name!r} has shape {tuple(u.shape)} in the model, {tuple(shape)} in the plan")
+            elif (why := self.options[name].supports(shape)) is not None:
+                problems.append(f"unit {name!r} cannot take {self.options[name]}: {why}")
         if problems:
             more = f" (and {len(problems) - max_listed} more)" if len(problems) > max_listed else ""
             raise ArtifactError(

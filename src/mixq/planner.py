@@ -74,6 +74,9 @@ def build_problem(table_units: list[dict], rows: list[tuple[str, str, int, float
     for pattern, opt_text in (keep or {}).items():
         opt = str(parse_option(opt_text))
         for name in expand_pattern(pattern, names):
+            why = parse_option(opt).supports(shapes[name])
+            if why is not None:
+                raise MixqError(f"--keep {pattern}={opt}: unit {name!r} cannot take it ({why})")
             pins[name] = opt
             if not any(o.name == opt for o in options[name]):
                 options[name].append(Choice(opt, parse_option(opt).bits(shapes[name]), 0.0))

@@ -7,12 +7,14 @@
     fmt.bits(w.shape)                  # exact all-in bits: codes, scales, zeros, tensor scale
 
 Families: INT-k (`intk`), scaled FP elements and NF4 (`scaled`), OCP MX (`mx`), NVFP4
-(`nvfp4`), unquantized (`plain`); spec grammar in `spec`; bit packing in `packing`.
+(`nvfp4`), unquantized (`plain`), llama.cpp's GGUF block types (`gguf`); spec grammar in
+`spec`; bit packing in `packing`.
 """
 
 from __future__ import annotations
 
 from mixq.formats.base import Format, Layout, QTensor
+from mixq.formats.gguf import GGUFFormat
 from mixq.formats.grouping import PER_CHANNEL, PER_TENSOR
 from mixq.formats.intk import IntFormat
 from mixq.formats.mx import MXFormat
@@ -30,6 +32,6 @@ def bits_per_weight(fmt: Format | str, shape: tuple[int, int]) -> float:
 
 __all__ = [
     "Format", "QTensor", "Layout", "parse", "catalogue", "bits_per_weight", "VALID_FORMS",
-    "IntFormat", "GridFormat", "MXFormat", "NVFP4Format", "PlainFormat",
+    "IntFormat", "GridFormat", "MXFormat", "NVFP4Format", "PlainFormat", "GGUFFormat",
     "PER_CHANNEL", "PER_TENSOR",
 ]

@@ -25,7 +25,9 @@ class QTensor:
             unquantized bf16/fp16/fp32 formats keep the cast tensor itself here instead.
     scales: (rows, n_groups) in the format's scale storage dtype: float16 for INT/FP/NF,
             uint8 biased exponents for MX (E8M0), uint8 E4M3 bit patterns for NVFP4;
-            (rows, 1) per channel, (1, 1) per tensor; None for unquantized formats.
+            (rows, 1) per channel, (1, 1) per tensor; None for unquantized formats. GGUF
+            formats: (rows, n_blocks * header_bytes) uint8, each block's non-code bytes as
+            llama.cpp stores them (see `formats.gguf`).
     zeros:  (rows, n_groups) uint8 zero points (asymmetric INT only), else None.
     tensor_scale: float32 scalar tensor (NVFP4 only), else None.
     """
@@ -94,6 +96,11 @@ class Format(Protocol):
 
     def dequantize(self, q: QTensor) -> torch.Tensor:
         """Float32 weight from codes-plus-scales; `dequantize(quantize(w)) == fake_quant(w)`."""
+
+    def supports(self, shape: tuple[int, int]) -> str | None:
+        """None when a weight of `shape` can be stored in this format, else the reason it
+        cannot (e.g. a GGUF k-quant's rows must be multiples of 256). Quantizing an
+        unsupported shape raises FormatError; planners offer the format only where None."""
 
     def layout(self, shape: tuple[int, int]) -> Layout:
         """The stored streams (codes, scales, zeros, tensor scale) for a weight of `shape`."""

@@ -17,6 +17,10 @@ the block's 2**e; NVFP4: E4M3 block scale times the float32 tensor scale); value
 `element(x / step) * step` with the format's own element rounding and clamping, so a value
 produced here with the parameters `group_params` gives is bit-identical to `fake_quant`'s.
 Unquantized formats (bf16/fp16/fp32) have no parameters (`None`): rounding is the cast.
+GGUF formats fix a whole block (32, or a super-block of 256) at once, whose sub-blocks of 16
+or 32 columns each get one (step, offset): values are `level * step - offset` with the step
+and offset llama.cpp decodes from the block's header bytes (`GroupParams.scales`), and a
+column takes the parameters of its sub-block (`param_group_size`).
 
 A quantizer that rounds with fixed parameters (GPTQ) keeps the codes `encode_columns` gives
 and the parameters' stored form (`GroupParams.scales`, `tensor_scale`), so its output is a
@@ -33,6 +37,7 @@ import torch
 
 from mixq.formats.base import Format, QTensor
 from mixq.formats.elements import GRIDS, grid_levels, pow2, round_elements, round_minifloat
+from mixq.formats.gguf import GGUFFormat
 from mixq.formats.grouping import check_weight, from_groups, to_groups
 from mixq.formats.intk import IntFormat
 from mixq.formats.mx import E8M0_BIAS, MXINT8_FRAC_BITS, MXFormat
@@ -49,9 +54,11 @@ class GroupParams:
 
     step: (R, G) float32 multiplier of the element values (R = rows, or 1 for a per-tensor
           format, broadcast over rows; G = groups per row, 1 per channel / per tensor).
-    zero: (R, G) float32 zero points (asymmetric INT only), else None.
-    scales: (R, G) the scales as the format stores them (`QTensor.scales`: float16 for
-          INT/FP/NF, E8M0 exponent bytes for MX, E4M3 bytes for NVFP4).
+    zero: (R, G) float32 zero points (asymmetric INT), or the subtracted offsets of GGUF
+          formats with mins (value = level * step - zero), else None.
+    scales: the scales as the format stores them (`QTensor.scales`: (R, G) float16 for
+          INT/FP/NF, E8M0 exponent bytes for MX, E4M3 bytes for NVFP4; GGUF: the blocks'
+          header bytes (R, n_blocks * header_bytes), G = n_blocks * sub-blocks per block).
     tensor_scale: float32 scalar (NVFP4 only), else None.
     """
 
@@ -82,7 +89,10 @@ class GroupParams:
 
 
 def _grouping(fmt: Format) -> int:
-    """The `to_groups` granularity of a format (MX 32, NVFP4 16, else its group_size)."""
+    """The `to_groups` granularity of a format (MX 32, NVFP4 16, GGUF its sub-block, else
+    its group_size)."""
+    if isinstance(fmt, GGUFFormat):
+        return fmt.sub_block
     if isinstance(fmt, MXFormat):
         return 32
     if isinstance(fmt, NVFP4Format):
@@ -90,14 +100,30 @@ def _grouping(fmt: Format) -> int:
     return fmt.group_size
 
 
-def group_params(fmt: Format, w: torch.Tensor, *, tensor_scale: torch.Tensor | None = None) -> GroupParams | None:
+def param_group_size(fmt: Format, cols: int) -> int:
+    """Consecutive columns of a weight with `cols` columns that share one column of
+    `GroupParams.step`: the group size, or a GGUF format's sub-block (its parameters are
+    fixed a whole block of `group_size_for(cols)` columns at a time)."""
+    if isinstance(fmt, GGUFFormat):
+        return fmt.sub_block
+    return fmt.group_size_for(cols)
+
+
+def group_params(fmt: Format, w: torch.Tensor, *, tensor_scale: torch.Tensor | None = None,
+                 importance: torch.Tensor | None = None) -> GroupParams | None:
     """The parameters `fmt.fake_quant(w)` uses for each group of `w` (rows, cols), including
     the `:mse` clip search. NVFP4 takes its float32 tensor scale from `w` unless
     `tensor_scale` is given (a quantizer that sees a slice of the weight passes the whole
-    weight's). None for unquantized formats."""
+    weight's). `importance` (cols,): weights of each input's squared error for formats that
+    search their parameters (GGUF k-quants and IQ4; e.g. diag(H)); with it the parameters
+    are no longer `fake_quant`'s. None for unquantized formats."""
     if isinstance(fmt, PlainFormat):
         return None
     check_weight(w)
+    if isinstance(fmt, GGUFFormat):
+        header = fmt.headers(w.float(), importance)
+        step, offset = fmt.params(header, w.shape[0])
+        return GroupParams(step, offset, header)
     x = to_groups(w.float(), _grouping(fmt))  # (R, G, g)
     if isinstance(fmt, IntFormat):
         _, _, scale, zero = fmt._encode(x, fmt._ratio(x), with_codes=False)
@@ -163,6 +189,8 @@ def encode_columns(fmt: Format, x: torch.Tensor, step: torch.Tensor | None, zero
     if isinstance(fmt, PlainFormat):
         cast = x.to(fmt.dtype)
         return (cast if with_codes else None), cast.float()
+    if isinstance(fmt, GGUFFormat):
+        return fmt.encode(x.float(), step, zero, with_codes)
     codes, elements = _elements(fmt, _scaled(x.float(), step), zero, with_codes)
     return codes, elements * step
 
@@ -175,6 +203,8 @@ def qtensor_from(fmt: Format, shape: tuple[int, int], codes: torch.Tensor, param
         return QTensor(str(fmt), shape, codes.to(fmt.dtype).contiguous(), None)
     if params.scales is None:
         raise TypeError(f"parameters of {fmt} without their stored scales")
+    if isinstance(fmt, GGUFFormat):
+        return QTensor(str(fmt), shape, codes.contiguous(), params.scales.contiguous())
     zeros = None if params.zero is None else params.zero.to(torch.uint8)
     return QTensor(str(fmt), shape, codes.contiguous(), params.scales.contiguous(), zeros, params.tensor_scale)
 
@@ -188,5 +218,7 @@ def fake_quant_with(fmt: Format, w: torch.Tensor, params: GroupParams | None) ->
     x = to_groups(w.float(), gs)  # (R, G, g)
     step = params.step.unsqueeze(-1)  # (R, G, 1)
     zero = None if params.zero is None else params.zero.unsqueeze(-1)
+    if isinstance(fmt, GGUFFormat):
+        return from_groups(fmt.encode(x, step, zero, with_codes=False)[1], tuple(w.shape), gs)
     values = _elements(fmt, _scaled(x, step), zero)[1] * step
     return from_groups(values, tuple(w.shape), gs)

@@ -145,6 +145,10 @@ class GroupCodec:
     (codes | None, values, scale (R, G)[, zero (R, G)]) gets its clip ratio, fake
     quantization and quantization from here."""
 
+    def supports(self, shape: tuple[int, int]) -> str | None:
+        """Every 2-D shape (a partial last group or block is zero-padded)."""
+        return None
+
     def _ratio(self, x: torch.Tensor) -> float | torch.Tensor:
         """The clip ratio of each group of x (R, G, g): 1 unless the format has `:mse`, then
         the MSE-optimal ratio per group."""

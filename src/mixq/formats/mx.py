@@ -85,6 +85,10 @@ class MXFormat:
             return mxint8_levels(device)
         return grid_levels(GRIDS[self.element], device)
 
+    def supports(self, shape: tuple[int, int]) -> str | None:
+        """Every 2-D shape (a partial last group or block is zero-padded)."""
+        return None
+
     def layout(self, shape: tuple[int, int]) -> Layout:
         return Layout(self.code_bits, shape[0] * shape[1], scales_shape(MX_BLOCK, shape), torch.uint8)
 

@@ -53,6 +53,10 @@ class NVFP4Format:
         """code -> E2M1 value before scaling, float32 (16,)."""
         return grid_levels(E2M1, torch.device("cpu")).clone()
 
+    def supports(self, shape: tuple[int, int]) -> str | None:
+        """Every 2-D shape (a partial last group or block is zero-padded)."""
+        return None
+
     def layout(self, shape: tuple[int, int]) -> Layout:
         return Layout(4, shape[0] * shape[1], scales_shape(NVFP4_BLOCK, shape), torch.uint8,
                       tensor_scale_bits=32)

@@ -46,6 +46,10 @@ class PlainFormat:
     def group_size_for(self, cols: int) -> int:
         return cols
 
+    def supports(self, shape: tuple[int, int]) -> str | None:
+        """Every 2-D shape."""
+        return None
+
     def layout(self, shape: tuple[int, int]) -> Layout:
         return Layout(self.code_bits, shape[0] * shape[1])
 

@@ -8,6 +8,8 @@ Grammar (case-insensitive, whitespace ignored; options after the head in any ord
     mxfp8|mxfp8_e5m2|mxfp6|mxfp6_e3m2|mxfp4|mxint8      OCP MX, block 32, E8M0 scale
     nvfp4                                               block 16, E4M3 scale, fp32 tensor scale
     bf16|fp16|fp32                                      unquantized
+    q4_0|q4_1|q5_0|q5_1|q8_0|iq4_nl                      GGUF blocks of 32 (llama.cpp types)
+    q2_k|q3_k|q4_k|q5_k|q6_k|iq4_xs                      GGUF super-blocks of 256
 
 g<N>: groups of N input elements per row; ch: one scale per output channel; t: one scale per
 tensor; asym: zero points (INT only); mse: per-group MSE-optimal clip search. `str(fmt)` is
@@ -22,6 +24,7 @@ import re
 
 from mixq.errors import FormatError
 from mixq.formats.base import Format
+from mixq.formats.gguf import TYPES as GGUF_TYPES, GGUFFormat
 from mixq.formats.grouping import PER_CHANNEL, PER_TENSOR
 from mixq.formats.intk import IntFormat
 from mixq.formats.mx import MX_ELEMENTS, MXFormat
@@ -36,6 +39,7 @@ VALID_FORMS = (
     "mxfp8|mxfp8_e5m2|mxfp6|mxfp6_e3m2|mxfp4|mxint8  (OCP MX, block 32)",
     "nvfp4  (block 16, E4M3 block scale + fp32 tensor scale)",
     "bf16|fp16|fp32  (unquantized)",
+    "q4_0|q4_1|q5_0|q5_1|q8_0|iq4_nl|q2_k|q3_k|q4_k|q5_k|q6_k|iq4_xs  (llama.cpp GGUF block types)",
 )
 
 ALIASES = {
@@ -49,6 +53,8 @@ HINTS = {
     "fp6": "fp6_e2m3:g32, fp6_e3m2:g32 or mxfp6", "fp4": "fp4_e2m1:g32, mxfp4 or nvfp4",
     "nf4": "nf4:g64", "int": "int4:g128 or int8:ch", "mx": "mxfp4, mxfp6, mxfp8 or mxint8",
     "mxint4": "int4:g32 or mxfp4", "bf": "bf16", "fp": "fp16 or fp32",
+    "q4_k_m": "q4_k (a GGUF file type mixes types: plan with --target gguf)", "q4": "q4_0, q4_1 or q4_k",
+    "q3": "q3_k", "q5": "q5_0, q5_1 or q5_k", "q6": "q6_k", "q8": "q8_0", "iq4": "iq4_nl or iq4_xs",
 }
 
 
@@ -92,9 +98,11 @@ def parse(spec: str | Format) -> Format:
         raise _fail(spec, "empty spec")
     head, *opts = text.split(":")
     head = ALIASES.get(head, head)
-    if head in MX_ELEMENTS or head == "nvfp4" or head in PLAIN_DTYPES:
+    if head in MX_ELEMENTS or head == "nvfp4" or head in PLAIN_DTYPES or head in GGUF_TYPES:
         if opts:
             raise _fail(spec, f"{head} takes no options (its block size is fixed)", head)
+        if head in GGUF_TYPES:
+            return GGUFFormat(head)
         if head == "nvfp4":
             return NVFP4Format()
         return MXFormat(head) if head in MX_ELEMENTS else PlainFormat(head)
@@ -123,5 +131,5 @@ def catalogue() -> list[str]:
     specs += ["int8:t", "int3:g128:mse", "int4:g128:mse"]
     for element in GRID_ELEMENTS[:-1]:
         specs += [f"{element}:ch", f"{element}:g32"]
-    specs += ["fp8_e4m3:t", *MX_ELEMENTS, "nvfp4", "nf4:g64", "nf4:g128", *PLAIN_DTYPES]
+    specs += ["fp8_e4m3:t", *MX_ELEMENTS, "nvfp4", "nf4:g64", "nf4:g128", *PLAIN_DTYPES, *GGUF_TYPES]
     return specs

@@ -226,6 +226,9 @@ def prepack(q: QTensor, fmt: Format | str | None = None) -> KernelWeights:
         raise FormatError(f"QTensor of format {q.fmt!r} given with format {str(fmt)!r}")
     if isinstance(fmt, PlainFormat):
         raise FormatError(f"{fmt} is unquantized: use torch.nn.Linear, not a packed weight")
+    if isinstance(fmt, formats.GGUFFormat):
+        raise FormatError(f"{fmt} is a GGUF block type: llama.cpp runs it (mixq export --to gguf); mixq computes "
+                          "with its dequantized weight")
     n_rows, n_cols = q.shape
     value_mode, code_offset = _value_mode(fmt)
     scales = q.scales

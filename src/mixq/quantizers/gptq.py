@@ -22,7 +22,10 @@ Group parameters (scales, zero points, MX exponents, NVFP4 block scales):
   reordering, since a group's columns are then no longer quantized together.
 - per-channel and per-tensor formats: parameters from the whole W up front (NVFP4's
   float32 tensor scale likewise).
-`:mse` formats run their clip-ratio search wherever parameters are computed.
+`:mse` formats run their clip-ratio search wherever parameters are computed. GGUF formats
+fix a whole block (32 columns, or a k-quant super-block of 256) at once, and every column is
+rounded with the (step, offset) of its sub-block; their parameter search weighs each input's
+squared error by diag(H) (the importance an llama.cpp imatrix holds).
 
 The result is a `QTensor`: the codes GPTQ rounded to with the parameters they were rounded
 with (`formats.fixed.qtensor_from`). Re-deriving codes from the dequantized weight would not
@@ -52,7 +55,7 @@ from mixq.formats.grouping import all_finite
 from mixq import formats
 from mixq.errors import DataError, MixqError
 from mixq.formats.base import QTensor
-from mixq.formats.fixed import GroupParams, encode_columns, group_params, qtensor_from
+from mixq.formats.fixed import GroupParams, encode_columns, group_params, param_group_size, qtensor_from
 from mixq.formats.plain import PlainFormat
 
 MAX_DAMP = 100.0  # largest relative damping tried before giving up (×10 steps from `damp`)
@@ -143,10 +146,13 @@ def gptq(w: torch.Tensor, H: torch.Tensor, fmt, *, block_size: int = 128, damp: 
 
     plain = isinstance(fmt, PlainFormat)
     g = fmt.group_size_for(cols)
+    sub = cols if plain else param_group_size(fmt, cols)  # columns sharing one (step, zero)
     grouped = not plain and g < cols  # per-channel/per-tensor: g == cols
     nvfp4_ts = fmt.tensor_scale_of(W) if isinstance(fmt, formats.NVFP4Format) else None
+    importance = torch.diagonal(H).clone()  # (in,) weights of the parameter search (GGUF)
     # Up-front parameters: the whole W (per channel / tensor), or static groups (act order).
-    up_front = None if plain or (grouped and not act_order) else group_params(fmt, W, tensor_scale=nvfp4_ts)
+    up_front = None if plain or (grouped and not act_order) else group_params(
+        fmt, W, tensor_scale=nvfp4_ts, importance=importance)
 
     perm = None
     if act_order:
@@ -156,7 +162,7 @@ def gptq(w: torch.Tensor, H: torch.Tensor, fmt, *, block_size: int = 128, damp: 
     col_group = None
     if up_front is not None:
         orig = perm if perm is not None else torch.arange(cols, device=W.device)
-        col_group = orig // g if grouped else torch.zeros(cols, dtype=torch.long, device=W.device)
+        col_group = orig // sub if sub < cols else torch.zeros(cols, dtype=torch.long, device=W.device)
 
     U, rel, lam, retries = inverse_cholesky(H, damp)
     del H
@@ -176,7 +182,8 @@ def gptq(w: torch.Tensor, H: torch.Tensor, fmt, *, block_size: int = 128, damp: 
                                              fmt.code_bits, fmt.asym, B)
         params = up_front
     else:
-        Q, C, loss, params = _gptq_columns(W, U, fmt, B, g, grouped, plain, up_front, col_group, nvfp4_ts)
+        Q, C, loss, params = _gptq_columns(W, U, fmt, B, g, sub, grouped, plain, up_front, col_group, nvfp4_ts,
+                                           importance)
 
     if perm is not None:
         inv = torch.argsort(perm)
@@ -204,16 +211,17 @@ def _fused_kernel(fmt, W: torch.Tensor):
     return triton_gptq if triton_gptq.supported(fmt, W.device) else None
 
 
-def _gptq_columns(W, U, fmt, B, g, grouped, plain, up_front, col_group, nvfp4_ts):
+def _gptq_columns(W, U, fmt, B, g, sub, grouped, plain, up_front, col_group, nvfp4_ts, importance):
     """The column loop in torch: (values Q, codes C, loss per row, parameters) in processing
-    order. W (out, in) is updated in place."""
+    order. W (out, in) is updated in place. A group's parameters are fixed for g columns, a
+    column rounded with those of its sub-group of `sub` columns (sub == g but for GGUF)."""
     rows, cols = W.shape
     Q = torch.zeros_like(W)
     C = torch.zeros((rows, cols), dtype=fmt.dtype if plain else torch.uint8, device=W.device)
     dynamic = grouped and up_front is None
     dyn_params: list[GroupParams] = []
     loss = torch.zeros(rows, dtype=torch.float64, device=W.device)
-    step = zero = None
+    step = zero = p = None
     for i1 in range(0, cols, B):
         i2 = min(i1 + B, cols)
         W1 = W[:, i1:i2].clone()  # (out, b), updated in place
@@ -225,9 +233,9 @@ def _gptq_columns(W, U, fmt, B, g, grouped, plain, up_front, col_group, nvfp4_ts
                 step = zero = None
             elif dynamic:
                 if j % g == 0:  # first column of a group: parameters from the updated weights
-                    p = group_params(fmt, W1[:, i : i + g], tensor_scale=nvfp4_ts)
-                    step, zero = p.step, p.zero
+                    p = group_params(fmt, W1[:, i : i + g], tensor_scale=nvfp4_ts, importance=importance[j : j + g])
                     dyn_params.append(p)
+                step, zero = p.column((j % g) // sub)
             else:
                 k = int(col_group[j])
                 step, zero = up_front.column(k)

@@ -66,7 +66,8 @@ def write_report(run_dir: str | Path) -> Path:
         parts.append(_figures_table(ev))
 
     units = sens["units"]
-    low = sens["candidates"][0]
+    low = next((c for c in sens["candidates"] if any(o["option"] == c for u in units for o in u["options"])),
+               sens["candidates"][0])
     png = plots.sensitivity_bars(units, low, run / "sensitivity.png",
                                  f"sensitivity ({sens['method']}) per unit at {low}")
     parts += ["<h2>Sensitivity per unit</h2>", _img(png, "sensitivity per unit"),

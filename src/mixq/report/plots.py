@@ -3,6 +3,8 @@ path, writes one PNG, and returns the path."""
 
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 
 ROLE_COLORS = {
@@ -53,8 +55,8 @@ def _unit_bars(values: list[float], roles: list[str], path: Path, ylabel: str, t
 
 def sensitivity_bars(units: list[dict], option: str, path: Path, title: str) -> Path:
     """Estimated error of `option` per unit (log scale), units in model order, coloured by
-    projection type."""
-    errs = [max(next(o["error"] for o in u["options"] if o["option"] == option), 1e-30) for u in units]
+    projection type; a unit that cannot take the option (its shape) gets no bar."""
+    errs = [max(next((o["error"] for o in u["options"] if o["option"] == option), math.nan), 1e-30) for u in units]
     return _unit_bars(errs, [u["role"] for u in units], path, f"estimated error at {option}", title,
                       "unit (model order: blocks left to right)", log=True, height=3.6)
 

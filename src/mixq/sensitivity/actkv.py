@@ -138,6 +138,8 @@ class ActKVCollector:
         out = {}
         for o in self.act_options:
             wname = str(o.weight_only)
+            if wname not in weights:  # the weight format cannot hold this unit's shape
+                continue
             w_hat, qw = weights[wname]
             iq = input_quantizer(o.act, qw.transforms if qw is not None else None, unit.shape[1])
             if iq.needs_scale:

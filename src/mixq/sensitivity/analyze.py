@@ -186,6 +186,11 @@ def analyze_keeping(model: nn.Module | Walker, units: list[Unit], candidates: li
             for f in kv_formats:
                 uniform_kv(net, f)  # refuses a model without a KV cache, or a group not dividing the head
         _check_act_units(units, act_options)
+    stuck = [u for u in units if not any(o.supports(u.shape) is None for o in weight_options)]
+    if stuck:
+        raise MixqError(f"no candidate applies to unit(s) {', '.join(u.name for u in stuck[:3])}"
+                        f"{' and more' if len(stuck) > 3 else ''}: {weight_options[0].supports(stuck[0].shape)}; add a "
+                        "candidate that these shapes can take (e.g. q8_0 or int4:g64)")
     shaped = [o for o in weight_options if not o.is_plain]
     run_options = list(weight_options)
     names = {str(o) for o in weight_options}
@@ -244,14 +249,16 @@ def analyze_keeping(model: nn.Module | Walker, units: list[Unit], candidates: li
     records = []
     for u in units:
         errs = result["errors"][u.name]
+        skipped = {str(o): o.supports(u.shape) for o in options if o.supports(u.shape) is not None}
         bad = {o: e for o, e in errs.items() if not math.isfinite(e) or e < 0}
         if bad:
             raise DataError(f"unit {u.name!r}: method {method!r} gave non-finite or negative errors {bad}; "
                             "check the model and calibration data for NaN/inf")
         records.append(UnitSensitivity(
             u.name, u.kind, tuple(u.shape), u.role, u.block,
-            [{"option": str(o), "bits": int(o.bits(u.shape)), "error": float(errs[str(o)])} for o in options],
-            stats[u.name], result["info"].get(u.name, {}), u.index,
+            [{"option": str(o), "bits": int(o.bits(u.shape)), "error": float(errs[str(o)])} for o in options
+             if str(o) not in skipped],
+            stats[u.name], result["info"].get(u.name, {}), u.index, skipped,
         ))
     calibration = {"description": calib_description, **calibration_digest(calib)}
     if quantizer_warnings:  # option parts dropped for some units (e.g. +rotate on an odd input dim)

@@ -49,6 +49,7 @@ from mixq.progress import Progress, track
 from mixq.quantizers.smooth import output_error
 from mixq.sensitivity.activations import _Acc
 from mixq.sensitivity.actkv import ActKVCollector
+from mixq.sensitivity.context import unit_options
 from mixq.sensitivity.quantized import UnitQuantizer
 
 BLOCKWISE_METHODS = ("fisher", "output", "hutchinson")
@@ -260,7 +261,7 @@ class BlockwiseAnalysis:
             W32 = W.float()
             errs = {}
             made = {}  # weight option -> (ŵ as the model computes with it, QuantizedWeight | None)
-            for opt in self.options:
+            for opt in unit_options(self.options, u):
                 if opt.is_plain:
                     w_hat = opt.fmt.fake_quant(W32)
                     qw = None

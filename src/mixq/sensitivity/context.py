@@ -162,12 +162,17 @@ class Context:
             H = self.hessian(unit) if self.hessian is not None else None
             if H is not None:
                 H = H.to(w.device)
-            for opt in self.options:
+            for opt in unit_options(self.options, unit):
                 w_hat = self.quantize_fn(unit, w, opt)
                 dw = w_hat.float() - w.float()  # (out, in)
                 if H is not None:
                     self.output_errors[(unit.name, str(opt))] = output_error(dw, H)
                 yield opt, dw
+
+
+def unit_options(options: list[Option], unit: Unit) -> list[Option]:
+    """The options a unit can take (`Option.supports` its shape), in candidate order."""
+    return [o for o in options if o.supports(unit.shape) is None]
 
 
 def parse_candidates(candidates: list[str]) -> list[Option]:

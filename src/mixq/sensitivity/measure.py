@@ -25,7 +25,7 @@ from mixq.errors import MixqError
 from mixq.models.capture import BlockReplay, forward_logits
 from mixq.models.units import get_weight, set_weight
 from mixq.progress import track
-from mixq.sensitivity.context import Context
+from mixq.sensitivity.context import Context, unit_options
 
 METRICS = ("kl", "loss")
 
@@ -70,7 +70,7 @@ def measure(ctx: Context, batch_size: int = 4, metric: str | None = None, replay
                 w = get_weight(model, u).detach().clone()
                 errs, raw = {}, {}
                 try:
-                    for opt in ctx.options:
+                    for opt in unit_options(ctx.options, u):
                         set_weight(model, u, ctx.quantize_fn(u, w, opt))
                         total = 0.0
                         for i, b in enumerate(batches):

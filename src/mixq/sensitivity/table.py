@@ -41,21 +41,25 @@ class UnitSensitivity:
     stats: dict = field(default_factory=dict)
     info: dict = field(default_factory=dict)
     index: int | None = None
+    skipped: dict = field(default_factory=dict)  # candidate -> why the unit cannot take it
 
     @property
     def n_params(self) -> int:
         return self.shape[0] * self.shape[1]
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "kind": self.kind, "shape": list(self.shape), "n_params": self.n_params,
-                "role": self.role, "block": self.block, "index": self.index, "options": self.options,
-                "stats": self.stats, "info": self.info}
+        d = {"name": self.name, "kind": self.kind, "shape": list(self.shape), "n_params": self.n_params,
+             "role": self.role, "block": self.block, "index": self.index, "options": self.options,
+             "stats": self.stats, "info": self.info}
+        if self.skipped:
+            d["skipped"] = dict(self.skipped)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "UnitSensitivity":
         return cls(d["name"], d["kind"], (int(d["shape"][0]), int(d["shape"][1])), d["role"], int(d["block"]),
                    [{"option": o["option"], "bits": int(o["bits"]), "error": float(o["error"])} for o in d["options"]],
-                   dict(d.get("stats", {})), dict(d.get("info", {})), d.get("index"))
+                   dict(d.get("stats", {})), dict(d.get("info", {})), d.get("index"), dict(d.get("skipped", {})))
 
 
 @dataclass
@@ -96,8 +100,9 @@ class SensitivityTable:
 
     @property
     def units_info(self) -> list[dict]:
-        """Per unit: name, kind, shape, n_params, role, block, index, stats, info (no options)."""
-        return [{k: v for k, v in u.to_dict().items() if k != "options"} for u in self.units]
+        """Per unit: name, kind, shape, n_params, role, block, index, stats, info (no options,
+        no skipped candidates)."""
+        return [{k: v for k, v in u.to_dict().items() if k not in ("options", "skipped")} for u in self.units]
 
     def error(self, unit: str, option: str) -> float:
         for u in self.units:
