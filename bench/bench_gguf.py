@@ -122,8 +122,10 @@ def stage_mixq(work: Path, args, loaded, budgets: dict[str, float]) -> dict[str,
     else:
         log(f"mixq analysis: fisher, {len(CANDIDATES)} candidates, {args.calib} windows of wikitext2-valid")
         t0 = time.perf_counter()
-        table, cache = api.analyze_keeping(loaded, CANDIDATES, "fisher", None, args.calib, args.seqlen, 0, False,
-                                           False, None, "cpu", "float32", "none", None, keep=True)
+        table, cache = api.analyze_keeping(loaded, CANDIDATES, method="fisher", calib=None, samples=args.calib,
+                                           seqlen=args.seqlen, seed=0, include_head=False, measure_cost=False,
+                                           progress=None, device="cpu", dtype="float32", offload="none", config=None,
+                                           keep=True)
         table.save(sens)
         torch.save(cache, cache_file)
         log(f"analysis {time.perf_counter() - t0:.0f} s")
