@@ -385,6 +385,16 @@ def pick_config(m: int, layout: PackedLayout, n_sms: int = 132) -> KernelConfig:
     return KernelConfig("gemm", block_m, block_n, block_j, split, num_warps=warps, num_stages=stages)
 
 
+def checked_input(x: torch.Tensor, lay: PackedLayout) -> torch.Tensor:
+    """x as the matmul kernels take it: (M, in_features) float16/bfloat16 with unit column
+    stride (made contiguous if not); ValueError naming the shape or dtype otherwise."""
+    if x.dim() != 2 or x.shape[1] != lay.in_features:
+        raise ValueError(f"x must be (M, {lay.in_features}), got {tuple(x.shape)}")
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"x must be float16 or bfloat16, got {x.dtype}")
+    return x if x.stride(1) == 1 else x.contiguous()
+
+
 def check_supported(layout: PackedLayout) -> None:
     """Raise FormatError if the kernels cannot run this layout."""
     c_per_unit, w_per_unit = layout.codes_per_unit, layout.words_per_unit
@@ -403,12 +413,7 @@ def qmatmul(x: torch.Tensor, kw: KernelWeights, bias: torch.Tensor | None = None
     the weights' device; returns (M, N) in x's dtype (fp32 accumulation)."""
     lay = kw.layout
     check_supported(lay)
-    if x.dim() != 2 or x.shape[1] != lay.in_features:
-        raise ValueError(f"x must be (M, {lay.in_features}), got {tuple(x.shape)}")
-    if x.dtype not in (torch.float16, torch.bfloat16):
-        raise ValueError(f"x must be float16 or bfloat16, got {x.dtype}")
-    if x.stride(1) != 1:
-        x = x.contiguous()
+    x = checked_input(x, lay)
     m, n = x.shape[0], lay.out_features
     cfg = config or pick_config(m, lay, _sm_count(x.device))
     n_units = lay.n_units

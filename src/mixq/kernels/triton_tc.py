@@ -40,7 +40,7 @@ import triton.language as tl
 
 from mixq.errors import FormatError
 from mixq.kernels.packed import KernelWeights, PackedLayout
-from mixq.kernels.triton_qmm import _SCALE_MODE_ID, _VALUE_MODE_ID, _scale, _sm_count
+from mixq.kernels.triton_qmm import _SCALE_MODE_ID, _VALUE_MODE_ID, _scale, _sm_count, checked_input
 
 # byte k of two int32 words a, b -> (a.k, a.k, b.k, b.k): prmt selectors per k
 _PRMT_SEL = (0x4400, 0x5511, 0x6622, 0x7733)
@@ -484,12 +484,7 @@ def qmatmul(x: torch.Tensor, kw: KernelWeights, bias: torch.Tensor | None = None
     (M, N) in x's dtype (fp32 accumulation). Under TRITON_INTERPRET=1 CPU tensors work too."""
     lay = kw.layout
     check_supported(lay)
-    if x.dim() != 2 or x.shape[1] != lay.in_features:
-        raise ValueError(f"x must be (M, {lay.in_features}), got {tuple(x.shape)}")
-    if x.dtype not in (torch.float16, torch.bfloat16):
-        raise ValueError(f"x must be float16 or bfloat16, got {x.dtype}")
-    if x.stride(1) != 1:
-        x = x.contiguous()
+    x = checked_input(x, lay)
     m, n = x.shape[0], lay.out_features
     cfg = config or pick_config(m, lay, _sm_count(x.device))
     post = cfg.post and post_scale_ok(lay, cfg.block_j)
