@@ -12,7 +12,7 @@ from mixq.accounting import bit_totals, kv_totals
 from mixq.artifacts import sha256_text
 from mixq.errors import DataError, MixqError
 from mixq.models import DEFAULT_MODEL, LoadedModel, get_weight, load_model
-from mixq.models.support import context_length
+from mixq.models.calibration import IMAGE_CALIBRATION, calibration_data, calibration_inputs, check_window  # noqa: F401
 from mixq.option import CalibConfig, parse_option
 from mixq.plan import Plan
 from mixq.progress import Progress
@@ -144,13 +144,6 @@ def check_requests(options=(), tasks=()) -> None:
         raise NotFoundError(f"unknown task(s) {', '.join(map(repr, unknown))}; known tasks: {', '.join(TASK_NAMES)}")
 
 
-def check_window(loaded: LoadedModel, seqlen: int, what: str) -> None:
-    """Refuse windows longer than the model's context, naming the limit."""
-    from mixq.data import check_context
-
-    check_context(seqlen, context_length(loaded.model), what)
-
-
 def _needs_calibration(plan: Plan) -> bool:
     return any(o.needs_calibration for o in plan.options.values())
 
@@ -278,48 +271,6 @@ def _describe(plan: Plan) -> str:
 
 FRONTIER_SCHEMA = 1
 DEFAULT_CANDIDATES = ("int2:g64", "int3:g64", "int4:g64", "int8:ch")
-
-
-IMAGE_CALIBRATION = "cifar10-calib"
-
-
-def calibration_data(loaded: LoadedModel, calib: str | None = None, samples: int = 8, seqlen: int = 512,
-                     seed: int = 0):
-    """Calibration inputs and a description: random token windows of a calibration text
-    (causal LMs; default `wikitext2-valid`), or for image classifiers an (images, labels)
-    pair of `samples` images drawn at random (`seed`) from the CIFAR-10 calibration half,
-    `cifar10-calib` (the only image calibration set: the other half evaluates). The draw
-    is random because the half is stored class by class (its first 500 images are all
-    airplanes); it is returned in ascending index order."""
-    if loaded.kind == "causal_lm":
-        from mixq.data import DEFAULT_CALIBRATION, bos_of, calibration_windows
-
-        check_window(loaded, seqlen, "calibration seqlen")
-        name = calib or DEFAULT_CALIBRATION
-        ids = calibration_windows(loaded.encode, name, seqlen=seqlen, n_samples=samples, seed=seed)
-        bos = "" if bos_of(loaded.encode) is None else ", each after the tokenizer's BOS"
-        return ids, f"{name}: {samples} random windows x {seqlen} tokens{bos}, seed {seed}"
-    import torch
-
-    from mixq.data import load_cifar10
-
-    if calib not in (None, IMAGE_CALIBRATION):
-        raise DataError(f"calibration {calib!r} for image model {loaded.name}: image models calibrate on "
-                        f"{IMAGE_CALIBRATION!r}, the calibration half of the CIFAR-10 test images (the other "
-                        "half is for evaluation)")
-    if samples < 1:
-        raise DataError(f"calibration samples must be positive, got {samples}")
-    images, labels = load_cifar10("calib")
-    n = min(samples, images.shape[0])
-    pick = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(int(seed)))[:n].sort().values
-    return ((images[pick], labels[pick]),
-            f"{IMAGE_CALIBRATION}: {n} of {images.shape[0]} images drawn at random, seed {seed}")
-
-
-def calibration_inputs(data):
-    """What `mixq.apply.quantize_model` takes from `calibration_data`'s result: the token windows, or
-    the images of an (images, labels) pair."""
-    return data[0] if isinstance(data, tuple) else data
 
 
 def analyze(model: str | LoadedModel = DEFAULT_MODEL, candidates=DEFAULT_CANDIDATES, method: str = "fisher",
