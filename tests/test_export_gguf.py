@@ -136,6 +136,23 @@ def test_export_refuses_what_gguf_cannot_hold(tiny_loaded, tmp_path):
     assert not (tmp_path / "m.gguf").exists()
 
 
+def test_export_cli_refuses_options_of_the_other_target(tiny_loaded, tmp_path, capsys):
+    """`mixq export` takes --dtype for compressed-tensors and --float-type/--metadata-from/
+    --tokenizer-pre for gguf; the wrong pairing is refused before anything is written."""
+    from mixq.cli import main
+
+    api.quantize(tiny_loaded, tmp_path / "ck", plan=Plan.uniform("tiny", tiny_loaded.units(), "q4_0"))
+    assert main(["-q", "export", str(tmp_path / "ck"), "--to", "gguf", "--dtype", "float16",
+                 "-o", str(tmp_path / "m.gguf")]) == 2
+    assert "--dtype: an option of --to compressed-tensors" in capsys.readouterr().err
+    assert main(["-q", "export", str(tmp_path / "ck"), "--to", "compressed-tensors", "--float-type", "f32",
+                 "-o", str(tmp_path / "ct")]) == 2
+    assert "--float-type: options of --to gguf" in capsys.readouterr().err
+    assert not (tmp_path / "m.gguf").exists() and not (tmp_path / "ct").exists()
+    assert main(["-q", "export", str(tmp_path / "ck"), "--to", "gguf", "-o", str(tmp_path / "m.gguf")]) == 0
+    assert "run it: llama-cli -m" in capsys.readouterr().out and (tmp_path / "m.gguf").stat().st_size > 0
+
+
 def test_export_writes_the_checkpoint_codes_as_llama_cpp_blocks(gguf_loaded, tmp_path):
     units = gguf_loaded.units()
     plan = mixed_plan(units)

@@ -384,9 +384,9 @@ def plan(table, budget_bpw: float | None, *, solver: str = "ilp", max_bytes: int
     "compressed-tensors" keeps only the candidates `export.ct_schema` maps onto a scheme and
     ties q/k/v and gate/up (what it dropped lands in the plan's `meta["target"]`); "gguf"
     offers each unit only the GGUF types its shape can take (`mixq.export.targets`), so the
-    plan exports as it is; a unit left with no candidate is refused by name. Returns (plan, frontier) where frontier is a
-    list of points (empty unless `frontier_points` > 0): estimated error against bits, each
-    with its explicit choice."""
+    plan exports as it is; a unit left with no candidate is refused by name. Returns (plan,
+    frontier) where frontier is a list of points (empty unless `frontier_points` > 0):
+    estimated error against bits, each with its explicit choice."""
     from mixq.planner import make_frontier, make_plan
     from mixq.sensitivity import SensitivityTable
 
