@@ -153,6 +153,21 @@ def test_export_cli_refuses_options_of_the_other_target(tiny_loaded, tmp_path, c
     assert "run it: llama-cli -m" in capsys.readouterr().out and (tmp_path / "m.gguf").stat().st_size > 0
 
 
+def test_export_refuses_an_architecture_it_does_not_write(char_encode, tmp_path):
+    """A Qwen2 checkpoint (q/k/v biases, `qwen2` in llama.cpp) is refused by name, not written
+    as a Llama file that llama.cpp would run wrongly."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=256)
+    loaded = LoadedModel("qwen", "causal_lm", Qwen2ForCausalLM(cfg).eval(), "fixture", encode=char_encode)
+    api.quantize(loaded, tmp_path / "ck", plan=Plan.uniform("qwen", loaded.units(), "q4_0"))
+    with pytest.raises(MixqError, match=r"GGUF export writes the Llama architecture; this model is 'qwen2'"):
+        api.export(tmp_path / "ck", tmp_path / "m.gguf", to="gguf")
+    assert not (tmp_path / "m.gguf").exists()
+
+
 def test_export_writes_the_checkpoint_codes_as_llama_cpp_blocks(gguf_loaded, tmp_path):
     units = gguf_loaded.units()
     plan = mixed_plan(units)
