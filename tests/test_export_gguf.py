@@ -151,6 +151,9 @@ def test_export_cli_refuses_options_of_the_other_target(tiny_loaded, tmp_path, c
     assert not (tmp_path / "m.gguf").exists() and not (tmp_path / "ct").exists()
     assert main(["-q", "export", str(tmp_path / "ck"), "--to", "gguf", "-o", str(tmp_path / "m.gguf")]) == 0
     assert "run it: llama-cli -m" in capsys.readouterr().out and (tmp_path / "m.gguf").stat().st_size > 0
+    from mixq import cli
+
+    assert tuple(cli.EXPORT_TARGETS) == api.EXPORT_TARGETS  # the command line offers what the API writes
 
 
 def test_export_refuses_an_architecture_it_does_not_write(char_encode, tmp_path):

@@ -428,7 +428,9 @@ def plan(table, budget_bpw: float | None, *, solver: str = "ilp", max_bytes: int
     return the_plan, curve
 
 
-PLAN_TARGETS = ("compressed-tensors", "gguf")
+# The runtime formats mixq writes: `export(to=...)` and `plan(target=...)` take the same names
+# (the command line lists them too, in `cli.EXPORT_TARGETS`, without importing this module).
+EXPORT_TARGETS = ("gguf", "compressed-tensors")
 
 
 def _restrict_to_target(target: str, rows, info, keep, ties):
@@ -446,7 +448,7 @@ def _restrict_to_target(target: str, rows, info, keep, ties):
 
         kept = restrict_rows(rows, info, target, keep)
         return kept, ties, {"name": target, "candidate_rows_dropped": len(rows) - len(kept)}
-    raise ExportError(f"--target {target!r}: expected one of {', '.join(PLAN_TARGETS)}")
+    raise ExportError(f"--target {target!r}: expected one of {', '.join(EXPORT_TARGETS)}")
 
 
 def llama_quantize_args(the_plan: Plan, embedding_type: str = "f16") -> list[str]:
@@ -544,9 +546,6 @@ def export_compressed_tensors(checkpoint: str | Path, out_dir: str | Path, *, dt
     from mixq.export.compressed_tensors import export_compressed_tensors as write
 
     return write(checkpoint, out_dir, dtype=dtype, overwrite=overwrite, progress=progress)
-
-
-EXPORT_TARGETS = ("gguf", "compressed-tensors")
 
 
 def export(checkpoint: str | Path, out: str | Path, *, to: str = "gguf", float_type: str = "f16",

@@ -378,7 +378,7 @@ def cmd_quantize(args) -> int:
     return 0
 
 
-EXPORT_TARGETS = ["gguf", "compressed-tensors"]
+EXPORT_TARGETS = ["gguf", "compressed-tensors"]  # = api.EXPORT_TARGETS (tested); kept here so --help loads no api
 
 
 def cmd_export(args) -> int:
