@@ -2,8 +2,8 @@
 their configs (nobody downloads weights), on the GPU, with the decoder blocks offloaded to
 host memory (one block on the GPU at a time).
 
-    # Llama-3-8B shape: mixq run at two budgets, quantize the lower plan (GPTQ, 128 x 2048
-    # calibration tokens), evaluate the checkpoint; plus one float forward+backward of the
+    # Llama-3-8B shape: a Fisher-only analysis, mixq run at two budgets, quantize the lower plan
+    # (GPTQ, 128 x 2048 calibration tokens), evaluate the checkpoint; plus one float forward+backward of the
     # resident model over the analysis' calibration set (the unit of analysis cost)
     PYTHONPATH=src MIXQ_DATA_DIR=<data> python bench/bench_scale.py 8b --layers 32 --out OUT
     # Llama-3-70B width: analyze and quantize with 4, 8, 16 blocks (memory flat, time linear)
@@ -89,7 +89,7 @@ def fwd_bwd_reference(folder: Path, samples: int, seqlen: int) -> dict:
     from mixq.models import load_model
     from mixq.sensitivity import fwd_bwd_seconds
 
-    loaded = load_model(str(folder), device="cuda", offload="none")
+    loaded = load_model(str(folder), device="auto", offload="none")
     data, _ = api.calibration_data(loaded, None, samples, seqlen, 0)
     fwd_bwd_seconds(loaded.model, data[:1], batch_size=1)  # warm-up
     s = fwd_bwd_seconds(loaded.model, data, batch_size=1)
@@ -104,6 +104,16 @@ def run_8b(a, out: Path, work: Path, data: Path) -> dict:
     res["build"] = build(a.shape, a.layers[0], folder, data)
     print(json.dumps({"build": res["build"]}), flush=True)
     place = ["--offload", a.offload]
+    if a.fisher_candidates:
+        # The Fisher analysis alone (round-to-nearest candidates: no GPTQ inside it), streamed
+        # block by block as in `mixq run`, to compare with one float forward+backward.
+        sens = work / "sens8b.json"
+        res["analyze_s"] = mixq(["analyze", str(folder), "--candidates", a.fisher_candidates, "--samples",
+                                 str(a.samples), "--seqlen", str(a.seqlen), "-o", str(sens), *place],
+                                out / "analyze.log")
+        res["analyze"] = {"analysis_s": _analysis_from_log(out / "analyze.log"),
+                          "peak_gib": _peak_from_log(out / "analyze.log")}
+        print(json.dumps({"analyze": res["analyze"], "analyze_s": res["analyze_s"]}), flush=True)
     cands = a.candidates
     run_dir = work / "run8b"
     if run_dir.exists():
@@ -135,8 +145,15 @@ def run_8b(a, out: Path, work: Path, data: Path) -> dict:
     print(json.dumps({"eval": res["eval"], "eval_s": res["eval_s"]}), flush=True)
     if a.reference:
         res["reference"] = fwd_bwd_reference(folder, a.samples, a.seqlen)
-        res["analysis_over_fwd_bwd"] = res["run"]["analysis_s"] / res["reference"]["fwd_bwd_s"]
-        print(json.dumps({"reference": res["reference"]}), flush=True)
+        fb = res["reference"]["fwd_bwd_s"]
+        res["run_analysis_over_fwd_bwd"] = res["run"]["analysis_s"] / fb
+        if res.get("analyze", {}).get("analysis_s"):
+            res["fisher_over_fwd_bwd"] = res["analyze"]["analysis_s"] / fb
+        print(json.dumps({k: res.get(k) for k in ("reference", "run_analysis_over_fwd_bwd", "fisher_over_fwd_bwd")}),
+              flush=True)
+    if a.cleanup:
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(ckpt, ignore_errors=True)
     return res
 
 
@@ -157,12 +174,22 @@ def run_70b(a, out: Path, work: Path, data: Path) -> dict:
         doc = json.loads((ckpt / "mixq.json").read_text())
         point["quantize_peak_gib"] = gib(doc["run"].get("peak_device_bytes"))
         point["analyze_peak_gib"] = _peak_from_log(out / f"analyze{layers}.log")
+        point["analysis_s"] = _analysis_from_log(out / f"analyze{layers}.log")
+        point["quantize_inner_s"] = doc["run"].get("quantize_s")
         point["n_units"] = len(tab["units"])
         print(json.dumps(point), flush=True)
         res["points"].append(point)
         shutil.rmtree(folder, ignore_errors=True)
         shutil.rmtree(ckpt, ignore_errors=True)
     return res
+
+
+def _analysis_from_log(log: Path) -> float | None:
+    """The analysis' own wall seconds, as `mixq analyze` prints them ("analysis 77.7 s ...")."""
+    for line in open(log):
+        if line.startswith("analysis ") and " s" in line:
+            return float(line.split()[1])
+    return None
 
 
 def _peak_from_log(log: Path) -> float | None:
@@ -180,6 +207,9 @@ def main() -> None:
                    "for 70b) instead of the whole pipeline")
     p.add_argument("--budgets", default="4.25,3.25")
     p.add_argument("--candidates", default="int3:g128,int4:g128,int8:ch,int3:g128+gptq+rotate,int4:g128+gptq+rotate")
+    p.add_argument("--fisher-candidates", default="int3:g128,int4:g128,int8:ch",
+                   help="8b: a Fisher-only `mixq analyze` over these first ('' to skip)")
+    p.add_argument("--cleanup", action="store_true", help="8b: delete the model and checkpoint at the end")
     p.add_argument("--quantize-format", default="int4:g128+gptq")
     p.add_argument("--samples", type=int, default=8, help="analysis calibration windows")
     p.add_argument("--seqlen", type=int, default=512)
