@@ -107,12 +107,8 @@ def run_8b(a, out: Path, work: Path, data: Path) -> dict:
     if a.fisher_candidates:
         # The Fisher analysis alone (round-to-nearest candidates: no GPTQ inside it), streamed
         # block by block as in `mixq run`, to compare with one float forward+backward.
-        sens = work / "sens8b.json"
-        res["analyze_s"] = mixq(["analyze", str(folder), "--candidates", a.fisher_candidates, "--samples",
-                                 str(a.samples), "--seqlen", str(a.seqlen), "-o", str(sens), *place],
-                                out / "analyze.log")
-        res["analyze"] = {"analysis_s": _analysis_from_log(out / "analyze.log"),
-                          "peak_gib": _peak_from_log(out / "analyze.log")}
+        res["analyze_s"], res["analyze"] = analyze(a, folder, a.fisher_candidates, work / "sens8b.json",
+                                                   out / "analyze.log")
         print(json.dumps({"analyze": res["analyze"], "analyze_s": res["analyze_s"]}), flush=True)
     cands = a.candidates
     run_dir = work / "run8b"
@@ -164,8 +160,7 @@ def run_70b(a, out: Path, work: Path, data: Path) -> dict:
         folder = work / f"llama{a.shape}w-{layers}"
         point = {"layers": layers, "build": build(a.shape, layers, folder, data)}
         sens = work / f"sens70b-{layers}.json"
-        point["analyze_s"] = mixq(["analyze", str(folder), "--candidates", a.candidates, "--samples", str(a.samples),
-                                   "--seqlen", str(a.seqlen), "-o", str(sens), *place], out / f"analyze{layers}.log")
+        point["analyze_s"], analysis = analyze(a, folder, a.candidates, sens, out / f"analyze{layers}.log")
         tab = json.loads(sens.read_text())
         ckpt = work / f"ckpt70b-{layers}"
         point["quantize_s"] = mixq(["quantize", str(folder), "--format", a.quantize_format, "--calib-samples",
@@ -173,8 +168,8 @@ def run_70b(a, out: Path, work: Path, data: Path) -> dict:
                                     "--overwrite", *place], out / f"quantize{layers}.log")
         doc = json.loads((ckpt / "mixq.json").read_text())
         point["quantize_peak_gib"] = gib(doc["run"].get("peak_device_bytes"))
-        point["analyze_peak_gib"] = _peak_from_log(out / f"analyze{layers}.log")
-        point["analysis_s"] = _analysis_from_log(out / f"analyze{layers}.log")
+        point["analyze_peak_gib"] = analysis["peak_gib"]
+        point["analysis_s"] = analysis["analysis_s"]
         point["quantize_inner_s"] = doc["run"].get("quantize_s")
         point["n_units"] = len(tab["units"])
         print(json.dumps(point), flush=True)
@@ -184,19 +179,19 @@ def run_70b(a, out: Path, work: Path, data: Path) -> dict:
     return res
 
 
-def _analysis_from_log(log: Path) -> float | None:
-    """The analysis' own wall seconds, as `mixq analyze` prints them ("analysis 77.7 s ...")."""
+def analyze(a, folder: Path, candidates: str, sens: Path, log: Path) -> tuple[float, dict]:
+    """`mixq analyze` (Fisher, --samples x --seqlen, blocks placed by --offload) into `sens`:
+    its process wall seconds, and the analysis' own seconds and peak GPU GiB as it prints them
+    ("analysis 77.7 s ...", "peak cuda memory 5.76 GiB")."""
+    wall = mixq(["analyze", str(folder), "--candidates", candidates, "--samples", str(a.samples),
+                 "--seqlen", str(a.seqlen), "-o", str(sens), "--offload", a.offload], log)
+    found = {"analysis_s": None, "peak_gib": None}
     for line in open(log):
-        if line.startswith("analysis ") and " s" in line:
-            return float(line.split()[1])
-    return None
-
-
-def _peak_from_log(log: Path) -> float | None:
-    for line in open(log):
-        if line.startswith("peak ") and "GiB" in line:
-            return float(line.split("memory")[1].split("GiB")[0])
-    return None
+        if found["analysis_s"] is None and line.startswith("analysis ") and " s" in line:
+            found["analysis_s"] = float(line.split()[1])
+        elif found["peak_gib"] is None and line.startswith("peak ") and "GiB" in line:
+            found["peak_gib"] = float(line.split("memory")[1].split("GiB")[0])
+    return wall, found
 
 
 def main() -> None:
