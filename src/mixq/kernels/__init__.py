@@ -6,8 +6,10 @@
 `qmatmul` runs, on a CUDA device with a bf16/fp16 input, the kernel `route` names for the
 layout and the batch (rows of x):
 
-* "cuda_gemv": the hand-written CUDA GEMV (`cuda_gemv`, built on first use) for int4 layouts
-  at batch <= `CUDA_GEMV_MAX_BATCH`;
+* "cuda_gemv": the hand-written CUDA GEMV (`cuda_gemv`, built on first use) for int4 and
+  3-bit layouts at batch <= `CUDA_GEMV_MAX_BATCH`;
+* "cuda_tc": the hand-written CUDA tensor-core GEMM (`cuda_gemv.gemm`, same extension) for
+  int4 layouts above that batch;
 * "tc": the Triton tensor-core kernel (`triton_tc`) for the layouts it takes (1, 2, 4,
   8-bit codes and the split 3-bit layout), above the batch sizes where the older kernels
   measured faster (`_OLD_KERNEL_MAX_BATCH`);
@@ -15,7 +17,7 @@ layout and the batch (rows of x):
   those batch sizes and for the remaining layouts (6-bit codes, other multi-word units);
 
 and otherwise the pure-torch reference (`packed.reference_matmul`: dequantize, then one
-matmul), which every kernel is tested against. MIXQ_KERNEL=cuda_gemv|tc|triton|reference
+matmul), which every kernel is tested against. MIXQ_KERNEL=cuda_gemv|cuda_tc|tc|triton|reference
 forces one path where it applies (for benchmarks). Importing this package never needs
 Triton, nvcc or a GPU.
 """
@@ -33,7 +35,7 @@ from mixq.kernels.packed import (KernelWeights, PackedLayout, dequantize, pack_c
 from mixq.kernels import cuda_gemv  # noqa: E402  (after packed, which it imports)
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
-ROUTES = ("cuda_gemv", "tc", "triton", "reference")
+ROUTES = ("cuda_gemv", "cuda_tc", "tc", "triton", "reference")
 # Batch sizes up to which the CUDA int4 GEMV beats the tensor-core kernel (H200 sweep,
 # bench/KERNEL_NOTES.md); above it the tensor-core kernel takes int4 too.
 CUDA_GEMV_MAX_BATCH = 8
@@ -63,6 +65,10 @@ def route(kw: KernelWeights, x: torch.Tensor) -> str:
     if forced in (None, "cuda_gemv") and kw.codes.is_cuda and cuda_gemv.preferred(kw.layout, x):
         if forced == "cuda_gemv" or m <= CUDA_GEMV_MAX_BATCH:
             return "cuda_gemv"
+    if forced == "cuda_tc" and kw.codes.is_cuda and cuda_gemv.gemm_available(kw.layout, x):
+        return "cuda_tc"
+    if forced is None and m > CUDA_GEMV_MAX_BATCH and kw.codes.is_cuda and cuda_gemv.gemm_preferred(kw.layout, x):
+        return "cuda_tc"
     if forced == "reference" or not _triton_ok(x, kw):
         return "reference"
     from mixq.kernels import triton_qmm, triton_tc
@@ -89,8 +95,9 @@ def qmatmul(x: torch.Tensor, kw: KernelWeights, bias: torch.Tensor | None = None
     x2 = x.reshape(-1, x.shape[-1])
     path = route(kw, x2)
     y = None
-    if path == "cuda_gemv":
-        y = cuda_gemv.qmatmul(x2, kw, bias)  # None if the extension could not be built
+    if path in ("cuda_gemv", "cuda_tc"):
+        # None if the extension could not be built
+        y = cuda_gemv.qmatmul(x2, kw, bias) if path == "cuda_gemv" else cuda_gemv.gemm(x2, kw, bias)
         if y is None:
             path = "tc" if _triton_ok(x2, kw) else "reference"
     if path == "tc":

@@ -1,8 +1,17 @@
-"""Hand-written CUDA GEMV for int4 and 3-bit weights at batch 1..8, on mixq's packed layout as
-it is.
+"""Hand-written CUDA kernels for int4 and 3-bit weights on mixq's packed layout as it is: a GEMV
+for batch 1..8 and a tensor-core GEMM for int4 at any batch.
 
     if cuda_gemv.supports(kw.layout, x):      # int4 / int3 (sym or asym), fp16 group scales, M <= 8
         y = cuda_gemv.qmatmul(x, kw, bias)    # None if the extension could not be built
+    if cuda_gemv.gemm_supports(kw.layout, x): # int4 (sym or asym), fp16 group scales, any M
+        y = cuda_gemv.gemm(x, kw, bias)       # None if the extension could not be built
+
+The GEMM (`csrc/gemm_int4.cu`) gives each lane the GEMV's work on kT tiles of 8 activation rows:
+a weight is decoded once into (code - zero) * scale in x's dtype and feeds kT mma.m16n8k16
+products; the warps of a block take consecutive 16-row weight tiles over the same K slice (the
+activations they read are shared in L1); split K goes through a workspace in fragment order and
+the last block of a tile to arrive sums the slices (one launch, no atomics on the data,
+deterministic).
 
 3-bit codes (the split layout of `kernels.packed`) run `gemv_int3`: 512-input chunks (each
 lane loads 16 bytes of each of the three planes), pairs of codes 16 bits apart decoded by a
@@ -41,8 +50,8 @@ from mixq.kernels.packed import KernelWeights, PackedLayout
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = ("gemv_int4.cpp", "gemv_int4.cu")
-HEADERS = ("gemv_int4.h",)
+SOURCES = ("gemv_int4.cpp", "gemv_int4.cu", "gemm_int4.cu")
+HEADERS = ("gemv_int4.h", "common.cuh")
 MAX_BATCH = 8
 
 _lock = threading.Lock()
@@ -58,6 +67,18 @@ class GemvConfig:
     row_tiles: int = 1
     unroll: int = 1
     warps: int = 4
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """Launch shape of the tensor-core GEMM: 16-row weight tiles per warp (1, 2), 8-row
+    activation tiles per block (1, 2, 4, 8; further rows go to further blocks), warps per
+    block (1..8, each on its own rows), and K slices (split-K blocks per output tile)."""
+
+    row_tiles: int = 1
+    n_tiles: int = 2
+    warps: int = 4
+    split: int = 1
 
 
 def build_error() -> str | None:
@@ -187,3 +208,113 @@ def qmatmul(x: torch.Tensor, kw: KernelWeights, bias: torch.Tensor | None = None
     pre_scale = lay.group_size < 128 and lay.group_size < lay.in_features
     return ext.gemv_int4(x, kw.codes, kw.scales, kw.zeros, bias, out, lay.group_size, lay.code_offset,
                          pre_scale, cfg.row_tiles, cfg.unroll, cfg.warps)
+
+
+# --------------------------------------------------------------------------- tensor-core GEMM
+
+GEMM_MAX_BATCH = 1 << 20
+
+
+def gemm_layout_supported(layout: PackedLayout) -> bool:
+    """int4 codes (in_features a multiple of 32), integer grid, float16 scales, no tensor scale,
+    power-of-two groups >= 32 or one group per row."""
+    return layout.bits == 4 and layout_supported(layout)
+
+
+def gemm_supports(layout: PackedLayout, x: torch.Tensor) -> bool:
+    """True when the tensor-core GEMM can take `x` (2-D bf16/fp16 on CUDA) with this layout."""
+    return (x.is_cuda and x.dim() == 2 and x.shape[0] >= 1 and x.dtype in (torch.float16, torch.bfloat16)
+            and gemm_layout_supported(layout))
+
+
+def pick_gemm_config(m: int, layout: PackedLayout, n_sms: int = 132) -> GemmConfig:
+    """Activation tiles to cover the batch (up to 64 rows per block), one 16-row weight tile per
+    warp and 4 warps (2 row tiles when 32 or more activation rows share them), and split K
+    until there are about 4 blocks per SM, every slice keeping at least 4 chunks of 128 inputs."""
+    n, k = layout.out_features, layout.in_features
+    n_tiles = 1
+    while n_tiles < 8 and 8 * n_tiles < m:
+        n_tiles *= 2
+    row_tiles = 2 if n_tiles >= 4 else 1
+    warps = 4
+    tiles = -(-n // (16 * row_tiles * warps)) * -(-m // (8 * n_tiles))
+    chunks = -(-k // 128)
+    split = 1
+    while tiles * split * 2 <= 4 * n_sms and chunks >= 4 * split * 2:
+        split *= 2
+    return GemmConfig(row_tiles=row_tiles, n_tiles=n_tiles, warps=warps, split=split)
+
+
+def gemm_available(layout: PackedLayout, x: torch.Tensor) -> bool:
+    """Whether the tensor-core GEMM can run here: supported, the extension's build has not
+    failed, and neither MIXQ_CUDA_GEMM=0 nor MIXQ_CUDA_GEMV=0 (the whole extension) is set."""
+    return (os.environ.get("MIXQ_CUDA_GEMM", "1") != "0" and os.environ.get("MIXQ_CUDA_GEMV", "1") != "0"
+            and _error is None and gemm_supports(layout, x))
+
+
+def gemm_preferred(layout: PackedLayout, x: torch.Tensor) -> bool:
+    """Whether `kernels.qmatmul` takes the tensor-core GEMM above the GEMV's batch sizes: where
+    it measured faster than the Triton tensor-core kernel on the H200 (bench/bench_gemm.py,
+    2026-11-30): int4 with groups under 64 inputs (g32 at batch 16: 22.9 vs 205 µs)."""
+    return gemm_available(layout, x) and layout.group_size < 64
+
+
+class _Workspace:
+    """Per-device split-K workspace (fp32, any contents) and per-tile counters (zero between
+    calls: the kernel resets them). Grown on demand; a replaced buffer is kept alive, since a
+    captured CUDA graph may still use it. Calls on one device share it, so they must not run
+    concurrently on several streams."""
+
+    def __init__(self):
+        self.buffers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.retired: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def get(self, device: torch.device, floats: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+        key = str(device)
+        cur = self.buffers.get(key)
+        if cur is not None and cur[0].numel() >= floats and cur[1].numel() >= tiles:
+            return cur
+        if torch.cuda.is_current_stream_capturing():  # no allocation outside the graph's pool
+            return (torch.empty(floats, dtype=torch.float32, device=device),
+                    torch.zeros(tiles, dtype=torch.int32, device=device))
+        if cur is not None:
+            self.retired.append(cur)
+            floats, tiles = max(floats, cur[0].numel()), max(tiles, cur[1].numel())
+        cur = (torch.empty(floats, dtype=torch.float32, device=device), torch.zeros(tiles, dtype=torch.int32, device=device))
+        self.buffers[key] = cur
+        return cur
+
+
+_WS = _Workspace()
+
+
+def gemm(x: torch.Tensor, kw: KernelWeights, bias: torch.Tensor | None = None, config: GemmConfig | None = None,
+         out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """`x @ dequant(W)^T (+ bias)` on the tensor cores for x of shape (M, in_features), any M,
+    bf16 or fp16, in x's dtype (fp32 accumulation; each weight rounded once to x's dtype).
+    Returns None when the extension is unavailable (the caller falls back); raises ValueError
+    for inputs `gemm_supports` rejects."""
+    lay = kw.layout
+    if not gemm_supports(lay, x) or x.shape[1] != lay.in_features:
+        raise ValueError(f"cuda_gemv.gemm takes (M, {lay.in_features}) bf16/fp16 CUDA input and int4 "
+                         f"fp16-scale layouts; got {tuple(x.shape)} {x.dtype} for {lay.fmt}")
+    ext = extension()
+    if ext is None:
+        return None
+    if x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:
+        x = x.clone(memory_format=torch.contiguous_format)
+    if bias is not None:
+        bias = bias.to(x.dtype).contiguous()
+    m, n, k = x.shape[0], lay.out_features, lay.in_features
+    cfg = config or pick_gemm_config(m, lay, _sm_count(x.device))
+    chunks = -(-k // 128)
+    split = max(1, min(cfg.split, chunks))
+    per = -(-chunks // split)  # the extension slices K the same way
+    used = -(-chunks // per)
+    if used > 1:
+        tiles = -(-n // (16 * cfg.row_tiles * cfg.warps)) * -(-m // (8 * cfg.n_tiles))
+        ws, cnt = _WS.get(x.device, used * tiles * cfg.warps * cfg.row_tiles * cfg.n_tiles * 128, tiles)
+    else:
+        ws = cnt = kw.codes  # unused
+    return ext.gemm_int4(x, kw.codes, kw.scales, kw.zeros, bias, out, ws, cnt, lay.group_size, lay.code_offset,
+                         cfg.row_tiles, cfg.n_tiles, cfg.warps, split)

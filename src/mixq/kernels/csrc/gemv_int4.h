@@ -34,3 +34,22 @@ cudaError_t gemv_int4_launch(const GemvInt4Params& p, bool bf16, bool pre_scale,
 // row), k a multiple of 128, group_size a power of two >= 32; the weights are always formed as
 // (code - zero) * scale in x's dtype before the tensor-core product. warps: per block (1..16).
 cudaError_t gemv_int3_launch(const GemvInt4Params& p, bool bf16, int warps, cudaStream_t stream);
+
+// Tensor-core GEMM for int4 codes at any batch (gemm_int4.cu). b: as for the GEMV (any m >= 1;
+// group_size a power of two >= 32 or one group per row). Split K: gridDim.y = split slices of
+// chunks_per_split 128-input chunks each; with split > 1, ws holds split * tiles * warps *
+// row_tiles * n_tiles * 128 floats (any contents) and cnt `tiles` ints that are zero before the
+// call and are zero again after it (gemm_int4_tiles gives tiles).
+struct GemmInt4Params {
+  GemvInt4Params b;
+  float* ws;
+  int* cnt;
+  int chunks_per_split;
+};
+
+// row_tiles: 16-row weight tiles per warp (1, 2); n_tiles: 8-row activation tiles per block
+// (1, 2, 4, 8; more activation rows go to further blocks); warps per block (1..8), each on its
+// own row tiles of the same K slice.
+cudaError_t gemm_int4_launch(const GemmInt4Params& p, bool bf16, int row_tiles, int n_tiles, int warps, int split,
+                             cudaStream_t stream);
+int gemm_int4_tiles(const GemmInt4Params& p, int row_tiles, int n_tiles, int warps);

@@ -1,0 +1,135 @@
+"""Launch-shape sweep of the CUDA int4 tensor-core GEMM (`mixq.kernels.cuda_gemv.gemm`) on
+Llama-3-8B shapes, against the Triton tensor-core kernel (`MIXQ_KERNEL=tc`, its own heuristic),
+the CUDA GEMV at batch 1/8 and bf16 cuBLAS, timed in one run on a GPU.
+
+    PYTHONPATH=src python3 bench/bench_gemm.py --out gemm.json [--quick]
+
+Method: bench_kernels' (CUDA-graph replays of calls rotating over >= 256 MB of weight copies,
+random codes and scales, bf16 activations). Bytes = codes + scales (+ zeros) + x + y; % = of
+the device-to-device copy bandwidth measured in the same run. Per (format, shape, batch) it
+prints the best configuration, the heuristic's (`pick_gemm_config`), the Triton kernel, the
+dispatcher as shipped and bf16, and writes every timing to the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_kernels as bk  # noqa: E402
+from bench_tc import copies  # noqa: E402
+
+from mixq.kernels import cuda_gemv, qmatmul, route  # noqa: E402
+
+SHAPES = [(14336, 4096), (4096, 4096), (4096, 14336)]
+BATCHES = [1, 8, 16, 32, 64, 128]
+OTHER = [("int4:g128:asym", 14336, 4096), ("int4:g64:asym", 14336, 4096), ("int4:g32", 14336, 4096),
+         ("int4:g128", 6144, 4096), ("int4:g128", 28672, 4096), ("int4:g128", 128256, 4096)]
+log = bk.log
+
+
+def candidates(m: int, layout, quick: bool) -> list[cuda_gemv.GemmConfig]:
+    """The heuristic's configuration and a grid around it: both row tiles, 2/4/8 warps, split K
+    from 1 to 16, and half the activation tiles (two blocks over the batch)."""
+    base = cuda_gemv.pick_gemm_config(m, layout)
+    out = [base]
+    nts = sorted({base.n_tiles, max(1, base.n_tiles // 2)})
+    warps = (4, 8) if quick else (2, 4, 8)
+    splits = (1, 2, 4, 8) if quick else (1, 2, 4, 8, 16)
+    for nt, rt, w, s in itertools.product(nts, (1, 2), warps, splits):
+        out.append(cuda_gemv.GemmConfig(rt, nt, w, s))
+    return list(dict.fromkeys(out))
+
+
+def timed(kws, make_fn) -> float:
+    def make(i):
+        kw = kws[i % len(kws)]
+        return make_fn(kw)
+    return bk.time_rotating_ms(make, kws[0].nbytes()) * 1e3
+
+
+def forced(kws, x, kernel: str) -> float | None:
+    os.environ["MIXQ_KERNEL"] = kernel
+    try:
+        return timed(kws, lambda kw: (lambda: qmatmul(x, kw)))
+    except Exception as e:  # a route that does not take this point
+        log(f"  {kernel}: {type(e).__name__}: {str(e)[:160]}")
+        return None
+    finally:
+        os.environ.pop("MIXQ_KERNEL", None)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="gemm.json")
+    ap.add_argument("--quick", action="store_true", help="fewer warps/splits in the grid")
+    ap.add_argument("--batches", default=",".join(map(str, BATCHES)))
+    ap.add_argument("--no-triton", action="store_true", help="skip the Triton kernel (saves its compile time)")
+    args = ap.parse_args(argv)
+    batches = [int(b) for b in args.batches.split(",")]
+    props = torch.cuda.get_device_properties(0)
+    results = dict(device=props.name, sm_count=props.multi_processor_count, torch=torch.__version__,
+                   date=time.strftime("%Y-%m-%d %H:%M:%S"), rows=[])
+    t0 = time.time()
+    if cuda_gemv.extension() is None:
+        log(f"extension unavailable: {cuda_gemv.build_error()}")
+        return 1
+    results["build_s"] = time.time() - t0
+    copy_bw = bk.copy_bandwidth()
+    results["copy_GBps"] = copy_bw / 1e9
+    log(f"device {props.name}; copy {copy_bw / 1e9:.0f} GB/s; extension ready in {results['build_s']:.0f} s")
+    out_path = Path(args.out)
+    points = [("int4:g128", n, k, m) for n, k in SHAPES for m in batches]
+    points += [(spec, n, k, m) for spec, n, k in OTHER for m in (16, 64)]
+    cur = None
+    try:
+        for spec, n, k, m in points:
+            if cur != (spec, n, k):
+                kws = None
+                torch.cuda.empty_cache()
+                kws = copies(spec, n, k)
+                cur = (spec, n, k)
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            lay = kws[0].layout
+            rows = []
+            for cfg in candidates(m, lay, args.quick or spec != "int4:g128"):
+                try:
+                    rows.append((timed(kws, lambda kw, cfg=cfg: (lambda: cuda_gemv.gemm(x, kw, None, cfg))), cfg))
+                except Exception as e:
+                    log(f"  {cfg}: {type(e).__name__}: {str(e)[:160]}")
+            rows.sort(key=lambda r: r[0])
+            heur = cuda_gemv.pick_gemm_config(m, lay)
+            t_heur = next((t for t, c in rows if c == heur), None)
+            t_gemv = forced(kws, x, "cuda_gemv") if m <= cuda_gemv.MAX_BATCH else None
+            t_tc = None if args.no_triton else forced(kws, x, "tc")
+            t_disp = timed(kws, lambda kw: (lambda: qmatmul(x, kw)))
+            t_bf16 = bk.bench_bf16(n, k, m)
+            io = bk.io_bytes(kws[0].nbytes(), m, n, k)
+            pct = lambda t: 100 * io / (t * 1e-6) / copy_bw if t else float("nan")  # noqa: E731
+            row = dict(spec=spec, n=n, k=k, m=m, weight_bytes=kws[0].nbytes(), io_bytes=io,
+                       best_us=rows[0][0] if rows else None, best=dataclasses.asdict(rows[0][1]) if rows else None,
+                       heuristic_us=t_heur, heuristic=dataclasses.asdict(heur), gemv_us=t_gemv, triton_tc_us=t_tc,
+                       dispatch_us=t_disp, dispatch_route=route(kws[0], x), bf16_us=t_bf16,
+                       all=[(t, dataclasses.asdict(c)) for t, c in rows])
+            results["rows"].append(row)
+            f = lambda t: f"{t:6.1f}" if t else "     -"  # noqa: E731
+            log(f"{spec:>14} {n:>6}x{k:<5} M={m:<3} best {f(row['best_us'])} ({pct(row['best_us']):3.0f}%) "
+                f"{rows[0][1] if rows else ''} | heur {f(t_heur)} | gemv {f(t_gemv)} | triton tc {f(t_tc)} | "
+                f"dispatch {f(t_disp)} ({row['dispatch_route']}) | bf16 {f(t_bf16)} | x bf16 {t_bf16 / t_disp:4.2f}")
+            out_path.write_text(json.dumps(results, indent=1))
+    finally:
+        out_path.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

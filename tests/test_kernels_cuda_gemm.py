@@ -1,0 +1,160 @@
+"""Tests of the hand-written CUDA int4 tensor-core GEMM (`mixq.kernels.cuda_gemv.gemm`).
+
+CPU tests (always run): which layouts it takes and the launch-shape heuristic. GPU tests
+(marked `gpu`, skipped without CUDA): every launch shape (row tiles, activation tiles, warps,
+split K) against the float32 reference on odd shapes with NaN-poisoned outputs, bf16 and fp16,
+sym/asym, groups 32/64/128/per channel, batches 1..128 around the tile edges, bias; split-K
+results independent of arrival order and counters restored; CUDA-graph capture; the
+dispatcher's route. Bound: ||out - ref|| / ||ref|| < 1e-2 (bf16 rounding of x, the weights
+and y is ~3e-3).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from mixq import formats
+from mixq.kernels import cuda_gemv, dequantize, prepack, qmatmul, route
+
+REL_TOL = 1e-2
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+
+
+def _layout(spec: str, n: int = 16, k: int = 4096):
+    lay = prepack(formats.parse(spec).quantize(torch.randn(16, k)), spec).layout
+    return dataclasses.replace(lay, out_features=n)
+
+
+# --------------------------------------------------------------------------- CPU
+
+
+@pytest.mark.parametrize("spec,ok", [("int4:g128", True), ("int4:g32:asym", True), ("int4:ch", True),
+                                     ("int3:g128", False), ("int8:ch", False), ("nf4:g64", False)])
+def test_gemm_layouts(spec, ok):
+    assert cuda_gemv.gemm_layout_supported(_layout(spec)) is ok
+    assert not cuda_gemv.gemm_supports(_layout(spec), torch.randn(16, 4096, dtype=torch.bfloat16))  # CPU input
+
+
+@pytest.mark.parametrize("m", [1, 8, 9, 16, 17, 32, 64, 65, 128, 512])
+@pytest.mark.parametrize("n,k", [(14336, 4096), (4096, 4096), (4096, 14336), (128256, 4096), (320, 256)])
+def test_pick_gemm_config(m, n, k):
+    cfg = cuda_gemv.pick_gemm_config(m, _layout("int4:g128", n, k))
+    assert cfg.n_tiles in (1, 2, 4, 8) and cfg.row_tiles in (1, 2) and 1 <= cfg.warps <= 8
+    assert 8 * cfg.n_tiles >= min(m, 64)  # one block's activation tiles cover the batch up to 64 rows
+    assert cfg.n_tiles == 1 or 8 * cfg.n_tiles < 2 * m  # and no more than needed
+    chunks = -(-k // 128)
+    assert cfg.split == 1 or chunks >= 4 * cfg.split  # every K slice keeps >= 4 chunks
+    tiles = -(-n // (16 * cfg.row_tiles * cfg.warps)) * -(-m // (8 * cfg.n_tiles))
+    assert cfg.split == 1 or tiles * cfg.split <= 4 * 132  # about 4 blocks per SM at most
+
+
+# --------------------------------------------------------------------------- GPU
+
+
+def _gpu_case(spec: str, n: int, k: int, seed: int):
+    torch.manual_seed(seed)
+    fmt = formats.parse(spec)
+    return prepack(fmt.quantize(torch.randn(n, k, device="cuda")), fmt)
+
+
+def _check(kw, m, dtype, cfg=None, bias=False):
+    n, k = kw.layout.out_features, kw.layout.in_features
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    b = torch.randn(n, device="cuda", dtype=dtype) if bias else None
+    ref = x.float() @ dequantize(kw).T + (b.float() if bias else 0.0)
+    out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
+    y = cuda_gemv.gemm(x, kw, b, cfg, out=out)
+    assert y is not None, cuda_gemv.build_error()
+    assert y.data_ptr() == out.data_ptr() and y.dtype == dtype
+    assert torch.isfinite(y).all(), f"{kw.layout.fmt} m={m} {cfg}: output not fully written"
+    err = float((y.float() - ref).norm() / ref.norm())
+    assert err < REL_TOL, f"{kw.layout.fmt} {dtype} m={m} {cfg}: rel err {err:.2e}"
+    return y
+
+
+CONFIGS = [cuda_gemv.GemmConfig(r, t, w, s) for r in (1, 2) for t in (1, 2, 4, 8) for w in (1, 3, 8) for s in (1, 3)]
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("spec,n,k", [("int4:g128", 200, 1088), ("int4:g64:asym", 136, 1056), ("int4:g32", 72, 544),
+                                      ("int4:ch", 100, 4096), ("int4:g128:asym", 48, 416)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_every_launch_shape_matches_reference(spec, n, k, dtype):
+    """Odd row counts (past every tile edge), K not a multiple of 128 (partial last chunk),
+    batches around the 8-row activation tiles, 1..8 warps, split K with uneven slices."""
+    kw = _gpu_case(spec, n, k, seed=n + k)
+    for cfg in CONFIGS:
+        for m in (1, 9, 17, 64):
+            _check(kw, m, dtype, cfg, bias=(m == 9))
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("m", [9, 16, 31, 33, 64, 65, 100, 128])
+def test_llama_shapes_every_batch(m):
+    for n, k in [(4096, 4096), (1024, 14336)]:
+        kw = _gpu_case("int4:g128", n, k, seed=m)
+        _check(kw, m, torch.bfloat16)
+        _check(kw, m, torch.float16, bias=True)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_split_k_is_deterministic_and_restores_counters():
+    kw = _gpu_case("int4:g128:asym", 512, 4096, seed=2)
+    x = torch.randn(24, 4096, device="cuda", dtype=torch.bfloat16)
+    cfg = cuda_gemv.GemmConfig(1, 4, 4, 8)
+    ys = [cuda_gemv.gemm(x, kw, None, cfg) for _ in range(5)]
+    assert all(torch.equal(ys[0], y) for y in ys[1:])
+    ws, cnt = _WS_of(x.device)
+    torch.cuda.synchronize()
+    assert int(cnt.abs().sum()) == 0
+    one = cuda_gemv.gemm(x, kw, None, dataclasses.replace(cfg, split=1))
+    assert float((one.float() - ys[0].float()).norm() / one.float().norm()) < 1e-2
+
+
+def _WS_of(device):
+    return cuda_gemv._WS.buffers[str(device)]
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_graph_capture_with_split_k():
+    kw = _gpu_case("int4:g128", 1024, 4096, seed=5)
+    x = torch.randn(16, 4096, device="cuda", dtype=torch.bfloat16)
+    cfg = cuda_gemv.GemmConfig(1, 2, 4, 4)
+    y0 = cuda_gemv.gemm(x, kw, None, cfg)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = cuda_gemv.gemm(x, kw, None, cfg)
+        y2 = cuda_gemv.gemm(x, kw, None, cfg)  # two calls on one workspace in one graph
+    y.fill_(float("nan"))
+    y2.fill_(float("nan"))
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, y0) and torch.equal(y2, y0)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_dispatcher_routes_int4_g32_batches_above_8_to_it():
+    from torch import nn
+
+    from mixq.nn import QuantLinear
+
+    torch.manual_seed(3)
+    lin = nn.Linear(1024, 320).to(torch.bfloat16)
+    q = QuantLinear.from_linear(lin, "int4:g32").cuda()
+    x = torch.randn(4, 5, 1024, device="cuda", dtype=torch.bfloat16)
+    assert route(q.weights(), x.reshape(-1, 1024)) == "cuda_tc"
+    assert route(q.weights(), x.reshape(-1, 1024)[:8]) == "cuda_gemv"
+    direct = cuda_gemv.gemm(x.reshape(20, 1024), q.weights(), q.bias).reshape(4, 5, 320)
+    assert torch.equal(q(x), direct)
+    ref = nn.functional.linear(x.float(), q.dequantized_weight(), q.bias.float())
+    assert float((q(x).float() - ref).norm() / ref.norm()) < REL_TOL
+    assert torch.equal(qmatmul(x, q.weights(), q.bias), direct)
