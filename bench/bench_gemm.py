@@ -38,14 +38,13 @@ log = bk.log
 
 
 def candidates(m: int, layout, quick: bool) -> list[cuda_gemv.GemmConfig]:
-    """The heuristic's configuration and a grid around it: both row tiles, 2/4/8 warps, split K
-    from 1 to 16, and half the activation tiles (two blocks over the batch)."""
+    """The heuristic's configuration and a grid around it: both row tiles, 4/8 warps (2 too
+    unless quick), split K from 1 to 16, and half the activation tiles."""
     base = cuda_gemv.pick_gemm_config(m, layout)
     out = [base]
     nts = sorted({base.n_tiles, max(1, base.n_tiles // 2)})
     warps = (4, 8) if quick else (2, 4, 8)
-    splits = (1, 2, 4, 8) if quick else (1, 2, 4, 8, 16)
-    for nt, rt, w, s in itertools.product(nts, (1, 2), warps, splits):
+    for nt, rt, w, s in itertools.product(nts, (1, 2), warps, (1, 2, 4, 8, 16)):
         out.append(cuda_gemv.GemmConfig(rt, nt, w, s))
     return list(dict.fromkeys(out))
 
@@ -57,15 +56,22 @@ def timed(kws, make_fn) -> float:
     return bk.time_rotating_ms(make, kws[0].nbytes()) * 1e3
 
 
-def forced(kws, x, kernel: str) -> float | None:
-    os.environ["MIXQ_KERNEL"] = kernel
+def forced(kws, x, kernel: str, env: dict | None = None) -> float | None:
+    """The dispatcher with MIXQ_KERNEL=kernel (and any other variables of `env`) set."""
+    env = {"MIXQ_KERNEL": kernel, **(env or {})}
+    old = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
     try:
         return timed(kws, lambda kw: (lambda: qmatmul(x, kw)))
     except Exception as e:  # a route that does not take this point
         log(f"  {kernel}: {type(e).__name__}: {str(e)[:160]}")
         return None
     finally:
-        os.environ.pop("MIXQ_KERNEL", None)
+        for key, val in old.items():
+            if val is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = val
 
 
 def main(argv=None) -> int:
@@ -110,6 +116,16 @@ def main(argv=None) -> int:
             heur = cuda_gemv.pick_gemm_config(m, lay)
             t_heur = next((t for t, c in rows if c == heur), None)
             t_gemv = forced(kws, x, "cuda_gemv") if m <= cuda_gemv.MAX_BATCH else None
+            gemv_rows = []
+            if m <= cuda_gemv.MAX_BATCH and spec == "int4:g128":  # the GEMV's launch shapes
+                for rt, w in itertools.product((1, 2), (2, 4, 8, 16)):
+                    gcfg = cuda_gemv.GemvConfig(rt, 1, w)
+                    gemv_rows.append((timed(kws, lambda kw, c=gcfg: (lambda: cuda_gemv.qmatmul(x, kw, None, c))), gcfg))
+                gemv_rows.sort(key=lambda r: r[0])
+                log(f"  gemv best {gemv_rows[0][0]:.1f} {gemv_rows[0][1]} | heuristic {cuda_gemv.pick_config(m, lay)}")
+            # with programmatic dependent launch: consecutive calls of the same kernel overlap
+            t_gemv_pdl = forced(kws, x, "cuda_gemv", {"MIXQ_PDL": "1"}) if m <= cuda_gemv.MAX_BATCH else None
+            t_heur_pdl = forced(kws, x, "cuda_tc", {"MIXQ_PDL": "1"})
             t_tc = None if args.no_triton else forced(kws, x, "tc")
             t_disp = timed(kws, lambda kw: (lambda: qmatmul(x, kw)))
             t_bf16 = bk.bench_bf16(n, k, m)
@@ -118,12 +134,15 @@ def main(argv=None) -> int:
             row = dict(spec=spec, n=n, k=k, m=m, weight_bytes=kws[0].nbytes(), io_bytes=io,
                        best_us=rows[0][0] if rows else None, best=dataclasses.asdict(rows[0][1]) if rows else None,
                        heuristic_us=t_heur, heuristic=dataclasses.asdict(heur), gemv_us=t_gemv, triton_tc_us=t_tc,
+                       heuristic_pdl_us=t_heur_pdl, gemv_pdl_us=t_gemv_pdl,
+                       gemv_all=[(t, dataclasses.asdict(c)) for t, c in gemv_rows],
                        dispatch_us=t_disp, dispatch_route=route(kws[0], x), bf16_us=t_bf16,
                        all=[(t, dataclasses.asdict(c)) for t, c in rows])
             results["rows"].append(row)
             f = lambda t: f"{t:6.1f}" if t else "     -"  # noqa: E731
-            log(f"{spec:>14} {n:>6}x{k:<5} M={m:<3} best {f(row['best_us'])} ({pct(row['best_us']):3.0f}%) "
-                f"{rows[0][1] if rows else ''} | heur {f(t_heur)} | gemv {f(t_gemv)} | triton tc {f(t_tc)} | "
+            log(f"{spec} {n}x{k} M={m:<3} best {f(row['best_us'])} ({pct(row['best_us']):3.0f}%) "
+                f"{rows[0][1] if rows else ''} | heur {f(t_heur)} (PDL {f(t_heur_pdl)}) | gemv {f(t_gemv)} "
+                f"(PDL {f(t_gemv_pdl)}) | triton tc {f(t_tc)} | "
                 f"dispatch {f(t_disp)} ({row['dispatch_route']}) | bf16 {f(t_bf16)} | x bf16 {t_bf16 / t_disp:4.2f}")
             out_path.write_text(json.dumps(results, indent=1))
     finally:

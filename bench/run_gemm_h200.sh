@@ -9,7 +9,10 @@
 # 3. the launch-shape sweep against the Triton tensor-core kernel, the GEMV and bf16
 #    (bench_gemm.py), then the peers at batch 16 and 64 (peer_gemv.py: tinygemm, gemlite).
 # gemlite is installed from $GEMLITE_SDIST (default whl/gemlite-*.tar.gz) when present.
-# Step time limits: T_TEST, T_GEMM, T_PEERS seconds.
+# 4. with E2E=1, the decode loop (bench_e2e.py), with E2E_PDL=1 again with programmatic
+#    dependent launch;
+# 5. with PROFILE=1, Nsight Compute sections of the GEMV (batch 1) and the GEMM (16, 64).
+# Step time limits: T_TEST, T_GEMM, T_PEERS, T_E2E seconds.
 set -u
 OUT=${1:-gemm_results}
 mkdir -p "$OUT"
@@ -31,7 +34,22 @@ timeout "${T_TEST:-120}" python3 -m pytest -q --maxfail=5 -n 8 -p no:cacheprovid
 echo "pytest rc=$?" >>"$OUT/pytest.log"
 grep -E "^(FAILED|ERROR)|Error|assert|passed|failed|rc=" "$OUT/pytest.log" | head -30
 timeout "${T_GEMM:-200}" python3 bench/bench_gemm.py --out "$OUT/gemm.json" >"$OUT/gemm.log" 2>&1
-grep -v "^  " "$OUT/gemm.log" | tail -40
-timeout "${T_PEERS:-60}" python3 bench/peer_gemv.py --batches 16,64 --peers mixq,bf16,tinygemm,gemlite \
+grep -E "^int4|gemv best" "$OUT/gemm.log" | tail -50
+timeout "${T_PEERS:-60}" python3 bench/peer_gemv.py --batches ${PEER_BATCHES:-16,64} --peers mixq,bf16,tinygemm,gemlite \
   --shapes 14336x4096,4096x4096,4096x14336 --out "$OUT/peers.json" >"$OUT/peers.log" 2>&1
 tail -12 "$OUT/peers.log"
+if [ -n "${E2E:-}" ]; then  # the decode loop with and without programmatic dependent launch
+  timeout "${T_E2E:-100}" python3 bench/bench_e2e.py --steps 32 --plans bf16,int4,mixed-4.25,mixed-3.5 --out "$OUT/e2e.json" >"$OUT/e2e.log" 2>&1
+  [ -n "${E2E_PDL:-}" ] && MIXQ_PDL=1 timeout "${T_E2E:-100}" python3 bench/bench_e2e.py --steps 32 --plans int4,mixed-3.5 \
+    --out "$OUT/e2e_pdl.json" >"$OUT/e2e_pdl.log" 2>&1
+  grep -E "ms/token" "$OUT"/e2e*.log
+fi
+if [ -n "${PROFILE:-}" ] && command -v ncu >/dev/null; then  # stall reasons of the GEMV and the GEMM
+  for case in "gemv --m 1" "gemm --m 16" "gemm --m 64"; do
+    timeout "${T_PROFILE:-60}" ncu -k regex:gem[mv]_int4 --launch-skip 3 --launch-count 1 --section SpeedOfLight \
+      --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy --section LaunchStats \
+      python3 bench/profile_kernels.py --kernel $case >"$OUT/ncu_${case// /_}.txt" 2>&1
+    grep -E "Memory Throughput|DRAM Throughput|Duration|Achieved Occupancy|Registers Per|Warp Cycles Per Issued|Stall|ERR" \
+      "$OUT/ncu_${case// /_}.txt" | head -12
+  done
+fi

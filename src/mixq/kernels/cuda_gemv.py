@@ -8,10 +8,13 @@ for batch 1..8 and a tensor-core GEMM for int4 at any batch.
 
 The GEMM (`csrc/gemm_int4.cu`) gives each lane the GEMV's work on kT tiles of 8 activation rows:
 a weight is decoded once into (code - zero) * scale in x's dtype and feeds kT mma.m16n8k16
-products; the warps of a block take consecutive 16-row weight tiles over the same K slice (the
-activations they read are shared in L1); split K goes through a workspace in fragment order and
-the last block of a tile to arrive sums the slices (one launch, no atomics on the data,
-deterministic).
+products; the warps of a block take consecutive 16-row weight tiles over the same K slice, the
+next chunk's weights in registers, while the block's activations are staged in shared memory
+(cp.async, double-buffered, two chunks at a time); split K goes through a workspace in fragment
+order and the last block of a tile to arrive sums the slices (one launch, no atomics on the
+data, deterministic). Measured on the H200 (bench/bench_gemm.py): it beats the Triton
+tensor-core kernel for int4 with zero points or groups under 128 inputs and at batch > 64, and
+ties it elsewhere; `gemm_preferred` routes accordingly.
 
 3-bit codes (the split layout of `kernels.packed`) run `gemv_int3`: 512-input chunks (each
 lane loads 16 bytes of each of the three planes), pairs of codes 16 bits apart decoded by a
@@ -75,9 +78,9 @@ class GemmConfig:
     activation tiles per block (1, 2, 4, 8; further rows go to further blocks), warps per
     block (1..8, each on its own rows), and K slices (split-K blocks per output tile)."""
 
-    row_tiles: int = 1
+    row_tiles: int = 2
     n_tiles: int = 2
-    warps: int = 4
+    warps: int = 8
     split: int = 1
 
 
@@ -228,21 +231,28 @@ def gemm_supports(layout: PackedLayout, x: torch.Tensor) -> bool:
 
 
 def pick_gemm_config(m: int, layout: PackedLayout, n_sms: int = 132) -> GemmConfig:
-    """Activation tiles to cover the batch (up to 64 rows per block), one 16-row weight tile per
-    warp and 4 warps (2 row tiles when 32 or more activation rows share them), and split K
-    until there are about 4 blocks per SM, every slice keeping at least 4 chunks of 128 inputs."""
+    """From the H200 sweep (bench/bench_gemm.py, 2026-11-30): activation tiles to cover the
+    batch (up to 64 rows per block), two 16-row weight tiles per warp and 8 warps (256 weight
+    rows per block), and split K until there are about 2 blocks per SM (1 from 33 activation
+    rows), every slice keeping at least 2 chunks of 128 inputs."""
     n, k = layout.out_features, layout.in_features
     n_tiles = 1
     while n_tiles < 8 and 8 * n_tiles < m:
         n_tiles *= 2
-    row_tiles = 2 if n_tiles >= 4 else 1
-    warps = 4
+    row_tiles, warps = 2, 8
     tiles = -(-n // (16 * row_tiles * warps)) * -(-m // (8 * n_tiles))
     chunks = -(-k // 128)
+    target = (2 if m <= 32 else 1) * n_sms
     split = 1
-    while tiles * split * 2 <= 4 * n_sms and chunks >= 4 * split * 2:
+    while tiles * split * 2 <= target and chunks >= 2 * split * 2:
         split *= 2
     return GemmConfig(row_tiles=row_tiles, n_tiles=n_tiles, warps=warps, split=split)
+
+
+def gemm_smem_bytes(cfg: GemmConfig) -> int:
+    """Dynamic shared memory of a launch: two buffers of the block's activations, 8 n_tiles
+    rows x 256 inputs, rows padded by 16 bytes (csrc/gemm_int4.cu)."""
+    return 2 * 8 * cfg.n_tiles * 33 * 16
 
 
 def gemm_available(layout: PackedLayout, x: torch.Tensor) -> bool:
@@ -255,8 +265,14 @@ def gemm_available(layout: PackedLayout, x: torch.Tensor) -> bool:
 def gemm_preferred(layout: PackedLayout, x: torch.Tensor) -> bool:
     """Whether `kernels.qmatmul` takes the tensor-core GEMM above the GEMV's batch sizes: where
     it measured faster than the Triton tensor-core kernel on the H200 (bench/bench_gemm.py,
-    2026-11-30): int4 with groups under 64 inputs (g32 at batch 16: 22.9 vs 205 µs)."""
-    return gemm_available(layout, x) and layout.group_size < 64
+    2026-11-30, 14336x4096): int4 with zero points (g128 asym at batch 16: 19.6 vs 26.4 µs;
+    g64 asym 20.6 vs 27.7), with groups under 128 inputs (g32: 20.2 vs 205 µs), and any int4
+    past 64 activation rows (g128 at batch 128: 76.5 vs 99.0 µs). Symmetric g128 / per-channel
+    int4 at 9..64 rows stays with the Triton kernel (20.1 vs 19.8 µs at 16 rows, 45.6 vs 46.5
+    at 64)."""
+    if not gemm_available(layout, x):
+        return False
+    return layout.has_zeros or layout.group_size < min(128, layout.in_features) or x.shape[0] > 64
 
 
 class _Workspace:

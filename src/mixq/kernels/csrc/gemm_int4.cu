@@ -13,9 +13,15 @@
 //   magic + code), then (code - zero) * scale in x's dtype (two packed FMAs per two weights:
 //   the subtraction is exact, the product rounds once), so groups of 32..128 inputs and per
 //   channel scales take the same path and the accumulators need no per-chunk rescaling.
-// * Per word and activation tile, the lane loads 16 bytes of x (rows 8t + g; L1-cached) and
-//   permutes them with four PRMTs into the B pairs (x_i, x_i+4) matching A; then one
+// * The block stages x through shared memory, two chunks (256 inputs) of its 8 kT activation
+//   rows at a time, double-buffered with cp.async (zero-filled past k): every activation byte
+//   is read from L2 once per block instead of once per warp. Rows are padded by 16 bytes and
+//   the 16-byte units of lanes q = 2, 3 are swizzled, so a quarter warp's 16-byte reads hit
+//   every bank once. Per word and activation tile, the lane reads 16 bytes of x (row 8t + g)
+//   and permutes them with four PRMTs into the B pairs (x_i, x_i+4) matching A; then one
 //   mma.m16n8k16 per row tile and half word.
+// * Programmatic dependent launch (sm_90, MIXQ_PDL=1): the first weights are loaded before
+//   waiting on the stream's previous kernel; x, y and the workspace only after.
 // * Split K (gridDim.y > 1): each block stores its fp32 partial tile in fragment order into a
 //   workspace slice of its own (plain coalesced 16-byte stores, no atomics); the last block of
 //   a tile to arrive (a per-tile counter) sums the slices in split order, writes y and resets
@@ -29,6 +35,13 @@
 namespace {
 
 using namespace mixq_kernels;
+
+constexpr int kStageUnits = 32;             // 16-byte units of x per row and stage (two chunks)
+constexpr int kRowUnits = kStageUnits + 1;  // + one unit of padding: rows start on different banks
+
+// Unit u of a staged row is stored at swizzle(u): lanes q = 2, 3 read units 8 + 4(q - 2) + w,
+// moved by two units so that with the padding a quarter warp covers all eight 16-byte banks.
+__device__ __forceinline__ int swizzle(int u) { return u ^ (((u >> 3) & 1) << 1); }
 
 template <int kR>
 struct GemmChunk {
@@ -53,9 +66,13 @@ __global__ void __launch_bounds__(256) gemm_int4_kernel(const GemmInt4Params P) 
   const int c_end = min(n_chunks, c_begin + P.chunks_per_split);
   const uint16_t* xs = static_cast<const uint16_t*>(p.x);
 
-  uint32_t x_off[kT];  // B column g of activation tile t is x row m0 + 8t + g (clamped)
+  // x stage buffers: [2][8 kT rows][kRowUnits 16-byte units]; B column g of activation tile t
+  // is x row m0 + 8t + g (clamped to m - 1: computed, not stored)
+  extern __shared__ uint4 xsm[];
+  const uint32_t xs_base = uint32_t(__cvta_generic_to_shared(xsm));
+  uint32_t x_lane[kT];  // byte offset of the lane's x row in a buffer
 #pragma unroll
-  for (int t = 0; t < kT; ++t) x_off[t] = opaque(uint32_t(min(m0 + 8 * t + g, p.m - 1)) * uint32_t(p.ldx) + q * 32);
+  for (int t = 0; t < kT; ++t) x_lane[t] = opaque(uint32_t((8 * t + g) * kRowUnits) * 16u);
   uint32_t w_off[kR][2], s_off[kR][2], z_off[kR][2];
 #pragma unroll
   for (int r = 0; r < kR; ++r)
@@ -94,9 +111,24 @@ __global__ void __launch_bounds__(256) gemm_int4_kernel(const GemmInt4Params P) 
 #pragma unroll
       for (int j = 0; j < 4; ++j) acc[r][t][j] = 0.f;
 
+  // stage the x units of chunks c, c + 1 into buffer b: 16-byte cp.async per unit, rows past m
+  // read row m - 1, units past k (or past the slice) are zero-filled
+  auto stage_x = [&](int b, int c) {
+    if (c >= c_end) return;  // block-uniform
+    const int units = 8 * kT * kStageUnits;
+    for (int e = threadIdx.x; e < units; e += blockDim.x) {
+      const int row = e / kStageUnits, u = e % kStageUnits;
+      const int kx = c * kChunk + u * 8;
+      const bool ok = kx < p.k && c + u / 16 < c_end;
+      const uint16_t* src = xs + (size_t(min(m0 + row, p.m - 1)) * p.ldx + (ok ? kx : 0));
+      const uint32_t dst = xs_base + uint32_t((b * 8 * kT + row) * kRowUnits + swizzle(u)) * 16u;
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(ok ? 16 : 0));
+    }
+    asm volatile("cp.async.commit_group;" ::: "memory");
+  };
+
   const uint32_t mask = 0x000F000Fu, magic = H::kMagic;
-  auto compute = [&](const GemmChunk<kR>& ch, int c) {
-    const bool lane_ok = c * kChunk + q * 32 < p.k;  // lanes past k join the mmas with zero x
+  auto compute = [&](const GemmChunk<kR>& ch, int b, int cc) {  // x from buffer b, chunk cc of the stage
     uint32_t nz[kR][2], ss[kR][2];
 #pragma unroll
     for (int r = 0; r < kR; ++r) {
@@ -105,11 +137,10 @@ __global__ void __launch_bounds__(256) gemm_int4_kernel(const GemmInt4Params P) 
       ss[r][0] = H::scale_pair(ch.s[r] & 0xFFFFu);
       ss[r][1] = H::scale_pair(ch.s[r] >> 16);
     }
-    const uint4* xp[kT];
-#pragma unroll
-    for (int t = 0; t < kT; ++t) xp[t] = reinterpret_cast<const uint4*>(xs + (x_off[t] + c * kChunk));
+    const uint32_t xb = xs_base + uint32_t(b * 8 * kT * kRowUnits) * 16u;
 #pragma unroll
     for (int w = 0; w < 4; ++w) {
+      const uint32_t unit = uint32_t(swizzle(cc * 16 + 4 * q + w)) * 16u;
       uint32_t A[kR][2][4];  // [row tile][half word]: pairs (i, i + 4) of rows g, g + 8
 #pragma unroll
       for (int r = 0; r < kR; ++r) {
@@ -125,7 +156,10 @@ __global__ void __launch_bounds__(256) gemm_int4_kernel(const GemmInt4Params P) 
       }
 #pragma unroll
       for (int t = 0; t < kT; ++t) {
-        const uint4 xv = lane_ok ? __ldg(xp[t] + w) : make_uint4(0, 0, 0, 0);
+        uint4 xv;
+        asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
+                     : "=r"(xv.x), "=r"(xv.y), "=r"(xv.z), "=r"(xv.w)
+                     : "r"(xb + x_lane[t] + unit));
         const uint32_t b0 = __byte_perm(xv.x, xv.z, 0x5410);  // (x0, x4)
         const uint32_t b1 = __byte_perm(xv.x, xv.z, 0x7632);  // (x1, x5)
         const uint32_t b2 = __byte_perm(xv.y, xv.w, 0x5410);  // (x2, x6)
@@ -139,15 +173,28 @@ __global__ void __launch_bounds__(256) gemm_int4_kernel(const GemmInt4Params P) 
     }
   };
 
-  if (active) {
-    GemmChunk<kR> buf_a, buf_b;
-    load(buf_a, c_begin);
-    for (int c = c_begin; c < c_end; c += 2) {
-      load(buf_b, c + 1);
-      compute(buf_a, c);
-      load(buf_a, c + 2);
-      if (c + 1 < c_end) compute(buf_b, c + 1);
+  // main loop, one stage (two chunks) per iteration: x for the next stage in flight through
+  // cp.async, the next chunk's weights in registers
+  GemmChunk<kR> buf_a, buf_b;
+  pdl_launch_dependents();
+  if (active) load(buf_a, c_begin);  // weights only: before the wait
+  pdl_wait();                        // x, y and the workspace belong to the previous kernels
+  stage_x(0, c_begin);
+  for (int c = c_begin, b = 0; c < c_end; c += 2, b ^= 1) {
+    stage_x(b ^ 1, c + 2);
+    if (c + 2 < c_end) {
+      asm volatile("cp.async.wait_group 1;" ::: "memory");
+    } else {
+      asm volatile("cp.async.wait_group 0;" ::: "memory");
     }
+    __syncthreads();  // the stage's x units from every thread have landed
+    if (active) {
+      load(buf_b, c + 1);
+      compute(buf_a, b, 0);
+      load(buf_a, c + 2);
+      if (c + 1 < c_end) compute(buf_b, b, 1);
+    }
+    __syncthreads();  // buffer b is refilled by the next iteration's stage_x
   }
 
   // accumulator j of lane (g, q) in tile (r, t): weight row row0 + 16r + g + 8 (j >> 1),
@@ -226,8 +273,19 @@ __global__ void __launch_bounds__(256) gemm_int4_kernel(const GemmInt4Params P) 
 template <bool kBF16, int kR, int kT>
 cudaError_t launch(const GemmInt4Params& p, int warps, int split, cudaStream_t stream) {
   const dim3 grid((p.b.n + 16 * kR * warps - 1) / (16 * kR * warps), split, (p.b.m + 8 * kT - 1) / (8 * kT));
-  gemm_int4_kernel<kBF16, kR, kT><<<grid, dim3(32 * warps), 0, stream>>>(p);
-  return cudaGetLastError();
+  const size_t smem = gemm_int4_smem_bytes(kT);
+  auto kernel = gemm_int4_kernel<kBF16, kR, kT>;
+  if (smem > 48 * 1024) {  // opt in to this much dynamic shared memory, per instantiation and device
+    static size_t opted[64] = {};
+    int dev = 0;
+    cudaGetDevice(&dev);
+    if (smem > opted[dev & 63]) {
+      const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+      if (e != cudaSuccess) return e;  // more than the device allows
+      opted[dev & 63] = smem;
+    }
+  }
+  return launch_ex(kernel, grid, dim3(32 * warps), smem, stream, p.b.pdl, p);
 }
 
 template <bool kBF16, int kR>
@@ -241,6 +299,8 @@ cudaError_t launch_t(const GemmInt4Params& p, int n_tiles, int warps, int split,
 }
 
 }  // namespace
+
+size_t gemm_int4_smem_bytes(int n_tiles) { return size_t(2) * 8 * n_tiles * kRowUnits * 16; }
 
 int gemm_int4_tiles(const GemmInt4Params& p, int row_tiles, int n_tiles, int warps) {
   return ((p.b.n + 16 * row_tiles * warps - 1) / (16 * row_tiles * warps)) * ((p.b.m + 8 * n_tiles - 1) / (8 * n_tiles));

@@ -6,6 +6,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <ATen/cuda/CUDAContext.h>
+
 #include "gemv_int4.h"
 
 namespace {
@@ -77,6 +79,7 @@ GemvInt4Params make_params(const char* op, const torch::Tensor& x, const torch::
   p.k = int(k);
   p.group_shift = group_shift(op, group_size, k);
   p.code_offset = int(code_offset);
+  p.pdl = pdl_enabled(at::cuda::getDeviceProperties(x.device().index())->major);
   return p;
 }
 

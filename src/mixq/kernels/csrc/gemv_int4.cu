@@ -42,7 +42,10 @@ struct Chunk {
 };
 
 template <bool kBF16, bool kPre, bool kZeros, int kR, int kU>
-__global__ void __launch_bounds__(512) gemv_int4_kernel(const GemvInt4Params p) {
+// One 16-row tile, one chunk per buffer: at most 64 registers (two 512-thread blocks, or eight of 128
+// threads, per SM), so the 896 blocks of a 14336-row batch-1 GEMV fit one wave on 132 SMs (73
+// registers left six 128-thread blocks per SM: 1.13 waves, Nsight Compute on the H200).
+__global__ void __launch_bounds__(512, (kR == 1 && kU == 1) ? 2 : 1) gemv_int4_kernel(const GemvInt4Params p) {
   using H = Half<kBF16>;
   extern __shared__ float partials[];  // (warps, kR * 4, 32)
   const int lane = threadIdx.x & 31;
@@ -172,8 +175,10 @@ __global__ void __launch_bounds__(512) gemv_int4_kernel(const GemvInt4Params p) 
   // software pipeline, two register buffers: the next kU chunks are in flight while kU are decoded
   Chunk<kR> buf_a[kU], buf_b[kU];
   const int step = n_warps;
+  pdl_launch_dependents();
 #pragma unroll
-  for (int u = 0; u < kU; ++u) load(buf_a[u], warp + u * step);
+  for (int u = 0; u < kU; ++u) load(buf_a[u], warp + u * step);  // weights only: before the wait
+  pdl_wait();  // x and y belong to the stream's previous kernels
   for (int c = warp; c < n_chunks; c += 2 * kU * step) {
 #pragma unroll
     for (int u = 0; u < kU; ++u) load(buf_b[u], c + (kU + u) * step);
@@ -211,8 +216,7 @@ cudaError_t launch(const GemvInt4Params& p, int warps, cudaStream_t stream) {
   const dim3 grid((p.n + 16 * kR - 1) / (16 * kR));
   const dim3 block(32 * warps);
   const size_t smem = size_t(warps) * kR * 128 * sizeof(float);
-  gemv_int4_kernel<kBF16, kPre, kZeros, kR, kU><<<grid, block, smem, stream>>>(p);
-  return cudaGetLastError();
+  return launch_ex(gemv_int4_kernel<kBF16, kPre, kZeros, kR, kU>, grid, block, smem, stream, p.pdl, p);
 }
 
 template <bool kBF16, bool kPre, bool kZeros>
@@ -344,7 +348,9 @@ __global__ void __launch_bounds__(512) gemv_int3_kernel(const GemvInt4Params p) 
 
   Chunk3 buf_a, buf_b;
   const int step = n_warps;
-  load(buf_a, warp);
+  pdl_launch_dependents();
+  load(buf_a, warp);  // weights only: before the wait
+  pdl_wait();         // x and y belong to the stream's previous kernels
   for (int c = warp; c < n_chunks; c += 2 * step) {
     load(buf_b, c + step);
     compute(buf_a, c);
@@ -373,8 +379,7 @@ cudaError_t launch3(const GemvInt4Params& p, int warps, cudaStream_t stream) {
   const dim3 grid((p.n + 15) / 16);
   const dim3 block(32 * warps);
   const size_t smem = size_t(warps) * 128 * sizeof(float);
-  gemv_int3_kernel<kBF16, kZeros><<<grid, block, smem, stream>>>(p);
-  return cudaGetLastError();
+  return launch_ex(gemv_int3_kernel<kBF16, kZeros>, grid, block, smem, stream, p.pdl, p);
 }
 
 }  // namespace

@@ -2,7 +2,17 @@
 // (gemv_int4.cpp). See mixq/kernels/cuda_gemv.py for the math and the weight layout.
 #pragma once
 #include <cstdint>
+#include <cstdlib>
 #include <cuda_runtime.h>
+
+// Whether launches use programmatic dependent launch (common.cuh): on sm_90+ devices with
+// MIXQ_PDL=1 (read at every call). Off by default: it overlaps back-to-back calls of these
+// kernels, but in mixq's decode loop their neighbours are other kernels, and the H200 measured
+// no gain there (bench/KERNEL_NOTES.md).
+inline bool pdl_enabled(int device_major) {
+  const char* on = std::getenv("MIXQ_PDL");
+  return device_major >= 9 && on && on[0] == '1' && on[1] == 0;
+}
 
 struct GemvInt4Params {
   const void* x;          // (m, k) bf16 | fp16, row stride ldx elements, unit column stride
@@ -19,6 +29,7 @@ struct GemvInt4Params {
   int m, n, k;
   int group_shift;        // log2(group_size); >= 30 when one group spans the whole row
   int code_offset;        // symmetric formats: value = code - code_offset
+  bool pdl;               // launch with programmatic dependent launch (common.cuh: pdl_enabled)
 };
 
 // Launches on `stream`; returns the launch error (cudaSuccess if none).
@@ -49,7 +60,9 @@ struct GemmInt4Params {
 
 // row_tiles: 16-row weight tiles per warp (1, 2); n_tiles: 8-row activation tiles per block
 // (1, 2, 4, 8; more activation rows go to further blocks); warps per block (1..8), each on its
-// own row tiles of the same K slice.
+// own row tiles of the same K slice. Dynamic shared memory: gemm_int4_smem_bytes(n_tiles)
+// (two buffers of 8 n_tiles x 256 activations, padded).
 cudaError_t gemm_int4_launch(const GemmInt4Params& p, bool bf16, int row_tiles, int n_tiles, int warps, int split,
                              cudaStream_t stream);
 int gemm_int4_tiles(const GemmInt4Params& p, int row_tiles, int n_tiles, int warps);
+size_t gemm_int4_smem_bytes(int n_tiles);

@@ -1,0 +1,45 @@
+"""Calls one of mixq's CUDA int4 kernels a few times, eagerly, for a profiler (Nsight Compute) to
+capture; prints nothing of its own timing.
+
+    ncu -k regex:gem[mv]_int4 --launch-skip 3 --launch-count 1 --section SpeedOfLight \\
+        --section WarpStateStats python3 bench/profile_kernels.py --kernel gemm --m 16
+
+--kernel gemv (the CUDA GEMV, m <= 8) or gemm (the tensor-core GEMM, its heuristic launch
+shape unless --config rt,nt,warps,split); weights: random int4:g128 codes of --shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_kernels as bk  # noqa: E402
+
+from mixq.kernels import cuda_gemv  # noqa: E402
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--kernel", choices=["gemv", "gemm"], default="gemm")
+    ap.add_argument("--m", type=int, default=16)
+    ap.add_argument("--shape", default="14336x4096")
+    ap.add_argument("--spec", default="int4:g128")
+    ap.add_argument("--config", default=None, help="rt,nt,warps,split of the GEMM")
+    ap.add_argument("--calls", type=int, default=6)
+    args = ap.parse_args(argv)
+    n, k = (int(v) for v in args.shape.split("x"))
+    kw = bk.random_weights(args.spec, n, k)
+    x = torch.randn(args.m, k, device="cuda", dtype=torch.bfloat16)
+    cfg = cuda_gemv.GemmConfig(*(int(v) for v in args.config.split(","))) if args.config else None
+    for _ in range(args.calls):
+        y = cuda_gemv.qmatmul(x, kw) if args.kernel == "gemv" else cuda_gemv.gemm(x, kw, None, cfg)
+    torch.cuda.synchronize()
+    return 0 if y is not None else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
