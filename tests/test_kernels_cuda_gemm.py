@@ -52,6 +52,17 @@ def test_pick_gemm_config(m, n, k):
     assert cuda_gemv.gemm_smem_bytes(cfg) <= 96 * 1024
 
 
+def test_pick_gemm_config_follows_the_h200_sweep():
+    # (n, k, m) -> (n_tiles, split) of the fastest 2-row-tile, 8-warp launches in
+    # bench/results_h200/gemm.json (2026-11-30)
+    best = {(14336, 4096, 16): (2, 4), (14336, 4096, 32): (4, 2), (14336, 4096, 64): (8, 2),
+            (14336, 4096, 128): (8, 1), (4096, 14336, 16): (2, 16), (4096, 14336, 32): (4, 8),
+            (4096, 14336, 64): (8, 8), (28672, 4096, 16): (2, 2), (128256, 4096, 16): (2, 1)}
+    for (n, k, m), want in best.items():
+        cfg = cuda_gemv.pick_gemm_config(m, _layout("int4:g128", n, k))
+        assert (cfg.row_tiles, cfg.warps) == (2, 8) and (cfg.n_tiles, cfg.split) == want, (n, k, m, cfg)
+
+
 # --------------------------------------------------------------------------- GPU
 
 
