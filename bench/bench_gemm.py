@@ -39,13 +39,15 @@ log = bk.log
 
 def candidates(m: int, layout, quick: bool) -> list[cuda_gemv.GemmConfig]:
     """The heuristic's configuration and a grid around it: both row tiles, 4/8 warps (2 too
-    unless quick), split K from 1 to 16, and half the activation tiles."""
+    unless quick), split K from 1 to 16 or stream-K, and half the activation tiles."""
     base = cuda_gemv.pick_gemm_config(m, layout)
     out = [base]
     nts = sorted({base.n_tiles, max(1, base.n_tiles // 2)})
     warps = (4, 8) if quick else (2, 4, 8)
     for nt, rt, w, s in itertools.product(nts, (1, 2), warps, (1, 2, 4, 8, 16)):
         out.append(cuda_gemv.GemmConfig(rt, nt, w, s))
+    for nt, rt, w in itertools.product(nts, (1, 2), (4, 8)):  # stream-K: one wave, even chunks per block
+        out.append(cuda_gemv.GemmConfig(rt, nt, w, stream_k=True))
     return list(dict.fromkeys(out))
 
 
@@ -80,6 +82,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer warps/splits in the grid")
     ap.add_argument("--batches", default=",".join(map(str, BATCHES)))
     ap.add_argument("--no-triton", action="store_true", help="skip the Triton kernel (saves its compile time)")
+    ap.add_argument("--lean", action="store_true",
+                    help="only the CUDA GEMM's grid and bf16: no Triton, GEMV sweep, PDL timings or other formats")
     args = ap.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
     props = torch.cuda.get_device_properties(0)
@@ -95,7 +99,8 @@ def main(argv=None) -> int:
     log(f"device {props.name}; copy {copy_bw / 1e9:.0f} GB/s; extension ready in {results['build_s']:.0f} s")
     out_path = Path(args.out)
     points = [("int4:g128", n, k, m) for n, k in SHAPES for m in batches]
-    points += [(spec, n, k, m) for spec, n, k in OTHER for m in (16, 64)]
+    if not args.lean:
+        points += [(spec, n, k, m) for spec, n, k in OTHER for m in (16, 64)]
     cur = None
     try:
         for spec, n, k, m in points:
@@ -117,16 +122,17 @@ def main(argv=None) -> int:
             t_heur = next((t for t, c in rows if c == heur), None)
             t_gemv = forced(kws, x, "cuda_gemv") if m <= cuda_gemv.MAX_BATCH else None
             gemv_rows = []
-            if m <= cuda_gemv.MAX_BATCH and spec == "int4:g128":  # the GEMV's launch shapes
+            if m <= cuda_gemv.MAX_BATCH and spec == "int4:g128" and not args.lean:  # the GEMV's launch shapes
                 for rt, w in itertools.product((1, 2), (2, 4, 8, 16)):
                     gcfg = cuda_gemv.GemvConfig(rt, 1, w)
                     gemv_rows.append((timed(kws, lambda kw, c=gcfg: (lambda: cuda_gemv.qmatmul(x, kw, None, c))), gcfg))
                 gemv_rows.sort(key=lambda r: r[0])
                 log(f"  gemv best {gemv_rows[0][0]:.1f} {gemv_rows[0][1]} | heuristic {cuda_gemv.pick_config(m, lay)}")
             # with programmatic dependent launch: consecutive calls of the same kernel overlap
-            t_gemv_pdl = forced(kws, x, "cuda_gemv", {"MIXQ_PDL": "1"}) if m <= cuda_gemv.MAX_BATCH else None
-            t_heur_pdl = forced(kws, x, "cuda_tc", {"MIXQ_PDL": "1"})
-            t_tc = None if args.no_triton else forced(kws, x, "tc")
+            lean_skip = args.lean or m > cuda_gemv.MAX_BATCH
+            t_gemv_pdl = None if lean_skip else forced(kws, x, "cuda_gemv", {"MIXQ_PDL": "1"})
+            t_heur_pdl = None if args.lean else forced(kws, x, "cuda_tc", {"MIXQ_PDL": "1"})
+            t_tc = None if (args.no_triton or args.lean) else forced(kws, x, "tc")
             t_disp = timed(kws, lambda kw: (lambda: qmatmul(x, kw)))
             t_bf16 = bk.bench_bf16(n, k, m)
             io = bk.io_bytes(kws[0].nbytes(), m, n, k)
@@ -138,12 +144,16 @@ def main(argv=None) -> int:
                        gemv_all=[(t, dataclasses.asdict(c)) for t, c in gemv_rows],
                        dispatch_us=t_disp, dispatch_route=route(kws[0], x), bf16_us=t_bf16,
                        all=[(t, dataclasses.asdict(c)) for t, c in rows])
+            sk = [t for t, c in rows if c.stream_k]
+            row["best_split_us"] = min((t for t, c in rows if not c.stream_k), default=None)
+            row["best_stream_k_us"] = min(sk, default=None)
             results["rows"].append(row)
             f = lambda t: f"{t:6.1f}" if t else "     -"  # noqa: E731
             log(f"{spec} {n}x{k} M={m:<3} best {f(row['best_us'])} ({pct(row['best_us']):3.0f}%) "
                 f"{rows[0][1] if rows else ''} | heur {f(t_heur)} (PDL {f(t_heur_pdl)}) | gemv {f(t_gemv)} "
                 f"(PDL {f(t_gemv_pdl)}) | triton tc {f(t_tc)} | "
-                f"dispatch {f(t_disp)} ({row['dispatch_route']}) | bf16 {f(t_bf16)} | x bf16 {t_bf16 / t_disp:4.2f}")
+                f"dispatch {f(t_disp)} ({row['dispatch_route']}) | bf16 {f(t_bf16)} | x bf16 {t_bf16 / t_disp:4.2f} | "
+                f"best split K {f(row['best_split_us'])}, stream-K {f(row['best_stream_k_us'])}")
             out_path.write_text(json.dumps(results, indent=1))
     finally:
         out_path.write_text(json.dumps(results, indent=1))

@@ -12,7 +12,8 @@
 # 4. with E2E=1, the decode loop (bench_e2e.py), with E2E_PDL=1 again with programmatic
 #    dependent launch;
 # 5. with PROFILE=1, Nsight Compute sections of the GEMV (batch 1) and the GEMM (16, 64).
-# Step time limits: T_TEST, T_GEMM, T_PEERS, T_E2E seconds.
+# Step time limits: T_TEST, T_GEMM, T_PEERS (0: no peers), T_E2E seconds; GEMM_ARGS: options of
+# bench_gemm.py (e.g. "--lean --quick --batches 1,16,64").
 set -u
 OUT=${1:-gemm_results}
 mkdir -p "$OUT"
@@ -33,11 +34,11 @@ timeout "${T_TEST:-120}" python3 -m pytest -q --maxfail=5 -n 8 -p no:cacheprovid
   tests/test_kernels_cuda.py >"$OUT/pytest.log" 2>&1
 echo "pytest rc=$?" >>"$OUT/pytest.log"
 grep -E "^(FAILED|ERROR)|Error|assert|passed|failed|rc=" "$OUT/pytest.log" | head -30
-timeout "${T_GEMM:-200}" python3 bench/bench_gemm.py --out "$OUT/gemm.json" >"$OUT/gemm.log" 2>&1
+timeout "${T_GEMM:-200}" python3 bench/bench_gemm.py ${GEMM_ARGS:-} --out "$OUT/gemm.json" >"$OUT/gemm.log" 2>&1
 grep -E "^int4|gemv best" "$OUT/gemm.log" | tail -50
-timeout "${T_PEERS:-60}" python3 bench/peer_gemv.py --batches ${PEER_BATCHES:-16,64} --peers mixq,bf16,tinygemm,gemlite \
+[ "${T_PEERS:-60}" != 0 ] && timeout "${T_PEERS:-60}" python3 bench/peer_gemv.py --batches ${PEER_BATCHES:-16,64} --peers mixq,bf16,tinygemm,gemlite \
   --shapes 14336x4096,4096x4096,4096x14336 --out "$OUT/peers.json" >"$OUT/peers.log" 2>&1
-tail -12 "$OUT/peers.log"
+[ -f "$OUT/peers.log" ] && tail -12 "$OUT/peers.log"
 if [ -n "${E2E:-}" ]; then  # the decode loop with and without programmatic dependent launch
   timeout "${T_E2E:-100}" python3 bench/bench_e2e.py --steps 32 --plans bf16,int4,mixed-4.25,mixed-3.5 --out "$OUT/e2e.json" >"$OUT/e2e.log" 2>&1
   [ -n "${E2E_PDL:-}" ] && MIXQ_PDL=1 timeout "${T_E2E:-100}" python3 bench/bench_e2e.py --steps 32 --plans int4,mixed-3.5 \

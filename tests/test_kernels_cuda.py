@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from mixq import formats
+from _cuda_checks import REL_TOL, check, gpu_case
 from mixq.kernels import cuda_gemv, dequantize, prepack, qmatmul
 
-REL_TOL = 1e-2
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
 
 
@@ -96,23 +96,11 @@ def test_cpu_dispatch_unchanged():
 
 
 def _gpu_case(spec: str, n: int, k: int, seed: int):
-    torch.manual_seed(seed)
-    fmt = formats.parse(spec)
-    return prepack(fmt.quantize(torch.randn(n, k, device="cuda")), fmt)
+    return gpu_case(spec, n, k, seed)
 
 
 def _check(kw, m, dtype, cfg=None, bias=False):
-    n, k = kw.layout.out_features, kw.layout.in_features
-    x = torch.randn(m, k, device="cuda", dtype=dtype)
-    b = torch.randn(n, device="cuda", dtype=dtype) if bias else None
-    ref = x.float() @ dequantize(kw).T + (b.float() if bias else 0.0)
-    out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
-    y = cuda_gemv.qmatmul(x, kw, b, cfg, out=out)
-    assert y is not None, cuda_gemv.build_error()
-    assert y.data_ptr() == out.data_ptr() and y.dtype == dtype
-    assert torch.isfinite(y).all(), f"{kw.layout.fmt} m={m} {cfg}: output not fully written"
-    err = float((y.float() - ref).norm() / ref.norm())
-    assert err < REL_TOL, f"{kw.layout.fmt} {dtype} m={m} {cfg}: rel err {err:.2e}"
+    return check(cuda_gemv.qmatmul, kw, m, dtype, cfg, bias)
 
 
 @pytest.mark.gpu

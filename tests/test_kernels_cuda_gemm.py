@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from mixq import formats
-from mixq.kernels import cuda_gemv, dequantize, prepack, qmatmul, route
+from _cuda_checks import REL_TOL, check, gpu_case
+from mixq.kernels import cuda_gemv, prepack, qmatmul, route
 
-REL_TOL = 1e-2
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
 
 
@@ -49,45 +49,35 @@ def test_pick_gemm_config(m, n, k):
     assert cfg.split == 1 or chunks >= 2 * cfg.split  # every K slice keeps >= 2 chunks
     tiles = -(-n // (16 * cfg.row_tiles * cfg.warps)) * -(-m // (8 * cfg.n_tiles))
     assert cfg.split == 1 or tiles * cfg.split <= 2 * 132  # about 2 blocks per SM at most
+    assert cfg.stream_k == (tiles >= 48) and (cfg.split == 1 or not cfg.stream_k)
     assert cuda_gemv.gemm_smem_bytes(cfg) <= 96 * 1024
 
 
 def test_pick_gemm_config_follows_the_h200_sweep():
     # (n, k, m) -> (n_tiles, split) of the fastest 2-row-tile, 8-warp launches in
-    # bench/results_h200/gemm.json (2026-11-30)
-    best = {(14336, 4096, 16): (2, 4), (14336, 4096, 32): (4, 2), (14336, 4096, 64): (8, 2),
-            (14336, 4096, 128): (8, 1), (4096, 14336, 16): (2, 16), (4096, 14336, 32): (4, 8),
-            (4096, 14336, 64): (8, 8), (28672, 4096, 16): (2, 2), (128256, 4096, 16): (2, 1)}
+    # bench/results_h200/gemm.json and gemm_stream_k.json (2026-11-30); split 0 = stream-K
+    best = {(14336, 4096, 16): (2, 0), (14336, 4096, 32): (4, 0), (14336, 4096, 64): (8, 0),
+            (14336, 4096, 128): (8, 0), (4096, 14336, 16): (2, 16), (4096, 14336, 32): (4, 8),
+            (4096, 14336, 64): (8, 8), (4096, 4096, 16): (2, 16), (4096, 4096, 128): (8, 4)}
     for (n, k, m), want in best.items():
         cfg = cuda_gemv.pick_gemm_config(m, _layout("int4:g128", n, k))
-        assert (cfg.row_tiles, cfg.warps) == (2, 8) and (cfg.n_tiles, cfg.split) == want, (n, k, m, cfg)
+        got = (cfg.n_tiles, 0 if cfg.stream_k else cfg.split)
+        assert (cfg.row_tiles, cfg.warps) == (2, 8) and got == want, (n, k, m, cfg)
 
 
 # --------------------------------------------------------------------------- GPU
 
 
 def _gpu_case(spec: str, n: int, k: int, seed: int):
-    torch.manual_seed(seed)
-    fmt = formats.parse(spec)
-    return prepack(fmt.quantize(torch.randn(n, k, device="cuda")), fmt)
+    return gpu_case(spec, n, k, seed)
 
 
 def _check(kw, m, dtype, cfg=None, bias=False):
-    n, k = kw.layout.out_features, kw.layout.in_features
-    x = torch.randn(m, k, device="cuda", dtype=dtype)
-    b = torch.randn(n, device="cuda", dtype=dtype) if bias else None
-    ref = x.float() @ dequantize(kw).T + (b.float() if bias else 0.0)
-    out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
-    y = cuda_gemv.gemm(x, kw, b, cfg, out=out)
-    assert y is not None, cuda_gemv.build_error()
-    assert y.data_ptr() == out.data_ptr() and y.dtype == dtype
-    assert torch.isfinite(y).all(), f"{kw.layout.fmt} m={m} {cfg}: output not fully written"
-    err = float((y.float() - ref).norm() / ref.norm())
-    assert err < REL_TOL, f"{kw.layout.fmt} {dtype} m={m} {cfg}: rel err {err:.2e}"
-    return y
+    return check(cuda_gemv.gemm, kw, m, dtype, cfg, bias)
 
 
 CONFIGS = [cuda_gemv.GemmConfig(r, t, w, s) for r in (1, 2) for t in (1, 2, 4, 8) for w in (1, 3, 8) for s in (1, 3)]
+CONFIGS += [cuda_gemv.GemmConfig(r, t, w, stream_k=True) for r in (1, 2) for t in (1, 2, 4, 8) for w in (1, 3, 8)]
 
 
 @pytest.mark.gpu
@@ -98,7 +88,8 @@ CONFIGS = [cuda_gemv.GemmConfig(r, t, w, s) for r in (1, 2) for t in (1, 2, 4, 8
 def test_every_launch_shape_matches_reference(spec, n, k, dtype):
     """Odd row counts (past every tile edge), K not a multiple of 128 (partial last chunk),
     batches around the 8-row activation tiles, 1..8 warps, split K with uneven slices (and
-    slices of one chunk: half a shared-memory stage)."""
+    slices of one chunk: half a shared-memory stage), stream-K (here mostly one chunk per
+    block, so up to every chunk of a tile in its own partial-sum slot)."""
     kw = _gpu_case(spec, n, k, seed=n + k)
     for cfg in CONFIGS:
         for m in (1, 9, 17, 64):
@@ -117,12 +108,30 @@ def test_llama_shapes_every_batch(m):
 
 @pytest.mark.gpu
 @needs_cuda
+@pytest.mark.parametrize("m", [1, 16, 64, 100])
+def test_stream_k_on_llama_shapes(m):
+    """Stream-K with fewer blocks than chunk-units: blocks whose chunks start in one tile and end
+    in the next, tiles summed from 2-3 slots, several tiles per block at 100 rows."""
+    for n, k in [(4096, 4096), (1024, 14336), (14336, 4096)]:
+        kw = _gpu_case("int4:g128:asym", n, k, seed=m + n)
+        for cfg in [cuda_gemv.GemmConfig(2, 2 if m <= 16 else 8, 8, stream_k=True),
+                    cuda_gemv.GemmConfig(1, 1, 4, stream_k=True)]:
+            _check(kw, m, torch.bfloat16, cfg, bias=True)
+    ws, cnt = _WS_of(torch.device("cuda", torch.cuda.current_device()))
+    torch.cuda.synchronize()
+    assert int(cnt.abs().sum()) == 0  # every tile's counter back at zero
+
+
+@pytest.mark.gpu
+@needs_cuda
 def test_split_k_is_deterministic_and_restores_counters():
     kw = _gpu_case("int4:g128:asym", 512, 4096, seed=2)
     x = torch.randn(24, 4096, device="cuda", dtype=torch.bfloat16)
     cfg = cuda_gemv.GemmConfig(1, 4, 4, 8)
     ys = [cuda_gemv.gemm(x, kw, None, cfg) for _ in range(5)]
     assert all(torch.equal(ys[0], y) for y in ys[1:])
+    sk = [cuda_gemv.gemm(x, kw, None, dataclasses.replace(cfg, stream_k=True)) for _ in range(5)]
+    assert all(torch.equal(sk[0], y) for y in sk[1:])  # slots are summed in order, whoever arrives last
     ws, cnt = _WS_of(x.device)
     torch.cuda.synchronize()
     assert int(cnt.abs().sum()) == 0
@@ -140,17 +149,21 @@ def test_cuda_graph_capture_with_split_k():
     kw = _gpu_case("int4:g128", 1024, 4096, seed=5)
     x = torch.randn(16, 4096, device="cuda", dtype=torch.bfloat16)
     cfg = cuda_gemv.GemmConfig(1, 2, 4, 4)
+    cfg2 = dataclasses.replace(cfg, stream_k=True)
     y0 = cuda_gemv.gemm(x, kw, None, cfg)
+    y0s = cuda_gemv.gemm(x, kw, None, cfg2)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         y = cuda_gemv.gemm(x, kw, None, cfg)
         y2 = cuda_gemv.gemm(x, kw, None, cfg)  # two calls on one workspace in one graph
+        y3 = cuda_gemv.gemm(x, kw, None, cfg2)
     y.fill_(float("nan"))
     y2.fill_(float("nan"))
+    y3.fill_(float("nan"))
     for _ in range(3):
         graph.replay()
     torch.cuda.synchronize()
-    assert torch.equal(y, y0) and torch.equal(y2, y0)
+    assert torch.equal(y, y0) and torch.equal(y2, y0) and torch.equal(y3, y0s)
 
 
 @pytest.mark.gpu

@@ -76,12 +76,15 @@ class GemvConfig:
 class GemmConfig:
     """Launch shape of the tensor-core GEMM: 16-row weight tiles per warp (1, 2), 8-row
     activation tiles per block (1, 2, 4, 8; further rows go to further blocks), warps per
-    block (1..8, each on its own rows), and K slices (split-K blocks per output tile)."""
+    block (1..8, each on its own rows), and K slices (split-K blocks per output tile); or
+    `stream_k`: as many blocks as fit on the device at once, each taking the same number of
+    128-input chunks, across tile boundaries (split is then unused)."""
 
     row_tiles: int = 2
     n_tiles: int = 2
     warps: int = 8
     split: int = 1
+    stream_k: bool = False
 
 
 def build_error() -> str | None:
@@ -188,15 +191,12 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[idx]
 
 
-def qmatmul(x: torch.Tensor, kw: KernelWeights, bias: torch.Tensor | None = None,
-            config: GemvConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor | None:
-    """`x @ dequant(W)^T (+ bias)` for x of shape (M <= 8, in_features), bf16 or fp16, in x's
-    dtype (fp32 accumulation). Returns None when the extension is unavailable (the caller
-    falls back); raises ValueError for inputs `supports` rejects."""
-    lay = kw.layout
-    if not supports(lay, x) or x.shape[1] != lay.in_features:
-        raise ValueError(f"cuda_gemv takes (M <= {MAX_BATCH}, {lay.in_features}) bf16/fp16 CUDA input "
-                         f"and int4 fp16-scale layouts; got {tuple(x.shape)} {x.dtype} for {lay.fmt}")
+def _operands(x: torch.Tensor, bias: torch.Tensor | None, lay: PackedLayout, ok: bool, expected: str):
+    """(extension, x, bias) ready for a kernel: x with 16-byte aligned unit-stride rows, bias
+    contiguous in x's dtype; None when the extension is unavailable; ValueError naming what
+    was expected when the kernel does not take this input."""
+    if not ok or x.shape[-1] != lay.in_features:
+        raise ValueError(f"{expected}; got {tuple(x.shape)} {x.dtype} on {x.device} for {lay.fmt}")
     ext = extension()
     if ext is None:
         return None
@@ -204,6 +204,20 @@ def qmatmul(x: torch.Tensor, kw: KernelWeights, bias: torch.Tensor | None = None
         x = x.clone(memory_format=torch.contiguous_format)
     if bias is not None:
         bias = bias.to(x.dtype).contiguous()
+    return ext, x, bias
+
+
+def qmatmul(x: torch.Tensor, kw: KernelWeights, bias: torch.Tensor | None = None,
+            config: GemvConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """`x @ dequant(W)^T (+ bias)` for x of shape (M <= 8, in_features), bf16 or fp16, in x's
+    dtype (fp32 accumulation). Returns None when the extension is unavailable (the caller
+    falls back); raises ValueError for inputs `supports` rejects."""
+    lay = kw.layout
+    ready = _operands(x, bias, lay, supports(lay, x), f"cuda_gemv takes (M <= {MAX_BATCH}, {lay.in_features}) "
+                      f"bf16/fp16 CUDA input and int4 or 3-bit fp16-scale layouts")
+    if ready is None:
+        return None
+    ext, x, bias = ready
     cfg = config or pick_config(x.shape[0], lay, _sm_count(x.device))
     if lay.bits == 3:
         return ext.gemv_int3(x, kw.codes, kw.scales, kw.zeros, bias, out, lay.group_size, lay.code_offset, cfg.warps)
@@ -231,17 +245,20 @@ def gemm_supports(layout: PackedLayout, x: torch.Tensor) -> bool:
 
 
 def pick_gemm_config(m: int, layout: PackedLayout, n_sms: int = 132) -> GemmConfig:
-    """From the H200 sweep (bench/bench_gemm.py, 2026-11-30): activation tiles to cover the
+    """From the H200 sweeps (bench/bench_gemm.py, 2026-11-30): activation tiles to cover the
     batch (up to 64 rows per block), two 16-row weight tiles per warp and 8 warps (256 weight
-    rows per block), and split K until there are about 2 blocks per SM up to 16 activation
-    rows and 1 beyond (at 32 rows: 34.4 vs 37.6 µs on 14336x4096, 15.3 vs 20.1 on 4096x4096),
-    every slice keeping at least 2 chunks of 128 inputs."""
+    rows per block); then stream-K where there are at least 48 output tiles (14336x4096: 43.9
+    vs 46.7 µs at 64 rows, 21.7 vs 22.2 at 16), else split K until there are about 2 blocks per
+    SM up to 16 activation rows and 1 beyond (at 32 rows: 34.4 vs 37.6 µs on 14336x4096, 15.3
+    vs 20.1 on 4096x4096), every slice keeping at least 2 chunks of 128 inputs."""
     n, k = layout.out_features, layout.in_features
     n_tiles = 1
     while n_tiles < 8 and 8 * n_tiles < m:
         n_tiles *= 2
     row_tiles, warps = 2, 8
     tiles = -(-n // (16 * row_tiles * warps)) * -(-m // (8 * n_tiles))
+    if tiles >= 48:
+        return GemmConfig(row_tiles=row_tiles, n_tiles=n_tiles, warps=warps, stream_k=True)
     chunks = -(-k // 128)
     target = (2 if m <= 16 else 1) * n_sms
     split = 1
@@ -303,6 +320,7 @@ class _Workspace:
 
 
 _WS = _Workspace()
+_WS_NEED: dict[tuple, tuple[int, int]] = {}
 
 
 def gemm(x: torch.Tensor, kw: KernelWeights, bias: torch.Tensor | None = None, config: GemmConfig | None = None,
@@ -312,26 +330,23 @@ def gemm(x: torch.Tensor, kw: KernelWeights, bias: torch.Tensor | None = None, c
     Returns None when the extension is unavailable (the caller falls back); raises ValueError
     for inputs `gemm_supports` rejects."""
     lay = kw.layout
-    if not gemm_supports(lay, x) or x.shape[1] != lay.in_features:
-        raise ValueError(f"cuda_gemv.gemm takes (M, {lay.in_features}) bf16/fp16 CUDA input and int4 "
-                         f"fp16-scale layouts; got {tuple(x.shape)} {x.dtype} for {lay.fmt}")
-    ext = extension()
-    if ext is None:
+    ready = _operands(x, bias, lay, gemm_supports(lay, x), f"cuda_gemv.gemm takes (M, {lay.in_features}) "
+                      f"bf16/fp16 CUDA input and int4 fp16-scale layouts")
+    if ready is None:
         return None
-    if x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:
-        x = x.clone(memory_format=torch.contiguous_format)
-    if bias is not None:
-        bias = bias.to(x.dtype).contiguous()
+    ext, x, bias = ready
     m, n, k = x.shape[0], lay.out_features, lay.in_features
     cfg = config or pick_gemm_config(m, lay, _sm_count(x.device))
-    chunks = -(-k // 128)
-    split = max(1, min(cfg.split, chunks))
-    per = -(-chunks // split)  # the extension slices K the same way
-    used = -(-chunks // per)
-    if used > 1:
-        tiles = -(-n // (16 * cfg.row_tiles * cfg.warps)) * -(-m // (8 * cfg.n_tiles))
-        ws, cnt = _WS.get(x.device, used * tiles * cfg.warps * cfg.row_tiles * cfg.n_tiles * 128, tiles)
+    split = max(1, min(cfg.split, -(-k // 128)))
+    key = (x.device.index, m, n, k, lay.group_size, cfg, split, x.dtype)
+    need = _WS_NEED.get(key)
+    if need is None:  # the extension plans the launch (stream-K depends on the device's occupancy)
+        need = tuple(ext.gemm_int4_workspace(m, n, k, lay.group_size, cfg.row_tiles, cfg.n_tiles, cfg.warps, split,
+                                             cfg.stream_k, x.dtype == torch.bfloat16, x.device.index or 0))
+        _WS_NEED[key] = need
+    if need[0] > 0:
+        ws, cnt = _WS.get(x.device, need[0], need[1])
     else:
         ws = cnt = kw.codes  # unused
     return ext.gemm_int4(x, kw.codes, kw.scales, kw.zeros, bias, out, ws, cnt, lay.group_size, lay.code_offset,
-                         cfg.row_tiles, cfg.n_tiles, cfg.warps, split)
+                         cfg.row_tiles, cfg.n_tiles, cfg.warps, split, cfg.stream_k)

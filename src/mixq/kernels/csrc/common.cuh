@@ -86,6 +86,52 @@ __device__ __forceinline__ uint32_t word(const uint4& v, int i) {
   return i == 0 ? v.x : (i == 1 ? v.y : (i == 2 ? v.z : v.w));
 }
 
+// Element offsets of rows g and g + 8 of a lane's kR 16-row tiles from row0 (rows past n
+// clamped to n - 1: computed, not stored) into the int4 codes (+ the lane's 4 words at q),
+// scales and zero points (0 without zeros), kept in registers.
+template <int kR, typename Params>
+__device__ __forceinline__ void row_offsets(const Params& p, int row0, int g, int q, bool zeros, uint32_t (&w_off)[kR][2],
+                                            uint32_t (&s_off)[kR][2], uint32_t (&z_off)[kR][2]) {
+#pragma unroll
+  for (int r = 0; r < kR; ++r)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const uint32_t row = min(row0 + r * 16 + h * 8 + g, p.n - 1);
+      w_off[r][h] = opaque(row * uint32_t(p.ld_codes) + q * 4);
+      s_off[r][h] = opaque(row * uint32_t(p.ld_scales));
+      z_off[r][h] = zeros ? opaque(row * uint32_t(p.ld_zeros)) : 0u;
+    }
+}
+
+// One 128-input chunk of a lane's int4 weights: 16 bytes (32 codes) of rows g and g + 8 of
+// each of its kR row tiles, with their scale and zero point of the chunk's group.
+template <int kR>
+struct Chunk {
+  uint4 w[kR][2];  // codes of rows g, g + 8 of each row tile
+  uint32_t s[kR];  // fp16 scale bits of rows g (low half), g + 8 (high half)
+  uint32_t z[kR];  // zero points of rows g (low half), g + 8 (high half)
+};
+
+// Loads chunk c (word offset c * 16 in each row) into registers: zero codes for lanes past k
+// (lane_ok false), the scales and zero points (code_offset without zeros) of group grp.
+template <int kR, typename Params>
+__device__ __forceinline__ void load_chunk(Chunk<kR>& ch, const Params& p, int c, bool lane_ok, uint32_t grp, bool zeros,
+                                           const uint32_t (&w_off)[kR][2], const uint32_t (&s_off)[kR][2],
+                                           const uint32_t (&z_off)[kR][2]) {
+#pragma unroll
+  for (int r = 0; r < kR; ++r) {
+    uint32_t s[2], z[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      ch.w[r][h] = lane_ok ? load_stream(p.codes + (w_off[r][h] + c * 16)) : make_uint4(0, 0, 0, 0);
+      s[h] = __ldg(p.scales + (s_off[r][h] + grp));
+      z[h] = zeros ? uint32_t(__ldg(p.zeros + (z_off[r][h] + grp))) : uint32_t(p.code_offset);
+    }
+    ch.s[r] = s[0] | (s[1] << 16);
+    ch.z[r] = z[0] | (z[1] << 16);
+  }
+}
+
 // Programmatic dependent launch (sm_90+, opt-in: gemv_int4.h pdl_enabled). A kernel launched
 // with `launch_ex(..., pdl = true)`
 // may start while the previous kernel of the stream is still running: it lets the next kernel

@@ -113,39 +113,63 @@ torch::Tensor gemv_int3(torch::Tensor x, torch::Tensor codes, torch::Tensor scal
   return y;
 }
 
-// Tensor-core int4 GEMM at any batch (gemm_int4.cu). ws / cnt: the split-K workspace (fp32,
-// >= gemm_int4_workspace floats) and per-tile counters (int32, zero between calls); unused
-// when split == 1.
+int sm_count(const torch::Device& device) {
+  return at::cuda::getDeviceProperties(device.index())->multiProcessorCount;
+}
+
+// Tensor-core int4 GEMM at any batch (gemm_int4.cu). ws / cnt: the workspace (fp32) and
+// per-tile counters (int32, zero between calls) of `gemm_int4_workspace`; unused (any tensor)
+// when it says 0 floats.
 torch::Tensor gemm_int4(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, c10::optional<torch::Tensor> zeros,
                         c10::optional<torch::Tensor> bias, c10::optional<torch::Tensor> out, torch::Tensor ws,
                         torch::Tensor cnt, int64_t group_size, int64_t code_offset, int64_t row_tiles, int64_t n_tiles,
-                        int64_t warps, int64_t split) {
+                        int64_t warps, int64_t split, bool stream_k) {
   torch::Tensor y;
   GemmInt4Params p{};
   p.b = make_params("gemm_int4", x, codes, scales, zeros, bias, out, group_size, code_offset, 4, int64_t(1) << 20, 32, y);
-  const int64_t n_chunks = (x.size(1) + 127) / 128;
-  TORCH_CHECK(split >= 1 && split <= n_chunks, "gemm_int4: split must be in 1..", n_chunks, ", got ", split);
-  p.chunks_per_split = int((n_chunks + split - 1) / split);
-  const int64_t used = (n_chunks + p.chunks_per_split - 1) / p.chunks_per_split;  // slices that get chunks
-  if (used > 1) {
-    const int64_t tiles = gemm_int4_tiles(p, int(row_tiles), int(n_tiles), int(warps));
-    const int64_t need = used * tiles * warps * row_tiles * n_tiles * 128;
-    TORCH_CHECK(ws.scalar_type() == torch::kFloat && ws.is_cuda() && ws.numel() >= need && aligned16(ws),
+  const c10::cuda::CUDAGuard guard(x.device());
+  const bool bf16 = x.scalar_type() == torch::kBFloat16;
+  size_t need = 0;
+  int tiles = 0;
+  cudaError_t err = gemm_int4_plan(p, bf16, int(row_tiles), int(n_tiles), int(warps), int(split), stream_k,
+                                   sm_count(x.device()), &need, &tiles);
+  TORCH_CHECK(err == cudaSuccess, "gemm_int4: launch shape rejected (row_tiles ", row_tiles, ", n_tiles ", n_tiles,
+              ", warps ", warps, ", split ", split, "): ", cudaGetErrorString(err));
+  if (need > 0) {
+    TORCH_CHECK(ws.scalar_type() == torch::kFloat && ws.is_cuda() && size_t(ws.numel()) >= need && aligned16(ws),
                 "gemm_int4: workspace must hold ", need, " float32");
     TORCH_CHECK(cnt.scalar_type() == torch::kInt && cnt.is_cuda() && cnt.numel() >= tiles,
                 "gemm_int4: counters must hold ", tiles, " int32");
     p.ws = ws.data_ptr<float>();
     p.cnt = cnt.data_ptr<int>();
   }
-  const c10::cuda::CUDAGuard guard(x.device());
-  const cudaError_t err = gemm_int4_launch(p, x.scalar_type() == torch::kBFloat16, int(row_tiles), int(n_tiles), int(warps),
-                                           int(used), c10::cuda::getCurrentCUDAStream().stream());
+  err = gemm_int4_launch(p, bf16, int(row_tiles), int(n_tiles), int(warps), c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "gemm_int4 launch failed: ", cudaGetErrorString(err));
   return y;
+}
+
+// [workspace float32 count, counter count] of a gemm_int4 call with this shape and launch.
+std::vector<int64_t> gemm_int4_workspace(int64_t m, int64_t n, int64_t k, int64_t group_size, int64_t row_tiles,
+                                         int64_t n_tiles, int64_t warps, int64_t split, bool stream_k, bool bf16,
+                                         int64_t device) {
+  GemmInt4Params p{};
+  p.b.m = int(m);
+  p.b.n = int(n);
+  p.b.k = int(k);
+  p.b.group_shift = group_shift("gemm_int4", group_size, k);
+  const torch::Device dev(torch::kCUDA, c10::DeviceIndex(device));
+  const c10::cuda::CUDAGuard guard(dev);
+  size_t need = 0;
+  int tiles = 0;
+  const cudaError_t err = gemm_int4_plan(p, bf16, int(row_tiles), int(n_tiles), int(warps), int(split), stream_k,
+                                         sm_count(dev), &need, &tiles);
+  TORCH_CHECK(err == cudaSuccess, "gemm_int4: launch shape rejected: ", cudaGetErrorString(err));
+  return {int64_t(need), int64_t(tiles)};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv_int4", &gemv_int4, "int4 weight-only GEMV for <= 8 activation rows (mixq)");
   m.def("gemv_int3", &gemv_int3, "3-bit (split layout) weight-only GEMV for <= 8 activation rows (mixq)");
   m.def("gemm_int4", &gemm_int4, "int4 weight-only tensor-core GEMM at any batch (mixq)");
+  m.def("gemm_int4_workspace", &gemm_int4_workspace, "workspace floats and counters of a gemm_int4 call (mixq)");
 }

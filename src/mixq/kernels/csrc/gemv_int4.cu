@@ -34,12 +34,6 @@ namespace {
 
 using namespace mixq_kernels;
 
-template <int kR>
-struct Chunk {
-  uint4 w[kR][2];  // codes of rows g, g + 8 of each row tile
-  uint32_t s[kR];  // fp16 scale bits of rows g (low half), g + 8 (high half)
-  uint32_t z[kR];  // zero points of rows g (low half), g + 8 (high half)
-};
 
 template <bool kBF16, bool kPre, bool kZeros, int kR, int kU>
 // One 16-row tile, one chunk per buffer: at most 64 registers (two 512-thread blocks, or eight of 128
@@ -61,33 +55,13 @@ __global__ void __launch_bounds__(512, (kR == 1 && kU == 1) ? 2 : 1) gemv_int4_k
 
   // rows g and g + 8 of each tile (tail rows clamped: computed, not stored)
   uint32_t w_off[kR][2], s_off[kR][2], z_off[kR][2];
-#pragma unroll
-  for (int r = 0; r < kR; ++r)
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const uint32_t row = min(row0 + r * 16 + h * 8 + g, p.n - 1);
-      w_off[r][h] = opaque(row * uint32_t(p.ld_codes) + q * 4);
-      s_off[r][h] = opaque(row * uint32_t(p.ld_scales));
-      z_off[r][h] = kZeros ? opaque(row * uint32_t(p.ld_zeros)) : 0u;
-    }
+  row_offsets<kR>(p, row0, g, q, kZeros, w_off, s_off, z_off);
 
   auto load = [&](Chunk<kR>& ch, int c) {
     if (c >= n_chunks) return;  // warp-uniform
     const int kq = c * kChunk + q * 32;
-    const bool lane_ok = kq < p.k;
     const uint32_t grp = uint32_t((kPre ? min(kq, p.k - 1) : c * kChunk) >> p.group_shift);
-#pragma unroll
-    for (int r = 0; r < kR; ++r) {
-      uint32_t s[2], z[2];
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        ch.w[r][h] = lane_ok ? load_stream(p.codes + (w_off[r][h] + c * 16)) : make_uint4(0, 0, 0, 0);
-        s[h] = __ldg(p.scales + (s_off[r][h] + grp));
-        z[h] = kZeros ? uint32_t(__ldg(p.zeros + (z_off[r][h] + grp))) : uint32_t(p.code_offset);
-      }
-      ch.s[r] = s[0] | (s[1] << 16);
-      ch.z[r] = z[0] | (z[1] << 16);
-    }
+    load_chunk<kR>(ch, p, c, kq < p.k, grp, kZeros, w_off, s_off, z_off);
   };
 
   float acc[kR][4];

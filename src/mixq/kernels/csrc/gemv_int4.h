@@ -47,22 +47,28 @@ cudaError_t gemv_int4_launch(const GemvInt4Params& p, bool bf16, bool pre_scale,
 cudaError_t gemv_int3_launch(const GemvInt4Params& p, bool bf16, int warps, cudaStream_t stream);
 
 // Tensor-core GEMM for int4 codes at any batch (gemm_int4.cu). b: as for the GEMV (any m >= 1;
-// group_size a power of two >= 32 or one group per row). Split K: gridDim.y = split slices of
-// chunks_per_split 128-input chunks each; with split > 1, ws holds split * tiles * warps *
-// row_tiles * n_tiles * 128 floats (any contents) and cnt `tiles` ints that are zero before the
-// call and are zero again after it (gemm_int4_tiles gives tiles).
+// group_size a power of two >= 32 or one group per row). gemm_int4_plan fills the rest from a
+// launch shape and says how much workspace the call needs: ws_floats fp32 values (any contents)
+// and `tiles` int32 counters that are zero before the call and zero again after it.
 struct GemmInt4Params {
   GemvInt4Params b;
   float* ws;
   int* cnt;
-  int chunks_per_split;
+  int tiles_x, tiles_z;     // output tiles: 16 row_tiles warps weight rows x 8 n_tiles activation rows
+  int chunks_per_split;     // split K: 128-input chunks per K slice
+  int splits;               //   K slices per tile (gridDim.y)
+  int stream_k_blocks;      // > 0: stream-K instead, this many blocks sharing all chunk-units evenly
+  int slots;                // partial-sum slots per tile in ws
 };
 
 // row_tiles: 16-row weight tiles per warp (1, 2); n_tiles: 8-row activation tiles per block
-// (1, 2, 4, 8; more activation rows go to further blocks); warps per block (1..8), each on its
-// own row tiles of the same K slice. Dynamic shared memory: gemm_int4_smem_bytes(n_tiles)
-// (two buffers of 8 n_tiles x 256 activations, padded).
-cudaError_t gemm_int4_launch(const GemmInt4Params& p, bool bf16, int row_tiles, int n_tiles, int warps, int split,
+// (1, 2, 4, 8; more activation rows go to further tiles); warps per block (1..8), each on its
+// own row tiles of the same chunks; split: K slices per tile (split K), or with stream_k every
+// block (n_sms x the blocks that fit per SM) takes the same number of chunks, across tiles.
+// Dynamic shared memory: gemm_int4_smem_bytes(n_tiles) (two buffers of 8 n_tiles x 256
+// activations, padded).
+cudaError_t gemm_int4_plan(GemmInt4Params& p, bool bf16, int row_tiles, int n_tiles, int warps, int split, bool stream_k,
+                           int n_sms, size_t* ws_floats, int* tiles);
+cudaError_t gemm_int4_launch(const GemmInt4Params& p, bool bf16, int row_tiles, int n_tiles, int warps,
                              cudaStream_t stream);
-int gemm_int4_tiles(const GemmInt4Params& p, int row_tiles, int n_tiles, int warps);
 size_t gemm_int4_smem_bytes(int n_tiles);
