@@ -82,6 +82,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer warps/splits in the grid")
     ap.add_argument("--batches", default=",".join(map(str, BATCHES)))
     ap.add_argument("--no-triton", action="store_true", help="skip the Triton kernel (saves its compile time)")
+    ap.add_argument("--other-only", action="store_true", help="only the other formats and shapes (batch 16, 64)")
     ap.add_argument("--lean", action="store_true",
                     help="only the CUDA GEMM's grid and bf16: no Triton, GEMV sweep, PDL timings or other formats")
     args = ap.parse_args(argv)
@@ -98,8 +99,8 @@ def main(argv=None) -> int:
     results["copy_GBps"] = copy_bw / 1e9
     log(f"device {props.name}; copy {copy_bw / 1e9:.0f} GB/s; extension ready in {results['build_s']:.0f} s")
     out_path = Path(args.out)
-    points = [("int4:g128", n, k, m) for n, k in SHAPES for m in batches]
-    if not args.lean:
+    points = [] if args.other_only else [("int4:g128", n, k, m) for n, k in SHAPES for m in batches]
+    if not args.lean or args.other_only:
         points += [(spec, n, k, m) for spec, n, k in OTHER for m in (16, 64)]
     cur = None
     try:

@@ -65,6 +65,22 @@ def test_pick_gemm_config_follows_the_h200_sweep():
         assert (cfg.row_tiles, cfg.warps) == (2, 8) and got == want, (n, k, m, cfg)
 
 
+@pytest.mark.parametrize("spec,n,k,m,want", [
+    ("int4:g128", 14336, 4096, 16, False),   # Triton 20.0 vs 21.7 µs
+    ("int4:g128", 14336, 4096, 32, True),    # stream-K
+    ("int4:g128", 14336, 4096, 64, True),
+    ("int4:g128", 4096, 4096, 64, False),    # 16 tiles: split K, Triton 16.1 vs 19.7 µs
+    ("int4:g128", 4096, 4096, 65, True),     # past 64 rows
+    ("int4:g128:asym", 4096, 4096, 9, True),  # zero points
+    ("int4:g32", 4096, 4096, 16, True),      # groups under 128 inputs
+    ("int4:ch", 4096, 4096, 16, False),
+])
+def test_gemm_preferred_follows_the_h200_measurements(monkeypatch, spec, n, k, m, want):
+    monkeypatch.setattr(cuda_gemv, "gemm_available", lambda layout, x: True)
+    monkeypatch.setattr(cuda_gemv, "_sm_count", lambda device: 132)
+    assert cuda_gemv.gemm_preferred(_layout(spec, n, k), torch.empty(m, k)) is want
+
+
 # --------------------------------------------------------------------------- GPU
 
 

@@ -283,14 +283,18 @@ def gemm_available(layout: PackedLayout, x: torch.Tensor) -> bool:
 def gemm_preferred(layout: PackedLayout, x: torch.Tensor) -> bool:
     """Whether `kernels.qmatmul` takes the tensor-core GEMM above the GEMV's batch sizes: where
     it measured faster than the Triton tensor-core kernel on the H200 (bench/bench_gemm.py,
-    2026-11-30, 14336x4096): int4 with zero points (g128 asym at batch 16: 19.6 vs 26.4 µs;
-    g64 asym 20.6 vs 27.7), with groups under 128 inputs (g32: 20.2 vs 205 µs), and any int4
-    past 64 activation rows (g128 at batch 128: 76.5 vs 99.0 µs). Symmetric g128 / per-channel
-    int4 at 9..64 rows stays with the Triton kernel (20.1 vs 19.8 µs at 16 rows, 45.6 vs 46.5
-    at 64)."""
+    2026-11-30, bench/results_h200/gemm*.json): int4 with zero points (g128 asym at 16 rows
+    on 14336x4096: 21.7 vs 26.1 µs; g64 asym 22.9 vs 27.4), with groups under 128 inputs (g32:
+    23.1 vs 202 µs), past 64 activation rows (g128 at 128 rows: 77.7 vs 99.8 µs), and from 17
+    rows where it runs stream-K (48 output tiles or more: 14336x4096 at 64 rows 43.9 vs 45.6 µs,
+    28672x4096 75.3 vs 85.1). Symmetric g128 / per-channel int4 otherwise stays with the Triton
+    kernel (14336x4096 at 16 rows: 20.0 vs 21.7 µs; 4096x4096 at 64: 16.1 vs 19.7)."""
     if not gemm_available(layout, x):
         return False
-    return layout.has_zeros or layout.group_size < min(128, layout.in_features) or x.shape[0] > 64
+    m = x.shape[0]
+    if layout.has_zeros or layout.group_size < min(128, layout.in_features) or m > 64:
+        return True
+    return m > 16 and pick_gemm_config(m, layout, _sm_count(x.device)).stream_k
 
 
 class _Workspace:
