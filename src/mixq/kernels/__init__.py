@@ -9,7 +9,9 @@ layout and the batch (rows of x):
 * "cuda_gemv": the hand-written CUDA GEMV (`cuda_gemv`, built on first use) for int4 and
   3-bit layouts at batch <= `CUDA_GEMV_MAX_BATCH`;
 * "cuda_tc": the hand-written CUDA tensor-core GEMM (`cuda_gemv.gemm`, same extension) for
-  int4 layouts above that batch;
+  int4 layouts above that batch where it measured faster than the Triton kernel
+  (`cuda_gemv.gemm_preferred`: zero points, groups under 128 inputs, more than 64 rows, or
+  stream-K launches from 17 rows);
 * "tc": the Triton tensor-core kernel (`triton_tc`) for the layouts it takes (1, 2, 4,
   8-bit codes and the split 3-bit layout), above the batch sizes where the older kernels
   measured faster (`_OLD_KERNEL_MAX_BATCH`);
