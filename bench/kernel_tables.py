@@ -1,7 +1,7 @@
-"""Markdown tables from the JSON of bench_tc.py, peer_gemv.py and bench_e2e.py (for
-BENCHMARKS.md), with each figure as a ratio to bf16 and % of copy bandwidth.
+"""Markdown tables from the JSON of bench_tc.py, bench_gemm.py, peer_gemv.py and bench_e2e.py
+(for BENCHMARKS.md), with each figure as a ratio to bf16 and % of copy bandwidth.
 
-    python3 bench/kernel_tables.py [--tc tc.json] [--peers peer.json] [--e2e e2e.json]
+    python3 bench/kernel_tables.py [--tc tc.json] [--gemm gemm.json] [--peers peer.json] [--e2e e2e.json]
 """
 
 from __future__ import annotations
@@ -39,6 +39,24 @@ def tc_table(doc: dict) -> str:
     return "\n".join(out)
 
 
+def gemm_table(doc: dict) -> str:
+    """bench_gemm.py: the CUDA GEMM's heuristic launch (fastest of its grid; split K and
+    stream-K apart where both were timed) against the Triton kernel, the GEMV, the dispatcher
+    and bf16."""
+    bw = doc["copy_GBps"] * 1e9
+    out = [f"device {doc['device']}, copy {doc['copy_GBps']:.0f} GB/s, {doc['date']}", "",
+           "| format | out x in | batch | CUDA GEMM (best) µs | % copy | best split K / stream-K µs | Triton tc µs "
+           "| CUDA GEMV µs | dispatch µs (route) | bf16 µs | x bf16 |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in doc["rows"]:
+        pct = 100 * r["io_bytes"] / (r["best_us"] * 1e-6) / bw
+        kinds = f"{_f(r.get('best_split_us'))} / {_f(r.get('best_stream_k_us'))}"
+        out.append(f"| {r['spec']} | {r['n']}x{r['k']} | {r['m']} | {_f(r['heuristic_us'])} ({_f(r['best_us'])}) | {pct:.0f}% "
+                   f"| {kinds} | {_f(r.get('triton_tc_us'))} | {_f(r.get('gemv_us'))} | {r['dispatch_us']:.1f} "
+                   f"({r['dispatch_route']}) | {_f(r['bf16_us'])} | {r['bf16_us'] / r['dispatch_us']:.2f} |")
+    return "\n".join(out)
+
+
 def peer_table(doc: dict) -> str:
     peers = [p for p in ("mixq", "mixq_gemv", "mixq_tc", "tinygemm", "gemlite", "bf16") if any(p in r for r in doc["rows"])]
     out = [f"device {doc.get('device', '?')}, copy {doc['copy_bw'] / 1e9:.0f} GB/s, {doc.get('date', '')}", "",
@@ -69,10 +87,11 @@ def e2e_table(doc: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tc")
+    ap.add_argument("--gemm")
     ap.add_argument("--peers")
     ap.add_argument("--e2e")
     args = ap.parse_args(argv)
-    for path, fn in ((args.tc, tc_table), (args.peers, peer_table), (args.e2e, e2e_table)):
+    for path, fn in ((args.tc, tc_table), (args.gemm, gemm_table), (args.peers, peer_table), (args.e2e, e2e_table)):
         if path and Path(path).exists():
             print(fn(json.loads(Path(path).read_text())))
             print()

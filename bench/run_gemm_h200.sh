@@ -40,9 +40,10 @@ fi
 grep -E "^(FAILED|ERROR)|Error|assert|passed|failed|rc=" "$OUT/pytest.log" | head -30
 timeout "${T_GEMM:-200}" python3 bench/bench_gemm.py ${GEMM_ARGS:-} --out "$OUT/gemm.json" >"$OUT/gemm.log" 2>&1
 grep -E "^int4|gemv best" "$OUT/gemm.log" | tail -50
+python3 bench/kernel_tables.py --gemm "$OUT/gemm.json" >"$OUT/tables.md" 2>&1
 [ "${T_PEERS:-60}" != 0 ] && timeout "${T_PEERS:-60}" python3 bench/peer_gemv.py --batches ${PEER_BATCHES:-16,64} --peers mixq,bf16,tinygemm,gemlite \
   --shapes 14336x4096,4096x4096,4096x14336 --out "$OUT/peers.json" >"$OUT/peers.log" 2>&1
-[ -f "$OUT/peers.log" ] && tail -12 "$OUT/peers.log"
+[ -f "$OUT/peers.log" ] && tail -12 "$OUT/peers.log" && python3 bench/kernel_tables.py --peers "$OUT/peers.json" >>"$OUT/tables.md"
 if [ -n "${E2E:-}" ]; then  # the decode loop with and without programmatic dependent launch
   timeout "${T_E2E:-100}" python3 bench/bench_e2e.py --steps 32 --plans bf16,int4,mixed-4.25,mixed-3.5 --out "$OUT/e2e.json" >"$OUT/e2e.log" 2>&1
   [ -n "${E2E_PDL:-}" ] && MIXQ_PDL=1 timeout "${T_E2E:-100}" python3 bench/bench_e2e.py --steps 32 --plans int4,mixed-3.5 \
