@@ -11,7 +11,8 @@
 # gemlite is installed from $GEMLITE_SDIST (default whl/gemlite-*.tar.gz) when present.
 # 4. with E2E=1, the decode loop (bench_e2e.py), with E2E_PDL=1 again with programmatic
 #    dependent launch;
-# 5. with PROFILE=1, Nsight Compute sections of the GEMV (batch 1) and the GEMM (16, 64).
+# 5. with PROFILE=1, Nsight Compute sections of the GEMV (batch 1) and the GEMM (16, 64);
+#    PROFILE_SOURCE=1 adds the sampled stall reasons per source line.
 # Step time limits: T_TEST (SKIP_TESTS=1: none), T_GEMM, T_PEERS (0: no peers), T_E2E seconds; GEMM_ARGS: options of
 # bench_gemm.py (e.g. "--lean --quick --batches 1,16,64").
 set -u
@@ -54,6 +55,7 @@ if [ -n "${PROFILE:-}" ] && command -v ncu >/dev/null; then  # stall reasons of 
   for case in "gemv --m 1" "gemm --m 16" "gemm --m 64"; do
     timeout "${T_PROFILE:-60}" ncu -k regex:gem[mv]_int4 --launch-skip 3 --launch-count 1 --section SpeedOfLight \
       --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy --section LaunchStats \
+      ${PROFILE_SOURCE:+--section SourceCounters --import-source yes} \
       python3 bench/profile_kernels.py --kernel $case >"$OUT/ncu_${case// /_}.txt" 2>&1
     grep -E "Memory Throughput|DRAM Throughput|Duration|Achieved Occupancy|Registers Per|Warp Cycles Per Issued|Stall|ERR" \
       "$OUT/ncu_${case// /_}.txt" | head -12
