@@ -125,7 +125,7 @@ def test_split_k_workspace_is_left_zeroed():
         x = torch.randn(m, 1024, device=KERNEL_DEVICE).to(torch.bfloat16)
         out = triton_tc.qmatmul(x, kw, bias.to(torch.bfloat16), TcConfig(64, 16, 16, split))
         assert _rel_err(out, x.float() @ w_ref.T + bias) < REL_TOL, (m, split)
-        ws, counters = triton_tc._WORKSPACE[str(out.device)]
+        ws, counters = triton_tc._WS.buffers[str(out.device)]
         assert not ws.any() and not counters.any()
 
 

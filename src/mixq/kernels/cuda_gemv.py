@@ -8,13 +8,14 @@ for batch 1..8 and a tensor-core GEMM for int4 at any batch.
 
 The GEMM (`csrc/gemm_int4.cu`) gives each lane the GEMV's work on kT tiles of 8 activation rows:
 a weight is decoded once into (code - zero) * scale in x's dtype and feeds kT mma.m16n8k16
-products; the warps of a block take consecutive 16-row weight tiles over the same K slice, the
+products; the warps of a block take consecutive 16-row weight tiles over the same chunks, the
 next chunk's weights in registers, while the block's activations are staged in shared memory
-(cp.async, double-buffered, two chunks at a time); split K goes through a workspace in fragment
-order and the last block of a tile to arrive sums the slices (one launch, no atomics on the
-data, deterministic). Measured on the H200 (bench/bench_gemm.py): it beats the Triton
-tensor-core kernel for int4 with zero points or groups under 128 inputs and at batch > 64, and
-ties it elsewhere; `gemm_preferred` routes accordingly.
+(cp.async, double-buffered, two chunks at a time). K is divided by split K or stream-K (every
+block the same number of chunks, across tiles); partial tiles go through a workspace in fragment
+order and the block that completes a tile sums its slots in order (one launch, no atomics on
+the data, deterministic). Measured on the H200 (bench/bench_gemm.py): it beats the Triton
+tensor-core kernel for int4 with zero points or groups under 128 inputs, past 64 rows, and
+where it runs stream-K from 17 rows; `gemm_preferred` routes accordingly.
 
 3-bit codes (the split layout of `kernels.packed`) run `gemv_int3`: 512-input chunks (each
 lane loads 16 bytes of each of the three planes), pairs of codes 16 bits apart decoded by a
@@ -49,6 +50,7 @@ from pathlib import Path
 import torch
 
 from mixq.kernels.packed import KernelWeights, PackedLayout
+from mixq.kernels.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
@@ -150,11 +152,16 @@ def supports(layout: PackedLayout, x: torch.Tensor) -> bool:
             and x.dtype in (torch.float16, torch.bfloat16) and layout_supported(layout))
 
 
+def _enabled() -> bool:
+    """The extension may be used: MIXQ_CUDA_GEMV is not 0 and no build has failed."""
+    return os.environ.get("MIXQ_CUDA_GEMV", "1") != "0" and _error is None
+
+
 def preferred(layout: PackedLayout, x: torch.Tensor) -> bool:
     """Whether `kernels.qmatmul` should try this kernel first: where it is supported, unless
     its build already failed or MIXQ_CUDA_GEMV=0. On the H100 (bench/KERNEL_NOTES.md,
     2026-11-26) it passed every GPU test and matched or beat the Triton GEMV at batch 1-8."""
-    return os.environ.get("MIXQ_CUDA_GEMV", "1") != "0" and _error is None and supports(layout, x)
+    return _enabled() and supports(layout, x)
 
 
 def pick_config(m: int, layout: PackedLayout, n_sms: int = 132) -> GemvConfig:
@@ -229,9 +236,6 @@ def qmatmul(x: torch.Tensor, kw: KernelWeights, bias: torch.Tensor | None = None
 
 # --------------------------------------------------------------------------- tensor-core GEMM
 
-GEMM_MAX_BATCH = 1 << 20
-
-
 def gemm_layout_supported(layout: PackedLayout) -> bool:
     """int4 codes (in_features a multiple of 32), integer grid, float16 scales, no tensor scale,
     power-of-two groups >= 32 or one group per row."""
@@ -276,8 +280,7 @@ def gemm_smem_bytes(cfg: GemmConfig) -> int:
 def gemm_available(layout: PackedLayout, x: torch.Tensor) -> bool:
     """Whether the tensor-core GEMM can run here: supported, the extension's build has not
     failed, and neither MIXQ_CUDA_GEMM=0 nor MIXQ_CUDA_GEMV=0 (the whole extension) is set."""
-    return (os.environ.get("MIXQ_CUDA_GEMM", "1") != "0" and os.environ.get("MIXQ_CUDA_GEMV", "1") != "0"
-            and _error is None and gemm_supports(layout, x))
+    return os.environ.get("MIXQ_CUDA_GEMM", "1") != "0" and _enabled() and gemm_supports(layout, x)
 
 
 def gemm_preferred(layout: PackedLayout, x: torch.Tensor) -> bool:
@@ -297,33 +300,7 @@ def gemm_preferred(layout: PackedLayout, x: torch.Tensor) -> bool:
     return m > 16 and pick_gemm_config(m, layout, _sm_count(x.device)).stream_k
 
 
-class _Workspace:
-    """Per-device split-K workspace (fp32, any contents) and per-tile counters (zero between
-    calls: the kernel resets them). Grown on demand; a replaced buffer is kept alive, since a
-    captured CUDA graph may still use it. Calls on one device share it, so they must not run
-    concurrently on several streams."""
-
-    def __init__(self):
-        self.buffers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.retired: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-    def get(self, device: torch.device, floats: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
-        key = str(device)
-        cur = self.buffers.get(key)
-        if cur is not None and cur[0].numel() >= floats and cur[1].numel() >= tiles:
-            return cur
-        if torch.cuda.is_current_stream_capturing():  # no allocation outside the graph's pool
-            return (torch.empty(floats, dtype=torch.float32, device=device),
-                    torch.zeros(tiles, dtype=torch.int32, device=device))
-        if cur is not None:
-            self.retired.append(cur)
-            floats, tiles = max(floats, cur[0].numel()), max(tiles, cur[1].numel())
-        cur = (torch.empty(floats, dtype=torch.float32, device=device), torch.zeros(tiles, dtype=torch.int32, device=device))
-        self.buffers[key] = cur
-        return cur
-
-
-_WS = _Workspace()
+_WS = Workspace(zeroed=False)  # partial sums are stored, not accumulated: any contents
 _WS_NEED: dict[tuple, tuple[int, int]] = {}
 
 

@@ -41,6 +41,7 @@ import triton.language as tl
 from mixq.errors import FormatError
 from mixq.kernels.packed import KernelWeights, PackedLayout
 from mixq.kernels.triton_qmm import _SCALE_MODE_ID, _VALUE_MODE_ID, _scale, _sm_count, checked_input
+from mixq.kernels.workspace import Workspace
 
 # byte k of two int32 words a, b -> (a.k, a.k, b.k, b.k): prmt selectors per k
 _PRMT_SEL = (0x4400, 0x5511, 0x6622, 0x7733)
@@ -458,24 +459,8 @@ def check_supported(layout: PackedLayout) -> None:
                           f"3-bit codes, groups of whole units, zero points on integer grids")
 
 
-_WORKSPACE: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def _workspace(device: torch.device, numel: int, n_tiles: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The split-K fp32 workspace and per-tile arrival counters of a device, all zeros
-    between calls (the kernel restores them); grown (and zeroed) on demand, never while a
-    CUDA graph is being captured (None then: the caller zero-fills a fresh buffer instead).
-    Calls on one device share it, so they must not run concurrently on several streams."""
-    key = str(device)
-    ws = _WORKSPACE.get(key)
-    if ws is None or ws[0].numel() < numel or ws[1].numel() < n_tiles:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        size = max(numel, 0 if ws is None else ws[0].numel())
-        tiles = max(n_tiles, 0 if ws is None else ws[1].numel())
-        ws = (torch.zeros(size, dtype=torch.float32, device=device), torch.zeros(tiles, dtype=torch.int32, device=device))
-        _WORKSPACE[key] = ws
-    return ws
+# split-K partial sums meet here by atomics; the last program of a tile restores zeros
+_WS = Workspace(zeroed=True)
 
 
 def qmatmul(x: torch.Tensor, kw: KernelWeights, bias: torch.Tensor | None = None,
@@ -497,11 +482,7 @@ def qmatmul(x: torch.Tensor, kw: KernelWeights, bias: torch.Tensor | None = None
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     ws = cnt = y
     if atomic:
-        pair = _workspace(x.device, m * n, grid[0] * grid[1])
-        if pair is None:  # first split-K call of this size inside a graph capture
-            pair = (torch.zeros(m * n, dtype=torch.float32, device=x.device),
-                    torch.zeros(grid[0] * grid[1], dtype=torch.int32, device=x.device))
-        ws, cnt = pair
+        ws, cnt = _WS.get(x.device, m * n, grid[0] * grid[1])
     dummy = kw.codes
     _tc_kernel[grid](
         x, kw.codes, kw.scales, kw.zeros if kw.zeros is not None else dummy, kw.levels,

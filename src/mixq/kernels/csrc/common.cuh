@@ -133,12 +133,11 @@ __device__ __forceinline__ void load_chunk(Chunk<kR>& ch, const Params& p, int c
 }
 
 // Programmatic dependent launch (sm_90+, opt-in: gemv_int4.h pdl_enabled). A kernel launched
-// with `launch_ex(..., pdl = true)`
-// may start while the previous kernel of the stream is still running: it lets the next kernel
-// start too (`pdl_launch_dependents`), reads only its weights before `pdl_wait` (which returns
-// once the previous grid has completed and its memory is visible), and touches its inputs,
-// outputs and workspaces only after it. Both are no-ops on older devices and without the
-// launch attribute.
+// with `launch_ex(..., pdl = true)` may start while the previous kernel of the stream is still
+// running: it lets the next kernel start too (`pdl_launch_dependents`), reads only its weights
+// before `pdl_wait` (which returns once the previous grid has completed and its memory is
+// visible), and touches its inputs, outputs and workspaces only after it. Both are no-ops on
+// older devices and without the launch attribute.
 __device__ __forceinline__ void pdl_launch_dependents() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");

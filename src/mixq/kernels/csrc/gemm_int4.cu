@@ -6,9 +6,9 @@
 // that every decoded weight feeds kT tensor-core products:
 //
 // * A warp owns kR tiles of 16 weight rows; the warps of a block own consecutive row tiles and
-//   walk the same 128-input chunks of one K slice, so the activations they read are shared in
-//   L1. Lane (g = lane / 4, q = lane % 4) loads per chunk 16 bytes (32 codes, inputs
-//   32q .. 32q + 31) of rows g and g + 8 of each row tile, two register buffers deep.
+//   walk the same 128-input chunks. Lane (g = lane / 4, q = lane % 4) loads per chunk 16 bytes
+//   (32 codes, inputs 32q .. 32q + 31) of rows g and g + 8 of each row tile, two register
+//   buffers deep.
 // * Decoding as in the GEMV (one LOP3 gives codes i, i + 4 of a word as half-precision
 //   magic + code), then (code - zero) * scale in x's dtype (two packed FMAs per two weights:
 //   the subtraction is exact, the product rounds once), so groups of 32..128 inputs and per
@@ -22,12 +22,16 @@
 //   mma.m16n8k16 per row tile and half word.
 // * Programmatic dependent launch (sm_90, MIXQ_PDL=1): the first weights are loaded before
 //   waiting on the stream's previous kernel; x, y and the workspace only after.
-// * Split K (gridDim.y > 1): each block stores its fp32 partial tile in fragment order into a
-//   workspace slice of its own (plain coalesced 16-byte stores, no atomics); the last block of
-//   a tile to arrive (a per-tile counter) sums the slices in split order, writes y and resets
-//   the counter, so a call is one launch and its result does not depend on arrival order.
-// * Batch tiles of 8 kT rows are gridDim.z; rows past m are computed on clamped inputs and not
-//   stored.
+// * Work split. An output tile is 16 kR x warps weight rows by 8 kT activation rows; its K
+//   dimension is 128-input chunks. Split K: block (x, y, z) takes K slice y of tile (x, z).
+//   Stream-K: as many blocks as fit on the device at once, each taking the same number of
+//   (tile, chunk) units in order, so a block may finish one tile and start the next. A block
+//   that covers a whole tile writes y; otherwise it stores its fp32 partial tile in fragment
+//   order into its slot of the tile's workspace (plain coalesced 16-byte stores, no atomics)
+//   and adds its chunk count to the tile's counter; the block that completes the count sums
+//   the slots in order, writes y and resets the counter, so a call is one launch and its
+//   result does not depend on arrival order. Rows past n or m are computed on clamped inputs
+//   and not stored.
 
 #include <algorithm>
 #include <type_traits>
@@ -45,7 +49,6 @@ constexpr int kRowUnits = kStageUnits + 1;  // + one unit of padding: rows start
 // Unit u of a staged row is stored at swizzle(u): lanes q = 2, 3 read units 8 + 4(q - 2) + w,
 // moved by two units so that with the padding a quarter warp covers all eight 16-byte banks.
 __device__ __forceinline__ int swizzle(int u) { return u ^ (((u >> 3) & 1) << 1); }
-
 
 // Stream-K: the block holding chunk-unit u (unit = tile * n_chunks + chunk) of W units over
 // G blocks, block b taking units [b W / G, (b + 1) W / G).
@@ -302,10 +305,10 @@ cudaError_t prepare(int warps, int* blocks_per_sm) {  // opt in to the shared me
 }
 
 template <bool kBF16, int kR, int kT>
-cudaError_t launch(const GemmInt4Params& p, int warps, int split, cudaStream_t stream) {
+cudaError_t launch(const GemmInt4Params& p, int warps, cudaStream_t stream) {
   const cudaError_t e = prepare<kBF16, kR, kT>(warps, nullptr);
   if (e != cudaSuccess) return e;
-  const dim3 grid = p.stream_k_blocks ? dim3(p.stream_k_blocks) : dim3(p.tiles_x, split, p.tiles_z);
+  const dim3 grid = p.stream_k_blocks ? dim3(p.stream_k_blocks) : dim3(p.tiles_x, p.splits, p.tiles_z);
   return launch_ex(gemm_int4_kernel<kBF16, kR, kT>, grid, dim3(32 * warps), gemm_int4_smem_bytes(kT), stream, p.b.pdl,
                    p);
 }
@@ -377,6 +380,6 @@ cudaError_t gemm_int4_launch(const GemmInt4Params& p, bool bf16, int row_tiles, 
       ((p.splits > 1 || p.slots > 1) && (p.ws == nullptr || p.cnt == nullptr)))
     return cudaErrorInvalidValue;
   return with_shape(bf16, row_tiles, n_tiles, [&](auto bf, auto r, auto t) {
-    return launch<decltype(bf)::value, decltype(r)::value, decltype(t)::value>(p, warps, p.splits, stream);
+    return launch<decltype(bf)::value, decltype(r)::value, decltype(t)::value>(p, warps, stream);
   });
 }

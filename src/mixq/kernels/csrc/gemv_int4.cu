@@ -35,10 +35,10 @@ namespace {
 using namespace mixq_kernels;
 
 
-template <bool kBF16, bool kPre, bool kZeros, int kR, int kU>
-// One 16-row tile, one chunk per buffer: at most 64 registers (two 512-thread blocks, or eight of 128
-// threads, per SM), so the 896 blocks of a 14336-row batch-1 GEMV fit one wave on 132 SMs (73
+// One 16-row tile, one chunk per buffer: at most 64 registers (two 512-thread blocks, or eight of
+// 128 threads, per SM), so the 896 blocks of a 14336-row batch-1 GEMV fit one wave on 132 SMs (73
 // registers left six 128-thread blocks per SM: 1.13 waves, Nsight Compute on the H200).
+template <bool kBF16, bool kPre, bool kZeros, int kR, int kU>
 __global__ void __launch_bounds__(512, (kR == 1 && kU == 1) ? 2 : 1) gemv_int4_kernel(const GemvInt4Params p) {
   using H = Half<kBF16>;
   extern __shared__ float partials[];  // (warps, kR * 4, 32)
