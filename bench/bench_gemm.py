@@ -26,9 +26,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_kernels as bk  # noqa: E402
-from bench_tc import copies  # noqa: E402
+from bench_tc import copies, time_dispatch  # noqa: E402
 
-from mixq.kernels import cuda_gemv, qmatmul, route  # noqa: E402
+from mixq.kernels import cuda_gemv, route  # noqa: E402
 
 SHAPES = [(14336, 4096), (4096, 4096), (4096, 14336)]
 BATCHES = [1, 8, 16, 32, 64, 128]
@@ -64,7 +64,7 @@ def forced(kws, x, kernel: str, env: dict | None = None) -> float | None:
     old = {key: os.environ.get(key) for key in env}
     os.environ.update(env)
     try:
-        return timed(kws, lambda kw: (lambda: qmatmul(x, kw)))
+        return time_dispatch(kws, x)
     except Exception as e:  # a route that does not take this point
         log(f"  {kernel}: {type(e).__name__}: {str(e)[:160]}")
         return None
@@ -134,7 +134,7 @@ def main(argv=None) -> int:
             t_gemv_pdl = None if lean_skip else forced(kws, x, "cuda_gemv", {"MIXQ_PDL": "1"})
             t_heur_pdl = None if args.lean else forced(kws, x, "cuda_tc", {"MIXQ_PDL": "1"})
             t_tc = None if (args.no_triton or args.lean) else forced(kws, x, "tc")
-            t_disp = timed(kws, lambda kw: (lambda: qmatmul(x, kw)))
+            t_disp = time_dispatch(kws, x)
             t_bf16 = bk.bench_bf16(n, k, m)
             io = bk.io_bytes(kws[0].nbytes(), m, n, k)
             pct = lambda t: 100 * io / (t * 1e-6) / copy_bw if t else float("nan")  # noqa: E731
