@@ -22,8 +22,10 @@ Each plan runs with the fused element-wise kernels of the decode step (`kernels.
 `<plan>:unfused` runs the same step with the model's own torch modules for the glue.
 
 Timing: after a prefill, `steps` replays of the captured step graph, CUDA events around
-them (ms/token = total / steps); the cache is `ctx` tokens long and attention reads all of
-it every step (a static cache), as a serving engine's decode at that context would.
+them (ms/token = total / steps); the cache is `ctx` tokens long and the timed steps sit at
+its last positions, so attention reads about `ctx` keys every step (mixq's decode attention
+reads the written keys only; torch's SDPA on the unfused path reads the whole cache), as a
+serving engine's decode at that context would.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -139,7 +142,9 @@ def time_decode(model, ctx: int, steps: int, fused: bool | None = None) -> float
     dec = StaticDecoder(model, max_len=ctx, fused=fused)
     with torch.no_grad():
         dec.forward(torch.randint(0, 1000, (1, 8), device="cuda"), torch.zeros(1, dtype=torch.long, device="cuda"))
-        graph, _state = dec.step_graph()
+        graph, state = dec.step_graph()
+        # the timed steps end at the last position of the cache, so attention reads about ctx keys
+        state["pos"].fill_(max(0, ctx - 1 - (3 + 3 * steps)))
         for _ in range(3):
             graph.replay()
         torch.cuda.synchronize()
@@ -156,6 +161,42 @@ def time_decode(model, ctx: int, steps: int, fused: bool | None = None) -> float
     return sorted(times)[1]
 
 
+def profile_step(model, ctx: int, steps: int = 8, top: int = 14) -> dict:
+    """Kernel time inside the replayed step graph (torch.profiler / CUPTI): per kernel name,
+    calls and µs per token, and their sum against the step's wall time, so the gaps between
+    kernels show."""
+    try:
+        return _profile_step(model, ctx, steps, top)
+    except Exception as e:  # a profiler that cannot see graph kernels must not cost the timings
+        return dict(kernels_per_token=0, busy_us=0.0, top=[], error=f"{type(e).__name__}: {e}")
+
+
+def _profile_step(model, ctx: int, steps: int, top: int) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    dec = StaticDecoder(model, max_len=ctx)
+    with torch.no_grad():
+        dec.forward(torch.randint(0, 1000, (1, 8), device="cuda"), torch.zeros(1, dtype=torch.long, device="cuda"))
+        graph, state = dec.step_graph()
+        state["pos"].fill_(max(0, ctx - 1 - (3 + steps)))
+        for _ in range(3):
+            graph.replay()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                graph.replay()
+            torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if t > 0:
+            rows.append(dict(kernel=e.key[:90], calls=e.count / steps, us=t / steps))
+    rows.sort(key=lambda r: -r["us"])
+    del graph, dec
+    busy = sum(r["us"] for r in rows)
+    return dict(kernels_per_token=sum(r["calls"] for r in rows), busy_us=busy, top=rows[:top])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="e2e.json")
@@ -165,7 +206,12 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--plans", default="bf16,int4,mixed-4.25,mixed-3.5,bf16:unfused,int4:unfused",
                     help="plans; ':unfused' runs the decode step without the fused element-wise kernels")
+    ap.add_argument("--variants", default="",
+                    help="';'-separated environment settings to time each quantized plan under again, e.g. "
+                         "'MIXQ_PDL=1;MIXQ_PDL=1,MIXQ_GEMV_STAGES=4' (the step graph is captured anew for each)")
+    ap.add_argument("--profile", action="store_true", help="kernel times of the step per plan (torch.profiler)")
     args = ap.parse_args(argv)
+    variants = [dict(kv.split("=", 1) for kv in v.split(",")) for v in args.variants.split(";") if v.strip()]
     props = torch.cuda.get_device_properties(0)
     res = dict(device=props.name, torch=torch.__version__, date=time.strftime("%Y-%m-%d %H:%M:%S"),
                layers=args.layers, ctx=args.ctx, vocab=args.vocab, rows=[])
@@ -192,6 +238,29 @@ def main(argv=None) -> int:
         log(f"{label:>18}: {ms:6.2f} ms/token {1e3 / ms:7.1f} tok/s  weights {nbytes / 1e9:5.2f} GB ({bpw:.3f} bpw) "
             f"-> {row['weight_GBps']:6.0f} GB/s" + (f"  x{row['tokens_per_s'] / base:.2f} bf16" if base else "")
             + f"  {counts}  (build {t_build:.0f} s)")
+        if args.profile:
+            row["profile"] = profile_step(model, args.ctx)
+            pr = row["profile"]
+            log(f"{'':>18}  {pr['kernels_per_token']:.0f} kernels/token, busy {pr['busy_us']:.0f} us of "
+                f"{ms * 1e3:.0f}: " + "; ".join(f"{r['kernel'][:48]} x{r['calls']:.0f} {r['us']:.0f}us" for r in pr["top"][:8]))
+        for env in (variants if plan is not None else []):
+            saved = {k: os.environ.get(k) for k in env}
+            os.environ.update(env)
+            try:
+                ms_v = time_decode(model, args.ctx, args.steps, fused=False if mode == "unfused" else None)
+                vrow = dict(plan=label, env=env, ms_per_token=ms_v, tokens_per_s=1e3 / ms_v, bpw=bpw,
+                            weight_GBps=nbytes / (ms_v * 1e-3) / 1e9)
+                if args.profile:
+                    vrow["profile"] = profile_step(model, args.ctx)
+            finally:
+                for k, v in saved.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
+            res["rows"].append(vrow)
+            log(f"{label:>18} {env}: {ms_v:6.2f} ms/token" + (f"  x{vrow['tokens_per_s'] / base:.2f} bf16" if base else "")
+                + (f"  busy {vrow['profile']['busy_us']:.0f} us" if args.profile else ""))
         out.write_text(json.dumps(res, indent=1))
         del model
         gc.collect()

@@ -66,6 +66,7 @@ def check(results: dict, quick: bool = False) -> bool:
     rows: list[dict] = []
     torch.manual_seed(0)
     configs = [cuda_gemv.GemvConfig(r, u, w) for r in (1, 2) for u in (1, 2) for w in ((3,) if quick else (1, 3, 16))]
+    configs += [cuda_gemv.GemvConfig(r, 1, w, st) for r in (1, 2) for w in ((3,) if quick else (1, 3, 8)) for st in (4, 8)]
     ok = True
     # every launch shape on odd shapes (tail rows, tail chunk: 576 = 4.5 chunks of 128)
     for spec, (n, k) in [("int4:g64", (192, 576)), ("int4:g128", (200, 1088)), ("int4:g128:asym", (192, 576)),
@@ -142,23 +143,38 @@ def gbps(nbytes: int, m: int, n: int, k: int, us: float) -> float:
 
 
 def sweep_configs(k: int, quick: bool = False) -> list:
+    """Register-pipeline shapes, then the shared-memory ring (stages 4 and 8) where it fits."""
     chunks = -(-k // 128)
     if quick:
-        return [cuda_gemv.GemvConfig(r, u, w) for r, u in ((1, 1), (2, 1), (1, 2)) for w in (1, 4, 8, 16)]
-    return [cuda_gemv.GemvConfig(r, u, w) for r in (1, 2) for u in (1, 2) for w in (1, 2, 4, 8, 16)
-            if w <= chunks]
+        regs = [cuda_gemv.GemvConfig(r, u, w) for r, u in ((1, 1), (2, 1), (1, 2)) for w in (1, 4, 8, 16)]
+        warps = (2, 4, 8, 16)
+    else:
+        regs = [cuda_gemv.GemvConfig(r, u, w) for r in (1, 2) for u in (1, 2) for w in (1, 2, 4, 8, 16)
+                if w <= chunks]
+        warps = (1, 2, 4, 8, 16)
+    rings = [cuda_gemv.GemvConfig(r, 1, w, st) for r in (1, 2) for w in warps for st in (4, 8)
+             if w <= chunks and cuda_gemv.GemvConfig(r, 1, w, st).ring_bytes() <= cuda_gemv.MAX_RING_BYTES]
+    return regs + rings
 
 
-def bench(copy_bw: float, results: dict, do_sweep: bool, quick: bool = False) -> list[dict]:
+def bench(copy_bw: float, results: dict, do_sweep: bool, quick: bool = False,
+          sweep_batches: tuple[int, ...] | None = None) -> list[dict]:
     rows, sweep_rows, cache = [], [], {}
+    sweep_batches = sweep_batches or ((1,) if quick else (1, 8))
+    floors = results.setdefault("read_floor", [])
     for n, k in SHAPES:
         cp = Copies("int4:g128", n, k)
+        # what a plain read of the same codes costs in this harness: torch's sum over them
+        t_read = cp.time_us(lambda kw: (lambda: kw.codes.sum(dtype=torch.int32)))
+        floors.append(dict(shape=f"{n}x{k}", codes_bytes=cp.kws[0].codes.numel() * 4, us=t_read,
+                           pct_copy=100 * cp.kws[0].codes.numel() * 4 / (t_read * 1e-6) / copy_bw))
+        log(f"read floor {n}x{k}: torch sum over the codes {t_read:.1f} us ({floors[-1]['pct_copy']:.0f}% of copy)")
         for m in (QUICK_BATCHES if quick else BATCHES):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             heur = cuda_gemv.pick_config(m, cp.kws[0].layout)
             t_cuda = cp.time_us(lambda kw: (lambda: cuda_gemv.qmatmul(x, kw, None, heur)))
             best_cfg, best_t = heur, t_cuda
-            if do_sweep and m in ((1,) if quick else (1, 8)):
+            if do_sweep and m in sweep_batches:
                 for cfg in sweep_configs(k, quick):
                     t = cp.time_us(lambda kw: (lambda: cuda_gemv.qmatmul(x, kw, None, cfg)))
                     sweep_rows.append(dict(shape=f"{n}x{k}", batch=m, cfg=cfg.__dict__, us=t))
@@ -202,13 +218,45 @@ def bench(copy_bw: float, results: dict, do_sweep: bool, quick: bool = False) ->
     return rows
 
 
+def ring_order(copy_bw: float, results: dict, batches: tuple[int, ...]) -> None:
+    """The cp.async ring with its chunks interleaved across warps (MIXQ_GEMV_CONTIG=0) or in
+    a run of consecutive chunks per warp (=1), each shape of SHAPES, register pipeline for
+    reference."""
+    rows = results.setdefault("ring_order", [])
+    for n, k in SHAPES:
+        cp = Copies("int4:g128", n, k)
+        for m in batches:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            cfgs = [cuda_gemv.pick_config(m, cp.kws[0].layout)]
+            cfgs += [cuda_gemv.GemvConfig(r, 1, w, st) for r in (1, 2) for w in (2, 4, 8, 16) for st in (4, 8)
+                     if w <= k // 128 and cuda_gemv.GemvConfig(r, 1, w, st).ring_bytes() <= cuda_gemv.MAX_RING_BYTES]
+            for cfg in cfgs:
+                for contig in (("0", "1") if cfg.stages else ("0",)):
+                    os.environ["MIXQ_GEMV_CONTIG"] = contig
+                    t = cp.time_us(lambda kw, cfg=cfg: (lambda: cuda_gemv.qmatmul(x, kw, None, cfg)))
+                    rows.append(dict(shape=f"{n}x{k}", batch=m, cfg=cfg.__dict__, contiguous=contig == "1", us=t,
+                                     pct_copy=100 * gbps(cp.nbytes, m, n, k, t) * 1e9 / copy_bw))
+            os.environ.pop("MIXQ_GEMV_CONTIG", None)
+            best = sorted((r for r in rows if r["shape"] == f"{n}x{k}" and r["batch"] == m), key=lambda r: r["us"])[:4]
+            log(f"ring order {n}x{k} m={m}: " + "; ".join(
+                f"{r['us']:.1f} us {tuple(r['cfg'].values())}{' contig' if r['contiguous'] else ''}" for r in best))
+        del cp
+        torch.cuda.empty_cache()
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench_gemv.json")
     ap.add_argument("--no-sweep", action="store_true", help="skip the launch-shape sweep")
     ap.add_argument("--check-only", action="store_true")
     ap.add_argument("--quick", action="store_true", help="fewer cases, configs and batches (short device leases)")
+    ap.add_argument("--sweep-batches", default=None, help="batches of the launch-shape sweep, e.g. 1,4,8")
+    ap.add_argument("--shapes", default=None, help="out x in shapes to time, e.g. 14336x4096,4096x14336")
+    ap.add_argument("--ring-order", action="store_true",
+                    help="only time the ring's chunk orders (interleaved / contiguous) on SHAPES at the sweep batches")
     args = ap.parse_args(argv)
+    if args.shapes:
+        SHAPES[:] = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     props = torch.cuda.get_device_properties(0)
     results = dict(device=props.name, sm_count=props.multi_processor_count, torch=torch.__version__,
                    cuda=torch.version.cuda, date=time.strftime("%Y-%m-%d %H:%M:%S"))
@@ -230,7 +278,11 @@ def main(argv=None) -> int:
         copy_bw = bk.copy_bandwidth()
         results["copy_GBps"] = copy_bw / 1e9
         log(f"device-to-device copy: {copy_bw / 1e9:.0f} GB/s (read + write)")
-        rows = bench(copy_bw, results, not args.no_sweep, args.quick)
+        sweep_batches = tuple(int(b) for b in args.sweep_batches.split(",")) if args.sweep_batches else None
+        if args.ring_order:
+            ring_order(copy_bw, results, sweep_batches or (1,))
+            return 0 if ok else 1
+        rows = bench(copy_bw, results, not args.no_sweep, args.quick, sweep_batches)
     finally:
         Path(args.out).write_text(json.dumps(results, indent=1))
     log(f"\n{props.name}, {results['date']}; % = of {copy_bw / 1e9:.0f} GB/s copy; x = speedup of the CUDA kernel")

@@ -23,12 +23,18 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import statistics
 import sys
 import time
 
 import torch
 import triton
+
+# Kernel tables time one kernel against peers that do not overlap their neighbours: no
+# programmatic dependent launch here unless asked for (MIXQ_PDL=1); the decode loop
+# (bench_e2e.py) runs with mixq's default.
+os.environ.setdefault("MIXQ_PDL", "0")
 from triton.testing import do_bench
 
 from mixq import formats

@@ -47,16 +47,40 @@ def test_supports_needs_cuda_half_input_and_small_batch():
     assert not cuda_gemv.layout_supported(_layout("int4:g64", k=560))  # 560 % 32 != 0
 
 
-def test_pick_config_reproduces_the_h100_sweep():
-    # Fastest launch shapes of bench/bench_gemv.py's sweep on the H100 (2026-11-26).
-    best = {(4096, 4096, 1): (2, 16), (4096, 4096, 8): (2, 16), (14336, 4096, 1): (1, 4),
-            (14336, 4096, 8): (2, 4), (4096, 14336, 1): (2, 16), (4096, 14336, 8): (2, 16),
-            (128256, 4096, 1): (2, 4), (128256, 4096, 8): (2, 2)}
-    for (n, k, m), (row_tiles, warps) in best.items():
+def test_pick_config_reproduces_the_sweeps(monkeypatch):
+    # Fastest launch shapes of bench/bench_gemv.py's sweeps on the H100 (2026-11-26) and the
+    # H200 (2026-12-01: batch-1 row tiles after the scale loads were deferred; the ring for
+    # the LM head up to batch 4).
+    monkeypatch.delenv("MIXQ_GEMV_STAGES", raising=False)
+    best = {(4096, 4096, 1): (2, 16, 0), (4096, 4096, 8): (2, 16, 0), (14336, 4096, 1): (2, 4, 0),
+            (14336, 4096, 8): (2, 4, 0), (4096, 14336, 1): (1, 16, 0), (4096, 14336, 8): (2, 16, 0),
+            (128256, 4096, 1): (2, 4, 4), (128256, 4096, 4): (2, 4, 4), (128256, 4096, 8): (2, 2, 0)}
+    for (n, k, m), want in best.items():
         lay = _layout("int4:g128", n=16, k=k)
         lay = type(lay)(**{**lay.__dict__, "out_features": n})
         cfg = cuda_gemv.pick_config(m, lay)
-        assert (cfg.row_tiles, cfg.warps) == (row_tiles, warps), (n, k, m)
+        assert (cfg.row_tiles, cfg.warps, cfg.stages) == want, (n, k, m)
+    # the benchmark switch: every shape on the ring, warps halved until it fits
+    monkeypatch.setenv("MIXQ_GEMV_STAGES", "8")
+    lay = _layout("int4:g128", n=4096, k=4096)
+    cfg = cuda_gemv.pick_config(1, lay)
+    assert (cfg.stages, cfg.unroll, cfg.row_tiles, cfg.warps) == (8, 1, 2, 8)
+    assert cfg.ring_bytes() <= cuda_gemv.MAX_RING_BYTES
+    monkeypatch.setenv("MIXQ_GEMV_STAGES", "6")
+    with pytest.raises(ValueError, match="MIXQ_GEMV_STAGES"):
+        cuda_gemv.pick_config(1, lay)
+
+
+def test_ring_launch_shapes_are_checked_before_the_extension():
+    kw = prepack(formats.parse("int4:g128").quantize(torch.randn(64, 256)), "int4:g128")
+    x = torch.zeros(1, 256)
+    assert cuda_gemv.GemvConfig(2, 1, 16, 8).ring_bytes() == 256 * 1024
+    for cfg in (cuda_gemv.GemvConfig(1, 1, 4, 6), cuda_gemv.GemvConfig(1, 2, 4, 4),
+                cuda_gemv.GemvConfig(2, 1, 16, 8)):
+        with pytest.raises(ValueError, match="not a launch shape"):
+            cuda_gemv._check_config(cfg)
+    cuda_gemv._check_config(cuda_gemv.GemvConfig(2, 1, 8, 8))  # 128 KiB: accepted
+    assert not cuda_gemv.supports(kw.layout, x)  # CPU input: never reaches the kernel
 
 
 def test_pick_config_keeps_a_chunk_per_warp():
@@ -111,6 +135,20 @@ def _check(kw, m, dtype, cfg=None, bias=False):
 def test_every_launch_shape_matches_reference(spec, n, k, dtype):
     kw = _gpu_case(spec, n, k, seed=n + k)
     for cfg in [cuda_gemv.GemvConfig(r, u, w) for r in (1, 2) for u in (1, 2) for w in (1, 3, 16)]:
+        for m in (1, 3, 8):
+            _check(kw, m, dtype, cfg, bias=(m == 3))
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("spec,n,k", [("int4:g64", 192, 576), ("int4:g128", 200, 1088), ("int4:g128:asym", 192, 576),
+                                      ("int4:g32:asym", 72, 4128), ("int4:ch", 100, 4096), ("int4:g128", 4096, 14336)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_ring_pipeline_matches_reference(spec, n, k, dtype):
+    """The shared-memory ring (stages 4 and 8): fewer chunks than slots (576 inputs = 4.5 chunks
+    on one warp), more (4128 = 32.25 chunks, 14336 = 112), a partial last chunk, tail rows."""
+    kw = _gpu_case(spec, n, k, seed=n + k + 1)
+    for cfg in [cuda_gemv.GemvConfig(r, 1, w, s) for r in (1, 2) for w in (1, 3, 8) for s in (4, 8)]:
         for m in (1, 3, 8):
             _check(kw, m, dtype, cfg, bias=(m == 3))
 

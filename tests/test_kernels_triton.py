@@ -129,6 +129,35 @@ def test_split_k_workspace_is_left_zeroed():
         assert not ws.any() and not counters.any()
 
 
+@pytest.mark.parametrize("heads,kv_heads,dim", [(8, 2, 16), (6, 6, 32), (12, 2, 16)])
+def test_decode_attention_matches_softmax_over_written_keys(heads, kv_heads, dim):
+    """One query token against a cache of 200 positions (4 splits of 64 keys, the last partial):
+    only keys at positions <= pos count (pos 0: three splits empty; 63 / 64: a split's edge),
+    grouped-query heads (4, 1 and 6 per kv head), float32 and bf16, and garbage past pos must
+    not leak in."""
+    from mixq.kernels import decode_ops as ops
+
+    torch.manual_seed(heads + dim)
+    dev = KERNEL_DEVICE
+    b, L = 2, 200
+    for dtype, tol in [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)]:
+        q = torch.randn(b, heads, 1, dim, device=dev).to(dtype)
+        kc = torch.randn(b, kv_heads, L, dim, device=dev).to(dtype)
+        vc = torch.randn(b, kv_heads, L, dim, device=dev).to(dtype)
+        for pos in (0, 63, 64, 150, 199):
+            positions = torch.tensor([pos], device=dev)
+            kc2, vc2 = kc.clone(), vc.clone()
+            kc2[:, :, pos + 1:] = 1e4  # unwritten positions: must not count
+            vc2[:, :, pos + 1:] = float("nan")
+            got = ops.decode_attention(q, kc2, vc2, positions, dim ** -0.5)
+            ref = ops.reference_decode_attention(q, kc, vc, positions, dim ** -0.5)
+            assert got.shape == (b, 1, heads * dim) and got.dtype == dtype
+            assert _rel_err(got, ref) < tol, (dtype, pos)
+    with pytest.raises(ValueError, match="decode_attention"):
+        ops.decode_attention(torch.zeros(1, 4, 2, 16, device=dev), torch.zeros(1, 2, 8, 16, device=dev),
+                             torch.zeros(1, 2, 8, 16, device=dev), torch.zeros(1, dtype=torch.long, device=dev), 1.0)
+
+
 def test_decode_ops_match_torch():
     """The fused element-wise kernels of the decode step against the torch ops they replace."""
     from mixq.kernels import decode_ops as ops

@@ -137,13 +137,14 @@ class StaticDecoder:
 
     def _forward_fused(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """`forward` with the element-wise steps fused (`kernels.decode_ops`): residual add +
-        RMSNorm, rotary embedding + cache write, SiLU * up; the same rounding as the model's
-        own modules."""
+        RMSNorm, rotary embedding + cache write, SiLU * up (the same rounding as the model's
+        own modules), and for one-token steps attention over the written keys only
+        (`decode_attention`, flash-decoding; prefill keeps torch's SDPA)."""
         from mixq.kernels import decode_ops as ops
 
         b, t = ids.shape
         positions = pos + torch.arange(t, device=ids.device)  # (T,)
-        mask = self._key_pos[None, :] <= positions[:, None]
+        mask = None  # (T, L), for the SDPA path only
         inv_freq = self.rotary.inv_freq
         rope_scale = float(getattr(self.rotary, "attention_scaling", 1.0))
         h = self.embed(ids)  # (B, T, H)
@@ -157,9 +158,15 @@ class StaticDecoder:
             q, k, v = ly["qkv"](r)
             q = ops.rope_to_cache(q, k, v, positions, inv_freq, self.k_cache[i], self.v_cache[i], self.n_heads,
                                   self.n_kv, self.head_dim, rope_scale)
-            a = nn.functional.scaled_dot_product_attention(q, self.k_cache[i], self.v_cache[i], attn_mask=mask,
-                                                           scale=ly["scaling"], enable_gqa=self.n_kv != self.n_heads)
-            o = ly["o"](a.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+            if t == 1 and ops.decode_attention_supported(q, self.k_cache[i]):  # a decode step: written keys only
+                a = ops.decode_attention(q, self.k_cache[i], self.v_cache[i], positions, ly["scaling"])
+            else:
+                if mask is None:
+                    mask = self._key_pos[None, :] <= positions[:, None]
+                a = nn.functional.scaled_dot_product_attention(q, self.k_cache[i], self.v_cache[i], attn_mask=mask,
+                                                               scale=ly["scaling"], enable_gqa=self.n_kv != self.n_heads)
+                a = a.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
+            o = ly["o"](a)
             ln2 = ly["ln2"]
             h, r = ops.add_rms_norm(h, o, ln2.weight, ln2.variance_epsilon)
             g, u = ly["gate_up"](r)

@@ -67,11 +67,22 @@ _error: str | None = None
 @dataclass(frozen=True)
 class GemvConfig:
     """Launch shape: 16-row tiles per warp (1, 2), chunks of 128 inputs in flight per warp
-    beyond the one being decoded (1, 2), warps per block (1..16; they split the input dim)."""
+    beyond the one being decoded (1, 2), warps per block (1..16; they split the input dim),
+    and `stages`: 0 for that two-buffer register pipeline, or 4 / 8 for a ring of that many
+    chunk slots per warp in shared memory, filled by cp.async, stages - 1 chunks in flight
+    (int4 only, unroll 1; `ring_bytes` of shared memory per block)."""
 
     row_tiles: int = 1
     unroll: int = 1
     warps: int = 4
+    stages: int = 0
+
+    def ring_bytes(self) -> int:
+        """Shared memory of the cp.async ring: 1 KiB per slot, row tile and warp."""
+        return self.warps * self.stages * self.row_tiles * 1024
+
+
+MAX_RING_BYTES = 160 * 1024  # below the 227 KiB a block may have on sm_90, leaving room for L1
 
 
 @dataclass(frozen=True)
@@ -173,19 +184,41 @@ def pick_config(m: int, layout: PackedLayout, n_sms: int = 132) -> GemvConfig:
     n, k = layout.out_features, layout.in_features
     if layout.bits == 3:  # H200 sweep (bench_tc.py, 2026-11-30): 8 warps, 4 for tall batch-1 weights
         warps = 4 if (n > 8192 and m == 1) else 8
-    elif n <= 4096:
+        chunks = -(-k // 512)
+        while warps > 1 and chunks < warps:
+            warps //= 2
+        return GemvConfig(row_tiles=1, unroll=1, warps=warps)
+    if n <= 4096:
         warps = 16
     elif n <= 8192:  # fused q/k/v (6144 rows) on the H200: one row tile, 8 warps
-        return GemvConfig(row_tiles=1, unroll=1, warps=8 if -(-k // 128) >= 8 else max(1, -(-k // 128)))
+        return _with_stages(GemvConfig(row_tiles=1, unroll=1, warps=8 if -(-k // 128) >= 8 else max(1, -(-k // 128))))
     elif n > 65536 and m > 4:
         warps = 2
     else:
         warps = 4
-    chunks = -(-k // (512 if layout.bits == 3 else 128))  # 3-bit chunks: 512 inputs
+    chunks = -(-k // 128)
     while warps > 1 and chunks < warps:  # every warp keeps at least one chunk of 128 inputs
         warps //= 2
-    row_tiles = 1 if (m == 1 and k < n <= 65536) else 2
-    return GemvConfig(row_tiles=row_tiles, unroll=1, warps=warps)
+    # H200 (bench_gemv.py, 2026-12-01): at batch 1 one row tile for wide matrices (4096x14336:
+    # 13.7 vs 14.3 us), two for square and tall ones (14336x4096: 14.1 vs 14.6)
+    row_tiles = 1 if (m == 1 and k > n) else 2
+    if n > 65536 and m <= 4:  # LM heads: the cp.async ring (H200, 128256x4096: 80.7 vs 88.9 us at m=1)
+        return _with_stages(GemvConfig(row_tiles=2, unroll=1, warps=4, stages=4))
+    return _with_stages(GemvConfig(row_tiles=row_tiles, unroll=1, warps=warps))
+
+
+def _with_stages(cfg: GemvConfig) -> GemvConfig:
+    """`cfg`, or with MIXQ_GEMV_STAGES=0/4/8 set (a tuning switch for benchmarks), that pipeline
+    instead, with warps halved until the ring fits MAX_RING_BYTES."""
+    forced = os.environ.get("MIXQ_GEMV_STAGES")
+    if forced is None:
+        return cfg
+    if forced not in ("0", "4", "8"):
+        raise ValueError(f"MIXQ_GEMV_STAGES={forced!r}: expected 0, 4 or 8")
+    out = GemvConfig(cfg.row_tiles, 1 if forced != "0" else cfg.unroll, cfg.warps, int(forced))
+    while out.ring_bytes() > MAX_RING_BYTES:
+        out = GemvConfig(out.row_tiles, out.unroll, out.warps // 2, out.stages)
+    return out
 
 
 _SM_COUNT: dict[int, int] = {}
@@ -214,6 +247,15 @@ def _operands(x: torch.Tensor, bias: torch.Tensor | None, lay: PackedLayout, ok:
     return ext, x, bias
 
 
+def _check_config(cfg: GemvConfig) -> None:
+    """ValueError naming the limits when `cfg` is not a launch shape of the int4 GEMV."""
+    if (cfg.row_tiles not in (1, 2) or cfg.unroll not in (1, 2) or not 1 <= cfg.warps <= 16
+            or cfg.stages not in (0, 4, 8) or (cfg.stages and cfg.unroll != 1) or cfg.ring_bytes() > MAX_RING_BYTES):
+        raise ValueError(f"cuda_gemv: {cfg} is not a launch shape: row_tiles 1 or 2, unroll 1 or 2, warps 1..16, "
+                         f"stages 0, 4 or 8 (unroll 1 with a ring), a ring of at most {MAX_RING_BYTES} bytes "
+                         f"(warps x stages x row_tiles KiB)")
+
+
 def qmatmul(x: torch.Tensor, kw: KernelWeights, bias: torch.Tensor | None = None,
             config: GemvConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor | None:
     """`x @ dequant(W)^T (+ bias)` for x of shape (M <= 8, in_features), bf16 or fp16, in x's
@@ -228,10 +270,11 @@ def qmatmul(x: torch.Tensor, kw: KernelWeights, bias: torch.Tensor | None = None
     cfg = config or pick_config(x.shape[0], lay, _sm_count(x.device))
     if lay.bits == 3:
         return ext.gemv_int3(x, kw.codes, kw.scales, kw.zeros, bias, out, lay.group_size, lay.code_offset, cfg.warps)
+    _check_config(cfg)
     # scales after the product need whole 128-input chunks per group
     pre_scale = lay.group_size < 128 and lay.group_size < lay.in_features
     return ext.gemv_int4(x, kw.codes, kw.scales, kw.zeros, bias, out, lay.group_size, lay.code_offset,
-                         pre_scale, cfg.row_tiles, cfg.unroll, cfg.warps)
+                         pre_scale, cfg.row_tiles, cfg.unroll, cfg.stages, cfg.warps)
 
 
 # --------------------------------------------------------------------------- tensor-core GEMM

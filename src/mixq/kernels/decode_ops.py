@@ -5,6 +5,7 @@ decode step runs about ten kernels per block instead of some forty small torch o
     r = add_rms_norm(h, None, weight, eps)         # RMSNorm only
     q = rope_to_cache(q, k, v, positions, inv_freq, k_cache, v_cache)   # (B, H, T, D)
     m = silu_mul(g, u)                             # silu(g) * u
+    a = decode_attention(q, k_cache, v_cache, positions, scale)   # (B, 1, H * D), one query token
 
 They round where Hugging Face's Llama modules round (RMSNorm: normalise in float32, round
 to the input dtype, multiply by the weight; rotary: cos/sin rounded to the dtype, then
@@ -15,6 +16,8 @@ against (and the CPU path). Rows must fit one program: hidden sizes up to 16384.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -51,12 +54,27 @@ def reference_silu_mul(g, u):
     return torch.nn.functional.silu(g) * u
 
 
+def reference_decode_attention(q, k_cache, v_cache, positions, scale):
+    """Softmax attention of q (B, H, 1, D) over the cached keys at positions <= positions[0]
+    (grouped-query: head h reads kv head h // (H / KVH)), as (B, 1, H * D), in float32."""
+    b, h, _, d = q.shape
+    kvh = k_cache.shape[1]
+    n = int(positions[0]) + 1
+    k = k_cache[:, :, :n].float().repeat_interleave(h // kvh, dim=1)
+    v = v_cache[:, :, :n].float().repeat_interleave(h // kvh, dim=1)
+    p = torch.softmax((q.float() @ k.transpose(-1, -2)) * scale, dim=-1)
+    return (p @ v).transpose(1, 2).reshape(b, 1, h * d)
+
+
 # --------------------------------------------------------------------------- kernels
 
 
 @triton.jit
 def _add_rms_norm_kernel(h_ptr, d_ptr, w_ptr, h_out_ptr, r_ptr, N, stride_h, stride_d, stride_ho, stride_r, eps,
-                         HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
+                         HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr, GDC: tl.constexpr):
+    if GDC:  # programmatic dependent launch: let the next kernel start, wait for the previous one
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
@@ -76,9 +94,12 @@ def _add_rms_norm_kernel(h_ptr, d_ptr, w_ptr, h_out_ptr, r_ptr, N, stride_h, str
 @triton.jit
 def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, f_ptr, qo_ptr, kc_ptr, vc_ptr,
                        T, H, KVH, stride_q, stride_k, stride_v, L, scaling,
-                       D: tl.constexpr):
+                       D: tl.constexpr, GDC: tl.constexpr):
     """Program (b * T + t, head): heads < H rotate q into qo (B, H, T, D); heads H .. H + KVH
     rotate k and copy v into the caches (B, KVH, L, D) at position pos[t]."""
+    if GDC:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     bt = tl.program_id(0)
     head = tl.program_id(1)
     b = bt // T
@@ -116,7 +137,10 @@ def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, f_ptr, qo_ptr, kc_ptr, vc_p
 
 
 @triton.jit
-def _silu_mul_kernel(g_ptr, u_ptr, o_ptr, N, stride_g, stride_u, stride_o, BLOCK: tl.constexpr):
+def _silu_mul_kernel(g_ptr, u_ptr, o_ptr, N, stride_g, stride_u, stride_o, BLOCK: tl.constexpr, GDC: tl.constexpr):
+    if GDC:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < N
@@ -127,7 +151,112 @@ def _silu_mul_kernel(g_ptr, u_ptr, o_ptr, N, stride_g, stride_u, stride_o, BLOCK
     tl.store(o_ptr + row * stride_o + cols, (s.to(tl.float32) * u.to(tl.float32)).to(o_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _attn_partial_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr, L, KVH, S, CHUNK, scale,
+                         G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+                         IEEE: tl.constexpr, GDC: tl.constexpr):
+    """Program (b * KVH + kv head, split s): the G query heads of the kv head against the keys
+    s * CHUNK .. (s + 1) * CHUNK - 1 that are written (index <= pos[0]); online softmax in fp32,
+    the split's running max, sum and weighted values to the workspace."""
+    if GDC:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+    bk = tl.program_id(0)
+    s = tl.program_id(1)
+    b = bk // KVH
+    kv = bk % KVH
+    gi = tl.arange(0, BLOCK_G)
+    di = tl.arange(0, D)
+    ni = tl.arange(0, BLOCK_N)
+    n_valid = tl.load(pos_ptr).to(tl.int32) + 1
+    start = s * CHUNK
+    end = tl.minimum(start + CHUNK, n_valid)
+    # q heads kv * G .. kv * G + G - 1 of batch row b: (B, H, 1, D) contiguous
+    q_rows = (b * KVH * G + kv * G + gi).to(tl.int64)
+    q = tl.load(q_ptr + q_rows[:, None] * D + di[None, :], mask=gi[:, None] < G, other=0.0)
+    kv_base = (bk.to(tl.int64) * L) * D
+    m_i = tl.full((BLOCK_G,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_G,), tl.float32)
+    acc = tl.zeros((BLOCK_G, D), tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        keys = n0 + ni
+        ok = keys < end
+        k = tl.load(k_ptr + kv_base + keys[:, None] * D + di[None, :], mask=ok[:, None], other=0.0)
+        if IEEE:
+            sc = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            sc = tl.dot(q, tl.trans(k))
+        sc = tl.where(ok[None, :], sc * scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(sc - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_ptr + kv_base + keys[:, None] * D + di[None, :], mask=ok[:, None], other=0.0)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    # workspace rows (b, kv, s, g)
+    w_rows = ((bk * S + s) * BLOCK_G + gi).to(tl.int64)
+    tl.store(m_ptr + w_rows, m_i)
+    tl.store(l_ptr + w_rows, l_i)
+    tl.store(acc_ptr + w_rows[:, None] * D + di[None, :], acc)
+
+
+@triton.jit
+def _attn_combine_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, KVH, S,
+                         G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr,
+                         GDC: tl.constexpr):
+    """Program (b * H + head): the splits of its kv head combined, out[b, 0, head * D ...]."""
+    if GDC:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+    bh = tl.program_id(0)
+    H = KVH * G
+    b = bh // H
+    h = bh % H
+    bk = b * KVH + h // G
+    g = h % G
+    si = tl.arange(0, BLOCK_S)
+    di = tl.arange(0, D)
+    rows = ((bk * S + si) * BLOCK_G + g).to(tl.int64)
+    ok = si < S
+    m = tl.load(m_ptr + rows, mask=ok, other=float("-inf"))
+    l = tl.load(l_ptr + rows, mask=ok, other=0.0)
+    m_all = tl.max(m, axis=0)
+    w = tl.where(m > float("-inf"), tl.exp(m - m_all), 0.0)
+    acc = tl.load(acc_ptr + rows[:, None] * D + di[None, :], mask=ok[:, None], other=0.0)
+    out = tl.sum(acc * w[:, None], axis=0) / tl.sum(l * w, axis=0)
+    tl.store(o_ptr + bh.to(tl.int64) * D + di, out.to(o_ptr.dtype.element_ty))
+
+
 # --------------------------------------------------------------------------- wrappers
+
+
+_PDL_DEVICES: dict[int, bool] = {}
+# grid dependency control in this Triton (3.4+); older ones launch these kernels without PDL
+_HAS_GDC = hasattr(getattr(getattr(tl, "extra", None), "cuda", None), "gdc_wait")
+
+
+def pdl(device: torch.device) -> bool:
+    """Whether these kernels launch with programmatic dependent launch (PDL): on sm_90+ devices
+    unless MIXQ_PDL=0, with a Triton that has it. Each kernel then lets the next one start at
+    once (so a following matmul streams its weights while this kernel waits and runs) and
+    waits for the previous kernel before it reads anything; the CUDA GEMV/GEMM read the same
+    switch (csrc/gemv_int4.h). H200, int4 Llama-3-8B shape: 2.53 -> 2.36 ms/token."""
+    if os.environ.get("MIXQ_PDL") == "0" or device.type != "cuda" or not _HAS_GDC:
+        return False
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _PDL_DEVICES:
+        _PDL_DEVICES[idx] = torch.cuda.get_device_capability(idx)[0] >= 9
+    return _PDL_DEVICES[idx]
+
+
+def _gdc(device: torch.device) -> dict:
+    """Launch keywords of a decode kernel: GDC (its wait / launch-dependents prologue) and, with
+    PDL, Triton's launch_pdl (not passed at all to a Triton without it)."""
+    return {"GDC": True, "launch_pdl": True} if pdl(device) else {"GDC": False}
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -143,14 +272,16 @@ def add_rms_norm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tens
     rows = h2.shape[0]
     r = torch.empty((rows, n), dtype=h.dtype, device=h.device)
     block = triton.next_power_of_2(n)
+    gdc = _gdc(h.device)
     if delta is not None:
         d2 = _rows(delta)
         h_out = torch.empty((rows, n), dtype=h.dtype, device=h.device)
         _add_rms_norm_kernel[(rows,)](h2, d2, weight, h_out, r, n, h2.stride(0), d2.stride(0), h_out.stride(0),
-                                      r.stride(0), float(eps), HAS_DELTA=True, BLOCK=block, num_warps=8)
+                                      r.stride(0), float(eps), HAS_DELTA=True, BLOCK=block, num_warps=8,
+                                      **gdc)
         return h_out.reshape(h.shape), r.reshape(h.shape)
     _add_rms_norm_kernel[(rows,)](h2, h2, weight, h2, r, n, h2.stride(0), h2.stride(0), h2.stride(0), r.stride(0),
-                                  float(eps), HAS_DELTA=False, BLOCK=block, num_warps=8)
+                                  float(eps), HAS_DELTA=False, BLOCK=block, num_warps=8, **gdc)
     return r.reshape(h.shape)
 
 
@@ -166,10 +297,11 @@ def rope_to_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: 
         if x.stride(-1) != 1:
             raise ValueError("rope_to_cache: q, k, v need a unit last-dim stride")
     qo = torch.empty((b, n_heads, t, head_dim), dtype=q.dtype, device=q.device)
+    gdc = _gdc(q.device)
     _rope_cache_kernel[(b * t, n_heads + n_kv)](
         q2, k2, v2, positions, inv_freq.float().contiguous(), qo, k_cache, v_cache,
         t, n_heads, n_kv, q2.stride(0), k2.stride(0), v2.stride(0), k_cache.shape[2], float(scaling),
-        D=head_dim, num_warps=1)
+        D=head_dim, num_warps=1, **gdc)
     return qo
 
 
@@ -179,6 +311,54 @@ def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     rows, n = g2.shape
     out = torch.empty((rows, n), dtype=g.dtype, device=g.device)
     block = 1024
+    gdc = _gdc(g.device)
     _silu_mul_kernel[(rows, triton.cdiv(n, block))](g2, u2, out, n, g2.stride(0), u2.stride(0), out.stride(0),
-                                                     BLOCK=block, num_warps=4)
+                                                     BLOCK=block, num_warps=4, **gdc)
     return out.reshape(g.shape)
+
+
+ATTN_BLOCK_N = 64
+
+
+def decode_attention_supported(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Whether `decode_attention` takes this step: one query token, float caches of q's dtype,
+    a power-of-two head dim of 16..256, whole query groups per kv head (at most 64 heads each)."""
+    b, h, t, d = q.shape
+    kvh = k_cache.shape[1]
+    return (t == 1 and k_cache.dtype == q.dtype and q.dtype in (torch.float32, torch.float16, torch.bfloat16)
+            and 16 <= d <= 256 and d & (d - 1) == 0 and h % kvh == 0 and h // kvh <= 64)
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """Attention of one query token per row, q (B, H, 1, D), over the keys of the caches
+    (B, KVH, L, D) at positions <= positions[0] (the written ones: a decode step reads only
+    those, whatever the cache's length), grouped-query (head h reads kv head h // (H / KVH)).
+    Returns (B, 1, H * D) in q's dtype. Flash-decoding: the cache is cut into up to 64 splits of
+    64-key blocks, one program per (row, kv head, split) with the group's query heads as one
+    tile, online softmax in float32, then one program per head combines the splits."""
+    b, h, t, d = q.shape
+    kvh, L = k_cache.shape[1], k_cache.shape[2]
+    if not decode_attention_supported(q, k_cache) or v_cache.shape != k_cache.shape:
+        raise ValueError(f"decode_attention: expected q (B, H, 1, D) and caches (B, KVH, L, D) of its dtype with "
+                         f"H a multiple of KVH, D a power of two in 16..256; got q {tuple(q.shape)} {q.dtype}, "
+                         f"caches {tuple(k_cache.shape)} {k_cache.dtype}")
+    for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if not x.is_contiguous():
+            raise ValueError(f"decode_attention: {name} must be contiguous")
+    g = h // kvh
+    block_g = max(16, triton.next_power_of_2(g))
+    splits = max(1, min(64, triton.cdiv(L, ATTN_BLOCK_N)))
+    chunk = triton.cdiv(triton.cdiv(L, splits), ATTN_BLOCK_N) * ATTN_BLOCK_N
+    splits = triton.cdiv(L, chunk)
+    ws_m = torch.empty((b * kvh * splits * block_g,), device=q.device, dtype=torch.float32)
+    ws_l = torch.empty_like(ws_m)
+    ws_acc = torch.empty((b * kvh * splits * block_g, d), device=q.device, dtype=torch.float32)
+    out = torch.empty((b, 1, h * d), device=q.device, dtype=q.dtype)
+    gdc = _gdc(q.device)
+    _attn_partial_kernel[(b * kvh, splits)](q, k_cache, v_cache, positions, ws_m, ws_l, ws_acc, L, kvh, splits, chunk,
+                                            float(scale), G=g, BLOCK_G=block_g, D=d, BLOCK_N=ATTN_BLOCK_N,
+                                            IEEE=q.dtype == torch.float32, num_warps=4, **gdc)
+    _attn_combine_kernel[(b * h,)](ws_m, ws_l, ws_acc, out, kvh, splits, G=g, BLOCK_G=block_g, D=d,
+                                   BLOCK_S=triton.next_power_of_2(splits), num_warps=4, **gdc)
+    return out

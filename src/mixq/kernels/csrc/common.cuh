@@ -104,12 +104,14 @@ __device__ __forceinline__ void row_offsets(const Params& p, int row0, int g, in
 }
 
 // One 128-input chunk of a lane's int4 weights: 16 bytes (32 codes) of rows g and g + 8 of
-// each of its kR row tiles, with their scale and zero point of the chunk's group.
+// each of its kR row tiles, with their scale and zero point of the lane's group. The loaded
+// values stay as loaded until the chunk is decoded (pack_rows): combining the two rows' loads
+// into one register at load time would stall the warp there on them, a memory latency per chunk.
 template <int kR>
 struct Chunk {
-  uint4 w[kR][2];  // codes of rows g, g + 8 of each row tile
-  uint32_t s[kR];  // fp16 scale bits of rows g (low half), g + 8 (high half)
-  uint32_t z[kR];  // zero points of rows g (low half), g + 8 (high half)
+  uint4 w[kR][2];     // codes of rows g, g + 8 of each row tile
+  uint32_t s[kR][2];  // fp16 scale bits of rows g, g + 8
+  uint32_t z[kR][2];  // zero points of rows g, g + 8 (code_offset without zero points)
 };
 
 // Loads chunk c (word offset c * 16 in each row) into registers: zero codes for lanes past k
@@ -119,18 +121,17 @@ __device__ __forceinline__ void load_chunk(Chunk<kR>& ch, const Params& p, int c
                                            const uint32_t (&w_off)[kR][2], const uint32_t (&s_off)[kR][2],
                                            const uint32_t (&z_off)[kR][2]) {
 #pragma unroll
-  for (int r = 0; r < kR; ++r) {
-    uint32_t s[2], z[2];
+  for (int r = 0; r < kR; ++r)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       ch.w[r][h] = lane_ok ? load_stream(p.codes + (w_off[r][h] + c * 16)) : make_uint4(0, 0, 0, 0);
-      s[h] = __ldg(p.scales + (s_off[r][h] + grp));
-      z[h] = zeros ? uint32_t(__ldg(p.zeros + (z_off[r][h] + grp))) : uint32_t(p.code_offset);
+      ch.s[r][h] = __ldg(p.scales + (s_off[r][h] + grp));
+      ch.z[r][h] = zeros ? uint32_t(__ldg(p.zeros + (z_off[r][h] + grp))) : uint32_t(p.code_offset);
     }
-    ch.s[r] = s[0] | (s[1] << 16);
-    ch.z[r] = z[0] | (z[1] << 16);
-  }
 }
+
+// (row g) | (row g + 8) << 16 of a chunk's two per-row values, when the chunk is decoded.
+__device__ __forceinline__ uint32_t pack_rows(const uint32_t (&v)[2]) { return v[0] | (v[1] << 16); }
 
 // Programmatic dependent launch (sm_90+, opt-in: gemv_int4.h pdl_enabled). A kernel launched
 // with `launch_ex(..., pdl = true)` may start while the previous kernel of the stream is still

@@ -131,10 +131,12 @@ __global__ void __launch_bounds__(256) gemm_int4_kernel(const GemmInt4Params P) 
       uint32_t nz[kR][2], ss[kR][2];
 #pragma unroll
       for (int r = 0; r < kR; ++r) {
-        nz[r][0] = H::kNegMagic | ((ch.z[r] & 0xFFu) * 0x10001u);  // -(magic + zero) x2
-        nz[r][1] = H::kNegMagic | ((ch.z[r] >> 16) * 0x10001u);
-        ss[r][0] = H::scale_pair(ch.s[r] & 0xFFFFu);
-        ss[r][1] = H::scale_pair(ch.s[r] >> 16);
+        const uint32_t sp = pack_rows(ch.s[r]);  // rows g (low half), g + 8
+        const uint32_t zp = pack_rows(ch.z[r]);
+        nz[r][0] = H::kNegMagic | ((zp & 0xFFu) * 0x10001u);  // -(magic + zero) x2
+        nz[r][1] = H::kNegMagic | ((zp >> 16) * 0x10001u);
+        ss[r][0] = H::scale_pair(sp & 0xFFFFu);
+        ss[r][1] = H::scale_pair(sp >> 16);
       }
       const uint32_t xb = xs_base + uint32_t(b * 8 * kT * kRowUnits) * 16u;
 #pragma unroll

@@ -80,6 +80,8 @@ GemvInt4Params make_params(const char* op, const torch::Tensor& x, const torch::
   p.group_shift = group_shift(op, group_size, k);
   p.code_offset = int(code_offset);
   p.pdl = pdl_enabled(at::cuda::getDeviceProperties(x.device().index())->major);
+  const char* contig = std::getenv("MIXQ_GEMV_CONTIG");  // experiment switch (bench_gemv.py)
+  p.contiguous = contig && contig[0] == '1';
   return p;
 }
 
@@ -88,13 +90,14 @@ GemvInt4Params make_params(const char* op, const torch::Tensor& x, const torch::
 // y (m, n) = x (m, k) @ dequant(codes, scales, zeros)^T (+ bias), written into `out` if given.
 torch::Tensor gemv_int4(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, c10::optional<torch::Tensor> zeros,
                         c10::optional<torch::Tensor> bias, c10::optional<torch::Tensor> out, int64_t group_size,
-                        int64_t code_offset, bool pre_scale, int64_t row_tiles, int64_t unroll, int64_t warps) {
+                        int64_t code_offset, bool pre_scale, int64_t row_tiles, int64_t unroll, int64_t stages,
+                        int64_t warps) {
   torch::Tensor y;
   const GemvInt4Params p = make_params("gemv_int4", x, codes, scales, zeros, bias, out, group_size, code_offset, 4, 8, 32, y);
   TORCH_CHECK(pre_scale || p.group_shift >= 7, "gemv_int4: scales after the product need group_size >= 128");
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaError_t err = gemv_int4_launch(p, x.scalar_type() == torch::kBFloat16, pre_scale, int(row_tiles), int(unroll),
-                                           int(warps), c10::cuda::getCurrentCUDAStream().stream());
+                                           int(stages), int(warps), c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "gemv_int4 launch failed: ", cudaGetErrorString(err));
   return y;
 }

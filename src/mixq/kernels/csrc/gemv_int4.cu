@@ -38,13 +38,23 @@ using namespace mixq_kernels;
 // One 16-row tile, one chunk per buffer: at most 64 registers (two 512-thread blocks, or eight of
 // 128 threads, per SM), so the 896 blocks of a 14336-row batch-1 GEMV fit one wave on 132 SMs (73
 // registers left six 128-thread blocks per SM: 1.13 waves, Nsight Compute on the H200).
-template <bool kBF16, bool kPre, bool kZeros, int kR, int kU>
+//
+// kS > 0 (the ring): instead of two register buffers, each warp streams its chunks' weights
+// through a ring of kS slots in shared memory with cp.async (16 bytes per lane and row half,
+// each lane reading back only what it copied, so no barrier), kS - 1 chunks in flight while one
+// is decoded; the scales and zero points ride in a register ring alongside (the loop is unrolled
+// over the kS slots). It keeps more bytes in flight per SM than the register pipeline can at the
+// same register count, for the weights where a warp has only a few chunks and DRAM latency, not
+// bandwidth, sets the time.
+template <bool kBF16, bool kPre, bool kZeros, int kR, int kU, int kS>
 __global__ void __launch_bounds__(512, (kR == 1 && kU == 1) ? 2 : 1) gemv_int4_kernel(const GemvInt4Params p) {
   using H = Half<kBF16>;
-  extern __shared__ float partials[];  // (warps, kR * 4, 32)
+  // kS == 0: partials (warps, kR * 4, 32) floats; kS > 0: the ring (warps, kS, kR * 2, 32) uint4 first
+  extern __shared__ uint4 smem_u4[];
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int n_warps = blockDim.x >> 5;
+  float* partials = reinterpret_cast<float*>(smem_u4 + (kS > 0 ? n_warps * kS * kR * 64 : 0));
   const int g = lane >> 2, q = lane & 3;
   const int row0 = blockIdx.x * (16 * kR);
   const int n_chunks = (p.k + kChunk - 1) / kChunk;
@@ -102,13 +112,15 @@ __global__ void __launch_bounds__(512, (kR == 1 && kU == 1) ? 2 : 1) gemv_int4_k
     }
 #pragma unroll
     for (int r = 0; r < kR; ++r) {
-      const uint32_t z0 = ch.z[r] & 0xFFu, z1 = ch.z[r] >> 16;  // rows g, g + 8
+      const uint32_t sp = pack_rows(ch.s[r]);  // scales of rows g (low half), g + 8
+      const uint32_t zp = pack_rows(ch.z[r]);
+      const uint32_t z0 = zp & 0xFFu, z1 = zp >> 16;  // rows g, g + 8
       const uint32_t nz0 = H::kNegMagic | (z0 * 0x10001u);      // -(magic + zero) x2
       const uint32_t nz1 = H::kNegMagic | (z1 * 0x10001u);
       uint32_t ss0 = 0, ss1 = 0;
       if (kPre) {
-        ss0 = H::scale_pair(ch.s[r] & 0xFFFFu);
-        ss1 = H::scale_pair(ch.s[r] >> 16);
+        ss0 = H::scale_pair(sp & 0xFFFFu);
+        ss1 = H::scale_pair(sp >> 16);
       }
       float t[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
@@ -135,8 +147,8 @@ __global__ void __launch_bounds__(512, (kR == 1 && kU == 1) ? 2 : 1) gemv_int4_k
         }
       }
       if (!kPre) {
-        const float s0 = __half2float(__ushort_as_half((unsigned short)(ch.s[r] & 0xFFFFu)));
-        const float s1 = __half2float(__ushort_as_half((unsigned short)(ch.s[r] >> 16)));
+        const float s0 = __half2float(__ushort_as_half((unsigned short)(sp & 0xFFFFu)));
+        const float s1 = __half2float(__ushort_as_half((unsigned short)(sp >> 16)));
         const float mz0 = H::kMagicF + float(z0), mz1 = H::kMagicF + float(z1);
         acc[r][0] = fmaf(fmaf(-mz0, sx[0], t[0]), s0, acc[r][0]);
         acc[r][1] = fmaf(fmaf(-mz0, sx[1], t[1]), s0, acc[r][1]);
@@ -146,24 +158,90 @@ __global__ void __launch_bounds__(512, (kR == 1 && kU == 1) ? 2 : 1) gemv_int4_k
     }
   };
 
-  // software pipeline, two register buffers: the next kU chunks are in flight while kU are decoded
-  Chunk<kR> buf_a[kU], buf_b[kU];
   const int step = n_warps;
-  pdl_launch_dependents();
+  if constexpr (kS == 0) {
+    // software pipeline, two register buffers: the next kU chunks are in flight while kU are decoded
+    Chunk<kR> buf_a[kU], buf_b[kU];
+    pdl_launch_dependents();
 #pragma unroll
-  for (int u = 0; u < kU; ++u) load(buf_a[u], warp + u * step);  // weights only: before the wait
-  pdl_wait();  // x and y belong to the stream's previous kernels
-  for (int c = warp; c < n_chunks; c += 2 * kU * step) {
+    for (int u = 0; u < kU; ++u) load(buf_a[u], warp + u * step);  // weights only: before the wait
+    pdl_wait();  // x and y belong to the stream's previous kernels
+    for (int c = warp; c < n_chunks; c += 2 * kU * step) {
 #pragma unroll
-    for (int u = 0; u < kU; ++u) load(buf_b[u], c + (kU + u) * step);
+      for (int u = 0; u < kU; ++u) load(buf_b[u], c + (kU + u) * step);
 #pragma unroll
-    for (int u = 0; u < kU; ++u)
-      if (c + u * step < n_chunks) compute(buf_a[u], c + u * step);
+      for (int u = 0; u < kU; ++u)
+        if (c + u * step < n_chunks) compute(buf_a[u], c + u * step);
 #pragma unroll
-    for (int u = 0; u < kU; ++u) load(buf_a[u], c + (2 * kU + u) * step);
+      for (int u = 0; u < kU; ++u) load(buf_a[u], c + (2 * kU + u) * step);
 #pragma unroll
-    for (int u = 0; u < kU; ++u)
-      if (c + (kU + u) * step < n_chunks) compute(buf_b[u], c + (kU + u) * step);
+      for (int u = 0; u < kU; ++u)
+        if (c + (kU + u) * step < n_chunks) compute(buf_b[u], c + (kU + u) * step);
+    }
+  } else {
+    // the ring: slot s of this warp holds chunk warp + (i * kS + s) * step; lane-private 16-byte
+    // cells (kR * 2 per slot), so a lane's ld.shared reads what its own cp.async wrote
+    uint4* ring = smem_u4 + warp * (kS * kR * 64) + lane;
+    const uint32_t ring_base = uint32_t(__cvta_generic_to_shared(ring));
+    uint32_t s_ring[kS][kR][2], z_ring[kS][kR][2];  // as Chunk::s, Chunk::z
+    // issue chunk c into slot `slot` (one commit group, empty past the end)
+    // chunk order: interleaved (chunk c to warp c % warps), or with p.contiguous each warp a run
+    // of consecutive chunks, so that its loads in flight walk along the same rows
+    int c_first = warp, c_step = step, c_end = n_chunks;
+    if (p.contiguous) {
+      const int per = (n_chunks + n_warps - 1) / n_warps;
+      c_first = warp * per;
+      c_step = 1;
+      c_end = min(n_chunks, c_first + per);
+    }
+    auto issue = [&](int slot, int c) {
+      if (c < c_end) {  // warp-uniform
+        const int kq = c * kChunk + q * 32;
+        const bool ok = kq < p.k;
+        const uint32_t grp = uint32_t((kPre ? min(kq, p.k - 1) : c * kChunk) >> p.group_shift);
+#pragma unroll
+        for (int r = 0; r < kR; ++r) {
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const uint32_t dst = ring_base + uint32_t((slot * kR * 2 + r * 2 + h) * 32 * 16);
+            const uint32_t* src = p.codes + (w_off[r][h] + (ok ? c * 16 : 0));
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(ok ? 16 : 0));
+          }
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            s_ring[slot][r][h] = __ldg(p.scales + (s_off[r][h] + grp));
+            if (kZeros) z_ring[slot][r][h] = __ldg(p.zeros + (z_off[r][h] + grp));
+          }
+        }
+      }
+      asm volatile("cp.async.commit_group;" ::: "memory");
+    };
+    pdl_launch_dependents();
+#pragma unroll
+    for (int s = 0; s < kS - 1; ++s) issue(s, c_first + s * c_step);  // weights only: before the wait
+    pdl_wait();
+    for (int c0 = c_first; c0 < c_end; c0 += kS * c_step) {
+#pragma unroll
+      for (int s = 0; s < kS; ++s) {
+        const int c = c0 + s * c_step;
+        asm volatile("cp.async.wait_group %0;" ::"n"(kS - 2) : "memory");  // chunk c has landed
+        Chunk<kR> ch;
+#pragma unroll
+        for (int r = 0; r < kR; ++r) {
+#pragma unroll
+          for (int h = 0; h < 2; ++h) ch.w[r][h] = ring[(s * kR * 2 + r * 2 + h) * 32];
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            ch.s[r][h] = s_ring[s][r][h];
+            ch.z[r][h] = kZeros ? z_ring[s][r][h] : uint32_t(p.code_offset);
+          }
+        }
+        // refill the slot decoded one step ago (its words are in registers already)
+        issue((s + kS - 1) % kS, c + (kS - 1) * c_step);
+        if (c < c_end) compute(ch, c);
+      }
+    }
+    asm volatile("cp.async.wait_all;" ::: "memory");
   }
 
   // sum the warps' partials; accumulator j of lane (g, q): row g + 8 * (j >> 1), column 2q + (j & 1)
@@ -185,25 +263,46 @@ __global__ void __launch_bounds__(512, (kR == 1 && kU == 1) ? 2 : 1) gemv_int4_k
   }
 }
 
-template <bool kBF16, bool kPre, bool kZeros, int kR, int kU>
+template <bool kBF16, bool kPre, bool kZeros, int kR, int kU, int kS>
 cudaError_t launch(const GemvInt4Params& p, int warps, cudaStream_t stream) {
   const dim3 grid((p.n + 16 * kR - 1) / (16 * kR));
   const dim3 block(32 * warps);
-  const size_t smem = size_t(warps) * kR * 128 * sizeof(float);
-  return launch_ex(gemv_int4_kernel<kBF16, kPre, kZeros, kR, kU>, grid, block, smem, stream, p.pdl, p);
+  const size_t smem = size_t(warps) * kR * 128 * sizeof(float) + gemv_int4_ring_bytes(kR, kS, warps);
+  auto kernel = gemv_int4_kernel<kBF16, kPre, kZeros, kR, kU, kS>;
+  if (smem > 48 * 1024) {  // opt in to this much dynamic shared memory, per instantiation and device
+    static size_t opted[64] = {};
+    int dev = 0;
+    cudaGetDevice(&dev);
+    if (smem > opted[dev & 63]) {
+      const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+      if (e != cudaSuccess) return e;  // more than the device allows
+      opted[dev & 63] = smem;
+    }
+  }
+  return launch_ex(kernel, grid, block, smem, stream, p.pdl, p);
+}
+
+template <bool kBF16, bool kPre, bool kZeros, int kR>
+cudaError_t launch_pipe(const GemvInt4Params& p, int unroll, int stages, int warps, cudaStream_t stream) {
+  switch (stages) {
+    case 0: return unroll == 1 ? launch<kBF16, kPre, kZeros, kR, 1, 0>(p, warps, stream)
+                               : launch<kBF16, kPre, kZeros, kR, 2, 0>(p, warps, stream);
+    case 4: return launch<kBF16, kPre, kZeros, kR, 1, 4>(p, warps, stream);
+    case 8: return launch<kBF16, kPre, kZeros, kR, 1, 8>(p, warps, stream);
+    default: return cudaErrorInvalidValue;
+  }
 }
 
 template <bool kBF16, bool kPre, bool kZeros>
-cudaError_t launch_shape(const GemvInt4Params& p, int row_tiles, int unroll, int warps, cudaStream_t stream) {
-  if (row_tiles == 1)
-    return unroll == 1 ? launch<kBF16, kPre, kZeros, 1, 1>(p, warps, stream) : launch<kBF16, kPre, kZeros, 1, 2>(p, warps, stream);
-  return unroll == 1 ? launch<kBF16, kPre, kZeros, 2, 1>(p, warps, stream) : launch<kBF16, kPre, kZeros, 2, 2>(p, warps, stream);
+cudaError_t launch_shape(const GemvInt4Params& p, int row_tiles, int unroll, int stages, int warps, cudaStream_t stream) {
+  return row_tiles == 1 ? launch_pipe<kBF16, kPre, kZeros, 1>(p, unroll, stages, warps, stream)
+                        : launch_pipe<kBF16, kPre, kZeros, 2>(p, unroll, stages, warps, stream);
 }
 
 template <bool kBF16, bool kPre>
-cudaError_t launch_zeros(const GemvInt4Params& p, int row_tiles, int unroll, int warps, cudaStream_t stream) {
-  return p.zeros ? launch_shape<kBF16, kPre, true>(p, row_tiles, unroll, warps, stream)
-                 : launch_shape<kBF16, kPre, false>(p, row_tiles, unroll, warps, stream);
+cudaError_t launch_zeros(const GemvInt4Params& p, int row_tiles, int unroll, int stages, int warps, cudaStream_t stream) {
+  return p.zeros ? launch_shape<kBF16, kPre, true>(p, row_tiles, unroll, stages, warps, stream)
+                 : launch_shape<kBF16, kPre, false>(p, row_tiles, unroll, stages, warps, stream);
 }
 
 
@@ -358,16 +457,21 @@ cudaError_t launch3(const GemvInt4Params& p, int warps, cudaStream_t stream) {
 
 }  // namespace
 
+size_t gemv_int4_ring_bytes(int row_tiles, int stages, int warps) {
+  return size_t(warps) * stages * row_tiles * 2 * 32 * 16;
+}
+
 cudaError_t gemv_int4_launch(const GemvInt4Params& p, bool bf16, bool pre_scale, int row_tiles, int unroll,
-                             int warps, cudaStream_t stream) {
+                             int stages, int warps, cudaStream_t stream) {
   if (p.m < 1 || p.m > 8 || p.n < 1 || p.k < 32 || p.k % 32 || warps < 1 || warps > 16 ||
       (row_tiles != 1 && row_tiles != 2) || (unroll != 1 && unroll != 2) ||
+      (stages != 0 && stages != 4 && stages != 8) || (stages && unroll != 1) ||
       (!pre_scale && p.group_shift < 7) || p.group_shift < 5)
     return cudaErrorInvalidValue;
-  if (bf16) return pre_scale ? launch_zeros<true, true>(p, row_tiles, unroll, warps, stream)
-                             : launch_zeros<true, false>(p, row_tiles, unroll, warps, stream);
-  return pre_scale ? launch_zeros<false, true>(p, row_tiles, unroll, warps, stream)
-                   : launch_zeros<false, false>(p, row_tiles, unroll, warps, stream);
+  if (bf16) return pre_scale ? launch_zeros<true, true>(p, row_tiles, unroll, stages, warps, stream)
+                             : launch_zeros<true, false>(p, row_tiles, unroll, stages, warps, stream);
+  return pre_scale ? launch_zeros<false, true>(p, row_tiles, unroll, stages, warps, stream)
+                   : launch_zeros<false, false>(p, row_tiles, unroll, stages, warps, stream);
 }
 
 cudaError_t gemv_int3_launch(const GemvInt4Params& p, bool bf16, int warps, cudaStream_t stream) {

@@ -5,13 +5,13 @@
 #include <cstdlib>
 #include <cuda_runtime.h>
 
-// Whether launches use programmatic dependent launch (common.cuh): on sm_90+ devices with
-// MIXQ_PDL=1 (read at every call). Off by default: it overlaps back-to-back calls of these
-// kernels, but in mixq's decode loop their neighbours are other kernels, and the H200 measured
-// no gain there (bench/KERNEL_NOTES.md).
+// Whether launches use programmatic dependent launch (common.cuh): on sm_90+ devices unless
+// MIXQ_PDL=0 (read at every call). With the decode step's Triton kernels launched the same way
+// (kernels/decode_ops.py), each matmul streams its first weights while the kernel before it
+// runs: 2.53 -> 2.36 ms/token for the int4 Llama-3-8B shape on the H200 (bench/KERNEL_NOTES.md).
 inline bool pdl_enabled(int device_major) {
-  const char* on = std::getenv("MIXQ_PDL");
-  return device_major >= 9 && on && on[0] == '1' && on[1] == 0;
+  const char* off = std::getenv("MIXQ_PDL");
+  return device_major >= 9 && !(off && off[0] == '0' && off[1] == 0);
 }
 
 struct GemvInt4Params {
@@ -30,6 +30,7 @@ struct GemvInt4Params {
   int group_shift;        // log2(group_size); >= 30 when one group spans the whole row
   int code_offset;        // symmetric formats: value = code - code_offset
   bool pdl;               // launch with programmatic dependent launch (common.cuh: pdl_enabled)
+  bool contiguous;        // GEMV ring: each warp takes a run of consecutive chunks (else interleaved)
 };
 
 // Launches on `stream`; returns the launch error (cudaSuccess if none).
@@ -37,9 +38,12 @@ struct GemvInt4Params {
 // before the tensor-core product (group_size >= 32); else they are applied to fp32 partial
 // sums per 128-input chunk (group_size >= 128). group_size is a power of two. row_tiles:
 // 16-row tiles per warp (1 or 2); unroll: 128-input chunks per buffer of the two-buffer
-// register pipeline (1 or 2); warps: per block (1..16), splitting the input dimension.
+// register pipeline (1 or 2); stages: 0 for that register pipeline, or 4 / 8 for a ring of
+// that many chunk slots per warp in shared memory filled by cp.async (unroll 1; dynamic shared
+// memory gemv_int4_ring_bytes more); warps: per block (1..16), splitting the input dimension.
 cudaError_t gemv_int4_launch(const GemvInt4Params& p, bool bf16, bool pre_scale, int row_tiles,
-                             int unroll, int warps, cudaStream_t stream);
+                             int unroll, int stages, int warps, cudaStream_t stream);
+size_t gemv_int4_ring_bytes(int row_tiles, int stages, int warps);
 
 // 3-bit codes in the split layout (codes: (n, 3 * k / 32) int32, planar; ld_codes = words per
 // row), k a multiple of 128, group_size a power of two >= 32; the weights are always formed as
