@@ -244,6 +244,32 @@ def ring_order(copy_bw: float, results: dict, batches: tuple[int, ...]) -> None:
         torch.cuda.empty_cache()
 
 
+def formats_per_byte(copy_bw: float, results: dict, batches: tuple[int, ...]) -> None:
+    """Bytes per second of the 3-bit GEMV (int3:g128, sym and asym; the post-scaled kernel where
+    it runs, from 5 rows, and with MIXQ_GEMV3_POST=0 the pre-scaled one) and the 8-bit one
+    (int8:ch) against int4:g128 on each shape of SHAPES: goal 3 of the kernel issue is int3 at
+    least as fast per byte as int4."""
+    rows = results.setdefault("formats_per_byte", [])
+    for n, k in SHAPES:
+        for spec, posts in (("int4:g128", ("1",)), ("int8:ch", ("1",)), ("int3:g128", ("1", "0")),
+                            ("int3:g128:asym", ("1", "0"))):
+            cp = Copies(spec, n, k)
+            for m in batches:
+                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                for post in (posts if m >= 5 else posts[-1:]):  # below 5 rows both run the pre-scaled kernel
+                    os.environ["MIXQ_GEMV3_POST"] = post
+                    t = cp.time_us(lambda kw: (lambda: cuda_gemv.qmatmul(x, kw)))
+                    g = gbps(cp.nbytes, m, n, k, t)
+                    rows.append(dict(fmt=spec, shape=f"{n}x{k}", batch=m, post_scaled=post == "1" and m >= 5, us=t, GBps=g,
+                                     pct_copy=100 * g * 1e9 / copy_bw, nbytes=cp.nbytes))
+                    kind = "" if spec.startswith(("int4", "int8")) else ("post " if post == "1" and m >= 5 else "pre  ")
+                    log(f"{spec:>15} {n:>6}x{k:<5} m={m} {kind}{t:7.1f} us "
+                        f"{g:6.0f} GB/s ({rows[-1]['pct_copy']:3.0f}%)")
+            os.environ.pop("MIXQ_GEMV3_POST", None)
+            del cp
+            torch.cuda.empty_cache()
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench_gemv.json")
@@ -252,6 +278,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer cases, configs and batches (short device leases)")
     ap.add_argument("--sweep-batches", default=None, help="batches of the launch-shape sweep, e.g. 1,4,8")
     ap.add_argument("--shapes", default=None, help="out x in shapes to time, e.g. 14336x4096,4096x14336")
+    ap.add_argument("--per-byte", action="store_true",
+                    help="only time int3:g128 (both kernels) and int8:ch against int4:g128 on SHAPES")
     ap.add_argument("--ring-order", action="store_true",
                     help="only time the ring's chunk orders (interleaved / contiguous) on SHAPES at the sweep batches")
     args = ap.parse_args(argv)
@@ -281,6 +309,9 @@ def main(argv=None) -> int:
         sweep_batches = tuple(int(b) for b in args.sweep_batches.split(",")) if args.sweep_batches else None
         if args.ring_order:
             ring_order(copy_bw, results, sweep_batches or (1,))
+            return 0 if ok else 1
+        if args.per_byte:
+            formats_per_byte(copy_bw, results, sweep_batches or (1,))
             return 0 if ok else 1
         rows = bench(copy_bw, results, not args.no_sweep, args.quick, sweep_batches)
     finally:

@@ -32,10 +32,12 @@ def _layout(spec: str, n: int = 8, k: int = 576):
     ("int4:g128", True), ("int4:g64", True), ("int4:g32", True), ("int4:g64:asym", True), ("int4:ch", True),
     ("int3:g64", False), ("int8:ch", False), ("nf4:g64", False), ("mxfp4", False), ("nvfp4", False),
     ("int3:g64@1024", True), ("int3:g128:asym@1024", True), ("int3:g32@1024", True), ("int3:ch@1024", True),
-    ("fp4_e2m1:g32", False),
+    ("fp4_e2m1:g32", False), ("int8:ch@1024", True), ("int8:g128@1024", True), ("int8:g128:asym@1024", True),
+    ("int8:g64@1024", False),
 ])
 def test_layout_supported(spec, ok):
-    """int4 with in % 32 == 0; 3-bit (split layout) with in % 128 == 0 (576 is not)."""
+    """int4 with in % 32 == 0; 3-bit (split layout) and int8 with in % 128 == 0 (576 is not);
+    int8 only with groups of >= 128 inputs (scales after the product)."""
     spec, _, k = spec.partition("@")
     assert cuda_gemv.layout_supported(_layout(spec, k=int(k or 576))) is ok
 
@@ -156,12 +158,34 @@ def test_ring_pipeline_matches_reference(spec, n, k, dtype):
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("spec,n,k", [("int3:g64", 200, 1152), ("int3:g128:asym", 72, 4096), ("int3:g32", 136, 640),
-                                      ("int3:ch", 100, 1024), ("int3:g128", 4096, 14336)])
+                                      ("int3:ch", 100, 1024), ("int3:g128", 4096, 14336), ("int3:g128", 40, 1152),
+                                      ("int3:g256:asym", 24, 640)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_int3_every_launch_shape_matches_reference(spec, n, k, dtype):
-    """The 3-bit kernel: odd row counts, partial 512-input chunks (1152, 640), every warp count."""
+@pytest.mark.parametrize("post", ["1", "0"])
+def test_int3_every_launch_shape_matches_reference(spec, n, k, dtype, post, monkeypatch):
+    """The 3-bit kernels: odd row counts, partial 512-input chunks (1152, 640), every warp count;
+    groups of >= 128 inputs through the post-scaled kernel and (MIXQ_GEMV3_POST=0) the
+    pre-scaled one."""
+    monkeypatch.setenv("MIXQ_GEMV3_POST", post)
     kw = _gpu_case(spec, n, k, seed=n + k)
     assert cuda_gemv.layout_supported(kw.layout)
+    for cfg in [cuda_gemv.GemvConfig(1, 1, w) for w in (1, 2, 3, 4, 16)]:
+        for m in (1, 3, 8):
+            _check(kw, m, dtype, cfg, bias=(m == 3))
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("spec,n,k", [("int8:ch", 200, 1152), ("int8:g128", 72, 4096), ("int8:g128:asym", 136, 640),
+                                      ("int8:ch", 4096, 14336), ("int8:g256", 24, 640)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_int8_every_launch_shape_matches_reference(spec, n, k, dtype):
+    """The 8-bit kernel: odd row counts, a partial last group (640 = 2.5 groups of 256), every
+    warp count, codes over the whole 0..255 range (bf16 splits off the top bit)."""
+    kw = _gpu_case(spec, n, k, seed=n + k)
+    assert cuda_gemv.layout_supported(kw.layout)
+    codes = kw.codes.view(torch.uint8)
+    assert int(codes.min()) < 16 and int(codes.max()) > 240
     for cfg in [cuda_gemv.GemvConfig(1, 1, w) for w in (1, 2, 3, 4, 16)]:
         for m in (1, 3, 8):
             _check(kw, m, dtype, cfg, bias=(m == 3))

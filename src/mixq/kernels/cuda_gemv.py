@@ -17,6 +17,11 @@ the data, deterministic). Measured on the H200 (bench/bench_gemm.py): it beats t
 tensor-core kernel for int4 with zero points or groups under 128 inputs, past 64 rows, and
 where it runs stream-K from 17 rows; `gemm_preferred` routes accordingly.
 
+8-bit codes (groups of >= 128 inputs or per channel) run `gemv_int8`: int4's work split with
+32 codes per lane and row per 128-input chunk, a pair of codes gathered by one PRMT and made
+half-precision magic + code by one LOP3 (bf16: the low seven bits and the top bit as two mmas
+on one accumulator), scales after the product.
+
 3-bit codes (the split layout of `kernels.packed`) run `gemv_int3`: 512-input chunks (each
 lane loads 16 bytes of each of the three planes), pairs of codes 16 bits apart decoded by a
 shift and two LOP3s into half-precision magic + code, (code - zero) * scale formed in x's
@@ -143,12 +148,16 @@ def extension():
 
 
 def layout_supported(layout: PackedLayout) -> bool:
-    """int4 (in_features a multiple of 32) or 3-bit codes in the split layout (a multiple of
-    128; off with MIXQ_CUDA_GEMV3=0), with an integer grid, float16 scales, no tensor scale,
-    power-of-two groups >= 32 (or one group per row)."""
+    """int4 (in_features a multiple of 32), 3-bit codes in the split layout (a multiple of 128;
+    off with MIXQ_CUDA_GEMV3=0) or int8 (a multiple of 128, groups of >= 128 inputs), with an
+    integer grid, float16 scales, no tensor scale, power-of-two groups >= 32 (or one group per
+    row)."""
     g, k = layout.group_size, layout.in_features
     if layout.bits == 3:
         if os.environ.get("MIXQ_CUDA_GEMV3", "1") == "0" or k % 128:
+            return False
+    elif layout.bits == 8:  # post-scaled only: whole 128-input chunks per group
+        if k % 128 or g < min(128, k):
             return False
     elif layout.bits != 4 or k % 32:
         return False
@@ -182,6 +191,11 @@ def pick_config(m: int, layout: PackedLayout, n_sms: int = 132) -> GemvConfig:
     ones, one row tile for tall batch-1 MLP matrices — which the H200 sweep (bench_tc.py,
     2026-11-30) confirmed, plus its choices for 4097..8192 rows (fused q/k/v) and 3-bit codes."""
     n, k = layout.out_features, layout.in_features
+    if layout.bits == 8:  # one row tile; int4's warps (the int8 chunk is int4's 128 inputs)
+        warps = 16 if n <= 4096 else (8 if n <= 8192 else 4)
+        while warps > 1 and k // 128 < warps:
+            warps //= 2
+        return GemvConfig(row_tiles=1, unroll=1, warps=warps)
     if layout.bits == 3:  # H200 sweep (bench_tc.py, 2026-11-30): 8 warps, 4 for tall batch-1 weights
         warps = 4 if (n > 8192 and m == 1) else 8
         chunks = -(-k // 512)
@@ -270,6 +284,8 @@ def qmatmul(x: torch.Tensor, kw: KernelWeights, bias: torch.Tensor | None = None
     cfg = config or pick_config(x.shape[0], lay, _sm_count(x.device))
     if lay.bits == 3:
         return ext.gemv_int3(x, kw.codes, kw.scales, kw.zeros, bias, out, lay.group_size, lay.code_offset, cfg.warps)
+    if lay.bits == 8:
+        return ext.gemv_int8(x, kw.codes, kw.scales, kw.zeros, bias, out, lay.group_size, lay.code_offset, cfg.warps)
     _check_config(cfg)
     # scales after the product need whole 128-input chunks per group
     pre_scale = lay.group_size < 128 and lay.group_size < lay.in_features

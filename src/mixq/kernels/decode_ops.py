@@ -182,6 +182,7 @@ def _attn_partial_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr, L,
         keys = n0 + ni
         ok = keys < end
         k = tl.load(k_ptr + kv_base + keys[:, None] * D + di[None, :], mask=ok[:, None], other=0.0)
+        v = tl.load(v_ptr + kv_base + keys[:, None] * D + di[None, :], mask=ok[:, None], other=0.0)
         if IEEE:
             sc = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
@@ -191,7 +192,6 @@ def _attn_partial_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr, L,
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(sc - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_ptr + kv_base + keys[:, None] * D + di[None, :], mask=ok[:, None], other=0.0)
         if IEEE:
             acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
         else:

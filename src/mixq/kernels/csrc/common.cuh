@@ -68,6 +68,14 @@ __device__ __forceinline__ uint4 load_stream(const uint32_t* p) {  // weights: r
   return v;
 }
 
+// PTX prmt.b32 in its generic mode: bit 3 of a selector nibble replicates the sign (msb) of the
+// selected byte over the result byte (CUDA's __byte_perm uses only the low three bits).
+__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
+  uint32_t d;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
+  return d;
+}
+
 // (a & mask) | magic in one LOP3 (written in C, ptxas splits it in two: two immediates)
 __device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t mask, uint32_t magic) {
   uint32_t d;

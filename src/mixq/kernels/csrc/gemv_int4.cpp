@@ -82,6 +82,8 @@ GemvInt4Params make_params(const char* op, const torch::Tensor& x, const torch::
   p.pdl = pdl_enabled(at::cuda::getDeviceProperties(x.device().index())->major);
   const char* contig = std::getenv("MIXQ_GEMV_CONTIG");  // experiment switch (bench_gemv.py)
   p.contiguous = contig && contig[0] == '1';
+  const char* post3 = std::getenv("MIXQ_GEMV3_POST");  // 0: the pre-scaled 3-bit kernel for every group size
+  p.int3_post = !(post3 && post3[0] == '0');
   return p;
 }
 
@@ -113,6 +115,21 @@ torch::Tensor gemv_int3(torch::Tensor x, torch::Tensor codes, torch::Tensor scal
   const cudaError_t err = gemv_int3_launch(p, x.scalar_type() == torch::kBFloat16, int(warps),
                                            c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "gemv_int3 launch failed: ", cudaGetErrorString(err));
+  return y;
+}
+
+// y (m, n) = x (m, k) @ dequant(codes, scales, zeros)^T (+ bias) for 8-bit codes (codes (n, k / 4)
+// int32, 4 LSB-first bytes per word), written into `out` if given.
+torch::Tensor gemv_int8(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, c10::optional<torch::Tensor> zeros,
+                        c10::optional<torch::Tensor> bias, c10::optional<torch::Tensor> out, int64_t group_size,
+                        int64_t code_offset, int64_t warps) {
+  torch::Tensor y;
+  const GemvInt4Params p = make_params("gemv_int8", x, codes, scales, zeros, bias, out, group_size, code_offset, 8, 8, 128, y);
+  TORCH_CHECK(p.group_shift >= 7, "gemv_int8: needs groups of >= 128 inputs or one per row, got ", group_size);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaError_t err = gemv_int8_launch(p, x.scalar_type() == torch::kBFloat16, int(warps),
+                                           c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == cudaSuccess, "gemv_int8 launch failed: ", cudaGetErrorString(err));
   return y;
 }
 
@@ -172,6 +189,7 @@ std::vector<int64_t> gemm_int4_workspace(int64_t m, int64_t n, int64_t k, int64_
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv_int4", &gemv_int4, "int4 weight-only GEMV for <= 8 activation rows (mixq)");
+  m.def("gemv_int8", &gemv_int8, "int8 weight-only GEMV for <= 8 activation rows (mixq)");
   m.def("gemv_int3", &gemv_int3, "3-bit (split layout) weight-only GEMV for <= 8 activation rows (mixq)");
   m.def("gemm_int4", &gemm_int4, "int4 weight-only tensor-core GEMM at any batch (mixq)");
   m.def("gemm_int4_workspace", &gemm_int4_workspace, "workspace floats and counters of a gemm_int4 call (mixq)");

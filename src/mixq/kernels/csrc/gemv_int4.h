@@ -31,6 +31,7 @@ struct GemvInt4Params {
   int code_offset;        // symmetric formats: value = code - code_offset
   bool pdl;               // launch with programmatic dependent launch (common.cuh: pdl_enabled)
   bool contiguous;        // GEMV ring: each warp takes a run of consecutive chunks (else interleaved)
+  bool int3_post;         // 3-bit codes, groups >= 128, m >= 5: the post-scaled kernel (else pre-scaled)
 };
 
 // Launches on `stream`; returns the launch error (cudaSuccess if none).
@@ -49,6 +50,10 @@ size_t gemv_int4_ring_bytes(int row_tiles, int stages, int warps);
 // row), k a multiple of 128, group_size a power of two >= 32; the weights are always formed as
 // (code - zero) * scale in x's dtype before the tensor-core product. warps: per block (1..16).
 cudaError_t gemv_int3_launch(const GemvInt4Params& p, bool bf16, int warps, cudaStream_t stream);
+
+// 8-bit codes (codes: (n, k / 4) int32, 4 LSB-first bytes per word), k a multiple of 128, groups
+// of >= 128 inputs (power of two) or one per row, scales after the product. warps: 1..16.
+cudaError_t gemv_int8_launch(const GemvInt4Params& p, bool bf16, int warps, cudaStream_t stream);
 
 // Tensor-core GEMM for int4 codes at any batch (gemm_int4.cu). b: as for the GEMV (any m >= 1;
 // group_size a power of two >= 32 or one group per row). gemm_int4_plan fills the rest from a
