@@ -70,6 +70,12 @@ def test_linear_group_other_cases(one_thread):
     assert LinearGroup([a, b]).mode == "separate"
     with pytest.raises(FormatError, match="one input"):
         LinearGroup([nn.Linear(64, 8), nn.Linear(32, 8)])
+    # the one-launch silu(gate) * up applies only to a fused int4 pair on the CUDA GEMV: None
+    # on the CPU, for dense, unequal or three-unit groups (the decoder then runs both steps)
+    pair = LinearGroup([_qlin(32, 64, "int4:g32", seed=1), _qlin(32, 64, "int4:g32", seed=2)])
+    assert pair.mode == "fused" and pair.silu_mul(torch.randn(1, 64)) is None
+    assert group.silu_mul(x) is None
+    assert LinearGroup([_qlin(48, 64, "int4:g32"), _qlin(16, 64, "int4:g32")]).silu_mul(torch.randn(1, 64)) is None
 
 
 def test_static_decoder_greedy_equals_hf_generate(tiny_llama, one_thread):

@@ -193,6 +193,36 @@ def test_int8_every_launch_shape_matches_reference(spec, n, k, dtype):
 
 @pytest.mark.gpu
 @needs_cuda
+@pytest.mark.parametrize("spec,half,k", [("int4:g128", 200, 1088), ("int4:g64:asym", 72, 576), ("int4:ch", 4096, 4096),
+                                         ("int4:g32", 24, 544)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_silu_mul_launch_matches_the_two_steps(spec, half, k, dtype):
+    """qmatmul(..., silu_mul=True) on W = [gate; up]: silu(gate) * up in one launch, against the
+    float32 reference rounded where the separate steps round (each matmul output, silu, the
+    product) and against the separate steps themselves; tail rows (200, 72, 24 gate rows)."""
+    from mixq.kernels import decode_ops
+
+    kw = _gpu_case(spec, 2 * half, k, seed=half + k)
+    w_ref = dequantize(kw)
+    for m in (1, 3, 8):
+        x = torch.randn(m, k, device="cuda", dtype=dtype)
+        b = torch.randn(2 * half, device="cuda", dtype=dtype) if m == 3 else None
+        out = torch.full((m, half), float("nan"), device="cuda", dtype=dtype)
+        y = cuda_gemv.qmatmul(x, kw, b, out=out, silu_mul=True)
+        assert y.data_ptr() == out.data_ptr() and bool(torch.isfinite(y).all())
+        full = (x.float() @ w_ref.T + (b.float() if b is not None else 0.0)).to(dtype)
+        ref = decode_ops.reference_silu_mul(full[:, :half], full[:, half:]).float()
+        assert float((y.float() - ref).norm() / ref.norm()) < REL_TOL, (m, dtype)
+        two = cuda_gemv.qmatmul(x, kw, b)
+        sep = decode_ops.silu_mul(two[:, :half], two[:, half:]).float()
+        assert float((y.float() - sep).norm() / sep.norm()) < 1e-2, (m, dtype)
+    with pytest.raises(ValueError, match="silu_mul"):
+        cuda_gemv.qmatmul(torch.zeros(1, 544, device="cuda", dtype=dtype),
+                          _gpu_case("int4:g32", 25, 544, seed=0), silu_mul=True)
+
+
+@pytest.mark.gpu
+@needs_cuda
 @pytest.mark.parametrize("m", range(1, 9))
 def test_llama_shape_every_batch(m):
     kw = _gpu_case("int4:g128", 4096, 4096, seed=m)

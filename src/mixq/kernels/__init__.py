@@ -115,5 +115,17 @@ def qmatmul(x: torch.Tensor, kw: KernelWeights, bias: torch.Tensor | None = None
     return y.reshape(*lead, y.shape[-1])
 
 
-__all__ = ["KernelWeights", "PackedLayout", "prepack", "qmatmul", "reference_matmul", "dequantize",
+def qmatmul_silu_mul(x: torch.Tensor, kw: KernelWeights, bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """silu(gate) * up for W = [gate; up] (2H rows) and x of shape (..., in_features), (..., H)
+    in x's dtype, in one CUDA GEMV launch where `qmatmul` would take the CUDA GEMV for int4;
+    None elsewhere (the caller runs `qmatmul` and the element-wise step)."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if route(kw, x2) != "cuda_gemv" or not cuda_gemv.silu_mul_supported(kw.layout, x2):
+        return None
+    y = cuda_gemv.qmatmul(x2, kw, bias, silu_mul=True)
+    return None if y is None else y.reshape(*lead, y.shape[-1])
+
+
+__all__ = ["KernelWeights", "PackedLayout", "prepack", "qmatmul", "qmatmul_silu_mul", "reference_matmul", "dequantize",
            "pack_codes", "unpack_codes", "kernel_available", "route", "HAS_TRITON", "ROUTES"]

@@ -45,6 +45,7 @@ caller takes the Triton or reference path. Set MIXQ_NO_CUDA_GEMV=1 to never buil
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -270,18 +271,35 @@ def _check_config(cfg: GemvConfig) -> None:
                          f"(warps x stages x row_tiles KiB)")
 
 
+def silu_mul_supported(layout: PackedLayout, x: torch.Tensor) -> bool:
+    """Whether `qmatmul(..., silu_mul=True)` takes this weight and input: int4, an even number
+    of rows (the gate half, then the up half), M <= 8."""
+    return layout.bits == 4 and layout.out_features % 2 == 0 and supports(layout, x)
+
+
 def qmatmul(x: torch.Tensor, kw: KernelWeights, bias: torch.Tensor | None = None,
-            config: GemvConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor | None:
+            config: GemvConfig | None = None, out: torch.Tensor | None = None,
+            silu_mul: bool = False) -> torch.Tensor | None:
     """`x @ dequant(W)^T (+ bias)` for x of shape (M <= 8, in_features), bf16 or fp16, in x's
-    dtype (fp32 accumulation). Returns None when the extension is unavailable (the caller
-    falls back); raises ValueError for inputs `supports` rejects."""
+    dtype (fp32 accumulation). With `silu_mul` (int4, W = [gate; up] of 2H rows): silu(gate) *
+    up, (M, H), each rounded as the separate matmuls and `decode_ops.silu_mul` round it, in
+    one launch (a block takes 16 gate rows and the same 16 up rows). Returns None when the
+    extension is unavailable (the caller falls back); raises ValueError for inputs `supports`
+    rejects."""
     lay = kw.layout
-    ready = _operands(x, bias, lay, supports(lay, x), f"cuda_gemv takes (M <= {MAX_BATCH}, {lay.in_features}) "
-                      f"bf16/fp16 CUDA input and int4 or 3-bit fp16-scale layouts")
+    ok = silu_mul_supported(lay, x) if silu_mul else supports(lay, x)
+    ready = _operands(x, bias, lay, ok, f"cuda_gemv takes (M <= {MAX_BATCH}, {lay.in_features}) "
+                      f"bf16/fp16 CUDA input and int4, int8 or 3-bit fp16-scale layouts"
+                      + (" (silu_mul: int4 with an even number of rows)" if silu_mul else ""))
     if ready is None:
         return None
     ext, x, bias = ready
-    cfg = config or pick_config(x.shape[0], lay, _sm_count(x.device))
+    if silu_mul:  # two row tiles, gate and up; the launch of a weight of half the rows
+        half = dataclasses.replace(lay, out_features=lay.out_features // 2)
+        cfg = config or pick_config(x.shape[0], half, _sm_count(x.device))
+        cfg = GemvConfig(2, 1, cfg.warps, 0)
+    else:
+        cfg = config or pick_config(x.shape[0], lay, _sm_count(x.device))
     if lay.bits == 3:
         return ext.gemv_int3(x, kw.codes, kw.scales, kw.zeros, bias, out, lay.group_size, lay.code_offset, cfg.warps)
     if lay.bits == 8:
@@ -290,7 +308,7 @@ def qmatmul(x: torch.Tensor, kw: KernelWeights, bias: torch.Tensor | None = None
     # scales after the product need whole 128-input chunks per group
     pre_scale = lay.group_size < 128 and lay.group_size < lay.in_features
     return ext.gemv_int4(x, kw.codes, kw.scales, kw.zeros, bias, out, lay.group_size, lay.code_offset,
-                         pre_scale, cfg.row_tiles, cfg.unroll, cfg.stages, cfg.warps)
+                         pre_scale, cfg.row_tiles, cfg.unroll, cfg.stages, cfg.warps, silu_mul)
 
 
 # --------------------------------------------------------------------------- tensor-core GEMM

@@ -135,5 +135,16 @@ class LinearGroup(nn.Module):
             return tuple(self._lowrank(outs, h))
         return tuple(u(x) for u in self.units)
 
+    def silu_mul(self, x: torch.Tensor) -> torch.Tensor | None:
+        """silu(gate(x)) * up(x) for a (gate, up) group in one kernel launch (the fused packed
+        int4 weight on the CUDA GEMV); None where that kernel does not apply (the caller runs
+        the group and the element-wise step)."""
+        if (self.mode != "fused" or len(self.units) != 2 or self.sizes[0] != self.sizes[1]
+                or any(getattr(u, "lowrank_l", None) is not None for u in self.units)):
+            return None
+        from mixq.kernels import qmatmul_silu_mul
+
+        return qmatmul_silu_mul(self.units[0].transform_input(x), self.fused_kw, self.fused_bias)
+
     def extra_repr(self) -> str:
         return f"mode={self.mode}, sizes={self.sizes}"

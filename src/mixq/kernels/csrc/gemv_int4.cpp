@@ -29,10 +29,12 @@ int group_shift(const char* op, int64_t group_size, int64_t k) {
 GemvInt4Params make_params(const char* op, const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scales,
                            const c10::optional<torch::Tensor>& zeros, const c10::optional<torch::Tensor>& bias,
                            const c10::optional<torch::Tensor>& out, int64_t group_size, int64_t code_offset,
-                           int64_t words_per_32, int64_t max_m, int64_t k_multiple, torch::Tensor& y) {
+                           int64_t words_per_32, int64_t max_m, int64_t k_multiple, torch::Tensor& y,
+                           int64_t n_out = -1) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.stride(1) == 1, op, ": x must be a 2-D CUDA tensor with unit column stride");
   TORCH_CHECK(x.scalar_type() == torch::kBFloat16 || x.scalar_type() == torch::kHalf, op, ": x must be bf16 or fp16");
   const int64_t m = x.size(0), k = x.size(1), n = codes.size(0);
+  if (n_out < 0) n_out = n;
   TORCH_CHECK(m >= 1 && m <= max_m, op, ": 1 <= m <= ", max_m, ", got m=", m);
   TORCH_CHECK(k % k_multiple == 0, op, ": in_features must be a multiple of ", k_multiple, ", got ", k);
   TORCH_CHECK(aligned16(x) && x.stride(0) % 8 == 0, op, ": x rows must be 16-byte aligned");
@@ -61,10 +63,11 @@ GemvInt4Params make_params(const char* op, const torch::Tensor& x, const torch::
   }
   if (out.has_value()) {
     y = *out;
-    TORCH_CHECK(y.scalar_type() == x.scalar_type() && y.dim() == 2 && y.size(0) == m && y.size(1) == n && y.stride(1) == 1,
-                op, ": out must be (m, n) in x's dtype with unit column stride");
+    TORCH_CHECK(y.scalar_type() == x.scalar_type() && y.dim() == 2 && y.size(0) == m && y.size(1) == n_out &&
+                    y.stride(1) == 1,
+                op, ": out must be (m, ", n_out, ") in x's dtype with unit column stride");
   } else {
-    y = torch::empty({m, n}, x.options());
+    y = torch::empty({m, n_out}, x.options());
   }
   p.x = x.data_ptr();
   p.ldx = x.stride(0);
@@ -93,9 +96,14 @@ GemvInt4Params make_params(const char* op, const torch::Tensor& x, const torch::
 torch::Tensor gemv_int4(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, c10::optional<torch::Tensor> zeros,
                         c10::optional<torch::Tensor> bias, c10::optional<torch::Tensor> out, int64_t group_size,
                         int64_t code_offset, bool pre_scale, int64_t row_tiles, int64_t unroll, int64_t stages,
-                        int64_t warps) {
+                        int64_t warps, bool silu_mul) {
   torch::Tensor y;
-  const GemvInt4Params p = make_params("gemv_int4", x, codes, scales, zeros, bias, out, group_size, code_offset, 4, 8, 32, y);
+  const int64_t n = codes.size(0);
+  TORCH_CHECK(!silu_mul || (n % 2 == 0 && row_tiles == 2 && stages == 0),
+              "gemv_int4: silu_mul needs an even number of rows (gate half, up half), row_tiles 2, stages 0");
+  GemvInt4Params p = make_params("gemv_int4", x, codes, scales, zeros, bias, out, group_size, code_offset, 4, 8, 32, y,
+                                 silu_mul ? n / 2 : n);
+  p.glu_half = silu_mul ? int(n / 2) : 0;
   TORCH_CHECK(pre_scale || p.group_shift >= 7, "gemv_int4: scales after the product need group_size >= 128");
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaError_t err = gemv_int4_launch(p, x.scalar_type() == torch::kBFloat16, pre_scale, int(row_tiles), int(unroll),

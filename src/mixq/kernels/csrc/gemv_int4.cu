@@ -61,6 +61,41 @@ __device__ __forceinline__ void reduce_store(const GemvInt4Params& p, float* par
   }
 }
 
+// reduce_store for the SiLU x up product (p.glu_half): tile 0 holds gate rows, tile 1 the up
+// rows of the same outputs; each is rounded to x's dtype (+ its bias) as the separate matmuls'
+// outputs would be, then silu(gate) is rounded and multiplied by up, rounded: what the unfused
+// step computes (decode_ops.silu_mul). Output row j < glu_half of y.
+template <bool kBF16>
+__device__ __forceinline__ void reduce_store_glu(const GemvInt4Params& p, float* partials, const float (&acc)[2][4],
+                                                 int row0) {
+  using H = Half<kBF16>;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
+#pragma unroll
+  for (int r = 0; r < 2; ++r)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) partials[(warp * 8 + r * 4 + j) * 32 + lane] = acc[r][j];
+  __syncthreads();
+  for (int e = threadIdx.x; e < 128; e += blockDim.x) {
+    float gate = 0.f, up = 0.f;
+    for (int wi = 0; wi < n_warps; ++wi) {
+      gate += partials[wi * 256 + e];
+      up += partials[wi * 256 + 128 + e];
+    }
+    const int ln = e & 31, j = (e >> 5) & 3;
+    const int row = row0 + (ln >> 2) + 8 * (j >> 1);
+    const int col = 2 * (ln & 3) + (j & 1);
+    if (row < p.glu_half && col < p.m) {
+      if (p.bias) {
+        gate += H::to_float(static_cast<const uint16_t*>(p.bias)[row]);
+        up += H::to_float(static_cast<const uint16_t*>(p.bias)[p.glu_half + row]);
+      }
+      const float g = H::to_float(H::from_float(gate)), u = H::to_float(H::from_float(up));
+      const float s = H::to_float(H::from_float(g / (1.f + expf(-g))));
+      static_cast<uint16_t*>(p.y)[col * p.ldy + row] = H::from_float(s * u);
+    }
+  }
+}
+
 // One 16-row tile, one chunk per buffer: at most 64 registers (two 512-thread blocks, or eight of
 // 128 threads, per SM), so the 896 blocks of a 14336-row batch-1 GEMV fit one wave on 132 SMs (73
 // registers left six 128-thread blocks per SM: 1.13 waves, Nsight Compute on the H200).
@@ -82,7 +117,10 @@ __global__ void __launch_bounds__(512, (kR == 1 && kU == 1) ? 2 : 1) gemv_int4_k
   const int n_warps = blockDim.x >> 5;
   float* partials = reinterpret_cast<float*>(smem_u4 + (kS > 0 ? n_warps * kS * kR * 64 : 0));
   const int g = lane >> 2, q = lane & 3;
-  const int row0 = blockIdx.x * (16 * kR);
+  // p.glu_half (two row tiles): tile 0 is rows row0.. of the gate half, tile 1 the same rows of
+  // the up half, glu_half rows further
+  const int row0 = blockIdx.x * (p.glu_half ? 16 : 16 * kR);
+  const int tile_stride = p.glu_half ? p.glu_half : 16;
   const int n_chunks = (p.k + kChunk - 1) / kChunk;
   // B column g is activation row g; lanes past m read row m - 1 (their columns are not stored).
   // Offsets are 32-bit element offsets (a 64-bit pointer per row gets rematerialized).
@@ -91,7 +129,7 @@ __global__ void __launch_bounds__(512, (kR == 1 && kU == 1) ? 2 : 1) gemv_int4_k
 
   // rows g and g + 8 of each tile (tail rows clamped: computed, not stored)
   uint32_t w_off[kR][2], s_off[kR][2], z_off[kR][2];
-  row_offsets<kR>(p, row0, g, q, kZeros, w_off, s_off, z_off);
+  row_offsets<kR>(p, row0, tile_stride, g, q, kZeros, w_off, s_off, z_off);
 
   auto load = [&](Chunk<kR>& ch, int c) {
     if (c >= n_chunks) return;  // warp-uniform
@@ -270,12 +308,18 @@ __global__ void __launch_bounds__(512, (kR == 1 && kU == 1) ? 2 : 1) gemv_int4_k
     asm volatile("cp.async.wait_all;" ::: "memory");
   }
 
+  if constexpr (kR == 2) {
+    if (p.glu_half) {
+      reduce_store_glu<kBF16>(p, partials, acc, row0);
+      return;
+    }
+  }
   reduce_store<kBF16, kR>(p, partials, acc, row0);
 }
 
 template <bool kBF16, bool kPre, bool kZeros, int kR, int kU, int kS>
 cudaError_t launch(const GemvInt4Params& p, int warps, cudaStream_t stream) {
-  const dim3 grid((p.n + 16 * kR - 1) / (16 * kR));
+  const dim3 grid(p.glu_half ? (p.glu_half + 15) / 16 : (p.n + 16 * kR - 1) / (16 * kR));
   const dim3 block(32 * warps);
   const size_t smem = size_t(warps) * kR * 128 * sizeof(float) + gemv_int4_ring_bytes(kR, kS, warps);
   auto kernel = gemv_int4_kernel<kBF16, kPre, kZeros, kR, kU, kS>;
@@ -720,6 +764,7 @@ cudaError_t gemv_int4_launch(const GemvInt4Params& p, bool bf16, bool pre_scale,
   if (p.m < 1 || p.m > 8 || p.n < 1 || p.k < 32 || p.k % 32 || warps < 1 || warps > 16 ||
       (row_tiles != 1 && row_tiles != 2) || (unroll != 1 && unroll != 2) ||
       (stages != 0 && stages != 4 && stages != 8) || (stages && unroll != 1) ||
+      (p.glu_half && (row_tiles != 2 || 2 * p.glu_half != p.n)) ||
       (!pre_scale && p.group_shift < 7) || p.group_shift < 5)
     return cudaErrorInvalidValue;
   if (bf16) return pre_scale ? launch_zeros<true, true>(p, row_tiles, unroll, stages, warps, stream)

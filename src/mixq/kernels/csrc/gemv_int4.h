@@ -32,6 +32,7 @@ struct GemvInt4Params {
   bool pdl;               // launch with programmatic dependent launch (common.cuh: pdl_enabled)
   bool contiguous;        // GEMV ring: each warp takes a run of consecutive chunks (else interleaved)
   bool int3_post;         // 3-bit codes, groups >= 128, m >= 5: the post-scaled kernel (else pre-scaled)
+  int glu_half;           // int4 GEMV, two row tiles: > 0 = n / 2, y = silu(rows < n / 2) * (rows >= n / 2)
 };
 
 // Launches on `stream`; returns the launch error (cudaSuccess if none).
