@@ -167,7 +167,11 @@ def test_int3_every_launch_shape_matches_reference(spec, n, k, dtype, post, monk
     groups of >= 128 inputs through the post-scaled kernel and (MIXQ_GEMV3_POST=0) the
     pre-scaled one."""
     monkeypatch.setenv("MIXQ_GEMV3_POST", post)
-    kw = _gpu_case(spec, n, k, seed=n + k)
+    _every_warp_count(_gpu_case(spec, n, k, seed=n + k), dtype)
+
+
+def _every_warp_count(kw, dtype):
+    """The one-row-tile kernels (3-bit, int8) at 1..16 warps and 1, 3, 8 activation rows."""
     assert cuda_gemv.layout_supported(kw.layout)
     for cfg in [cuda_gemv.GemvConfig(1, 1, w) for w in (1, 2, 3, 4, 16)]:
         for m in (1, 3, 8):
@@ -183,12 +187,9 @@ def test_int8_every_launch_shape_matches_reference(spec, n, k, dtype):
     """The 8-bit kernel: odd row counts, a partial last group (640 = 2.5 groups of 256), every
     warp count, codes over the whole 0..255 range (bf16 splits off the top bit)."""
     kw = _gpu_case(spec, n, k, seed=n + k)
-    assert cuda_gemv.layout_supported(kw.layout)
     codes = kw.codes.view(torch.uint8)
     assert int(codes.min()) < 16 and int(codes.max()) > 240
-    for cfg in [cuda_gemv.GemvConfig(1, 1, w) for w in (1, 2, 3, 4, 16)]:
-        for m in (1, 3, 8):
-            _check(kw, m, dtype, cfg, bias=(m == 3))
+    _every_warp_count(kw, dtype)
 
 
 @pytest.mark.gpu

@@ -95,10 +95,10 @@ __device__ __forceinline__ uint32_t word(const uint4& v, int i) {
 }
 
 // Element offsets of rows g and g + 8 of a lane's kR 16-row tiles, tile r from row0 + r *
-// tile_stride (rows past n clamped to n - 1: computed, not stored), into the int4 codes (+ the
-// lane's 4 words at q), scales and zero points (0 without zeros), kept in registers.
+// tile_stride (rows past n clamped to n - 1: computed, not stored), into the codes (+ the lane's
+// first word, word_off), scales and zero points (0 without zeros), kept in registers.
 template <int kR, typename Params>
-__device__ __forceinline__ void row_offsets(const Params& p, int row0, int tile_stride, int g, int q, bool zeros,
+__device__ __forceinline__ void row_offsets(const Params& p, int row0, int tile_stride, int g, int word_off, bool zeros,
                                             uint32_t (&w_off)[kR][2], uint32_t (&s_off)[kR][2],
                                             uint32_t (&z_off)[kR][2]) {
 #pragma unroll
@@ -106,7 +106,7 @@ __device__ __forceinline__ void row_offsets(const Params& p, int row0, int tile_
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const uint32_t row = min(row0 + r * tile_stride + h * 8 + g, p.n - 1);
-      w_off[r][h] = opaque(row * uint32_t(p.ld_codes) + q * 4);
+      w_off[r][h] = opaque(row * uint32_t(p.ld_codes) + word_off);
       s_off[r][h] = opaque(row * uint32_t(p.ld_scales));
       z_off[r][h] = zeros ? opaque(row * uint32_t(p.ld_zeros)) : 0u;
     }

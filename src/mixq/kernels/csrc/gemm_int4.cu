@@ -100,7 +100,7 @@ __global__ void __launch_bounds__(256) gemm_int4_kernel(const GemmInt4Params P) 
     const int m0 = (tile / P.tiles_x) * (8 * kT);
     const bool active = row0 < p.n;  // warp-uniform; idle warps still join the block's barriers
     uint32_t w_off[kR][2], s_off[kR][2], z_off[kR][2];
-    row_offsets<kR>(p, row0, 16, g, q, p.zeros != nullptr, w_off, s_off, z_off);
+    row_offsets<kR>(p, row0, 16, g, q * 4, p.zeros != nullptr, w_off, s_off, z_off);
 
     auto load = [&](Chunk<kR>& ch, int c) {
       if (c >= c_end) return;  // warp-uniform

@@ -129,7 +129,7 @@ __global__ void __launch_bounds__(512, (kR == 1 && kU == 1) ? 2 : 1) gemv_int4_k
 
   // rows g and g + 8 of each tile (tail rows clamped: computed, not stored)
   uint32_t w_off[kR][2], s_off[kR][2], z_off[kR][2];
-  row_offsets<kR>(p, row0, tile_stride, g, q, kZeros, w_off, s_off, z_off);
+  row_offsets<kR>(p, row0, tile_stride, g, q * 4, kZeros, w_off, s_off, z_off);
 
   auto load = [&](Chunk<kR>& ch, int c) {
     if (c >= n_chunks) return;  // warp-uniform
@@ -375,6 +375,15 @@ cudaError_t launch_zeros(const GemvInt4Params& p, int row_tiles, int unroll, int
 
 constexpr int kChunk3 = 512;  // inputs per warp per chunk: 4 lanes x 4 units x 32 codes
 
+// Half-precision magic + code of the codes (ii, ii + 8) of a unit's low half (upper false: low
+// bits in word 0 `lo2`, high bits at bits ii, 16 + ii of word 2 `p2`) or of codes (16 + ii,
+// 24 + ii) of its high half (upper: word 1, bits 8 + ii, 24 + ii): one shift and two LOP3s.
+__device__ __forceinline__ uint32_t decode3(uint32_t lo2, uint32_t p2, int ii, bool upper, uint32_t m1, uint32_t m2,
+                                            uint32_t magic) {
+  const uint32_t hb = upper ? p2 >> (6 + ii) : (ii >= 2 ? (p2 >> (ii - 2)) : (p2 << (2 - ii)));  // -> bits 2, 18
+  return and_or(hb, m1, and_or(lo2 >> (2 * ii), m2, magic));
+}
+
 struct Chunk3 {
   uint4 w[2][3];   // rows g, g + 8: planes 0, 1, 2 of the lane's 4 units
   uint32_t s[2][4];  // fp16 scale bits per row and unit
@@ -394,14 +403,9 @@ __global__ void __launch_bounds__(512) gemv_int3_kernel(const GemvInt4Params p) 
   const int n_chunks = (n_units + 15) >> 4;
   const uint16_t* xs = static_cast<const uint16_t*>(p.x);
   const uint32_t x_off = opaque(uint32_t(min(g, p.m - 1)) * uint32_t(p.ldx) + q * 128);
-  uint32_t w_off[2], s_off[2], z_off[2];
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const uint32_t row = min(row0 + h * 8 + g, p.n - 1);
-    w_off[h] = opaque(row * uint32_t(p.ld_codes) + q * 4);
-    s_off[h] = opaque(row * uint32_t(p.ld_scales));
-    z_off[h] = kZeros ? opaque(row * uint32_t(p.ld_zeros)) : 0u;
-  }
+  uint32_t w_offs[1][2], s_offs[1][2], z_offs[1][2];  // rows g, g + 8
+  row_offsets<1>(p, row0, 16, g, q * 4, kZeros, w_offs, s_offs, z_offs);
+  const uint32_t (&w_off)[2] = w_offs[0], (&s_off)[2] = s_offs[0], (&z_off)[2] = z_offs[0];
 
   auto load = [&](Chunk3& ch, int c) {
     if (c >= n_chunks) return;  // warp-uniform
@@ -453,10 +457,8 @@ __global__ void __launch_bounds__(512) gemv_int3_kernel(const GemvInt4Params p) 
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             const int ii = i + e;
-            const uint32_t hb_lo = ii >= 2 ? (p2[h] >> (ii - 2)) : (p2[h] << (2 - ii));  // bits ii, 16 + ii -> 2, 18
-            const uint32_t hb_hi = p2[h] >> (6 + ii);                                     // bits 8 + ii, 24 + ii -> 2, 18
-            const uint32_t v0 = and_or(hb_lo, m1, and_or(p0[h] >> (2 * ii), m2, magic));
-            const uint32_t v1 = and_or(hb_hi, m1, and_or(p1[h] >> (2 * ii), m2, magic));
+            const uint32_t v0 = decode3(p0[h], p2[h], ii, false, m1, m2, magic);
+            const uint32_t v1 = decode3(p1[h], p2[h], ii, true, m1, m2, magic);
             lo[h][e] = H::fma2(H::fma2(v0, H::kOne, nz[h]), ss[h], 0x80008000u);  // (code - zero) * scale
             hi[h][e] = H::fma2(H::fma2(v1, H::kOne, nz[h]), ss[h], 0x80008000u);
           }
@@ -518,14 +520,9 @@ __global__ void __launch_bounds__(512) gemv_int3p_kernel(const GemvInt4Params p)
   const int n_chunks = (n_units + 15) >> 4;
   const uint16_t* xs = static_cast<const uint16_t*>(p.x);
   const uint32_t x_off = opaque(uint32_t(min(g, p.m - 1)) * uint32_t(p.ldx) + q * 32);
-  uint32_t w_off[2], s_off[2], z_off[2];
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const uint32_t row = min(row0 + h * 8 + g, p.n - 1);
-    w_off[h] = opaque(row * uint32_t(p.ld_codes) + q);
-    s_off[h] = opaque(row * uint32_t(p.ld_scales));
-    z_off[h] = kZeros ? opaque(row * uint32_t(p.ld_zeros)) : 0u;
-  }
+  uint32_t w_offs[1][2], s_offs[1][2], z_offs[1][2];  // rows g, g + 8
+  row_offsets<1>(p, row0, 16, g, q, kZeros, w_offs, s_offs, z_offs);
+  const uint32_t (&w_off)[2] = w_offs[0], (&s_off)[2] = s_offs[0], (&z_off)[2] = z_offs[0];
 
   // step t of chunk c (nothing past the last chunk or unit: warp-uniform)
   auto load = [&](Step3& st, int c, int t) {
@@ -562,11 +559,8 @@ __global__ void __launch_bounds__(512) gemv_int3p_kernel(const GemvInt4Params p)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const int ii = i + e;
-          const uint32_t p2 = st.w[h][2];
-          const uint32_t hb_lo = ii >= 2 ? (p2 >> (ii - 2)) : (p2 << (2 - ii));  // bits ii, 16 + ii -> 2, 18
-          const uint32_t hb_hi = p2 >> (6 + ii);                                     // bits 8 + ii, 24 + ii -> 2, 18
-          lo[h][e] = and_or(hb_lo, m1, and_or(st.w[h][0] >> (2 * ii), m2, magic));
-          hi[h][e] = and_or(hb_hi, m1, and_or(st.w[h][1] >> (2 * ii), m2, magic));
+          lo[h][e] = decode3(st.w[h][0], st.w[h][2], ii, false, m1, m2, magic);
+          hi[h][e] = decode3(st.w[h][1], st.w[h][2], ii, true, m1, m2, magic);
         }
       }
       const uint32_t sel0 = 0x5410u, sel1 = 0x7632u;
@@ -638,14 +632,9 @@ __global__ void __launch_bounds__(512) gemv_int8_kernel(const GemvInt4Params p) 
   const int n_chunks = p.k >> 7;  // k a multiple of 128
   const uint16_t* xs = static_cast<const uint16_t*>(p.x);
   const uint32_t x_off = opaque(uint32_t(min(g, p.m - 1)) * uint32_t(p.ldx) + q * 16);
-  uint32_t w_off[2], s_off[2], z_off[2];
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const uint32_t row = min(row0 + h * 8 + g, p.n - 1);
-    w_off[h] = opaque(row * uint32_t(p.ld_codes) + q * 4);
-    s_off[h] = opaque(row * uint32_t(p.ld_scales));
-    z_off[h] = kZeros ? opaque(row * uint32_t(p.ld_zeros)) : 0u;
-  }
+  uint32_t w_offs[1][2], s_offs[1][2], z_offs[1][2];  // rows g, g + 8
+  row_offsets<1>(p, row0, 16, g, q * 4, kZeros, w_offs, s_offs, z_offs);
+  const uint32_t (&w_off)[2] = w_offs[0], (&s_off)[2] = s_offs[0], (&z_off)[2] = z_offs[0];
 
   struct Chunk8 {
     uint4 w[2][2];  // [row half][inputs 16q.. / 64 + 16q..]
