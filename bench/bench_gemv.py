@@ -218,32 +218,6 @@ def bench(copy_bw: float, results: dict, do_sweep: bool, quick: bool = False,
     return rows
 
 
-def ring_order(copy_bw: float, results: dict, batches: tuple[int, ...]) -> None:
-    """The cp.async ring with its chunks interleaved across warps (MIXQ_GEMV_CONTIG=0) or in
-    a run of consecutive chunks per warp (=1), each shape of SHAPES, register pipeline for
-    reference."""
-    rows = results.setdefault("ring_order", [])
-    for n, k in SHAPES:
-        cp = Copies("int4:g128", n, k)
-        for m in batches:
-            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            cfgs = [cuda_gemv.pick_config(m, cp.kws[0].layout)]
-            cfgs += [cuda_gemv.GemvConfig(r, 1, w, st) for r in (1, 2) for w in (2, 4, 8, 16) for st in (4, 8)
-                     if w <= k // 128 and cuda_gemv.GemvConfig(r, 1, w, st).ring_bytes() <= cuda_gemv.MAX_RING_BYTES]
-            for cfg in cfgs:
-                for contig in (("0", "1") if cfg.stages else ("0",)):
-                    os.environ["MIXQ_GEMV_CONTIG"] = contig
-                    t = cp.time_us(lambda kw, cfg=cfg: (lambda: cuda_gemv.qmatmul(x, kw, None, cfg)))
-                    rows.append(dict(shape=f"{n}x{k}", batch=m, cfg=cfg.__dict__, contiguous=contig == "1", us=t,
-                                     pct_copy=100 * gbps(cp.nbytes, m, n, k, t) * 1e9 / copy_bw))
-            os.environ.pop("MIXQ_GEMV_CONTIG", None)
-            best = sorted((r for r in rows if r["shape"] == f"{n}x{k}" and r["batch"] == m), key=lambda r: r["us"])[:4]
-            log(f"ring order {n}x{k} m={m}: " + "; ".join(
-                f"{r['us']:.1f} us {tuple(r['cfg'].values())}{' contig' if r['contiguous'] else ''}" for r in best))
-        del cp
-        torch.cuda.empty_cache()
-
-
 def formats_per_byte(copy_bw: float, results: dict, batches: tuple[int, ...]) -> None:
     """Bytes per second of the 3-bit GEMV (int3:g128, sym and asym; the post-scaled kernel where
     it runs, from 5 rows, and with MIXQ_GEMV3_POST=0 the pre-scaled one) and the 8-bit one
@@ -280,8 +254,6 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default=None, help="out x in shapes to time, e.g. 14336x4096,4096x14336")
     ap.add_argument("--per-byte", action="store_true",
                     help="only time int3:g128 (both kernels) and int8:ch against int4:g128 on SHAPES")
-    ap.add_argument("--ring-order", action="store_true",
-                    help="only time the ring's chunk orders (interleaved / contiguous) on SHAPES at the sweep batches")
     args = ap.parse_args(argv)
     if args.shapes:
         SHAPES[:] = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
@@ -307,9 +279,6 @@ def main(argv=None) -> int:
         results["copy_GBps"] = copy_bw / 1e9
         log(f"device-to-device copy: {copy_bw / 1e9:.0f} GB/s (read + write)")
         sweep_batches = tuple(int(b) for b in args.sweep_batches.split(",")) if args.sweep_batches else None
-        if args.ring_order:
-            ring_order(copy_bw, results, sweep_batches or (1,))
-            return 0 if ok else 1
         if args.per_byte:
             formats_per_byte(copy_bw, results, sweep_batches or (1,))
             return 0 if ok else 1

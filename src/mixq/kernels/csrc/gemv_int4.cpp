@@ -83,8 +83,6 @@ GemvInt4Params make_params(const char* op, const torch::Tensor& x, const torch::
   p.group_shift = group_shift(op, group_size, k);
   p.code_offset = int(code_offset);
   p.pdl = pdl_enabled(at::cuda::getDeviceProperties(x.device().index())->major);
-  const char* contig = std::getenv("MIXQ_GEMV_CONTIG");  // experiment switch (bench_gemv.py)
-  p.contiguous = contig && contig[0] == '1';
   const char* post3 = std::getenv("MIXQ_GEMV3_POST");  // 0: the pre-scaled 3-bit kernel for every group size
   p.int3_post = !(post3 && post3[0] == '0');
   return p;

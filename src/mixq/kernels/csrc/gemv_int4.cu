@@ -249,15 +249,8 @@ __global__ void __launch_bounds__(512, (kR == 1 && kU == 1) ? 2 : 1) gemv_int4_k
     const uint32_t ring_base = uint32_t(__cvta_generic_to_shared(ring));
     uint32_t s_ring[kS][kR][2], z_ring[kS][kR][2];  // as Chunk::s, Chunk::z
     // issue chunk c into slot `slot` (one commit group, empty past the end)
-    // chunk order: interleaved (chunk c to warp c % warps), or with p.contiguous each warp a run
-    // of consecutive chunks, so that its loads in flight walk along the same rows
-    int c_first = warp, c_step = step, c_end = n_chunks;
-    if (p.contiguous) {
-      const int per = (n_chunks + n_warps - 1) / n_warps;
-      c_first = warp * per;
-      c_step = 1;
-      c_end = min(n_chunks, c_first + per);
-    }
+    // chunk c to warp c % warps (a run of consecutive chunks per warp measured the same)
+    const int c_first = warp, c_step = step, c_end = n_chunks;
     auto issue = [&](int slot, int c) {
       if (c < c_end) {  // warp-uniform
         const int kq = c * kChunk + q * 32;

@@ -30,7 +30,6 @@ struct GemvInt4Params {
   int group_shift;        // log2(group_size); >= 30 when one group spans the whole row
   int code_offset;        // symmetric formats: value = code - code_offset
   bool pdl;               // launch with programmatic dependent launch (common.cuh: pdl_enabled)
-  bool contiguous;        // GEMV ring: each warp takes a run of consecutive chunks (else interleaved)
   bool int3_post;         // 3-bit codes, groups >= 128, m >= 5: the post-scaled kernel (else pre-scaled)
   int glu_half;           // int4 GEMV, two row tiles: > 0 = n / 2, y = silu(rows < n / 2) * (rows >= n / 2)
 };
