@@ -9,8 +9,8 @@
 # 3. the launch-shape sweep against the Triton tensor-core kernel, the GEMV and bf16
 #    (bench_gemm.py), then the peers at batch 16 and 64 (peer_gemv.py: tinygemm, gemlite).
 # gemlite is installed from $GEMLITE_SDIST (default whl/gemlite-*.tar.gz) when present.
-# 4. with E2E=1, the decode loop (bench_e2e.py), with E2E_PDL=1 again with programmatic
-#    dependent launch;
+# 4. with E2E=1, the decode loop (bench_e2e.py), with E2E_PDL=1 each quantized plan again
+#    without programmatic dependent launch (MIXQ_PDL=0; on by default on sm_90+);
 # 5. with PROFILE=1, Nsight Compute sections of the GEMV (batch 1) and the GEMM (16, 64);
 #    PROFILE_SOURCE=1 adds the sampled stall reasons per source line.
 # Step time limits: T_TEST (SKIP_TESTS=1: none), T_GEMM, T_PEERS (0: no peers), T_E2E seconds; GEMM_ARGS: options of
@@ -46,9 +46,8 @@ python3 bench/kernel_tables.py --gemm "$OUT/gemm.json" >"$OUT/tables.md" 2>&1
   --shapes 14336x4096,4096x4096,4096x14336 --out "$OUT/peers.json" >"$OUT/peers.log" 2>&1
 [ -f "$OUT/peers.log" ] && tail -12 "$OUT/peers.log" && python3 bench/kernel_tables.py --peers "$OUT/peers.json" >>"$OUT/tables.md"
 if [ -n "${E2E:-}" ]; then  # the decode loop with and without programmatic dependent launch
-  timeout "${T_E2E:-100}" python3 bench/bench_e2e.py --steps 32 --plans bf16,int4,mixed-4.25,mixed-3.5 --out "$OUT/e2e.json" >"$OUT/e2e.log" 2>&1
-  [ -n "${E2E_PDL:-}" ] && MIXQ_PDL=1 timeout "${T_E2E:-100}" python3 bench/bench_e2e.py --steps 32 --plans int4,mixed-3.5 \
-    --out "$OUT/e2e_pdl.json" >"$OUT/e2e_pdl.log" 2>&1
+  timeout "${T_E2E:-150}" python3 bench/bench_e2e.py --steps 32 --plans bf16,int4,mixed-4.25,mixed-3.5 \
+    ${E2E_PDL:+--variants MIXQ_PDL=0} --out "$OUT/e2e.json" >"$OUT/e2e.log" 2>&1
   grep -E "ms/token" "$OUT"/e2e*.log
 fi
 if [ -n "${PROFILE:-}" ] && command -v ncu >/dev/null; then  # stall reasons of the GEMV and the GEMM
