@@ -197,10 +197,12 @@ def pick_config(m: int, layout: PackedLayout, n_sms: int = 132) -> GemvConfig:
     """Launch shape: the fastest configuration of the H100 sweep (bench/bench_gemv.py,
     2026-11-26) for each measured Llama-3-8B shape and batch 1/8 — two row tiles per warp and
     16 warps for 4096-row outputs, 4 warps (2 for the 128256-row head past batch 4) for taller
-    ones, one row tile for tall batch-1 MLP matrices — which the H200 sweep (bench_tc.py,
-    2026-11-30) confirmed, plus its choices for 4097..8192 rows (fused q/k/v) and 3-bit codes."""
+    ones — which the H200 sweep (bench_tc.py, 2026-11-30) confirmed, plus its choices for
+    4097..8192 rows (fused q/k/v) and 3-bit codes; from the H200 sweep of 2026-12-01, one row
+    tile only for wide batch-1 matrices and the cp.async ring for LM heads up to batch 4.
+    int8 takes int4's warps with one row tile (not swept)."""
     n, k = layout.out_features, layout.in_features
-    if layout.bits == 8:  # one row tile; int4's warps (the int8 chunk is int4's 128 inputs)
+    if layout.bits == 8:  # one row tile; int4's warps (the int8 chunk is int4's 128 inputs); not swept
         warps = 16 if n <= 4096 else (8 if n <= 8192 else 4)
         while warps > 1 and k // 128 < warps:
             warps //= 2
