@@ -76,6 +76,12 @@ def test_linear_group_other_cases(one_thread):
     assert pair.mode == "fused" and pair.silu_mul(torch.randn(1, 64)) is None
     assert group.silu_mul(x) is None
     assert LinearGroup([_qlin(48, 64, "int4:g32"), _qlin(16, 64, "int4:g32")]).silu_mul(torch.randn(1, 64)) is None
+    # where it does not apply it returns before the input transform (the caller transforms once)
+    tf = UnitTransforms(torch.rand(64) + 0.5, 1, None, None)
+    smooth = LinearGroup([_qlin(32, 64, "int4:g32", tf, seed=1), _qlin(32, 64, "int4:g32", tf, seed=2)])
+    calls = []
+    smooth.units[0].transform_input = lambda x: calls.append(x) or x
+    assert smooth.mode == "fused" and smooth.silu_mul(torch.randn(1, 64)) is None and not calls
 
 
 def test_static_decoder_greedy_equals_hf_generate(tiny_llama, one_thread):

@@ -6,8 +6,8 @@
 `qmatmul` runs, on a CUDA device with a bf16/fp16 input, the kernel `route` names for the
 layout and the batch (rows of x):
 
-* "cuda_gemv": the hand-written CUDA GEMV (`cuda_gemv`, built on first use) for int4 and
-  3-bit layouts at batch <= `CUDA_GEMV_MAX_BATCH`;
+* "cuda_gemv": the hand-written CUDA GEMV (`cuda_gemv`, built on first use) for int4, int8
+  and 3-bit layouts at batch <= `CUDA_GEMV_MAX_BATCH`;
 * "cuda_tc": the hand-written CUDA tensor-core GEMM (`cuda_gemv.gemm`, same extension) for
   int4 layouts above that batch where it measured faster than the Triton kernel
   (`cuda_gemv.gemm_preferred`: zero points, groups under 128 inputs, more than 64 rows, or
@@ -115,17 +115,25 @@ def qmatmul(x: torch.Tensor, kw: KernelWeights, bias: torch.Tensor | None = None
     return y.reshape(*lead, y.shape[-1])
 
 
+def silu_mul_applies(kw: KernelWeights, x: torch.Tensor) -> bool:
+    """Whether `qmatmul_silu_mul` runs its one launch for this weight and an input shaped like
+    x (..., in_features): where `qmatmul` would take the CUDA GEMV, for int4 with an even
+    number of rows."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return route(kw, x2) == "cuda_gemv" and cuda_gemv.silu_mul_supported(kw.layout, x2)
+
+
 def qmatmul_silu_mul(x: torch.Tensor, kw: KernelWeights, bias: torch.Tensor | None = None) -> torch.Tensor | None:
     """silu(gate) * up for W = [gate; up] (2H rows) and x of shape (..., in_features), (..., H)
-    in x's dtype, in one CUDA GEMV launch where `qmatmul` would take the CUDA GEMV for int4;
-    None elsewhere (the caller runs `qmatmul` and the element-wise step)."""
+    in x's dtype, in one CUDA GEMV launch where `silu_mul_applies`; None elsewhere (the caller
+    runs `qmatmul` and the element-wise step)."""
+    if not silu_mul_applies(kw, x):
+        return None
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    if route(kw, x2) != "cuda_gemv" or not cuda_gemv.silu_mul_supported(kw.layout, x2):
-        return None
     y = cuda_gemv.qmatmul(x2, kw, bias, silu_mul=True)
     return None if y is None else y.reshape(*lead, y.shape[-1])
 
 
-__all__ = ["KernelWeights", "PackedLayout", "prepack", "qmatmul", "qmatmul_silu_mul", "reference_matmul", "dequantize",
+__all__ = ["KernelWeights", "PackedLayout", "prepack", "qmatmul", "qmatmul_silu_mul", "silu_mul_applies", "reference_matmul", "dequantize",
            "pack_codes", "unpack_codes", "kernel_available", "route", "HAS_TRITON", "ROUTES"]

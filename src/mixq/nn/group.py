@@ -139,11 +139,14 @@ class LinearGroup(nn.Module):
         """silu(gate(x)) * up(x) for a (gate, up) group in one kernel launch (the fused packed
         int4 weight on the CUDA GEMV); None where that kernel does not apply (the caller runs
         the group and the element-wise step)."""
-        if (self.mode != "fused" or len(self.units) != 2 or self.sizes[0] != self.sizes[1]
-                or any(getattr(u, "lowrank_l", None) is not None for u in self.units)):
-            return None
-        from mixq.kernels import qmatmul_silu_mul
+        from mixq.kernels import qmatmul_silu_mul, silu_mul_applies
 
+        # decided on x (the input transform keeps its shape and dtype), so that a caller that
+        # falls back does not transform the input twice
+        if (self.mode != "fused" or len(self.units) != 2 or self.sizes[0] != self.sizes[1]
+                or any(getattr(u, "lowrank_l", None) is not None for u in self.units)
+                or not silu_mul_applies(self.fused_kw, x)):
+            return None
         return qmatmul_silu_mul(self.units[0].transform_input(x), self.fused_kw, self.fused_bias)
 
     def extra_repr(self) -> str:
