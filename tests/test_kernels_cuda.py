@@ -129,16 +129,25 @@ def _check(kw, m, dtype, cfg=None, bias=False):
     return check(cuda_gemv.qmatmul, kw, m, dtype, cfg, bias)
 
 
+ONE_TILE = [cuda_gemv.GemvConfig(1, 1, w) for w in (1, 2, 3, 4, 16)]  # the 3-bit and int8 kernels: 1..16 warps
+
+
+def _check_configs(kw, dtype, configs):
+    """Every launch shape of `configs` at 1, 3 and 8 activation rows (bias at 3)."""
+    assert cuda_gemv.layout_supported(kw.layout)
+    for cfg in configs:
+        for m in (1, 3, 8):
+            _check(kw, m, dtype, cfg, bias=(m == 3))
+
+
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("spec,n,k", [("int4:g64", 192, 576), ("int4:g128", 200, 1088), ("int4:g128:asym", 192, 576),
                                       ("int4:g64:asym", 200, 1088), ("int4:g32", 72, 544), ("int4:ch", 100, 4096)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_every_launch_shape_matches_reference(spec, n, k, dtype):
-    kw = _gpu_case(spec, n, k, seed=n + k)
-    for cfg in [cuda_gemv.GemvConfig(r, u, w) for r in (1, 2) for u in (1, 2) for w in (1, 3, 16)]:
-        for m in (1, 3, 8):
-            _check(kw, m, dtype, cfg, bias=(m == 3))
+    _check_configs(_gpu_case(spec, n, k, seed=n + k), dtype,
+                   [cuda_gemv.GemvConfig(r, u, w) for r in (1, 2) for u in (1, 2) for w in (1, 3, 16)])
 
 
 @pytest.mark.gpu
@@ -149,10 +158,8 @@ def test_every_launch_shape_matches_reference(spec, n, k, dtype):
 def test_ring_pipeline_matches_reference(spec, n, k, dtype):
     """The shared-memory ring (stages 4 and 8): fewer chunks than slots (576 inputs = 4.5 chunks
     on one warp), more (4128 = 32.25 chunks, 14336 = 112), a partial last chunk, tail rows."""
-    kw = _gpu_case(spec, n, k, seed=n + k + 1)
-    for cfg in [cuda_gemv.GemvConfig(r, 1, w, s) for r in (1, 2) for w in (1, 3, 8) for s in (4, 8)]:
-        for m in (1, 3, 8):
-            _check(kw, m, dtype, cfg, bias=(m == 3))
+    _check_configs(_gpu_case(spec, n, k, seed=n + k + 1), dtype,
+                   [cuda_gemv.GemvConfig(r, 1, w, s) for r in (1, 2) for w in (1, 3, 8) for s in (4, 8)])
 
 
 @pytest.mark.gpu
@@ -167,15 +174,7 @@ def test_int3_every_launch_shape_matches_reference(spec, n, k, dtype, post, monk
     groups of >= 128 inputs through the post-scaled kernel and (MIXQ_GEMV3_POST=0) the
     pre-scaled one."""
     monkeypatch.setenv("MIXQ_GEMV3_POST", post)
-    _every_warp_count(_gpu_case(spec, n, k, seed=n + k), dtype)
-
-
-def _every_warp_count(kw, dtype):
-    """The one-row-tile kernels (3-bit, int8) at 1..16 warps and 1, 3, 8 activation rows."""
-    assert cuda_gemv.layout_supported(kw.layout)
-    for cfg in [cuda_gemv.GemvConfig(1, 1, w) for w in (1, 2, 3, 4, 16)]:
-        for m in (1, 3, 8):
-            _check(kw, m, dtype, cfg, bias=(m == 3))
+    _check_configs(_gpu_case(spec, n, k, seed=n + k), dtype, ONE_TILE)
 
 
 @pytest.mark.gpu
@@ -189,7 +188,7 @@ def test_int8_every_launch_shape_matches_reference(spec, n, k, dtype):
     kw = _gpu_case(spec, n, k, seed=n + k)
     codes = kw.codes.view(torch.uint8)
     assert int(codes.min()) < 16 and int(codes.max()) > 240
-    _every_warp_count(kw, dtype)
+    _check_configs(kw, dtype, ONE_TILE)
 
 
 @pytest.mark.gpu
