@@ -100,7 +100,9 @@ def test_fused_transform_matches_torch(in_features, rows):
     torch.manual_seed(in_features)
     rot = rotation(in_features, 0)
     s = torch.rand(in_features) + 0.5
-    for dtype, tol in [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)]:
+    # half inputs go through the split bfloat16 products (transform.split_products): float16's
+    # output rounding (~2e-4 here) bounds them; without the low half it would be ~3e-3
+    for dtype, tol in [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 5e-4)]:
         x = torch.randn(rows, in_features).to(dtype)
         for smooth, rotate in [(s, True), (None, True), (s, False)]:
             args = (smooth, rot.signs if rotate else None, rot.block if rotate else None)
@@ -110,6 +112,68 @@ def test_fused_transform_matches_torch(in_features, rows):
             assert out.dtype == dtype and out.shape == x.shape
             err = _rel_err(out.cpu(), ref)
             assert err < tol, f"in={in_features} {dtype} smooth={smooth is not None} rotate={rotate}: {err:.2e}"
+
+
+@pytest.mark.parametrize("n,rows,block", [(1024, 2, 1024), (512, 3, 32), (2048, 1, 64), (256, 1, 256), (200, 2, None)])
+def test_rms_norm_applies_the_groups_transform(n, rows, block):
+    """add_rms_norm with a transform (one row as one block of 32 x 32 in two programs or of
+    16 x 16, blocks of 32 or 64 in one or two programs, smoothing alone on a 200-wide row)
+    equals RMSNorm followed by the transform, in float32 and to bf16 rounding; with the
+    residual add, h + delta is unchanged by it."""
+    from mixq.kernels import decode_ops as ops
+    from mixq.kernels.transform import reference_transform
+
+    torch.manual_seed(n)
+    dev = KERNEL_DEVICE
+    s = torch.rand(n) + 0.5
+    signs = torch.where(torch.rand(n) < 0.5, -1.0, 1.0) if block else None
+    # bf16: three roundings in a row (h + delta, the norm, the transform), each a truncation
+    # under the interpreter (~4e-3 apiece there)
+    for dtype, tol in [(torch.float32, 1e-5), (torch.bfloat16, 1e-2 if torch.device(dev).type == "cuda" else 2e-2)]:
+        h, d = torch.randn(rows, n).to(dtype), torch.randn(rows, n).to(dtype)
+        w = (torch.rand(n) + 0.5).to(dtype)
+        for smooth in ([s, None] if block else [s]):
+            tf = (smooth, signs, block)
+            assert ops.norm_transform_ok(n, *tf)
+            ref_h, ref_r = ops.reference_add_rms_norm(h, d, w, 1e-5)
+            ref = reference_transform(ref_r, *tf).float()
+            dev_tf = tuple(t.to(dev) if isinstance(t, torch.Tensor) else t for t in tf)
+            got_h, got = ops.add_rms_norm(h.to(dev), d.to(dev), w.to(dev), 1e-5, dev_tf)
+            assert got.dtype == dtype and got.shape == h.shape and _rel_err(got_h.cpu(), ref_h.float()) < tol
+            assert _rel_err(got.cpu(), ref) < tol, (dtype, smooth is not None)
+            alone = ops.add_rms_norm(h.to(dev), None, w.to(dev), 1e-5, dev_tf)
+            ref1 = reference_transform(ops.reference_add_rms_norm(h, None, w, 1e-5)[1], *tf).float()
+            assert _rel_err(alone.cpu(), ref1) < tol
+    # shapes one kernel cannot take: blocks under 16 per row, several big blocks, odd rows
+    assert not ops.norm_transform_ok(64, None, torch.ones(64), 64)
+    assert not ops.norm_transform_ok(1024, None, torch.ones(1024), 512)
+    assert not ops.norm_transform_ok(768, None, torch.ones(768), 256)
+    assert not ops.norm_transform_ok(256, None, None, None)
+    with pytest.raises(ValueError, match="add_rms_norm"):
+        ops.add_rms_norm(torch.zeros(1, 64, device=dev), None, torch.ones(64, device=dev), 1e-5,
+                         (None, torch.ones(64, device=dev), 64))
+
+
+def test_argmax_matches_torch_with_ties_across_chunks():
+    """decode_ops.argmax against torch.argmax on rows of 9000 (three chunks of 4096, the last
+    partial): random rows, the maximum tied within and across chunks (the first index wins),
+    all -inf, and NaN (counted as the maximum)."""
+    from mixq.kernels import decode_ops as ops
+
+    torch.manual_seed(5)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(6, 9000).to(dtype)
+        x[1, [5000, 8999, 4096]] = 50.0   # tie across chunks 1 and 2
+        x[2, [4095, 4096]] = 50.0         # tie at a chunk edge
+        x[3] = float("-inf")
+        x[4, 8998] = 60.0
+        x[5, [7000, 100]] = float("nan")
+        got = ops.argmax(x.to(KERNEL_DEVICE)).cpu()
+        assert got.dtype == torch.int64
+        assert got.tolist()[:5] == torch.argmax(x[:5], -1).tolist() and got.tolist()[1:4] == [4096, 4095, 0]
+        assert int(got[5]) == 100
+    with pytest.raises(ValueError, match="argmax"):
+        ops.argmax(torch.zeros(3, device=KERNEL_DEVICE))
 
 
 def test_split_k_workspace_is_left_zeroed():
@@ -200,4 +264,44 @@ def test_static_decoder_fused_equals_unfused(tiny_llama):
     prompt = [1, 17, 42, 99, 5]
     plain = StaticDecoder(model, max_len=24, fused=False, use_graph=False).generate(prompt, 6)
     fused = StaticDecoder(model, max_len=24, fused=True).generate(prompt, 6)
+    assert torch.equal(plain, fused)
+
+
+def test_static_decoder_applies_group_transforms_in_the_norm(monkeypatch):
+    """A Llama of width 256 whose q/k/v share smoothing + rotation, gate/up share a rotation
+    (one block of 16 x 16) and o/down have their own: the fused decode loop applies the
+    groups' transforms inside the RMSNorm kernels (their units never transform an input) and
+    generates what the unfused loop does."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mixq.export.decoder import StaticDecoder
+    from mixq.nn import QuantLinear
+    from mixq.quantizers import UnitTransforms
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=64, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg).eval()
+    fmt = formats.parse("int8:ch")
+    for ly in model.model.layers:
+        qkv_tf = UnitTransforms(torch.rand(256) + 0.5, 1, None, None)
+        gu_tf = UnitTransforms(None, 2, None, None)
+        for mod, names, tf in [(ly.self_attn, ("q_proj", "k_proj", "v_proj"), qkv_tf),
+                               (ly.self_attn, ("o_proj",), UnitTransforms(torch.rand(256) + 0.5, 3, None, None)),
+                               (ly.mlp, ("gate_proj", "up_proj"), gu_tf), (ly.mlp, ("down_proj",), UnitTransforms(None, 4, None, None))]:
+            for name in names:
+                w = getattr(mod, name).weight.detach()
+                setattr(mod, name, QuantLinear.from_qtensor(fmt.quantize(w), fmt, transforms=tf))
+    model = model.to(KERNEL_DEVICE)
+    prompt = [1, 17, 42, 99, 5]
+    plain = StaticDecoder(model, max_len=24, fused=False, use_graph=False).generate(prompt, 6)
+    fused_dec = StaticDecoder(model, max_len=24, fused=True)
+    called = []
+    for ly in fused_dec.layers:
+        for grp in ("qkv", "gate_up"):
+            assert fused_dec._norm_transform(ly[grp], torch.zeros(1, 256)) is not None
+            for u in ly[grp].units:
+                monkeypatch.setattr(u, "transform_input", lambda x, _c=called: _c.append(1) or x)
+    fused = fused_dec.generate(prompt, 6)
+    assert not called
     assert torch.equal(plain, fused)

@@ -6,21 +6,25 @@ cache and, on a CUDA device, the one-token step captured once as a CUDA graph an
 
 It runs the model's own modules (embedding, norms, rotary embedding, the linear units, which
 may be `QuantLinear`s) in a forward of its own (on a GPU with the element-wise steps fused
-by `kernels.decode_ops`: residual add + RMSNorm, rotary + cache write, SiLU * up, about ten
-kernels per block): q/k/v and gate/up go through one
-`nn.LinearGroup` each (one packed matmul over the concatenated weights where the formats
-match, one shared input transform), keys and values are written into preallocated
-(batch, kv_heads, max_len, head_dim) tensors at the step's position (`index_copy_`), and
-attention is SDPA over the whole cache with a mask of the positions written so far, so every
-step has the same shapes and no host synchronisation: the step (embedding to next token,
-greedy or sampled) is captured once and replayed `max_new_tokens` times; the tokens are
-read back at the end. The prompt is processed eagerly in one call (prefill).
+by `kernels.decode_ops`: residual add + RMSNorm, together with the online input transform of
+the units that read its output where they share one; rotary + cache write; SiLU * up, inside
+the gate/up matmul where the CUDA GEMV takes it; attention of a one-token step over the
+written keys only): q/k/v and gate/up go through one `nn.LinearGroup` each (one packed
+matmul over the concatenated weights where the formats match, one shared input transform),
+keys and values are written into preallocated (batch, kv_heads, max_len, head_dim) tensors at
+the step's position, and prefill attention is SDPA over the whole cache with a mask of the
+positions written so far, so every step has the same shapes and no host synchronisation: the
+step (embedding to next token, greedy or sampled) is captured once and replayed
+`max_new_tokens` times; the tokens are read back at the end. The prompt is processed eagerly
+in one call (prefill).
 
 Greedy decoding returns the tokens Hugging Face's `generate` returns for the same model, up
 to ties in the logits; on the CPU the same code runs without a graph.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 from torch import nn
@@ -151,11 +155,12 @@ class StaticDecoder:
         delta = None
         for i, ly in enumerate(self.layers):
             ln1 = ly["ln1"]
+            tf = self._norm_transform(ly["qkv"], h)
             if delta is None:
-                r = ops.add_rms_norm(h, None, ln1.weight, ln1.variance_epsilon)
+                r = ops.add_rms_norm(h, None, ln1.weight, ln1.variance_epsilon, tf)
             else:
-                h, r = ops.add_rms_norm(h, delta, ln1.weight, ln1.variance_epsilon)
-            q, k, v = ly["qkv"](r)
+                h, r = ops.add_rms_norm(h, delta, ln1.weight, ln1.variance_epsilon, tf)
+            q, k, v = ly["qkv"](r, transformed=tf is not None)
             q = ops.rope_to_cache(q, k, v, positions, inv_freq, self.k_cache[i], self.v_cache[i], self.n_heads,
                                   self.n_kv, self.head_dim, rope_scale)
             if t == 1 and ops.decode_attention_supported(q, self.k_cache[i]):  # a decode step: written keys only
@@ -168,23 +173,42 @@ class StaticDecoder:
                 a = a.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
             o = ly["o"](a)
             ln2 = ly["ln2"]
-            h, r = ops.add_rms_norm(h, o, ln2.weight, ln2.variance_epsilon)
-            m = ly["gate_up"].silu_mul(r)  # one launch where the CUDA GEMV takes the fused int4 weight
+            tf = self._norm_transform(ly["gate_up"], h)
+            h, r = ops.add_rms_norm(h, o, ln2.weight, ln2.variance_epsilon, tf)
+            # one launch where the CUDA GEMV takes the fused int4 weight
+            m = ly["gate_up"].silu_mul(r, transformed=tf is not None)
             if m is None:
-                g, u = ly["gate_up"](r)
+                g, u = ly["gate_up"](r, transformed=tf is not None)
                 m = ops.silu_mul(g, u)
             delta = ly["down"](m)
         h = h + delta
         return self.head(self.norm(h[:, -1]))
 
+    @staticmethod
+    def _norm_transform(group: LinearGroup, h: torch.Tensor) -> tuple | None:
+        """The input transform the group's units share, where the RMSNorm kernel that feeds the
+        group can apply it (`decode_ops.norm_transform_ok`), so the group runs no transform
+        kernel of its own; else None. MIXQ_NORM_TRANSFORM=0 keeps the transform in its own
+        kernel (for benchmarks)."""
+        from mixq.kernels import decode_ops as ops
+
+        tf = group.shared_transform()
+        if tf is None or os.environ.get("MIXQ_NORM_TRANSFORM") == "0" or not ops.norm_transform_ok(h.shape[-1], *tf):
+            return None
+        return tf
+
     # ------------------------------------------------------------------ sampling
 
-    @staticmethod
-    def _pick(logits: torch.Tensor, greedy: bool, temperature: float, top_p: float) -> torch.Tensor:
-        """(B,) next tokens: argmax, or a sample of softmax(logits / T) restricted to the
+    def _pick(self, logits: torch.Tensor, greedy: bool, temperature: float, top_p: float) -> torch.Tensor:
+        """(B,) next tokens: argmax (with the fused kernels, `decode_ops.argmax`: a 128k
+        vocabulary in parallel chunks), or a sample of softmax(logits / T) restricted to the
         smallest set of tokens whose probability reaches top_p (Gumbel-max over that set,
         so no host synchronisation)."""
         if greedy:
+            if self.fused:
+                from mixq.kernels import decode_ops as ops
+
+                return ops.argmax(logits.contiguous())
             return logits.argmax(-1)
         z = logits.float() / temperature
         if top_p < 1.0:

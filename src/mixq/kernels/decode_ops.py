@@ -2,10 +2,12 @@
 decode step runs about ten kernels per block instead of some forty small torch ops.
 
     h, r = add_rms_norm(h, delta, weight, eps)     # h + delta, and RMSNorm of it
+    h, r = add_rms_norm(h, delta, weight, eps, (smooth, signs, block))   # r through a unit's input transform
     r = add_rms_norm(h, None, weight, eps)         # RMSNorm only
     q = rope_to_cache(q, k, v, positions, inv_freq, k_cache, v_cache)   # (B, H, T, D)
     m = silu_mul(g, u)                             # silu(g) * u
     a = decode_attention(q, k_cache, v_cache, positions, scale)   # (B, 1, H * D), one query token
+    tok = argmax(logits)                           # (B,) as logits.argmax(-1), in parallel
 
 They round where Hugging Face's Llama modules round (RMSNorm: normalise in float32, round
 to the input dtype, multiply by the weight; rotary: cos/sin rounded to the dtype, then
@@ -23,6 +25,8 @@ import torch
 
 import triton
 import triton.language as tl
+
+from mixq.kernels.transform import _dot_hx, _dot_xh
 
 
 # --------------------------------------------------------------------------- references
@@ -70,12 +74,22 @@ def reference_decode_attention(q, k_cache, v_cache, positions, scale):
 
 
 @triton.jit
-def _add_rms_norm_kernel(h_ptr, d_ptr, w_ptr, h_out_ptr, r_ptr, N, stride_h, stride_d, stride_ho, stride_r, eps,
-                         HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr, GDC: tl.constexpr):
+def _add_rms_norm_kernel(h_ptr, d_ptr, w_ptr, h_out_ptr, r_ptr, s_ptr, sg_ptr, h1_ptr, h2_ptr, N, stride_h, stride_d,
+                         stride_ho, stride_r, eps, hscale, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr,
+                         HAS_S: tl.constexpr, ROTATE: tl.constexpr, F1: tl.constexpr, F2: tl.constexpr,
+                         PRECISION: tl.constexpr, SPLIT: tl.constexpr, GDC: tl.constexpr):
+    """Program (row, part): h (+ delta) and its RMSNorm r, rounded as the model rounds them, and
+    with HAS_S / ROTATE the unit's online input transform of r (`kernels.transform`: ((r / s)
+    * d) H in float32, rounded once) stored instead of r. ROTATE (BLOCK == N): F1 == 1, blocks
+    of F2 <= 128 inputs, the row as V (N / F2, F2) and VH_F2, part p computing rows 16p ..
+    16p + 15 of it; F1 > 1, the row is one block of F1 * F2 inputs, X the row as (F1, F2) and
+    H_F1 X H_F2, part p computing its rows 16p .. 16p + 15. Every part reads the whole row for
+    the norm; part 0 stores h + delta. Without ROTATE there is one part."""
     if GDC:  # programmatic dependent launch: let the next kernel start, wait for the previous one
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
     row = tl.program_id(0).to(tl.int64)
+    part = tl.program_id(1)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
     h = tl.load(h_ptr + row * stride_h + cols, mask=mask, other=0.0)
@@ -83,12 +97,42 @@ def _add_rms_norm_kernel(h_ptr, d_ptr, w_ptr, h_out_ptr, r_ptr, N, stride_h, str
     if HAS_DELTA:
         d = tl.load(d_ptr + row * stride_d + cols, mask=mask, other=0.0)
         h = (h.to(tl.float32) + d.to(tl.float32)).to(dt)
-        tl.store(h_out_ptr + row * stride_ho + cols, h, mask=mask)
+        if part == 0:
+            tl.store(h_out_ptr + row * stride_ho + cols, h, mask=mask)
     x = h.to(tl.float32)
-    var = tl.sum(x * x, axis=0) / N
-    x = (x * tl.rsqrt(var + eps)).to(dt)
+    rstd = tl.rsqrt(tl.sum(x * x, axis=0) / N + eps)
+    if ROTATE and F1 == 1:  # this part's 16 rows of V only
+        SUB: tl.constexpr = 16 * F2
+        cols = part * SUB + tl.arange(0, SUB)
+        h = tl.load(h_ptr + row * stride_h + cols)
+        if HAS_DELTA:
+            h = (h.to(tl.float32) + tl.load(d_ptr + row * stride_d + cols).to(tl.float32)).to(dt)
+        mask = cols < N
+    x = (h.to(tl.float32) * rstd).to(dt)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0)
-    tl.store(r_ptr + row * stride_r + cols, (w.to(tl.float32) * x.to(tl.float32)).to(r_ptr.dtype.element_ty), mask=mask)
+    r = (w.to(tl.float32) * x.to(tl.float32)).to(r_ptr.dtype.element_ty)
+    if HAS_S or ROTATE:
+        y = r.to(tl.float32)
+        if HAS_S:
+            y = y / tl.load(s_ptr + cols, mask=mask, other=1.0)
+        if ROTATE:
+            y = y * tl.load(sg_ptr + cols, mask=mask, other=0.0)
+            if F1 == 1:
+                kk = tl.arange(0, F2)
+                hb = tl.load(h2_ptr + kk[:, None] * F2 + kk[None, :])
+                y = tl.reshape(_dot_xh(tl.reshape(y, (16, F2)), hb, SPLIT, PRECISION) * hscale, (16 * F2,))
+            else:
+                a = tl.arange(0, F1)
+                a16 = part * 16 + tl.arange(0, 16)
+                b = tl.arange(0, F2)
+                h1 = tl.load(h1_ptr + a16[:, None] * F1 + a[None, :])  # rows 16p .. of H_F1
+                h2 = tl.load(h2_ptr + b[:, None] * F2 + b[None, :])
+                t = _dot_hx(h1, tl.reshape(y, (F1, F2)), SPLIT, PRECISION)
+                y = tl.reshape(_dot_xh(t, h2, SPLIT, PRECISION) * hscale, (16 * F2,))
+                cols = part * 16 * F2 + tl.arange(0, 16 * F2)
+                mask = cols < N
+        r = y.to(r_ptr.dtype.element_ty)
+    tl.store(r_ptr + row * stride_r + cols, r, mask=mask)
 
 
 @triton.jit
@@ -231,6 +275,37 @@ def _attn_combine_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, KVH, S,
     tl.store(o_ptr + bh.to(tl.int64) * D + di, out.to(o_ptr.dtype.element_ty))
 
 
+@triton.jit
+def _argmax_partial_kernel(x_ptr, v_ptr, i_ptr, N, stride_x, P, BLOCK: tl.constexpr, GDC: tl.constexpr):
+    """Program (row, p): the max of inputs p * BLOCK .. + BLOCK - 1 of the row (NaN counted as
+    +inf) and its first index, to the workspace (row, p)."""
+    if GDC:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+    row = tl.program_id(0).to(tl.int64)
+    p = tl.program_id(1)
+    cols = p * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + row * stride_x + cols, mask=cols < N, other=float("-inf")).to(tl.float32)
+    x = tl.where(x != x, float("inf"), x)
+    i = tl.argmax(x, axis=0, tie_break_left=True)
+    tl.store(v_ptr + row * P + p, tl.max(x, axis=0))
+    tl.store(i_ptr + row * P + p, (p * BLOCK + i).to(tl.int64))
+
+
+@triton.jit
+def _argmax_combine_kernel(v_ptr, i_ptr, o_ptr, P, BLOCK_P: tl.constexpr, GDC: tl.constexpr):
+    """Program row: the first of the row's chunk maxima that is largest, and its index."""
+    if GDC:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+    row = tl.program_id(0).to(tl.int64)
+    pi = tl.arange(0, BLOCK_P)
+    v = tl.load(v_ptr + row * P + pi, mask=pi < P, other=float("-inf"))
+    idx = tl.load(i_ptr + row * P + pi, mask=pi < P, other=0)
+    j = tl.argmax(v, axis=0, tie_break_left=True)
+    tl.store(o_ptr + row, tl.sum(tl.where(pi == j, idx, 0), axis=0))
+
+
 # --------------------------------------------------------------------------- wrappers
 
 
@@ -265,23 +340,63 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
-def add_rms_norm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float):
-    """delta given: (h + delta, RMSNorm(h + delta) * weight); None: RMSNorm(h) * weight."""
+def norm_transform_ok(n: int, smooth: torch.Tensor | None, signs: torch.Tensor | None, block: int | None) -> bool:
+    """Whether `add_rms_norm` can apply this online input transform to its output in its own
+    kernel, for rows of n inputs: smoothing alone for any n; a rotation for a power-of-two n
+    whose blocks are either of 16..128 inputs (at least 16 of them) or the whole row (256 ..
+    16384 inputs). Other shapes run the transform as its own kernel."""
+    if signs is None:
+        return smooth is not None
+    if block is None or n & (n - 1) or block & (block - 1) or n % block:
+        return False
+    if 16 <= block <= 128:
+        return n // block >= 16
+    return block == n and 256 <= block <= 1 << 14
+
+
+def add_rms_norm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                 transform: tuple | None = None):
+    """delta given: (h + delta, RMSNorm(h + delta) * weight); None: RMSNorm(h) * weight.
+
+    transform = (smooth, signs, block), where `norm_transform_ok`: the normalised output goes
+    through that online input transform in the same kernel (what `kernels.transform` computes
+    from the rounded RMSNorm output), so a group of units that reads it (q/k/v, gate/up) runs
+    no transform kernel of its own."""
     n = h.shape[-1]
     h2 = _rows(h)
     rows = h2.shape[0]
     r = torch.empty((rows, n), dtype=h.dtype, device=h.device)
     block = triton.next_power_of_2(n)
-    gdc = _gdc(h.device)
+    kw = dict(BLOCK=block, HAS_S=False, ROTATE=False, F1=1, F2=16, PRECISION="ieee", SPLIT=False, num_warps=8,
+              **_gdc(h.device))
+    s = sg = h1 = h2m = h2
+    parts, hscale = 1, 1.0
+    if transform is not None:
+        from mixq.kernels.transform import _factor_matrices, split_block, split_products
+
+        smooth, signs, rblock = transform
+        if not norm_transform_ok(n, smooth, signs, rblock):
+            raise ValueError(f"add_rms_norm: the transform (smoothing {smooth is not None}, rotation block {rblock}) "
+                             f"does not fit rows of {n} inputs in one kernel (see norm_transform_ok)")
+        if smooth is not None:
+            s = smooth.to(device=h.device, dtype=torch.float32).contiguous()
+            kw["HAS_S"] = True
+        if signs is not None:
+            sg = signs.to(device=h.device, dtype=torch.float32).contiguous()
+            split = split_products(h.dtype)
+            h1, h2m = _factor_matrices(rblock, h.device, split)
+            hscale = rblock ** -0.5 if split else 1.0
+            f1, f2 = split_block(rblock)
+            kw.update(ROTATE=True, F1=f1, F2=f2, PRECISION="tf32x3" if h.is_cuda else "ieee", SPLIT=split, num_warps=4)
+            parts = (n // f2 if f1 == 1 else f1) // 16  # 16 rows of V or of H_F1 X H_F2 per program
     if delta is not None:
         d2 = _rows(delta)
         h_out = torch.empty((rows, n), dtype=h.dtype, device=h.device)
-        _add_rms_norm_kernel[(rows,)](h2, d2, weight, h_out, r, n, h2.stride(0), d2.stride(0), h_out.stride(0),
-                                      r.stride(0), float(eps), HAS_DELTA=True, BLOCK=block, num_warps=8,
-                                      **gdc)
+        _add_rms_norm_kernel[(rows, parts)](h2, d2, weight, h_out, r, s, sg, h1, h2m, n, h2.stride(0), d2.stride(0),
+                                      h_out.stride(0), r.stride(0), float(eps), hscale, HAS_DELTA=True, **kw)
         return h_out.reshape(h.shape), r.reshape(h.shape)
-    _add_rms_norm_kernel[(rows,)](h2, h2, weight, h2, r, n, h2.stride(0), h2.stride(0), h2.stride(0), r.stride(0),
-                                  float(eps), HAS_DELTA=False, BLOCK=block, num_warps=8, **gdc)
+    _add_rms_norm_kernel[(rows, parts)](h2, h2, weight, h2, r, s, sg, h1, h2m, n, h2.stride(0), h2.stride(0), h2.stride(0),
+                                  r.stride(0), float(eps), hscale, HAS_DELTA=False, **kw)
     return r.reshape(h.shape)
 
 
@@ -315,6 +430,28 @@ def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     _silu_mul_kernel[(rows, triton.cdiv(n, block))](g2, u2, out, n, g2.stride(0), u2.stride(0), out.stride(0),
                                                      BLOCK=block, num_warps=4, **gdc)
     return out.reshape(g.shape)
+
+
+ARGMAX_BLOCK = 4096
+
+
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """(B,) int64: the first index of each row's maximum of x (B, N), as torch.argmax(x, -1),
+    in two launches (chunks of ARGMAX_BLOCK in parallel, then one program per row), where
+    torch reduces a row of a 128256-token vocabulary in one slow pass. NaN counts as +inf (torch
+    returns the first NaN's index; here a +inf before it wins)."""
+    if x.dim() != 2 or x.stride(-1) != 1:
+        raise ValueError(f"argmax: expected a (rows, n) tensor with a unit last-dim stride, got {tuple(x.shape)}")
+    b, n = x.shape
+    parts = triton.cdiv(n, ARGMAX_BLOCK)
+    ws_v = torch.empty((b, parts), device=x.device, dtype=torch.float32)
+    ws_i = torch.empty((b, parts), device=x.device, dtype=torch.int64)
+    out = torch.empty((b,), device=x.device, dtype=torch.int64)
+    gdc = _gdc(x.device)
+    _argmax_partial_kernel[(b, parts)](x, ws_v, ws_i, n, x.stride(0), parts, BLOCK=ARGMAX_BLOCK, num_warps=8, **gdc)
+    _argmax_combine_kernel[(b,)](ws_v, ws_i, out, parts, BLOCK_P=max(16, triton.next_power_of_2(parts)), num_warps=1,
+                                 **gdc)
+    return out
 
 
 ATTN_BLOCK_N = 64

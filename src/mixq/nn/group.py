@@ -121,24 +121,46 @@ class LinearGroup(nn.Module):
                 outs[i] = outs[i] + nn.functional.linear(low, u.lowrank_l.to(h.dtype))
         return outs
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def shared_transform(self) -> tuple | None:
+        """(smooth, signs, block) of the online input transform the group computes once for all
+        its units (modes "fused" and "shared_transform"), so that the kernel producing the
+        input can apply it (`decode_ops.add_rms_norm`) and the group is called with
+        `transformed=True`; None when the units have no transform or run on their own."""
+        u = self.units[0]
+        if self.mode not in ("fused", "shared_transform") or (u.smooth_scales is None and u.rotate_signs is None):
+            return None
+        return u.smooth_scales, u.rotate_signs, u.rotate_block
+
+    def _input(self, x: torch.Tensor, transformed: bool) -> torch.Tensor:
+        """The units' transformed input: x itself when the caller applied `shared_transform`."""
+        if not transformed:
+            return self.units[0].transform_input(x)
+        if self.shared_transform() is None:
+            raise FormatError("LinearGroup: transformed=True needs a group whose units share one input transform "
+                              f"(mode {self.mode!r}; see shared_transform)")
+        return x
+
+    def forward(self, x: torch.Tensor, *, transformed: bool = False) -> tuple[torch.Tensor, ...]:
+        """transformed: x is already the units' shared transformed input (`shared_transform`)."""
         if self.mode == "fused":
-            h = self.units[0].transform_input(x)
+            h = self._input(x, transformed)
             y = qmatmul(h, self.fused_kw, self.fused_bias)
             return tuple(self._lowrank(list(y.split(self.sizes, dim=-1)), h))
+        if self.mode == "shared_transform":
+            h = self._input(x, transformed)
+            outs = [qmatmul(h, u.weights(), u.bias) for u in self.units]
+            return tuple(self._lowrank(outs, h))
+        if transformed:
+            self._input(x, transformed)  # raises: these units do not share one transform
         if self.mode == "fused_dense":
             y = nn.functional.linear(x, self.fused_weight, self.fused_bias)
             return tuple(y.split(self.sizes, dim=-1))
-        if self.mode == "shared_transform":
-            h = self.units[0].transform_input(x)
-            outs = [qmatmul(h, u.weights(), u.bias) for u in self.units]
-            return tuple(self._lowrank(outs, h))
         return tuple(u(x) for u in self.units)
 
-    def silu_mul(self, x: torch.Tensor) -> torch.Tensor | None:
+    def silu_mul(self, x: torch.Tensor, *, transformed: bool = False) -> torch.Tensor | None:
         """silu(gate(x)) * up(x) for a (gate, up) group in one kernel launch (the fused packed
         int4 weight on the CUDA GEMV); None where that kernel does not apply (the caller runs
-        the group and the element-wise step)."""
+        the group and the element-wise step). transformed: as for forward."""
         from mixq.kernels import qmatmul_silu_mul, silu_mul_applies
 
         # decided on x (the input transform keeps its shape and dtype), so that a caller that
@@ -147,7 +169,4 @@ class LinearGroup(nn.Module):
                 or any(getattr(u, "lowrank_l", None) is not None for u in self.units)
                 or not silu_mul_applies(self.fused_kw, x)):
             return None
-        return qmatmul_silu_mul(self.units[0].transform_input(x), self.fused_kw, self.fused_bias)
-
-    def extra_repr(self) -> str:
-        return f"mode={self.mode}, sizes={self.sizes}"
+        return qmatmul_silu_mul(self._input(x, transformed), self.fused_kw, self.fused_bias)
