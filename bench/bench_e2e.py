@@ -18,6 +18,12 @@ quantizes every linear unit of the blocks and the LM head by round to nearest in
   until the all-in bits per weight of the planned units reach the target; q/k/v and gate/up
   always share a format (as the planner gives units that read one input), so they fuse.
 
+A plan name may add online input transforms to every unit of the blocks (not the LM head):
+`int4+rotate` (the seeded random-sign Hadamard rotation, blocks of 4096 inputs for q/k/v/o/
+gate/up and 2048 for down), `int4+smooth+rotate` (smoothing scales too); units that read one
+input share one transform, as the planner gives them, so the decode loop applies it inside
+the RMSNorm kernel that feeds them (MIXQ_NORM_TRANSFORM=0 in --variants: its own kernel).
+
 Each plan runs with the fused element-wise kernels of the decode step (`kernels.decode_ops`);
 `<plan>:unfused` runs the same step with the model's own torch modules for the glue.
 
@@ -127,6 +133,31 @@ def quantize_in_place(model, plan: dict[str, str]) -> None:
     torch.cuda.empty_cache()
 
 
+TRANSFORMS = ("smooth", "rotate")
+
+
+def add_transforms(model, kinds: list[str]) -> None:
+    """Online input transforms (see the module docstring) on the QuantLinear units of every
+    block; q/k/v share one, gate/up share one, o and down have their own."""
+    from mixq.quantizers import UnitTransforms
+
+    bad = [k for k in kinds if k not in TRANSFORMS]
+    if bad:
+        raise SystemExit(f"unknown transform(s) {bad} in a plan name: expected {TRANSFORMS}")
+    for i, ly in enumerate(model.model.layers):
+        for j, (mod, names) in enumerate([(ly.self_attn, ("q_proj", "k_proj", "v_proj")), (ly.self_attn, ("o_proj",)),
+                                          (ly.mlp, ("gate_proj", "up_proj")), (ly.mlp, ("down_proj",))]):
+            k = getattr(mod, names[0]).in_features
+            g = torch.Generator().manual_seed(4 * i + j)
+            smooth = torch.rand(k, generator=g) + 0.5 if "smooth" in kinds else None
+            tf = UnitTransforms(smooth, 4 * i + j if "rotate" in kinds else None, None, None)
+            for name in names:
+                q = getattr(mod, name)
+                if not isinstance(q, QuantLinear):
+                    raise SystemExit(f"transforms need a quantized plan; {name} is {type(q).__name__}")
+                setattr(mod, name, QuantLinear(q.weights(), q.bias, tf))
+
+
 def weight_stats(model, units) -> tuple[int, float]:
     """(bytes the decode step reads for the planned units' weights, all-in bits per weight)."""
     nbytes, n_params = 0, 0
@@ -218,6 +249,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     for label in args.plans.split(","):
         name, _, mode = label.partition(":")
+        name, *tf_kinds = name.split("+")
         t0 = time.time()
         model = build_model(args.layers, args.ctx, args.vocab)
         units = llm_units(model, include_head=True)
@@ -225,6 +257,8 @@ def main(argv=None) -> int:
         if name != "bf16":
             plan = plan_for(name, units, args.layers)
             quantize_in_place(model, plan)
+        if tf_kinds:
+            add_transforms(model, tf_kinds)
         nbytes, bpw = weight_stats(model, units)
         t_build = time.time() - t0
         ms = time_decode(model, args.ctx, args.steps, fused=False if mode == "unfused" else None)

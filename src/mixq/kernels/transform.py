@@ -5,14 +5,17 @@ Sylvester Hadamard matrix of the rotation block b (see `quantizers.hadamard`).
     xt = online_transform(x, smooth, signs, block)   # (..., in), x's dtype
 
 On a CUDA device with Triton, one launch computes it (`_transform_kernel`): a program takes
-one block of b inputs of 16 rows (b <= 128: X (16, b) @ H_b on the tensor cores) or of one
-row (b >= 256: the block viewed as X (f1, f2), f1 * f2 = b, and H_b = H_f1 ⊗ H_f2 gives
-H_f1 X H_f2, two small tensor-core products; f1 / 16 programs per block, each computing 16
-rows of it, which with the split products below cut a 4096-input block from 3.5 to 2.8 µs on the H200), in float32 (tf32x3 products, about float32
-accuracy), rounded once to x's dtype. Elsewhere, and for blocks below 16 or above 2**14,
-the same math runs as torch ops (`reference_transform`), which the kernel is tested against.
-Units that read the same input with the same transform (q/k/v, gate/up) call it once
-(`nn.QuantLinearGroup`).
+one block of b inputs of 16 rows (b <= 128: X (16, b) @ H_b on the tensor cores) or 16 rows
+of the product for one row (b >= 256: the block viewed as X (f1, f2), f1 * f2 = b, and H_b =
+H_f1 ⊗ H_f2 gives H_f1 X H_f2, two small tensor-core products, f1 / 16 programs per block).
+Half-precision inputs multiply as split bfloat16 products (`split_products`), float32 ones
+as tf32x3 products; both about float32 accuracy, rounded once to x's dtype. A 4096-input
+block takes 2.8 µs on the H200 (3.5 in one program with tf32x3 products). With programmatic
+dependent launch (`decode_ops.pdl`) the launch overlaps the kernel before it. Elsewhere, and
+for blocks below 16 or above 2**14, the same math runs as torch ops (`reference_transform`),
+which the kernel is tested against. Units that read the same input with the same transform
+(q/k/v, gate/up) compute it once (`nn.LinearGroup`), and in the decode loop the RMSNorm
+kernel that produces their input applies it (`decode_ops.add_rms_norm`).
 """
 
 from __future__ import annotations
