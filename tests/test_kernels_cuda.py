@@ -266,3 +266,119 @@ def test_cuda_graph_capture_and_strided_input():
     wide = torch.randn(3, 4096 + 1, device="cuda", dtype=torch.bfloat16)[:, 1:]  # misaligned rows
     ref = wide.float() @ dequantize(kw).T
     assert float((cuda_gemv.qmatmul(wide, kw).float() - ref).norm() / ref.norm()) < REL_TOL
+
+
+# --------------------------------------------------------------------------- online transform
+
+
+def test_norm_transform_supported_needs_cuda_half_and_a_block_of_256_to_8192():
+    x = torch.randn(2, 4096, dtype=torch.bfloat16)
+    assert not cuda_gemv.norm_transform_supported(x, 4096)  # a CPU tensor
+    assert cuda_gemv.norm_transform(x, torch.ones(4096), 4096) is None
+    if torch.cuda.is_available():
+        xc = x.cuda()
+        assert not cuda_gemv.norm_transform_supported(xc, 128) and not cuda_gemv.norm_transform_supported(xc, 16384)
+        assert not cuda_gemv.norm_transform_supported(xc.float(), 4096)
+        assert not cuda_gemv.norm_transform_supported(xc, 3000)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("n,block,rows", [(4096, 4096, 1), (14336, 2048, 3), (768, 256, 5), (16384, 8192, 2)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_transform_matches_reference(n, block, rows, dtype, monkeypatch):
+    """The butterfly kernel (blocks of 256..8192, one to seven blocks per row) against the
+    float32 torch transform of the same input, with and without smoothing: within the output's
+    own rounding; and the same values as the Triton kernel to rounding."""
+    from mixq.kernels import transform as T
+
+    torch.manual_seed(n + rows)
+    x = (torch.randn(rows, n, device="cuda") * 3).to(dtype)
+    signs = torch.where(torch.rand(n, device="cuda") < 0.5, -1.0, 1.0)
+    s = torch.rand(n, device="cuda") + 0.5
+    bound = 6e-3 if dtype == torch.bfloat16 else 8e-4  # about twice the output rounding
+    for smooth in (s, None):
+        ref = T.reference_transform(x.float(), smooth, signs, block)
+        got = cuda_gemv.norm_transform(x, signs, block, smooth=smooth)
+        assert got is not None and got.dtype == dtype and got.shape == x.shape
+        assert float((got.float() - ref).norm() / ref.norm()) < bound, smooth is not None
+        assert torch.equal(T.online_transform(x, smooth, signs, block), got)  # the route takes it
+        monkeypatch.setenv("MIXQ_CUDA_TRANSFORM", "0")
+        tri = T.online_transform(x, smooth, signs, block)
+        monkeypatch.delenv("MIXQ_CUDA_TRANSFORM")
+        assert float((tri.float() - got.float()).norm() / ref.norm()) < bound
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("n,block", [(4096, 4096), (2048, 256)])
+def test_cuda_norm_transform_matches_norm_then_transform(n, block):
+    """RMSNorm (+ residual add) and the transform in one launch against the Triton RMSNorm then
+    the torch transform: h + delta to the bit, the output within its rounding, and the
+    decode-step entry point (decode_ops.add_rms_norm) taking this kernel."""
+    from mixq.kernels import decode_ops as ops
+    from mixq.kernels import transform as T
+
+    torch.manual_seed(n)
+    h, d = (torch.randn(3, n, device="cuda").to(torch.bfloat16) for _ in range(2))
+    w = (torch.rand(n, device="cuda") + 0.5).to(torch.bfloat16)
+    signs = torch.where(torch.rand(n, device="cuda") < 0.5, -1.0, 1.0)
+    s = torch.rand(n, device="cuda") + 0.5
+    h_ref, r_ref = ops.reference_add_rms_norm(h, d, w, 1e-5)
+    ref = T.reference_transform(r_ref.float(), s, signs, block)
+    h_out = torch.empty_like(h)
+    got = cuda_gemv.norm_transform(h, signs, block, smooth=s, delta=d, weight=w, eps=1e-5, h_out=h_out)
+    assert torch.equal(h_out, h_ref)
+    assert float((got.float() - ref).norm() / ref.norm()) < 6e-3
+    h2, got2 = ops.add_rms_norm(h, d, w, 1e-5, (s, signs, block))
+    assert torch.equal(h2, h_ref)
+    if ops.norm_transform_ok(n, s, signs, block):  # a row the Triton kernel takes runs there
+        assert float((got2.float() - ref).norm() / ref.norm()) < 6e-3
+    else:
+        assert torch.equal(got2, got)
+    alone = ops.add_rms_norm(h, None, w, 1e-5, (None, signs, block))
+    ref1 = T.reference_transform(ops.reference_add_rms_norm(h, None, w, 1e-5)[1].float(), None, signs, block)
+    assert float((alone.float() - ref1).norm() / ref1.norm()) < 6e-3
+    with pytest.raises(RuntimeError, match="norm_transform"):  # the binding names bad operands
+        cuda_gemv.extension().norm_transform(h, d, None, None, signs, None, torch.empty_like(h), block, 1e-5)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_decode_step_with_transforms_in_bf16(monkeypatch):
+    """A bf16 Llama of width 768 (rotation blocks of 256, which the Triton RMSNorm kernel does
+    not take) with transforms on every unit (q/k/v and gate/up sharing one each): the fused
+    decode step (the groups' transforms inside the CUDA RMSNorm kernel, o and down through the
+    CUDA transform) gives the unfused step's logits, prefill and one decode step, within bf16
+    rounding."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mixq.export.decoder import StaticDecoder
+    from mixq.nn import QuantLinear
+    from mixq.quantizers import UnitTransforms
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=768, intermediate_size=1536, num_hidden_layers=2, num_attention_heads=6,
+                      num_key_value_heads=2, vocab_size=256, max_position_embeddings=64, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg).to(device="cuda", dtype=torch.bfloat16).eval()
+    fmt = formats.parse("int4:g128")
+    for i, ly in enumerate(model.model.layers):
+        for j, (mod, names, smooth) in enumerate([(ly.self_attn, ("q_proj", "k_proj", "v_proj"), True),
+                                                  (ly.self_attn, ("o_proj",), True), (ly.mlp, ("gate_proj", "up_proj"), False),
+                                                  (ly.mlp, ("down_proj",), True)]):
+            k = getattr(mod, names[0]).in_features
+            tf = UnitTransforms(torch.rand(k) + 0.5 if smooth else None, 4 * i + j, None, None)
+            for name in names:
+                w = getattr(mod, name).weight.detach().float()
+                setattr(mod, name, QuantLinear.from_qtensor(fmt.quantize(w), fmt, transforms=tf).cuda())
+    calls = []
+    real = cuda_gemv.norm_transform
+    monkeypatch.setattr(cuda_gemv, "norm_transform",
+                        lambda *a, **kw: calls.append(kw.get("weight") is not None) or real(*a, **kw))
+    ids = torch.tensor([[1, 17, 42, 99, 5]], device="cuda")
+    fused, plain = (StaticDecoder(model, max_len=32, fused=f, use_graph=False) for f in (True, False))
+    for t, pos in ((ids, 0), (ids[:, :1], 5)):
+        p = torch.tensor([pos], device="cuda")
+        a, b = fused.forward(t, p).float(), plain.forward(t, p).float()
+        assert float((a - b).norm() / b.norm()) < 3e-2, pos
+    assert calls.count(True) == 2 * 2 * 2  # two norms per layer, two layers, two forwards

@@ -91,12 +91,13 @@ def test_old_kernels_read_the_split_3bit_layout(spec):
 
 
 @pytest.mark.parametrize("in_features,rows", [(576, 3), (1024, 2), (1536, 17), (96, 5)])
-def test_fused_transform_matches_torch(in_features, rows):
+def test_fused_transform_matches_torch(in_features, rows, monkeypatch):
     """Smoothing, sign flip and block Hadamard in one kernel (blocks 64, 1024 = 32 x 32,
     512 = 16 x 32, 32) equal the torch ops in float32, and to bf16 rounding in bf16."""
     from mixq.kernels.transform import online_transform, reference_transform
     from mixq.quantizers.hadamard import rotation
 
+    monkeypatch.setenv("MIXQ_CUDA_TRANSFORM", "0")  # on a GPU: this Triton kernel, not the CUDA one
     torch.manual_seed(in_features)
     rot = rotation(in_features, 0)
     s = torch.rand(in_features) + 0.5
@@ -115,7 +116,7 @@ def test_fused_transform_matches_torch(in_features, rows):
 
 
 @pytest.mark.parametrize("n,rows,block", [(1024, 2, 1024), (512, 3, 32), (2048, 1, 64), (256, 1, 256), (200, 2, None)])
-def test_rms_norm_applies_the_groups_transform(n, rows, block):
+def test_rms_norm_applies_the_groups_transform(n, rows, block, monkeypatch):
     """add_rms_norm with a transform (one row as one block of 32 x 32 in two programs or of
     16 x 16, blocks of 32 or 64 in one or two programs, smoothing alone on a 200-wide row)
     equals RMSNorm followed by the transform, in float32 and to bf16 rounding; with the
@@ -123,6 +124,7 @@ def test_rms_norm_applies_the_groups_transform(n, rows, block):
     from mixq.kernels import decode_ops as ops
     from mixq.kernels.transform import reference_transform
 
+    monkeypatch.setenv("MIXQ_CUDA_TRANSFORM", "0")  # on a GPU: the Triton kernel, not the CUDA one
     torch.manual_seed(n)
     dev = KERNEL_DEVICE
     s = torch.rand(n) + 0.5
@@ -299,7 +301,8 @@ def test_static_decoder_applies_group_transforms_in_the_norm(monkeypatch):
     called = []
     for ly in fused_dec.layers:
         for grp in ("qkv", "gate_up"):
-            assert fused_dec._norm_transform(ly[grp], torch.zeros(1, 256)) is not None
+            norm = ly["ln1" if grp == "qkv" else "ln2"]
+            assert fused_dec._norm_transform(ly[grp], torch.zeros(1, 256, device=KERNEL_DEVICE), norm) is not None
             for u in ly[grp].units:
                 monkeypatch.setattr(u, "transform_input", lambda x, _c=called: _c.append(1) or x)
     fused = fused_dec.generate(prompt, 6)

@@ -155,7 +155,7 @@ class StaticDecoder:
         delta = None
         for i, ly in enumerate(self.layers):
             ln1 = ly["ln1"]
-            tf = self._norm_transform(ly["qkv"], h)
+            tf = self._norm_transform(ly["qkv"], h, ln1)
             if delta is None:
                 r = ops.add_rms_norm(h, None, ln1.weight, ln1.variance_epsilon, tf)
             else:
@@ -173,7 +173,7 @@ class StaticDecoder:
                 a = a.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
             o = ly["o"](a)
             ln2 = ly["ln2"]
-            tf = self._norm_transform(ly["gate_up"], h)
+            tf = self._norm_transform(ly["gate_up"], h, ln2)
             h, r = ops.add_rms_norm(h, o, ln2.weight, ln2.variance_epsilon, tf)
             # one launch where the CUDA GEMV takes the fused int4 weight
             m = ly["gate_up"].silu_mul(r, transformed=tf is not None)
@@ -185,7 +185,7 @@ class StaticDecoder:
         return self.head(self.norm(h[:, -1]))
 
     @staticmethod
-    def _norm_transform(group: LinearGroup, h: torch.Tensor) -> tuple | None:
+    def _norm_transform(group: LinearGroup, h: torch.Tensor, norm: nn.Module) -> tuple | None:
         """The input transform the group's units share, where the RMSNorm kernel that feeds the
         group can apply it (`decode_ops.norm_transform_ok`), so the group runs no transform
         kernel of its own; else None. MIXQ_NORM_TRANSFORM=0 keeps the transform in its own
@@ -193,9 +193,9 @@ class StaticDecoder:
         from mixq.kernels import decode_ops as ops
 
         tf = group.shared_transform()
-        if tf is None or os.environ.get("MIXQ_NORM_TRANSFORM") == "0" or not ops.norm_transform_ok(h.shape[-1], *tf):
+        if tf is None or os.environ.get("MIXQ_NORM_TRANSFORM") == "0":
             return None
-        return tf
+        return tf if ops.norm_transform_ok(h.shape[-1], *tf, x=h, weight=norm.weight) else None
 
     # ------------------------------------------------------------------ sampling
 

@@ -44,6 +44,13 @@ what it copied), the scales in a register ring beside it (`GemvConfig.stages`; 7
 [gate; up] int4 weight in the same launch. MIXQ_GEMV_STAGES=0|4|8 and MIXQ_GEMV3_POST=0 are
 benchmark switches (every shape on one pipeline; the pre-scaled 3-bit kernel only).
 
+The same extension holds `norm_transform` (`csrc/hadamard.cu`): the online input transform
+((r / s) * d) H_b of a unit for rotation blocks of 256..8192 inputs, a block of b / 8 threads
+per block of inputs doing the Walsh-Hadamard butterflies in registers, across lanes and
+through shared memory, optionally of r = RMSNorm(h + delta) * w in the same launch (the decode
+loop's norm feeding q/k/v or gate/up); `kernels.transform` and `decode_ops.add_rms_norm` use
+it where it applies (MIXQ_CUDA_TRANSFORM=0: the Triton kernels).
+
 The extension compiles on first use on a CUDA machine (torch.utils.cpp_extension.load,
 `-arch` of the current device, sm_80 or newer; ~1 minute, cached under the torch extensions
 directory). If compilation fails, a warning is logged once and `qmatmul` returns None so the
@@ -69,7 +76,7 @@ from mixq.kernels.workspace import Workspace
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = ("gemv_int4.cpp", "gemv_int4.cu", "gemm_int4.cu")
+SOURCES = ("gemv_int4.cpp", "gemv_int4.cu", "gemm_int4.cu", "hadamard.cu")
 HEADERS = ("gemv_int4.h", "common.cuh")
 MAX_BATCH = 8
 
@@ -418,3 +425,47 @@ def gemm(x: torch.Tensor, kw: KernelWeights, bias: torch.Tensor | None = None, c
         ws = cnt = kw.codes  # unused
     return ext.gemm_int4(x, kw.codes, kw.scales, kw.zeros, bias, out, ws, cnt, lay.group_size, lay.code_offset,
                          cfg.row_tiles, cfg.n_tiles, cfg.warps, split, cfg.stream_k)
+
+
+def _rows_ok(t: torch.Tensor) -> bool:
+    """2-D, unit column stride, 16-byte aligned rows (8 half-precision values)."""
+    return t.dim() == 2 and t.stride(1) == 1 and t.stride(0) % 8 == 0 and t.data_ptr() % 16 == 0
+
+
+def _vector_ok(t: torch.Tensor, n: int, dtype: torch.dtype, device: torch.device) -> bool:
+    return (t.dim() == 1 and t.numel() == n and t.dtype == dtype and t.device == device and t.is_contiguous()
+            and t.data_ptr() % 16 == 0)
+
+
+def norm_transform_supported(x: torch.Tensor, block: int | None) -> bool:
+    """Whether `norm_transform` takes rows like x (..., n): a CUDA bf16/fp16 tensor, a rotation
+    block of 256..8192 inputs (a power of two) dividing n; not with MIXQ_CUDA_TRANSFORM=0 or
+    without the extension."""
+    if os.environ.get("MIXQ_CUDA_TRANSFORM", "1") == "0" or block is None:
+        return False
+    if not (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and 256 <= block <= 8192
+            and block & (block - 1) == 0 and x.shape[-1] % block == 0):
+        return False
+    return extension() is not None
+
+
+def norm_transform(h: torch.Tensor, signs: torch.Tensor, block: int, *, smooth: torch.Tensor | None = None,
+                   delta: torch.Tensor | None = None, weight: torch.Tensor | None = None, eps: float = 0.0,
+                   h_out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """((r / smooth) * signs) blockdiag(H_block) of the rows of h (rows, n), in h's dtype, with
+    r = h, or r = RMSNorm(h + delta) * weight (Hugging Face's rounding) when weight is given,
+    h + delta then written into h_out; one launch (`csrc/hadamard.cu`). None when the
+    operands do not fit it (`norm_transform_supported`, fp32 contiguous smooth and signs,
+    weight in h's dtype, 16-byte aligned rows): the caller takes the Triton kernel."""
+    if not norm_transform_supported(h, block) or not _rows_ok(h) or (delta is not None and not _rows_ok(delta)):
+        return None
+    n, dev = h.shape[-1], h.device
+    if not _vector_ok(signs, n, torch.float32, dev) or (smooth is not None and not _vector_ok(smooth, n, torch.float32, dev)):
+        return None
+    if weight is not None and not _vector_ok(weight, n, h.dtype, dev):
+        return None
+    if (delta is not None and weight is None) or (h_out is not None and not _rows_ok(h_out)):
+        return None
+    y = torch.empty_like(h, memory_format=torch.contiguous_format)
+    extension().norm_transform(h, delta, weight, smooth, signs, h_out, y, block, float(eps))
+    return y

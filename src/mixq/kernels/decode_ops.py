@@ -84,14 +84,33 @@ def _add_rms_norm_kernel(h_ptr, d_ptr, w_ptr, h_out_ptr, r_ptr, s_ptr, sg_ptr, h
     of F2 <= 128 inputs, the row as V (N / F2, F2) and VH_F2, part p computing rows 16p ..
     16p + 15 of it; F1 > 1, the row is one block of F1 * F2 inputs, X the row as (F1, F2) and
     H_F1 X H_F2, part p computing its rows 16p .. 16p + 15. Every part reads the whole row for
-    the norm; part 0 stores h + delta. Without ROTATE there is one part."""
-    if GDC:  # programmatic dependent launch: let the next kernel start, wait for the previous one
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
+    the norm; part 0 stores h + delta. Without ROTATE there is one part. The constants (w, s,
+    d, the Hadamard factors) are loaded before the wait on the previous kernel (GDC), so their
+    loads overlap its tail."""
     row = tl.program_id(0).to(tl.int64)
     part = tl.program_id(1)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
+    if ROTATE and F1 == 1:  # this part's 16 rows of V only
+        SUB: tl.constexpr = 16 * F2
+        rcols = part * SUB + tl.arange(0, SUB)
+    else:
+        rcols = cols
+    rmask = rcols < N
+    w = tl.load(w_ptr + rcols, mask=rmask, other=0.0)
+    if HAS_S:
+        s = tl.load(s_ptr + rcols, mask=rmask, other=1.0)
+    if ROTATE:
+        sg = tl.load(sg_ptr + rcols, mask=rmask, other=0.0)
+        b = tl.arange(0, F2)
+        h2 = tl.load(h2_ptr + b[:, None] * F2 + b[None, :])
+        if F1 > 1:
+            a = tl.arange(0, F1)
+            a16 = part * 16 + tl.arange(0, 16)
+            h1 = tl.load(h1_ptr + a16[:, None] * F1 + a[None, :])  # rows 16p .. of H_F1
+    if GDC:  # programmatic dependent launch: let the next kernel start, wait for the previous one
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     h = tl.load(h_ptr + row * stride_h + cols, mask=mask, other=0.0)
     dt = h.dtype
     if HAS_DELTA:
@@ -101,38 +120,29 @@ def _add_rms_norm_kernel(h_ptr, d_ptr, w_ptr, h_out_ptr, r_ptr, s_ptr, sg_ptr, h
             tl.store(h_out_ptr + row * stride_ho + cols, h, mask=mask)
     x = h.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(x * x, axis=0) / N + eps)
-    if ROTATE and F1 == 1:  # this part's 16 rows of V only
-        SUB: tl.constexpr = 16 * F2
-        cols = part * SUB + tl.arange(0, SUB)
-        h = tl.load(h_ptr + row * stride_h + cols)
+    if ROTATE and F1 == 1:  # reload this part's inputs
+        h = tl.load(h_ptr + row * stride_h + rcols)
         if HAS_DELTA:
-            h = (h.to(tl.float32) + tl.load(d_ptr + row * stride_d + cols).to(tl.float32)).to(dt)
-        mask = cols < N
+            h = (h.to(tl.float32) + tl.load(d_ptr + row * stride_d + rcols).to(tl.float32)).to(dt)
     x = (h.to(tl.float32) * rstd).to(dt)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
     r = (w.to(tl.float32) * x.to(tl.float32)).to(r_ptr.dtype.element_ty)
+    ocols = rcols
+    omask = rmask
     if HAS_S or ROTATE:
         y = r.to(tl.float32)
         if HAS_S:
-            y = y / tl.load(s_ptr + cols, mask=mask, other=1.0)
+            y = y / s
         if ROTATE:
-            y = y * tl.load(sg_ptr + cols, mask=mask, other=0.0)
+            y = y * sg
             if F1 == 1:
-                kk = tl.arange(0, F2)
-                hb = tl.load(h2_ptr + kk[:, None] * F2 + kk[None, :])
-                y = tl.reshape(_dot_xh(tl.reshape(y, (16, F2)), hb, SPLIT, PRECISION) * hscale, (16 * F2,))
+                y = tl.reshape(_dot_xh(tl.reshape(y, (16, F2)), h2, SPLIT, PRECISION) * hscale, (16 * F2,))
             else:
-                a = tl.arange(0, F1)
-                a16 = part * 16 + tl.arange(0, 16)
-                b = tl.arange(0, F2)
-                h1 = tl.load(h1_ptr + a16[:, None] * F1 + a[None, :])  # rows 16p .. of H_F1
-                h2 = tl.load(h2_ptr + b[:, None] * F2 + b[None, :])
                 t = _dot_hx(h1, tl.reshape(y, (F1, F2)), SPLIT, PRECISION)
                 y = tl.reshape(_dot_xh(t, h2, SPLIT, PRECISION) * hscale, (16 * F2,))
-                cols = part * 16 * F2 + tl.arange(0, 16 * F2)
-                mask = cols < N
+                ocols = part * 16 * F2 + tl.arange(0, 16 * F2)
+                omask = ocols < N
         r = y.to(r_ptr.dtype.element_ty)
-    tl.store(r_ptr + row * stride_r + cols, r, mask=mask)
+    tl.store(r_ptr + row * stride_r + ocols, r, mask=omask)
 
 
 @triton.jit
@@ -340,13 +350,21 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
-def norm_transform_ok(n: int, smooth: torch.Tensor | None, signs: torch.Tensor | None, block: int | None) -> bool:
+def norm_transform_ok(n: int, smooth: torch.Tensor | None, signs: torch.Tensor | None, block: int | None,
+                      x: torch.Tensor | None = None, weight: torch.Tensor | None = None) -> bool:
     """Whether `add_rms_norm` can apply this online input transform to its output in its own
-    kernel, for rows of n inputs: smoothing alone for any n; a rotation for a power-of-two n
-    whose blocks are either of 16..128 inputs (at least 16 of them) or the whole row (256 ..
-    16384 inputs). Other shapes run the transform as its own kernel."""
+    kernel, for rows of n inputs (like x, when given): smoothing alone for any n; a rotation
+    where the CUDA kernel takes x (`cuda_gemv.norm_transform_supported`: blocks of 256..8192
+    inputs) or, in Triton, for a power-of-two n whose blocks are either of 16..128 inputs (at
+    least 16 of them) or the whole row (256 .. 16384 inputs). Other shapes run the transform
+    as its own kernel."""
     if signs is None:
         return smooth is not None
+    if x is not None and signs is not None:
+        from mixq.kernels import cuda_gemv
+
+        if cuda_gemv.norm_transform_supported(x, block) and (weight is None or weight.dtype == x.dtype):
+            return True
     if block is None or n & (n - 1) or block & (block - 1) or n % block:
         return False
     if 16 <= block <= 128:
@@ -375,6 +393,19 @@ def add_rms_norm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tens
         from mixq.kernels.transform import _factor_matrices, split_block, split_products
 
         smooth, signs, rblock = transform
+        # a row the Triton kernel below takes runs there (its four programs per 4096-input row
+        # beat the CUDA kernel's single block in the decode step's chain on the H200: 10.5 vs
+        # 11.3 µs for norm + the q/k/v matmul); other shapes go to the CUDA butterfly kernel
+        if signs is not None and h.is_cuda and not norm_transform_ok(n, smooth, signs, rblock):
+            from mixq.kernels import cuda_gemv
+
+            h_out = None if delta is None else torch.empty((rows, n), dtype=h.dtype, device=h.device)
+            sg32 = signs.to(device=h.device, dtype=torch.float32).contiguous()
+            s32 = None if smooth is None else smooth.to(device=h.device, dtype=torch.float32).contiguous()
+            y = cuda_gemv.norm_transform(h2, sg32, rblock, smooth=s32, delta=None if delta is None else _rows(delta),
+                                         weight=weight, eps=eps, h_out=h_out)
+            if y is not None:
+                return (h_out.reshape(h.shape), y.reshape(h.shape)) if delta is not None else y.reshape(h.shape)
         if not norm_transform_ok(n, smooth, signs, rblock):
             raise ValueError(f"add_rms_norm: the transform (smoothing {smooth is not None}, rotation block {rblock}) "
                              f"does not fit rows of {n} inputs in one kernel (see norm_transform_ok)")

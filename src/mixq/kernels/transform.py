@@ -9,11 +9,15 @@ one block of b inputs of 16 rows (b <= 128: X (16, b) @ H_b on the tensor cores)
 of the product for one row (b >= 256: the block viewed as X (f1, f2), f1 * f2 = b, and H_b =
 H_f1 ⊗ H_f2 gives H_f1 X H_f2, two small tensor-core products, f1 / 16 programs per block).
 Half-precision inputs multiply as split bfloat16 products (`split_products`), float32 ones
-as tf32x3 products; both about float32 accuracy, rounded once to x's dtype. A 4096-input
-block takes 2.8 µs on the H200 (3.5 in one program with tf32x3 products). With programmatic
+as tf32x3 products; both about float32 accuracy, rounded once to x's dtype. In the decode
+step's chain on the H200 it adds 2.6-4.1 µs per Llama-3-8B unit (BENCHMARKS.md section 5,
+fourth pass; the CUDA kernel below 1.7-2.8 µs). With programmatic
 dependent launch (`decode_ops.pdl`) the launch overlaps the kernel before it. Elsewhere, and
 for blocks below 16 or above 2**14, the same math runs as torch ops (`reference_transform`),
-which the kernel is tested against. Units that read the same input with the same transform
+which the kernel is tested against. For rotation blocks of 256..8192 inputs and half-precision
+CUDA inputs the CUDA kernel `cuda_gemv.norm_transform` (butterflies in registers, across
+lanes and warps; built with the CUDA GEMV extension) runs instead where it is available
+(MIXQ_CUDA_TRANSFORM=0: this Triton kernel). Units that read the same input with the same transform
 (q/k/v, gate/up) compute it once (`nn.LinearGroup`), and in the decode loop the RMSNorm
 kernel that produces their input applies it (`decode_ops.add_rms_norm`).
 """
@@ -190,8 +194,16 @@ def online_transform(x: torch.Tensor, smooth: torch.Tensor | None = None, signs:
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     rotate = block is not None
+    if rotate and x.is_cuda:  # the CUDA butterfly kernel, for blocks of 256..8192 inputs
+        from mixq.kernels import cuda_gemv
+
+        y = cuda_gemv.norm_transform(x2, signs.to(device=x.device, dtype=torch.float32).contiguous(), block,
+                                     smooth=None if smooth is None else
+                                     smooth.to(device=x.device, dtype=torch.float32).contiguous())
+        if y is not None:
+            return y.reshape(*lead, n)
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     chunk = block if rotate else math.gcd(n, 128)  # smoothing only: any chunk that divides n
     if chunk < 16:
         raise FormatError(f"online_transform kernel: in_features={n} has no chunk of 16..128 inputs")

@@ -8,6 +8,8 @@
 
 #include <ATen/cuda/CUDAContext.h>
 
+#include <cmath>
+
 #include "gemv_int4.h"
 
 namespace {
@@ -193,7 +195,77 @@ std::vector<int64_t> gemm_int4_workspace(int64_t m, int64_t n, int64_t k, int64_
   return {int64_t(need), int64_t(tiles)};
 }
 
+namespace {
+
+void check_rows(const char* name, const torch::Tensor& t, const torch::Tensor& like) {
+  TORCH_CHECK(t.is_cuda() && t.device() == like.device() && t.scalar_type() == like.scalar_type() && t.dim() == 2 &&
+                  t.size(0) == like.size(0) && t.size(1) == like.size(1) && t.stride(1) == 1 && t.stride(0) % 8 == 0 &&
+                  aligned16(t),
+              "norm_transform: ", name, " must be (", like.size(0), ", ", like.size(1), ") in h's dtype and device with ",
+              "16-byte aligned rows");
+}
+
+void check_vector(const char* name, const torch::Tensor& t, const torch::Tensor& like, torch::ScalarType dtype) {
+  TORCH_CHECK(t.is_cuda() && t.device() == like.device() && t.scalar_type() == dtype && t.dim() == 1 &&
+                  t.size(0) == like.size(1) && t.is_contiguous() && aligned16(t),
+              "norm_transform: ", name, " must be a contiguous (", like.size(1), ",) ", dtype, " tensor on h's device");
+}
+
+}  // namespace
+
+// y = ((r / smooth) * signs) H_block per block of `block` inputs of each row, with r = h, or with w
+// given r = RMSNorm(h (+ delta)) * w as Hugging Face's Llama rounds it; h_out (if given) receives
+// h + delta. Launches on the current stream (hadamard.cu).
+void norm_transform(torch::Tensor h, c10::optional<torch::Tensor> delta, c10::optional<torch::Tensor> w,
+                    c10::optional<torch::Tensor> smooth, torch::Tensor signs, c10::optional<torch::Tensor> h_out,
+                    torch::Tensor y, int64_t block, double eps) {
+  TORCH_CHECK(h.is_cuda() && h.dim() == 2 && (h.scalar_type() == torch::kBFloat16 || h.scalar_type() == torch::kHalf),
+              "norm_transform: h must be a 2-D bf16 or fp16 CUDA tensor");
+  check_rows("h", h, h);
+  check_rows("y", y, h);
+  const int64_t n = h.size(1);
+  TORCH_CHECK(block >= 256 && block <= 8192 && (block & (block - 1)) == 0 && n % block == 0,
+              "norm_transform: block must be a power of two in 256..8192 dividing ", n, ", got ", block);
+  TORCH_CHECK(!delta.has_value() || w.has_value(), "norm_transform: delta needs the norm's weight w");
+  NormTransformParams p{};
+  p.h = reinterpret_cast<const uint16_t*>(h.data_ptr());
+  p.ld_h = h.stride(0);
+  if (delta.has_value()) {
+    check_rows("delta", *delta, h);
+    p.delta = reinterpret_cast<const uint16_t*>(delta->data_ptr());
+    p.ld_delta = delta->stride(0);
+  }
+  if (w.has_value()) {
+    check_vector("w", *w, h, h.scalar_type());
+    p.w = reinterpret_cast<const uint16_t*>(w->data_ptr());
+  }
+  if (h_out.has_value()) {
+    check_rows("h_out", *h_out, h);
+    p.h_out = reinterpret_cast<uint16_t*>(h_out->data_ptr());
+    p.ld_hout = h_out->stride(0);
+  }
+  if (smooth.has_value()) {
+    check_vector("smooth", *smooth, h, torch::kFloat);
+    p.smooth = smooth->data_ptr<float>();
+  }
+  check_vector("signs", signs, h, torch::kFloat);
+  p.signs = signs.data_ptr<float>();
+  p.y = reinterpret_cast<uint16_t*>(y.data_ptr());
+  p.ld_y = y.stride(0);
+  p.n = int(n);
+  p.block = int(block);
+  p.eps = float(eps);
+  p.scale = float(1.0 / std::sqrt(double(block)));
+  p.pdl = pdl_enabled(at::cuda::getDeviceProperties(h.device().index())->major);
+  if (h.size(0) == 0) return;
+  const c10::cuda::CUDAGuard guard(h.device());
+  const cudaError_t err = norm_transform_launch(p, h.scalar_type() == torch::kBFloat16, int(h.size(0)),
+                                                c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == cudaSuccess, "norm_transform launch failed: ", cudaGetErrorString(err));
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("norm_transform", &norm_transform, "online Hadamard transform, optionally of a fused RMSNorm (mixq)");
   m.def("gemv_int4", &gemv_int4, "int4 weight-only GEMV for <= 8 activation rows (mixq)");
   m.def("gemv_int8", &gemv_int8, "int8 weight-only GEMV for <= 8 activation rows (mixq)");
   m.def("gemv_int3", &gemv_int3, "3-bit (split layout) weight-only GEMV for <= 8 activation rows (mixq)");

@@ -81,3 +81,25 @@ cudaError_t gemm_int4_plan(GemmInt4Params& p, bool bf16, int row_tiles, int n_ti
 cudaError_t gemm_int4_launch(const GemmInt4Params& p, bool bf16, int row_tiles, int n_tiles, int warps,
                              cudaStream_t stream);
 size_t gemm_int4_smem_bytes(int n_tiles);
+
+// The online input transform ((r / s) * d) H_b of rows of n inputs, per block of b inputs (hadamard.cu),
+// optionally of r = RMSNorm(h + delta) * w computed in the same launch. h, delta, w, h_out, y in x's
+// dtype (bf16 | fp16), 16-byte aligned rows; smooth (n,) fp32 or nullptr; signs (n,) fp32 (+-1).
+// w nullptr: r = h (no norm; delta must be nullptr). h_out: where h + delta is stored (nullptr: not).
+struct NormTransformParams {
+  const uint16_t* h;
+  const uint16_t* delta;
+  const uint16_t* w;
+  uint16_t* h_out;
+  uint16_t* y;
+  const float* smooth;
+  const float* signs;
+  int64_t ld_h, ld_delta, ld_hout, ld_y;
+  int n;          // inputs per row, a multiple of block
+  int block;      // b: a power of two, 256 .. 8192
+  float eps;      // the RMSNorm's epsilon
+  float scale;    // 1 / sqrt(b)
+  bool pdl;
+};
+
+cudaError_t norm_transform_launch(const NormTransformParams& p, bool bf16, int rows, cudaStream_t stream);
