@@ -13,7 +13,7 @@
 #    and again with MIXQ_NORM_TRANSFORM=0: its own kernel, and with MIXQ_CUDA_TRANSFORM=0: the
 #    Triton kernels), with kernel profiles.
 # Step time limits: T_TEST, T_CHAIN, T_E2E seconds; PLANS: bench_e2e.py --plans; TESTS: the test files
-# (none: no tests); SKIP_CHAIN=1, SKIP_E2E=1 leave those steps out.
+# (none: no tests); VARIANTS: bench_e2e.py --variants; SKIP_CHAIN=1, SKIP_E2E=1 leave those steps out.
 set -u
 OUT=${1:-transform_results}
 mkdir -p "$OUT"
@@ -40,5 +40,5 @@ echo "Triton transform kernels (MIXQ_CUDA_TRANSFORM=0):"; tail -5 "$OUT/chain_tr
 }
 [ -n "${SKIP_E2E:-}" ] && exit 0
 timeout "${T_E2E:-240}" python3 bench/bench_e2e.py --steps 32 --plans ${PLANS:-bf16,int4,int4+smooth+rotate,int4+rotate} \
-  --variants "MIXQ_NORM_TRANSFORM=0;MIXQ_CUDA_TRANSFORM=0" --profile --out "$OUT/e2e.json" >"$OUT/e2e.log" 2>&1
+  --variants "${VARIANTS:-MIXQ_NORM_TRANSFORM=0;MIXQ_CUDA_TRANSFORM=0}" --profile --out "$OUT/e2e.json" >"$OUT/e2e.log" 2>&1
 grep -E "ms/token|kernels/token|Error" "$OUT/e2e.log"

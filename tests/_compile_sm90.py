@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 import sys
 
-FLOATS = {"eps", "scale", "scaling", "hscale"}
+FLOATS = {"eps", "scale", "scaling", "hscale", "rope_scaling"}
 
 
 def signature(fn, consts: dict, ptrs: dict, default_ptr: str) -> dict:
@@ -55,8 +55,10 @@ def cases():
     yield ("rope_to_cache", D._rope_cache_kernel, dict(D=128, GDC=True), {"pos_ptr": "*i64", "f_ptr": "*fp32"}, half)
     yield ("silu_mul", D._silu_mul_kernel, dict(BLOCK=1024, GDC=True), {}, half)
     ws = {"m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32"}
-    yield ("decode attention partial", D._attn_partial_kernel,
-           dict(G=4, BLOCK_G=16, D=128, BLOCK_N=D.ATTN_BLOCK_N, IEEE=False, GDC=True), {"pos_ptr": "*i64", **ws}, half)
+    for rope in (False, True):
+        yield (f"decode attention partial rope={rope}", D._attn_partial_kernel,
+               dict(G=4, BLOCK_G=16, D=128, BLOCK_N=D.ATTN_BLOCK_N, IEEE=False, ROPE=rope, GDC=True),
+               {"pos_ptr": "*i64", "f_ptr": "*fp32", **ws}, half)
     yield ("decode attention combine", D._attn_combine_kernel, dict(G=4, BLOCK_G=16, D=128, BLOCK_S=16, GDC=True),
            ws, half)
     yield ("argmax partial", D._argmax_partial_kernel, dict(BLOCK=D.ARGMAX_BLOCK, GDC=True),

@@ -224,6 +224,41 @@ def test_decode_attention_matches_softmax_over_written_keys(heads, kv_heads, dim
                              torch.zeros(1, 2, 8, 16, device=dev), torch.zeros(1, dtype=torch.long, device=dev), 1.0)
 
 
+@pytest.mark.parametrize("heads,kv_heads,dim", [(8, 2, 16), (6, 3, 32)])
+def test_decode_attention_rope_equals_rope_then_attention(heads, kv_heads, dim):
+    """The rotary embedding and cache write inside the attention's split kernel give what
+    rope_to_cache and decode_attention give: the caches equal to the bit (the new key and
+    value at pos, nothing else touched), the output to rounding; at positions on split edges
+    (0, 63, 64) and inside; q, k, v as views of one fused output; NaN at and past pos before the
+    step never read."""
+    from mixq.kernels import decode_ops as ops
+
+    torch.manual_seed(heads * dim)
+    dev = KERNEL_DEVICE
+    b, L = 2, 200
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2, device=dev).float() / dim))
+    for dtype, tol in [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)]:
+        qkv = torch.randn(b, 1, (heads + 2 * kv_heads) * dim, device=dev).to(dtype)
+        q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+        kc0 = torch.randn(b, kv_heads, L, dim, device=dev).to(dtype)
+        vc0 = torch.randn(b, kv_heads, L, dim, device=dev).to(dtype)
+        for pos in (0, 63, 64, 150):
+            positions = torch.tensor([pos], device=dev)
+            kc, vc = kc0.clone(), vc0.clone()
+            kc[:, :, pos:] = float("nan")  # pos too: a read of pos before the write shows
+            vc[:, :, pos:] = float("nan")
+            kr, vr = kc.clone(), vc.clone()
+            qr = ops.rope_to_cache(q, k, v, positions, inv_freq, kr, vr, heads, kv_heads, dim, 0.9)
+            ref = ops.decode_attention(qr, kr, vr, positions, dim ** -0.5)
+            assert ops.decode_attention_rope_supported(q, kc, heads)
+            got = ops.decode_attention_rope(q, k, v, positions, inv_freq, kc, vc, heads, dim ** -0.5, 0.9)
+            assert torch.equal(kc.nan_to_num(7.0), kr.nan_to_num(7.0)) and torch.equal(vc.nan_to_num(7.0), vr.nan_to_num(7.0))
+            assert got.shape == ref.shape and got.dtype == dtype and not got.isnan().any()
+            assert _rel_err(got, ref.float()) < tol / 10, (dtype, pos)
+    with pytest.raises(ValueError, match="decode_attention_rope"):
+        ops.decode_attention_rope(q, k, v, positions, inv_freq, kc, vc, 5, 1.0)  # 5 heads do not divide the row
+
+
 def test_decode_ops_match_torch():
     """The fused element-wise kernels of the decode step against the torch ops they replace."""
     from mixq.kernels import decode_ops as ops

@@ -142,8 +142,9 @@ class StaticDecoder:
     def _forward_fused(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """`forward` with the element-wise steps fused (`kernels.decode_ops`): residual add +
         RMSNorm, rotary embedding + cache write, SiLU * up (the same rounding as the model's
-        own modules), and for one-token steps attention over the written keys only
-        (`decode_attention`, flash-decoding; prefill keeps torch's SDPA)."""
+        own modules), and for one-token steps attention over the written keys only with the
+        rotary embedding and cache write inside it (`decode_attention_rope`, flash-decoding;
+        prefill keeps torch's SDPA)."""
         from mixq.kernels import decode_ops as ops
 
         b, t = ids.shape
@@ -161,16 +162,22 @@ class StaticDecoder:
             else:
                 h, r = ops.add_rms_norm(h, delta, ln1.weight, ln1.variance_epsilon, tf)
             q, k, v = ly["qkv"](r, transformed=tf is not None)
-            q = ops.rope_to_cache(q, k, v, positions, inv_freq, self.k_cache[i], self.v_cache[i], self.n_heads,
-                                  self.n_kv, self.head_dim, rope_scale)
-            if t == 1 and ops.decode_attention_supported(q, self.k_cache[i]):  # a decode step: written keys only
-                a = ops.decode_attention(q, self.k_cache[i], self.v_cache[i], positions, ly["scaling"])
+            if t == 1 and ops.decode_attention_rope_supported(q, self.k_cache[i], self.n_heads):
+                # a decode step: rotary + cache write inside attention over the written keys only
+                a = ops.decode_attention_rope(q, k, v, positions, inv_freq, self.k_cache[i], self.v_cache[i],
+                                              self.n_heads, ly["scaling"], rope_scale)
             else:
-                if mask is None:
-                    mask = self._key_pos[None, :] <= positions[:, None]
-                a = nn.functional.scaled_dot_product_attention(q, self.k_cache[i], self.v_cache[i], attn_mask=mask,
-                                                               scale=ly["scaling"], enable_gqa=self.n_kv != self.n_heads)
-                a = a.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
+                q = ops.rope_to_cache(q, k, v, positions, inv_freq, self.k_cache[i], self.v_cache[i], self.n_heads,
+                                      self.n_kv, self.head_dim, rope_scale)
+                if t == 1 and ops.decode_attention_supported(q, self.k_cache[i]):  # written keys only
+                    a = ops.decode_attention(q, self.k_cache[i], self.v_cache[i], positions, ly["scaling"])
+                else:
+                    if mask is None:
+                        mask = self._key_pos[None, :] <= positions[:, None]
+                    a = nn.functional.scaled_dot_product_attention(q, self.k_cache[i], self.v_cache[i], attn_mask=mask,
+                                                                   scale=ly["scaling"],
+                                                                   enable_gqa=self.n_kv != self.n_heads)
+                    a = a.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
             o = ly["o"](a)
             ln2 = ly["ln2"]
             tf = self._norm_transform(ly["gate_up"], h, ln2)
