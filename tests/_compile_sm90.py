@@ -28,6 +28,7 @@ def signature(fn, consts: dict, ptrs: dict, default_ptr: str) -> dict:
 
 
 def cases():
+    from mixq.kernels import decode_attention as A
     from mixq.kernels import decode_ops as D
     from mixq.kernels import transform as T
 
@@ -56,10 +57,10 @@ def cases():
     yield ("silu_mul", D._silu_mul_kernel, dict(BLOCK=1024, GDC=True), {}, half)
     ws = {"m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32"}
     for rope in (False, True):
-        yield (f"decode attention partial rope={rope}", D._attn_partial_kernel,
-               dict(G=4, BLOCK_G=16, D=128, BLOCK_N=D.ATTN_BLOCK_N, IEEE=False, ROPE=rope, GDC=True),
+        yield (f"decode attention partial rope={rope}", A._attn_partial_kernel,
+               dict(G=4, BLOCK_G=16, D=128, BLOCK_N=A.ATTN_BLOCK_N, IEEE=False, ROPE=rope, GDC=True),
                {"pos_ptr": "*i64", "f_ptr": "*fp32", **ws}, half)
-    yield ("decode attention combine", D._attn_combine_kernel, dict(G=4, BLOCK_G=16, D=128, BLOCK_S=16, GDC=True),
+    yield ("decode attention combine", A._attn_combine_kernel, dict(G=4, BLOCK_G=16, D=128, BLOCK_S=16, GDC=True),
            ws, half)
     yield ("argmax partial", D._argmax_partial_kernel, dict(BLOCK=D.ARGMAX_BLOCK, GDC=True),
            {"v_ptr": "*fp32", "i_ptr": "*i64"}, half)

@@ -201,7 +201,7 @@ def test_decode_attention_matches_softmax_over_written_keys(heads, kv_heads, dim
     only keys at positions <= pos count (pos 0: three splits empty; 63 / 64: a split's edge),
     grouped-query heads (4, 1 and 6 per kv head), float32 and bf16, and garbage past pos must
     not leak in."""
-    from mixq.kernels import decode_ops as ops
+    from mixq.kernels import decode_attention as ops
 
     torch.manual_seed(heads + dim)
     dev = KERNEL_DEVICE
@@ -231,6 +231,7 @@ def test_decode_attention_rope_equals_rope_then_attention(heads, kv_heads, dim):
     value at pos, nothing else touched), the output to rounding; at positions on split edges
     (0, 63, 64) and inside; q, k, v as views of one fused output; NaN at and past pos before the
     step never read."""
+    from mixq.kernels import decode_attention as attn
     from mixq.kernels import decode_ops as ops
 
     torch.manual_seed(heads * dim)
@@ -249,14 +250,14 @@ def test_decode_attention_rope_equals_rope_then_attention(heads, kv_heads, dim):
             vc[:, :, pos:] = float("nan")
             kr, vr = kc.clone(), vc.clone()
             qr = ops.rope_to_cache(q, k, v, positions, inv_freq, kr, vr, heads, kv_heads, dim, 0.9)
-            ref = ops.decode_attention(qr, kr, vr, positions, dim ** -0.5)
-            assert ops.decode_attention_rope_supported(q, kc, heads)
-            got = ops.decode_attention_rope(q, k, v, positions, inv_freq, kc, vc, heads, dim ** -0.5, 0.9)
+            ref = attn.decode_attention(qr, kr, vr, positions, dim ** -0.5)
+            assert attn.decode_attention_rope_supported(q, kc, heads)
+            got = attn.decode_attention_rope(q, k, v, positions, inv_freq, kc, vc, heads, dim ** -0.5, 0.9)
             assert torch.equal(kc.nan_to_num(7.0), kr.nan_to_num(7.0)) and torch.equal(vc.nan_to_num(7.0), vr.nan_to_num(7.0))
             assert got.shape == ref.shape and got.dtype == dtype and not got.isnan().any()
             assert _rel_err(got, ref.float()) < tol / 10, (dtype, pos)
     with pytest.raises(ValueError, match="decode_attention_rope"):
-        ops.decode_attention_rope(q, k, v, positions, inv_freq, kc, vc, 5, 1.0)  # 5 heads do not divide the row
+        attn.decode_attention_rope(q, k, v, positions, inv_freq, kc, vc, 5, 1.0)  # 5 heads do not divide the row
 
 
 def test_decode_ops_match_torch():

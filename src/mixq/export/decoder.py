@@ -143,8 +143,9 @@ class StaticDecoder:
         """`forward` with the element-wise steps fused (`kernels.decode_ops`): residual add +
         RMSNorm, rotary embedding + cache write, SiLU * up (the same rounding as the model's
         own modules), and for one-token steps attention over the written keys only with the
-        rotary embedding and cache write inside it (`decode_attention_rope`, flash-decoding;
+        rotary embedding and cache write inside it (`kernels.decode_attention`, flash-decoding;
         prefill keeps torch's SDPA)."""
+        from mixq.kernels import decode_attention as attn
         from mixq.kernels import decode_ops as ops
 
         b, t = ids.shape
@@ -162,15 +163,15 @@ class StaticDecoder:
             else:
                 h, r = ops.add_rms_norm(h, delta, ln1.weight, ln1.variance_epsilon, tf)
             q, k, v = ly["qkv"](r, transformed=tf is not None)
-            if t == 1 and ops.decode_attention_rope_supported(q, self.k_cache[i], self.n_heads):
+            if t == 1 and attn.decode_attention_rope_supported(q, self.k_cache[i], self.n_heads):
                 # a decode step: rotary + cache write inside attention over the written keys only
-                a = ops.decode_attention_rope(q, k, v, positions, inv_freq, self.k_cache[i], self.v_cache[i],
+                a = attn.decode_attention_rope(q, k, v, positions, inv_freq, self.k_cache[i], self.v_cache[i],
                                               self.n_heads, ly["scaling"], rope_scale)
             else:
                 q = ops.rope_to_cache(q, k, v, positions, inv_freq, self.k_cache[i], self.v_cache[i], self.n_heads,
                                       self.n_kv, self.head_dim, rope_scale)
-                if t == 1 and ops.decode_attention_supported(q, self.k_cache[i]):  # written keys only
-                    a = ops.decode_attention(q, self.k_cache[i], self.v_cache[i], positions, ly["scaling"])
+                if t == 1 and attn.decode_attention_supported(q, self.k_cache[i]):  # written keys only
+                    a = attn.decode_attention(q, self.k_cache[i], self.v_cache[i], positions, ly["scaling"])
                 else:
                     if mask is None:
                         mask = self._key_pos[None, :] <= positions[:, None]
