@@ -84,6 +84,34 @@ def test_linear_group_other_cases(one_thread):
     assert smooth.mode == "fused" and smooth.silu_mul(torch.randn(1, 64)) is None and not calls
 
 
+def test_linear_group_takes_an_input_transformed_by_its_producer(one_thread):
+    """shared_transform names the transform a group computes once (fused or shared_transform
+    modes, units with a transform); called with transformed=True on that transform's output the
+    group gives what it gives on the raw input, and it never transforms again; groups whose
+    units do not share one transform (or have none, or are dense) refuse transformed=True."""
+    from mixq.kernels.transform import reference_transform
+
+    x = torch.randn(3, 64)
+    tf = UnitTransforms(torch.rand(64) + 0.5, 1, None, None)
+    for specs in (["int4:g32", "int4:g32"], ["int4:g32", "int8:ch"]):  # fused, shared_transform
+        group = LinearGroup([_qlin(32, 64, specs[0], tf, seed=1), _qlin(16, 64, specs[1], tf, seed=2)])
+        smooth, signs, block = group.shared_transform()
+        assert torch.equal(smooth, group.units[0].smooth_scales) and block == 64 and signs.shape == (64,)
+        ref = group(x)
+        xt = reference_transform(x, smooth, signs, block)
+        group.units[0].transform_input = lambda _: pytest.fail("transformed twice")
+        for got, want in zip(group(xt, transformed=True), ref):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    plain = LinearGroup([_qlin(32, 64, "int4:g32"), _qlin(16, 64, "int4:g32")])
+    separate = LinearGroup([_qlin(32, 64, "int4:g32", UnitTransforms(None, 0, None, None)),
+                            _qlin(32, 64, "int4:g32", UnitTransforms(None, 1, None, None))])
+    dense = LinearGroup([nn.Linear(64, 8), nn.Linear(64, 8)])
+    for group in (plain, separate, dense):
+        assert group.shared_transform() is None
+        with pytest.raises(FormatError, match="transformed=True"):
+            group(x, transformed=True)
+
+
 def test_static_decoder_greedy_equals_hf_generate(tiny_llama, one_thread):
     model = copy.deepcopy(tiny_llama)
     assert supports(model)
