@@ -269,7 +269,7 @@ def norm_transform_ok(n: int, smooth: torch.Tensor | None, signs: torch.Tensor |
     as its own kernel."""
     if signs is None:
         return smooth is not None
-    if x is not None and signs is not None:
+    if x is not None:
         from mixq.kernels import cuda_gemv
 
         if cuda_gemv.norm_transform_supported(x, block) and (weight is None or weight.dtype == x.dtype):
@@ -299,30 +299,30 @@ def add_rms_norm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tens
     s = sg = h1 = h2m = h2
     parts, hscale = 1, 1.0
     if transform is not None:
-        from mixq.kernels.transform import _factor_matrices, split_block, split_products
+        from mixq.kernels.transform import _factor_matrices, f32_on, split_block, split_products
 
         smooth, signs, rblock = transform
+        s32, sg32 = f32_on(smooth, h.device), f32_on(signs, h.device)
+        triton_ok = norm_transform_ok(n, smooth, signs, rblock)
         # a row the Triton kernel below takes runs there (its four programs per 4096-input row
         # beat the CUDA kernel's single block in the decode step's chain on the H200: 10.5 vs
         # 11.3 µs for norm + the q/k/v matmul); other shapes go to the CUDA butterfly kernel
-        if signs is not None and h.is_cuda and not norm_transform_ok(n, smooth, signs, rblock):
+        if signs is not None and h.is_cuda and not triton_ok:
             from mixq.kernels import cuda_gemv
 
             h_out = None if delta is None else torch.empty((rows, n), dtype=h.dtype, device=h.device)
-            sg32 = signs.to(device=h.device, dtype=torch.float32).contiguous()
-            s32 = None if smooth is None else smooth.to(device=h.device, dtype=torch.float32).contiguous()
             y = cuda_gemv.norm_transform(h2, sg32, rblock, smooth=s32, delta=None if delta is None else _rows(delta),
                                          weight=weight, eps=eps, h_out=h_out)
             if y is not None:
                 return (h_out.reshape(h.shape), y.reshape(h.shape)) if delta is not None else y.reshape(h.shape)
-        if not norm_transform_ok(n, smooth, signs, rblock):
+        if not triton_ok:
             raise ValueError(f"add_rms_norm: the transform (smoothing {smooth is not None}, rotation block {rblock}) "
                              f"does not fit rows of {n} inputs in one kernel (see norm_transform_ok)")
-        if smooth is not None:
-            s = smooth.to(device=h.device, dtype=torch.float32).contiguous()
+        if s32 is not None:
+            s = s32
             kw["HAS_S"] = True
-        if signs is not None:
-            sg = signs.to(device=h.device, dtype=torch.float32).contiguous()
+        if sg32 is not None:
+            sg = sg32
             split = split_products(h.dtype)
             h1, h2m = _factor_matrices(rblock, h.device, split)
             hscale = rblock ** -0.5 if split else 1.0

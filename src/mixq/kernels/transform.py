@@ -77,6 +77,12 @@ def _factor_matrices(block: int, device: torch.device, signs: bool = False) -> t
     return _FACTORS[key]
 
 
+def f32_on(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    """A transform vector (smoothing scales, signs) as the kernels read it: contiguous float32
+    on `device` (t itself when it already is); None stays None."""
+    return None if t is None else t.to(device=device, dtype=torch.float32).contiguous()
+
+
 def split_products(dtype: torch.dtype) -> bool:
     """Whether the kernels multiply by the Hadamard factors as two bfloat16 tensor-core products
     (`_dot_hx` / `_dot_xh`: the float32 operand split into high and low bfloat16 halves, the factor's +-1
@@ -195,12 +201,11 @@ def online_transform(x: torch.Tensor, smooth: torch.Tensor | None = None, signs:
         x2 = x2.contiguous()
     m = x2.shape[0]
     rotate = block is not None
+    s32, d32 = f32_on(smooth, x.device), f32_on(signs, x.device)
     if rotate and x.is_cuda:  # the CUDA butterfly kernel, for blocks of 256..8192 inputs
         from mixq.kernels import cuda_gemv
 
-        y = cuda_gemv.norm_transform(x2, signs.to(device=x.device, dtype=torch.float32).contiguous(), block,
-                                     smooth=None if smooth is None else
-                                     smooth.to(device=x.device, dtype=torch.float32).contiguous())
+        y = cuda_gemv.norm_transform(x2, d32, block, smooth=s32)
         if y is not None:
             return y.reshape(*lead, n)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -213,8 +218,8 @@ def online_transform(x: torch.Tensor, smooth: torch.Tensor | None = None, signs:
         h1, h2 = _factor_matrices(block, x.device, split)
     else:
         h1 = h2 = x2
-    s = smooth.to(device=x.device, dtype=torch.float32).contiguous() if smooth is not None else x2
-    d = signs.to(device=x.device, dtype=torch.float32).contiguous() if rotate else x2
+    s = s32 if s32 is not None else x2  # (unused pointers: any tensor)
+    d = d32 if d32 is not None else x2
     block_m = 16
     grid = (triton.cdiv(m, block_m) if f1 == 1 else m, n // chunk, 1 if f1 == 1 else f1 // 16)
     precision = "ieee" if not x.is_cuda else "tf32x3"
