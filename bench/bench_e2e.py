@@ -39,17 +39,19 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from mixq import formats
-from mixq.export.decoder import StaticDecoder
-from mixq.models import llm_units
-from mixq.nn import QuantLinear
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_env import temp_env  # noqa: E402  (not bench_kernels: it turns PDL off on import)
+
+from mixq import formats  # noqa: E402
+from mixq.export.decoder import StaticDecoder  # noqa: E402
+from mixq.models import llm_units  # noqa: E402
+from mixq.nn import QuantLinear  # noqa: E402
 
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
                  vocab_size=128256)
@@ -278,20 +280,12 @@ def main(argv=None) -> int:
             log(f"{'':>18}  {pr['kernels_per_token']:.0f} kernels/token, busy {pr['busy_us']:.0f} us of "
                 f"{ms * 1e3:.0f}: " + "; ".join(f"{r['kernel'][:48]} x{r['calls']:.0f} {r['us']:.0f}us" for r in pr["top"][:8]))
         for env in (variants if plan is not None else []):
-            saved = {k: os.environ.get(k) for k in env}
-            os.environ.update(env)
-            try:
+            with temp_env(env):
                 ms_v = time_decode(model, args.ctx, args.steps, fused=False if mode == "unfused" else None)
                 vrow = dict(plan=label, env=env, ms_per_token=ms_v, tokens_per_s=1e3 / ms_v, bpw=bpw,
                             weight_GBps=nbytes / (ms_v * 1e-3) / 1e9)
                 if args.profile:
                     vrow["profile"] = profile_step(model, args.ctx)
-            finally:
-                for k, v in saved.items():
-                    if v is None:
-                        os.environ.pop(k, None)
-                    else:
-                        os.environ[k] = v
             res["rows"].append(vrow)
             log(f"{label:>18} {env}: {ms_v:6.2f} ms/token" + (f"  x{vrow['tokens_per_s'] / base:.2f} bf16" if base else "")
                 + (f"  busy {vrow['profile']['busy_us']:.0f} us" if args.profile else ""))

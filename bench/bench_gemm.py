@@ -17,7 +17,6 @@ import argparse
 import dataclasses
 import itertools
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_kernels as bk  # noqa: E402
+from bench_env import temp_env  # noqa: E402
 from bench_tc import copies, time_dispatch  # noqa: E402
 
 from mixq.kernels import cuda_gemv, route  # noqa: E402
@@ -61,19 +61,12 @@ def timed(kws, make_fn) -> float:
 def forced(kws, x, kernel: str, env: dict | None = None) -> float | None:
     """The dispatcher with MIXQ_KERNEL=kernel (and any other variables of `env`) set."""
     env = {"MIXQ_KERNEL": kernel, **(env or {})}
-    old = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
-    try:
-        return time_dispatch(kws, x)
-    except Exception as e:  # a route that does not take this point
-        log(f"  {kernel}: {type(e).__name__}: {str(e)[:160]}")
-        return None
-    finally:
-        for key, val in old.items():
-            if val is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = val
+    with temp_env(env):
+        try:
+            return time_dispatch(kws, x)
+        except Exception as e:  # a route that does not take this point
+            log(f"  {kernel}: {type(e).__name__}: {str(e)[:160]}")
+            return None
 
 
 def main(argv=None) -> int:

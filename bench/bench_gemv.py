@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_kernels as bk  # noqa: E402  (timing helpers, random weights, copy bandwidth)
+from bench_env import temp_env  # noqa: E402
 
 from mixq import formats  # noqa: E402
 from mixq.kernels import cuda_gemv, dequantize, prepack  # noqa: E402
@@ -231,15 +232,14 @@ def formats_per_byte(copy_bw: float, results: dict, batches: tuple[int, ...]) ->
             for m in batches:
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
                 for post in (posts if m >= 5 else posts[-1:]):  # below 5 rows both run the pre-scaled kernel
-                    os.environ["MIXQ_GEMV3_POST"] = post
-                    t = cp.time_us(lambda kw: (lambda: cuda_gemv.qmatmul(x, kw)))
+                    with temp_env({"MIXQ_GEMV3_POST": post}):
+                        t = cp.time_us(lambda kw: (lambda: cuda_gemv.qmatmul(x, kw)))
                     g = gbps(cp.nbytes, m, n, k, t)
                     rows.append(dict(fmt=spec, shape=f"{n}x{k}", batch=m, post_scaled=post == "1" and m >= 5, us=t, GBps=g,
                                      pct_copy=100 * g * 1e9 / copy_bw, nbytes=cp.nbytes))
                     kind = "" if spec.startswith(("int4", "int8")) else ("post " if post == "1" and m >= 5 else "pre  ")
                     log(f"{spec:>15} {n:>6}x{k:<5} m={m} {kind}{t:7.1f} us "
                         f"{g:6.0f} GB/s ({rows[-1]['pct_copy']:3.0f}%)")
-            os.environ.pop("MIXQ_GEMV3_POST", None)
             del cp
             torch.cuda.empty_cache()
 

@@ -20,7 +20,6 @@ import argparse
 import dataclasses
 import json
 import multiprocessing as mp
-import os
 import sys
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_kernels as bk  # noqa: E402
+from bench_env import temp_env  # noqa: E402
 
 from mixq.kernels import cuda_gemv, qmatmul, route, triton_tc  # noqa: E402
 from mixq.kernels.triton_tc import TcConfig, default_block_j  # noqa: E402
@@ -202,13 +202,11 @@ def main(argv=None) -> int:
             t_disp = time_dispatch(kws, x)
             t_old = None
             if m <= 16:  # the older Triton kernels (CUDA-core GEMV / GEMM) on the same weights
-                os.environ["MIXQ_KERNEL"] = "triton"
-                try:
-                    t_old = time_dispatch(kws, x)
-                except Exception as e:
-                    log(f"  triton route: {type(e).__name__}: {str(e)[:120]}")
-                finally:
-                    os.environ.pop("MIXQ_KERNEL", None)
+                with temp_env({"MIXQ_KERNEL": "triton"}):
+                    try:
+                        t_old = time_dispatch(kws, x)
+                    except Exception as e:
+                        log(f"  triton route: {type(e).__name__}: {str(e)[:120]}")
             if spec == "int4:g128" and m not in bf16:
                 bf16[m] = bk.bench_bf16(n, k, m)
             io = bk.io_bytes(kws[0].nbytes(), m, n, k)

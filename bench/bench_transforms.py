@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -31,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_kernels as bk  # noqa: E402  (timing helpers, random weights)
+from bench_env import temp_env  # noqa: E402
 
 from mixq.nn import QuantLinear  # noqa: E402
 from mixq.quantizers import UnitTransforms  # noqa: E402
@@ -124,9 +124,7 @@ def bench_chain(k: int, outs: list[int], variant: str, where: str, spec: str = "
 def chain_rows() -> list[dict]:
     rows = []
     bk.log("decode-step chain, batch 1, PDL: us per step (transform overhead / plain matmul)")
-    saved = os.environ.get("MIXQ_PDL")
-    os.environ["MIXQ_PDL"] = "1"
-    try:
+    with temp_env({"MIXQ_PDL": "1"}):
         for label, (k, outs, fed_by_norm) in CHAIN_UNITS.items():
             t = {"matmul": bench_chain(k, outs, "plain", "none"), "norm+matmul": bench_chain(k, outs, "plain", "kernel"),
                  "norm+transform+matmul": bench_chain(k, outs, "smooth+rotate", "kernel")}
@@ -136,11 +134,6 @@ def chain_rows() -> list[dict]:
             rows.append({"unit": label, "us": t, "overhead_vs_matmul": over})
             bk.log(f"{label:>28} matmul {t['matmul']:.1f}, norm+matmul {t['norm+matmul']:.1f}, "
                    + ", ".join(f"{key} {t[key]:.1f} ({100 * over[key]:+.0f}%)" for key in over))
-    finally:
-        if saved is None:
-            os.environ.pop("MIXQ_PDL", None)
-        else:
-            os.environ["MIXQ_PDL"] = saved
     return rows
 
 

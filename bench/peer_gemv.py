@@ -8,12 +8,13 @@ mixq's bench_kernels method), so every figure is a ratio measured in one process
 Peers: bf16 cuBLAS (F.linear), torch tinygemm (_weight_int4pack_mm, gpt-fast/torchao int4wo),
 gemlite A16W4 (Triton, mobiusml) when installed (a pure-Python sdist: `pip download
 gemlite==0.6.0.post2 --no-deps`, then `pip install --no-deps --no-build-isolation` it)."""
-import argparse, json, sys, os, statistics, time
+import argparse, json, sys, statistics, time
 from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path.cwd() / "bench"))
 import bench_kernels as bk  # noqa
+from bench_env import temp_env  # noqa
 from mixq.kernels import qmatmul  # noqa
 
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (128256, 4096), (1024, 4096), (6144, 4096), (28672, 4096)]
@@ -28,18 +29,10 @@ def t_mixq(n, k, m, spec="int4:g128", kernel=None):
         kw = cop[i]
         return lambda: qmatmul(x, kw)
     nb = bk.random_weights(spec, n, k).nbytes()
-    old = os.environ.get("MIXQ_KERNEL")
-    if kernel:
-        os.environ["MIXQ_KERNEL"] = kernel
-    try:
+    with temp_env({"MIXQ_KERNEL": kernel} if kernel else {}):
         if kernel == "cuda_gemv" and m > 8:
             raise ValueError("the CUDA GEMV takes batch <= 8")
         return bk.time_rotating_ms(make, nb) * 1e3, nb
-    finally:
-        if old is None:
-            os.environ.pop("MIXQ_KERNEL", None)
-        else:
-            os.environ["MIXQ_KERNEL"] = old
 
 
 def t_bf16(n, k, m):
