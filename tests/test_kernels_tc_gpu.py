@@ -148,7 +148,7 @@ def test_static_decoder_with_dependent_launch_equals_without(stages, monkeypatch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from mixq.export.decoder import StaticDecoder
-    from mixq.kernels import decode_ops
+    from mixq.kernels import pdl
     from mixq.nn import QuantLinear
 
     torch.manual_seed(0)
@@ -171,7 +171,7 @@ def test_static_decoder_with_dependent_launch_equals_without(stages, monkeypatch
         tokens = StaticDecoder(model, max_len=64).generate(prompt, 16)[0]
         torch.cuda.synchronize()
         out[flag] = (logits, tokens)
-    assert decode_ops.pdl(ids.device) == (torch.cuda.get_device_capability()[0] >= 9)
+    assert pdl.pdl(ids.device) == (torch.cuda.get_device_capability()[0] >= 9)
     assert torch.isfinite(out["1"][0]).all()
     assert torch.equal(out["1"][0], out["0"][0])
     assert torch.equal(out["1"][1], out["0"][1])

@@ -20,7 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
-from mixq.kernels.decode_ops import _gdc, _rope_full
+from mixq.kernels.decode_ops import _rope_full
+from mixq.kernels.pdl import enter as pdl_enter
+from mixq.kernels.pdl import launch_kw
 
 
 def reference_decode_attention(q, k_cache, v_cache, positions, scale):
@@ -47,9 +49,7 @@ def _attn_partial_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr, kn
     every program rotates its query heads, and the program whose split holds pos rotates the
     new key and writes it and the new value into the caches before it reads them (what
     `rope_to_cache` does, without its launch). Else q_ptr is the rotated q (B, H, 1, D)."""
-    if GDC:
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
+    pdl_enter(GDC)
     bk = tl.program_id(0)
     s = tl.program_id(1)
     b = bk // KVH
@@ -120,9 +120,7 @@ def _attn_combine_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, KVH, S,
                          G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr,
                          GDC: tl.constexpr):
     """Program (b * H + head): the splits of its kv head combined, out[b, 0, head * D ...]."""
-    if GDC:
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
+    pdl_enter(GDC)
     bh = tl.program_id(0)
     H = KVH * G
     b = bh // H
@@ -224,7 +222,7 @@ def _attention(q, k_cache, v_cache, positions, scale, b, h, d, rope) -> torch.Te
     ws_l = torch.empty_like(ws_m)
     ws_acc = torch.empty((b * kvh * splits * block_g, d), device=q.device, dtype=torch.float32)
     out = torch.empty((b, 1, h * d), device=q.device, dtype=q.dtype)
-    gdc = _gdc(q.device)
+    gdc = launch_kw(q.device)
     kn, vn, f, sq, sk, sv, rs = rope if rope is not None else (q, q, ws_m, 0, 0, 0, 1.0)
     _attn_partial_kernel[(b * kvh, splits)](q, k_cache, v_cache, positions, ws_m, ws_l, ws_acc, kn, vn, f, L, kvh,
                                             splits, chunk, float(scale), sq, sk, sv, rs, G=g, BLOCK_G=block_g, D=d,

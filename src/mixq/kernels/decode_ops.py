@@ -19,13 +19,14 @@ of a one-token step (with the rotary embedding inside it) is `kernels.decode_att
 
 from __future__ import annotations
 
-import os
 
 import torch
 
 import triton
 import triton.language as tl
 
+from mixq.kernels.pdl import enter as pdl_enter
+from mixq.kernels.pdl import launch_kw
 from mixq.kernels.transform import _dot_hx, _dot_xh
 
 
@@ -96,9 +97,7 @@ def _add_rms_norm_kernel(h_ptr, d_ptr, w_ptr, h_out_ptr, r_ptr, s_ptr, sg_ptr, h
             a = tl.arange(0, F1)
             a16 = part * 16 + tl.arange(0, 16)
             h1 = tl.load(h1_ptr + a16[:, None] * F1 + a[None, :])  # rows 16p .. of H_F1
-    if GDC:  # programmatic dependent launch: let the next kernel start, wait for the previous one
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
+    pdl_enter(GDC)
     h = tl.load(h_ptr + row * stride_h + cols, mask=mask, other=0.0)
     dt = h.dtype
     if HAS_DELTA:
@@ -148,9 +147,7 @@ def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, f_ptr, qo_ptr, kc_ptr, vc_p
                        D: tl.constexpr, GDC: tl.constexpr):
     """Program (b * T + t, head): heads < H rotate q into qo (B, H, T, D); heads H .. H + KVH
     rotate k and copy v into the caches (B, KVH, L, D) at position pos[t]."""
-    if GDC:
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
+    pdl_enter(GDC)
     bt = tl.program_id(0)
     head = tl.program_id(1)
     b = bt // T
@@ -181,9 +178,7 @@ def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, f_ptr, qo_ptr, kc_ptr, vc_p
 
 @triton.jit
 def _silu_mul_kernel(g_ptr, u_ptr, o_ptr, N, stride_g, stride_u, stride_o, BLOCK: tl.constexpr, GDC: tl.constexpr):
-    if GDC:
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
+    pdl_enter(GDC)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < N
@@ -198,9 +193,7 @@ def _silu_mul_kernel(g_ptr, u_ptr, o_ptr, N, stride_g, stride_u, stride_o, BLOCK
 def _argmax_partial_kernel(x_ptr, v_ptr, i_ptr, N, stride_x, P, BLOCK: tl.constexpr, GDC: tl.constexpr):
     """Program (row, p): the max of inputs p * BLOCK .. + BLOCK - 1 of the row (NaN counted as
     +inf) and its first index, to the workspace (row, p)."""
-    if GDC:
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
+    pdl_enter(GDC)
     row = tl.program_id(0).to(tl.int64)
     p = tl.program_id(1)
     cols = p * BLOCK + tl.arange(0, BLOCK)
@@ -214,9 +207,7 @@ def _argmax_partial_kernel(x_ptr, v_ptr, i_ptr, N, stride_x, P, BLOCK: tl.conste
 @triton.jit
 def _argmax_combine_kernel(v_ptr, i_ptr, o_ptr, P, BLOCK_P: tl.constexpr, GDC: tl.constexpr):
     """Program row: the first of the row's chunk maxima that is largest, and its index."""
-    if GDC:
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
+    pdl_enter(GDC)
     row = tl.program_id(0).to(tl.int64)
     pi = tl.arange(0, BLOCK_P)
     v = tl.load(v_ptr + row * P + pi, mask=pi < P, other=float("-inf"))
@@ -226,31 +217,6 @@ def _argmax_combine_kernel(v_ptr, i_ptr, o_ptr, P, BLOCK_P: tl.constexpr, GDC: t
 
 
 # --------------------------------------------------------------------------- wrappers
-
-
-_PDL_DEVICES: dict[int, bool] = {}
-# grid dependency control in this Triton (3.4+); older ones launch these kernels without PDL
-_HAS_GDC = hasattr(getattr(getattr(tl, "extra", None), "cuda", None), "gdc_wait")
-
-
-def pdl(device: torch.device) -> bool:
-    """Whether these kernels launch with programmatic dependent launch (PDL): on sm_90+ devices
-    unless MIXQ_PDL=0, with a Triton that has it. Each kernel then lets the next one start at
-    once (so a following matmul streams its weights while this kernel waits and runs) and
-    waits for the previous kernel before it reads anything; the CUDA GEMV/GEMM read the same
-    switch (csrc/gemv_int4.h). H200, int4 Llama-3-8B shape: 2.53 -> 2.36 ms/token."""
-    if os.environ.get("MIXQ_PDL") == "0" or device.type != "cuda" or not _HAS_GDC:
-        return False
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _PDL_DEVICES:
-        _PDL_DEVICES[idx] = torch.cuda.get_device_capability(idx)[0] >= 9
-    return _PDL_DEVICES[idx]
-
-
-def _gdc(device: torch.device) -> dict:
-    """Launch keywords of a decode kernel: GDC (its wait / launch-dependents prologue) and, with
-    PDL, Triton's launch_pdl (not passed at all to a Triton without it)."""
-    return {"GDC": True, "launch_pdl": True} if pdl(device) else {"GDC": False}
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -295,7 +261,7 @@ def add_rms_norm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tens
     r = torch.empty((rows, n), dtype=h.dtype, device=h.device)
     block = triton.next_power_of_2(n)
     kw = dict(BLOCK=block, HAS_S=False, ROTATE=False, F1=1, F2=16, PRECISION="ieee", SPLIT=False, num_warps=8,
-              **_gdc(h.device))
+              **launch_kw(h.device))
     s = sg = h1 = h2m = h2
     parts, hscale = 1, 1.0
     if transform is not None:
@@ -352,7 +318,7 @@ def rope_to_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: 
         if x.stride(-1) != 1:
             raise ValueError("rope_to_cache: q, k, v need a unit last-dim stride")
     qo = torch.empty((b, n_heads, t, head_dim), dtype=q.dtype, device=q.device)
-    gdc = _gdc(q.device)
+    gdc = launch_kw(q.device)
     _rope_cache_kernel[(b * t, n_heads + n_kv)](
         q2, k2, v2, positions, inv_freq.float().contiguous(), qo, k_cache, v_cache,
         t, n_heads, n_kv, q2.stride(0), k2.stride(0), v2.stride(0), k_cache.shape[2], float(scaling),
@@ -366,7 +332,7 @@ def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     rows, n = g2.shape
     out = torch.empty((rows, n), dtype=g.dtype, device=g.device)
     block = 1024
-    gdc = _gdc(g.device)
+    gdc = launch_kw(g.device)
     _silu_mul_kernel[(rows, triton.cdiv(n, block))](g2, u2, out, n, g2.stride(0), u2.stride(0), out.stride(0),
                                                      BLOCK=block, num_warps=4, **gdc)
     return out.reshape(g.shape)
@@ -387,7 +353,7 @@ def argmax(x: torch.Tensor) -> torch.Tensor:
     ws_v = torch.empty((b, parts), device=x.device, dtype=torch.float32)
     ws_i = torch.empty((b, parts), device=x.device, dtype=torch.int64)
     out = torch.empty((b,), device=x.device, dtype=torch.int64)
-    gdc = _gdc(x.device)
+    gdc = launch_kw(x.device)
     _argmax_partial_kernel[(b, parts)](x, ws_v, ws_i, n, x.stride(0), parts, BLOCK=ARGMAX_BLOCK, num_warps=8, **gdc)
     _argmax_combine_kernel[(b,)](ws_v, ws_i, out, parts, BLOCK_P=max(16, triton.next_power_of_2(parts)), num_warps=1,
                                  **gdc)

@@ -12,7 +12,7 @@ Half-precision inputs multiply as split bfloat16 products (`split_products`), fl
 as tf32x3 products; both about float32 accuracy, rounded once to x's dtype. In the decode
 step's chain on the H200 it adds 2.6-4.1 µs per Llama-3-8B unit (BENCHMARKS.md section 5,
 fourth pass; the CUDA kernel below 1.7-2.8 µs). With programmatic
-dependent launch (`decode_ops.pdl`) the launch overlaps the kernel before it. Elsewhere, and
+dependent launch (`kernels.pdl`) the launch overlaps the kernel before it. Elsewhere, and
 for blocks below 16 or above 2**14, the same math runs as torch ops (`reference_transform`),
 which the kernel is tested against. For rotation blocks of 256..8192 inputs and half-precision
 CUDA inputs the CUDA kernel `cuda_gemv.norm_transform` (butterflies in registers, across
@@ -106,6 +106,9 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from mixq.kernels.pdl import enter as pdl_enter
+    from mixq.kernels.pdl import launch_kw
+
     @triton.jit
     def _split_bf16(x):
         """x (float32) as two bfloat16 halves, hi + lo = x to about 2**-16 relative."""
@@ -139,10 +142,8 @@ if HAS_TRITON:
                           HAS_S: tl.constexpr, ROTATE: tl.constexpr, F1: tl.constexpr, F2: tl.constexpr,
                           BLOCK_M: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr, GDC: tl.constexpr):
         """One program: rows [pid_m * BLOCK_M, +BLOCK_M) (one row when F1 > 1) x one block of
-        F1 * F2 inputs. GDC: launched with programmatic dependent launch (`decode_ops.pdl`)."""
-        if GDC:
-            tl.extra.cuda.gdc_launch_dependents()
-            tl.extra.cuda.gdc_wait()
+        F1 * F2 inputs. GDC: launched with programmatic dependent launch (`kernels.pdl`)."""
+        pdl_enter(GDC)
         pid_m = tl.program_id(0)
         pid_b = tl.program_id(1)
         B: tl.constexpr = F1 * F2
@@ -223,9 +224,7 @@ def online_transform(x: torch.Tensor, smooth: torch.Tensor | None = None, signs:
     block_m = 16
     grid = (triton.cdiv(m, block_m) if f1 == 1 else m, n // chunk, 1 if f1 == 1 else f1 // 16)
     precision = "ieee" if not x.is_cuda else "tf32x3"
-    from mixq.kernels.decode_ops import _gdc  # PDL as the decode step's kernels (sm_90+, MIXQ_PDL)
-
     _transform_kernel[grid](x2, s, d, h1, h2, y, m, n, x2.stride(0), y.stride(0),
                             1.0 / math.sqrt(chunk) if split else 1.0, HAS_S=smooth is not None, ROTATE=rotate, F1=f1,
-                            F2=f2, BLOCK_M=block_m, PRECISION=precision, SPLIT=split, num_warps=4, **_gdc(x.device))
+                            F2=f2, BLOCK_M=block_m, PRECISION=precision, SPLIT=split, num_warps=4, **launch_kw(x.device))
     return y.reshape(*lead, n)

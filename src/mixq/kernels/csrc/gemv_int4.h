@@ -7,7 +7,7 @@
 
 // Whether launches use programmatic dependent launch (common.cuh): on sm_90+ devices unless
 // MIXQ_PDL=0 (read at every call). With the decode step's Triton kernels launched the same way
-// (kernels/decode_ops.py), each matmul streams its first weights while the kernel before it
+// (kernels/pdl.py), each matmul streams its first weights while the kernel before it
 // runs: 2.53 -> 2.36 ms/token for the int4 Llama-3-8B shape on the H200 (bench/KERNEL_NOTES.md).
 inline bool pdl_enabled(int device_major) {
   const char* off = std::getenv("MIXQ_PDL");
