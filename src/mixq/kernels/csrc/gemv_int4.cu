@@ -377,6 +377,17 @@ __device__ __forceinline__ uint32_t decode3(uint32_t lo2, uint32_t p2, int ii, b
   return and_or(hb, m1, and_or(lo2 >> (2 * ii), m2, magic));
 }
 
+// B operands of pairs i, i + 1 (i even) of a 3-bit unit from its 32 activations xv, as both
+// 3-bit kernels pair the codes: (x[i], x[i + 8]) and (x[i + 1], x[i + 9]) of the low half-unit
+// (bl), the same 16 inputs later of the high one (bh).
+__device__ __forceinline__ void unit3_b(const uint4 (&xv)[4], int i, uint32_t (&bl)[2], uint32_t (&bh)[2]) {
+  const uint32_t sel0 = 0x5410u, sel1 = 0x7632u;  // ii even: low halves; odd: high halves
+  bl[0] = __byte_perm(word(xv[0], i >> 1), word(xv[1], i >> 1), sel0);
+  bl[1] = __byte_perm(word(xv[0], i >> 1), word(xv[1], i >> 1), sel1);
+  bh[0] = __byte_perm(word(xv[2], i >> 1), word(xv[3], i >> 1), sel0);
+  bh[1] = __byte_perm(word(xv[2], i >> 1), word(xv[3], i >> 1), sel1);
+}
+
 struct Chunk3 {
   uint4 w[2][3];   // rows g, g + 8: planes 0, 1, 2 of the lane's 4 units
   uint32_t s[2][4];  // fp16 scale bits per row and unit
@@ -455,15 +466,12 @@ __global__ void __launch_bounds__(512) gemv_int3_kernel(const GemvInt4Params p) 
             lo[h][e] = H::fma2(H::fma2(v0, H::kOne, nz[h]), ss[h], 0x80008000u);  // (code - zero) * scale
             hi[h][e] = H::fma2(H::fma2(v1, H::kOne, nz[h]), ss[h], 0x80008000u);
           }
-        const uint32_t sel0 = 0x5410u, sel1 = 0x7632u;  // ii even: low halves; odd: high halves
-        const uint32_t bl0 = __byte_perm(word(xv[0], i >> 1), word(xv[1], i >> 1), sel0);
-        const uint32_t bl1 = __byte_perm(word(xv[0], i >> 1), word(xv[1], i >> 1), sel1);
-        const uint32_t bh0 = __byte_perm(word(xv[2], i >> 1), word(xv[3], i >> 1), sel0);
-        const uint32_t bh1 = __byte_perm(word(xv[2], i >> 1), word(xv[3], i >> 1), sel1);
+        uint32_t bl[2], bh[2];
+        unit3_b(xv, i, bl, bh);
         const uint32_t A0[4] = {lo[0][0], lo[1][0], lo[0][1], lo[1][1]};
         const uint32_t A1[4] = {hi[0][0], hi[1][0], hi[0][1], hi[1][1]};
-        H::mma(acc, A0, bl0, bl1);
-        H::mma(acc, A1, bh0, bh1);
+        H::mma(acc, A0, bl[0], bl[1]);
+        H::mma(acc, A1, bh[0], bh[1]);
       }
     }
   };
@@ -556,17 +564,14 @@ __global__ void __launch_bounds__(512) gemv_int3p_kernel(const GemvInt4Params p)
           hi[h][e] = decode3(st.w[h][1], st.w[h][2], ii, true, m1, m2, magic);
         }
       }
-      const uint32_t sel0 = 0x5410u, sel1 = 0x7632u;
-      const uint32_t bl0 = __byte_perm(word(xv[0], i >> 1), word(xv[1], i >> 1), sel0);
-      const uint32_t bl1 = __byte_perm(word(xv[0], i >> 1), word(xv[1], i >> 1), sel1);
-      const uint32_t bh0 = __byte_perm(word(xv[2], i >> 1), word(xv[3], i >> 1), sel0);
-      const uint32_t bh1 = __byte_perm(word(xv[2], i >> 1), word(xv[3], i >> 1), sel1);
+      uint32_t bl[2], bh[2];
+      unit3_b(xv, i, bl, bh);
       const uint32_t A0[4] = {lo[0][0], lo[1][0], lo[0][1], lo[1][1]};
       const uint32_t A1[4] = {hi[0][0], hi[1][0], hi[0][1], hi[1][1]};
-      H::mma(tt, A0, bl0, bl1);
-      H::mma(tu, A1, bh0, bh1);
-      H::mma(sx, ones, bl0, bl1);
-      H::mma(sy, ones, bh0, bh1);
+      H::mma(tt, A0, bl[0], bl[1]);
+      H::mma(tu, A1, bh[0], bh[1]);
+      H::mma(sx, ones, bl[0], bl[1]);
+      H::mma(sy, ones, bh[0], bh[1]);
     }
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
