@@ -142,16 +142,14 @@ class LinearGroup(nn.Module):
 
     def forward(self, x: torch.Tensor, *, transformed: bool = False) -> tuple[torch.Tensor, ...]:
         """transformed: x is already the units' shared transformed input (`shared_transform`)."""
+        if self.mode in ("fused", "shared_transform") or transformed:
+            h = self._input(x, transformed)  # (refuses transformed=True where the units share none)
         if self.mode == "fused":
-            h = self._input(x, transformed)
             y = qmatmul(h, self.fused_kw, self.fused_bias)
             return tuple(self._lowrank(list(y.split(self.sizes, dim=-1)), h))
         if self.mode == "shared_transform":
-            h = self._input(x, transformed)
             outs = [qmatmul(h, u.weights(), u.bias) for u in self.units]
             return tuple(self._lowrank(outs, h))
-        if transformed:
-            self._input(x, transformed)  # raises: these units do not share one transform
         if self.mode == "fused_dense":
             y = nn.functional.linear(x, self.fused_weight, self.fused_bias)
             return tuple(y.split(self.sizes, dim=-1))
