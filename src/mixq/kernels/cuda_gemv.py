@@ -263,6 +263,11 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[idx]
 
 
+def _rows_ok(t: torch.Tensor) -> bool:
+    """2-D, unit column stride, 16-byte aligned rows (8 half-precision values)."""
+    return t.dim() == 2 and t.stride(1) == 1 and t.stride(0) % 8 == 0 and t.data_ptr() % 16 == 0
+
+
 def _operands(x: torch.Tensor, bias: torch.Tensor | None, lay: PackedLayout, ok: bool, expected: str):
     """(extension, x, bias) ready for a kernel: x with 16-byte aligned unit-stride rows, bias
     contiguous in x's dtype; None when the extension is unavailable; ValueError naming what
@@ -272,7 +277,7 @@ def _operands(x: torch.Tensor, bias: torch.Tensor | None, lay: PackedLayout, ok:
     ext = extension()
     if ext is None:
         return None
-    if x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:
+    if not _rows_ok(x):
         x = x.clone(memory_format=torch.contiguous_format)
     if bias is not None:
         bias = bias.to(x.dtype).contiguous()
@@ -425,11 +430,6 @@ def gemm(x: torch.Tensor, kw: KernelWeights, bias: torch.Tensor | None = None, c
         ws = cnt = kw.codes  # unused
     return ext.gemm_int4(x, kw.codes, kw.scales, kw.zeros, bias, out, ws, cnt, lay.group_size, lay.code_offset,
                          cfg.row_tiles, cfg.n_tiles, cfg.warps, split, cfg.stream_k)
-
-
-def _rows_ok(t: torch.Tensor) -> bool:
-    """2-D, unit column stride, 16-byte aligned rows (8 half-precision values)."""
-    return t.dim() == 2 and t.stride(1) == 1 and t.stride(0) % 8 == 0 and t.data_ptr() % 16 == 0
 
 
 def _vector_ok(t: torch.Tensor, n: int, dtype: torch.dtype, device: torch.device) -> bool:
