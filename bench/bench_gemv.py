@@ -219,6 +219,29 @@ def bench(copy_bw: float, results: dict, do_sweep: bool, quick: bool = False,
     return rows
 
 
+def int3_warps(copy_bw: float, results: dict, batches: tuple[int, ...], warps: tuple[int, ...]) -> None:
+    """The 3-bit GEMV (int3:g128, one row tile) at each warps-per-block count of `warps`, on
+    SHAPES: the launch shapes pick_config chooses among. From 5 rows both kernels (the
+    post-scaled one, and the pre-scaled one with MIXQ_GEMV3_POST=0); below, the pre-scaled."""
+    rows = results.setdefault("int3_warps", [])
+    for n, k in SHAPES:
+        cp = Copies("int3:g128", n, k)
+        for m in batches:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            for post in (("1", "0") if m >= 5 else ("0",)):
+                for w in warps:
+                    cfg = cuda_gemv.GemvConfig(1, 1, w)
+                    with temp_env({"MIXQ_GEMV3_POST": post}):
+                        t = cp.time_us(lambda kw: (lambda: cuda_gemv.qmatmul(x, kw, config=cfg)))
+                    g = gbps(cp.nbytes, m, n, k, t)
+                    rows.append(dict(fmt="int3:g128", shape=f"{n}x{k}", batch=m, post_scaled=post == "1", warps=w,
+                                     us=t, GBps=g, pct_copy=100 * g * 1e9 / copy_bw))
+                    log(f"int3:g128 {n:>6}x{k:<5} m={m} {'post' if post == '1' else 'pre '} warps={w:2d} {t:7.1f} us "
+                        f"{g:6.0f} GB/s ({rows[-1]['pct_copy']:3.0f}%)")
+        del cp
+        torch.cuda.empty_cache()
+
+
 def formats_per_byte(copy_bw: float, results: dict, batches: tuple[int, ...]) -> None:
     """Bytes per second of the 3-bit GEMV (int3:g128, sym and asym; the post-scaled kernel where
     it runs, from 5 rows, and with MIXQ_GEMV3_POST=0 the pre-scaled one) and the 8-bit one
@@ -254,6 +277,8 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default=None, help="out x in shapes to time, e.g. 14336x4096,4096x14336")
     ap.add_argument("--per-byte", action="store_true",
                     help="only time int3:g128 (both kernels) and int8:ch against int4:g128 on SHAPES")
+    ap.add_argument("--int3-warps", default=None,
+                    help="only time the 3-bit GEMV at these warps per block on SHAPES, e.g. 1,2,4,8")
     args = ap.parse_args(argv)
     if args.shapes:
         SHAPES[:] = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
@@ -281,6 +306,9 @@ def main(argv=None) -> int:
         sweep_batches = tuple(int(b) for b in args.sweep_batches.split(",")) if args.sweep_batches else None
         if args.per_byte:
             formats_per_byte(copy_bw, results, sweep_batches or (1,))
+            return 0 if ok else 1
+        if args.int3_warps:
+            int3_warps(copy_bw, results, sweep_batches or (1,), tuple(int(w) for w in args.int3_warps.split(",")))
             return 0 if ok else 1
         rows = bench(copy_bw, results, not args.no_sweep, args.quick, sweep_batches)
     finally:
