@@ -52,10 +52,12 @@ def test_supports_needs_cuda_half_input_and_small_batch():
 def test_pick_config_reproduces_the_sweeps(monkeypatch):
     # Fastest launch shapes of bench/bench_gemv.py's sweeps on the H100 (2026-11-26) and the
     # H200 (2026-12-01: batch-1 row tiles after the scale loads were deferred; the ring for
-    # the LM head up to batch 4).
+    # the LM head up to batch 4, and, from the decode loop, for every shape at batch 1: 6144x4096
+    # is the fused q/k/v).
     monkeypatch.delenv("MIXQ_GEMV_STAGES", raising=False)
-    best = {(4096, 4096, 1): (2, 16, 0), (4096, 4096, 8): (2, 16, 0), (14336, 4096, 1): (2, 4, 0),
-            (14336, 4096, 8): (2, 4, 0), (4096, 14336, 1): (1, 16, 0), (4096, 14336, 8): (2, 16, 0),
+    best = {(4096, 4096, 1): (2, 16, 4), (4096, 4096, 8): (2, 16, 0), (14336, 4096, 1): (2, 4, 4),
+            (14336, 4096, 8): (2, 4, 0), (4096, 14336, 1): (1, 16, 4), (4096, 14336, 8): (2, 16, 0),
+            (6144, 4096, 1): (1, 8, 4), (6144, 4096, 2): (1, 8, 0),
             (128256, 4096, 1): (2, 4, 4), (128256, 4096, 4): (2, 4, 4), (128256, 4096, 8): (2, 2, 0)}
     for (n, k, m), want in best.items():
         lay = _layout("int4:g128", n=16, k=k)
@@ -216,6 +218,11 @@ def test_silu_mul_launch_matches_the_two_steps(spec, half, k, dtype):
         two = cuda_gemv.qmatmul(x, kw, b)
         sep = decode_ops.silu_mul(two[:, :half], two[:, half:]).float()
         assert float((y.float() - sep).norm() / sep.norm()) < 1e-2, (m, dtype)
+        for cfg in (cuda_gemv.GemvConfig(2, 1, 3, 4), cuda_gemv.GemvConfig(2, 1, 8, 8)):  # the cp.async ring
+            out.fill_(float("nan"))
+            yr = cuda_gemv.qmatmul(x, kw, b, config=cfg, out=out, silu_mul=True)
+            assert bool(torch.isfinite(yr).all())
+            assert float((yr.float() - ref).norm() / ref.norm()) < REL_TOL, (m, dtype, cfg)
     with pytest.raises(ValueError, match="silu_mul"):
         cuda_gemv.qmatmul(torch.zeros(1, 544, device="cuda", dtype=dtype),
                           _gpu_case("int4:g32", 25, 544, seed=0), silu_mul=True)

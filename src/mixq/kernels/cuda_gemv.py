@@ -206,7 +206,8 @@ def pick_config(m: int, layout: PackedLayout, n_sms: int = 132) -> GemvConfig:
     16 warps for 4096-row outputs, 4 warps (2 for the 128256-row head past batch 4) for taller
     ones — which the H200 sweep (bench_tc.py, 2026-11-30) confirmed, plus its choices for
     4097..8192 rows (fused q/k/v) and 3-bit codes; from the H200 sweep of 2026-12-01, one row
-    tile only for wide batch-1 matrices and the cp.async ring for LM heads up to batch 4.
+    tile only for wide batch-1 matrices and the cp.async ring for LM heads up to batch 4; from
+    the decode loop (2026-12-01), the ring for every int4 weight at batch 1 (`_decode_ring`).
     int8 takes int4's warps with one row tile (not swept)."""
     n, k = layout.out_features, layout.in_features
     if layout.bits == 8:  # one row tile; int4's warps (the int8 chunk is int4's 128 inputs); not swept
@@ -223,7 +224,8 @@ def pick_config(m: int, layout: PackedLayout, n_sms: int = 132) -> GemvConfig:
     if n <= 4096:
         warps = 16
     elif n <= 8192:  # fused q/k/v (6144 rows) on the H200: one row tile, 8 warps
-        return _with_stages(GemvConfig(row_tiles=1, unroll=1, warps=8 if -(-k // 128) >= 8 else max(1, -(-k // 128))))
+        return _with_stages(_decode_ring(m, GemvConfig(row_tiles=1, unroll=1,
+                                                             warps=8 if -(-k // 128) >= 8 else max(1, -(-k // 128)))))
     elif n > 65536 and m > 4:
         warps = 2
     else:
@@ -236,7 +238,22 @@ def pick_config(m: int, layout: PackedLayout, n_sms: int = 132) -> GemvConfig:
     row_tiles = 1 if (m == 1 and k > n) else 2
     if n > 65536 and m <= 4:  # LM heads: the cp.async ring (H200, 128256x4096: 80.7 vs 88.9 us at m=1)
         return _with_stages(GemvConfig(row_tiles=2, unroll=1, warps=4, stages=4))
-    return _with_stages(GemvConfig(row_tiles=row_tiles, unroll=1, warps=warps))
+    return _with_stages(_decode_ring(m, GemvConfig(row_tiles=row_tiles, unroll=1, warps=warps)))
+
+
+def _decode_ring(m: int, cfg: GemvConfig) -> GemvConfig:
+    """At one activation row, the cp.async ring (4 slots) for every int4 weight: it issues three
+    chunks per warp before the kernel waits on the previous one (PDL), where the register pipeline
+    issues two, so more of each matmul's weights stream while the decode step's glue kernels run.
+    H200 decode loop (bench_e2e.py, Llama-3-8B shape, batch 1, 2026-12-01, one run): int4 1.98
+    ms/token with the ring on every GEMV, 2.01 with the register pipeline on every GEMV, and 2.15
+    with the ring on all but the wide down_proj (which alone, in the PDL chain of
+    bench_transforms.py, was 0.6 us faster without it); mixed-4.25 2.38 vs 2.49, int4 with
+    smoothing and rotation 2.15 vs 2.29."""
+    if m != 1 or cfg.stages:
+        return cfg
+    ring = GemvConfig(cfg.row_tiles, 1, cfg.warps, 4)
+    return ring if ring.ring_bytes() <= MAX_RING_BYTES else cfg
 
 
 def _with_stages(cfg: GemvConfig) -> GemvConfig:
@@ -319,7 +336,7 @@ def qmatmul(x: torch.Tensor, kw: KernelWeights, bias: torch.Tensor | None = None
     if silu_mul:  # two row tiles, gate and up; the launch of a weight of half the rows
         half = dataclasses.replace(lay, out_features=lay.out_features // 2)
         cfg = config or pick_config(x.shape[0], half, _sm_count(x.device))
-        cfg = GemvConfig(2, 1, cfg.warps, 0)
+        cfg = GemvConfig(2, 1, cfg.warps, cfg.stages)
     else:
         cfg = config or pick_config(x.shape[0], lay, _sm_count(x.device))
     if lay.bits == 3:

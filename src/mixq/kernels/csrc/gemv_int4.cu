@@ -224,15 +224,16 @@ __global__ void __launch_bounds__(512, (kR == 1 && kU == 1) ? 2 : 1) gemv_int4_k
 
   const int step = n_warps;
   if constexpr (kS == 0) {
-    // software pipeline, two register buffers: the next kU chunks are in flight while kU are decoded
+    // software pipeline, two register buffers: the next kU chunks are in flight while kU are
+    // decoded, and both buffers are issued before the wait (weights only)
     Chunk<kR> buf_a[kU], buf_b[kU];
     pdl_launch_dependents();
 #pragma unroll
-    for (int u = 0; u < kU; ++u) load(buf_a[u], warp + u * step);  // weights only: before the wait
+    for (int u = 0; u < kU; ++u) load(buf_a[u], warp + u * step);
+#pragma unroll
+    for (int u = 0; u < kU; ++u) load(buf_b[u], warp + (kU + u) * step);
     pdl_wait();  // x and y belong to the stream's previous kernels
     for (int c = warp; c < n_chunks; c += 2 * kU * step) {
-#pragma unroll
-      for (int u = 0; u < kU; ++u) load(buf_b[u], c + (kU + u) * step);
 #pragma unroll
       for (int u = 0; u < kU; ++u)
         if (c + u * step < n_chunks) compute(buf_a[u], c + u * step);
@@ -241,6 +242,8 @@ __global__ void __launch_bounds__(512, (kR == 1 && kU == 1) ? 2 : 1) gemv_int4_k
 #pragma unroll
       for (int u = 0; u < kU; ++u)
         if (c + (kU + u) * step < n_chunks) compute(buf_b[u], c + (kU + u) * step);
+#pragma unroll
+      for (int u = 0; u < kU; ++u) load(buf_b[u], c + (3 * kU + u) * step);
     }
   } else {
     // the ring: slot s of this warp holds chunk warp + (i * kS + s) * step; lane-private 16-byte
@@ -479,13 +482,14 @@ __global__ void __launch_bounds__(512) gemv_int3_kernel(const GemvInt4Params p) 
   Chunk3 buf_a, buf_b;
   const int step = n_warps;
   pdl_launch_dependents();
-  load(buf_a, warp);  // weights only: before the wait
+  load(buf_a, warp);  // weights only, both buffers: before the wait
+  load(buf_b, warp + step);
   pdl_wait();         // x and y belong to the stream's previous kernels
   for (int c = warp; c < n_chunks; c += 2 * step) {
-    load(buf_b, c + step);
     compute(buf_a, c);
     load(buf_a, c + 2 * step);
     if (c + step < n_chunks) compute(buf_b, c + step);
+    load(buf_b, c + 3 * step);
   }
 
   const float acc1[1][4] = {{acc[0], acc[1], acc[2], acc[3]}};
@@ -708,13 +712,14 @@ __global__ void __launch_bounds__(512) gemv_int8_kernel(const GemvInt4Params p) 
   Chunk8 buf_a, buf_b;
   const int step = n_warps;
   pdl_launch_dependents();
-  load(buf_a, warp);  // weights only: before the wait
+  load(buf_a, warp);  // weights only, both buffers: before the wait
+  load(buf_b, warp + step);
   pdl_wait();
   for (int c = warp; c < n_chunks; c += 2 * step) {
-    load(buf_b, c + step);
     compute(buf_a, c);
     load(buf_a, c + 2 * step);
     if (c + step < n_chunks) compute(buf_b, c + step);
+    load(buf_b, c + 3 * step);
   }
   const float acc1[1][4] = {{acc[0], acc[1], acc[2], acc[3]}};
   reduce_store<kBF16, 1>(p, partials8, acc1, row0);
