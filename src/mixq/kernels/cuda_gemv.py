@@ -36,11 +36,13 @@ fp32 accumulation); see the .cu file's header for the layout of a lane's work an
 handling. A block holds one or two 16-row tiles and its warps split the input dimension,
 summing through shared memory, so every call is one launch with no atomics or zero-fill.
 
-For LM-head-sized int4 weights (more than 65536 rows, up to 4 activation rows) the GEMV keeps
-more bytes in flight than two register buffers can: each warp streams its chunks through a
-ring of 4 slots in shared memory (cp.async, 16 bytes per lane and row, each lane reading back
-what it copied), the scales in a register ring beside it (`GemvConfig.stages`; 77 vs 89 µs on
-128256x4096 on the H200). `qmatmul(..., silu_mul=True)` computes silu(gate) * up from a fused
+For LM-head-sized int4 weights (more than 65536 rows, up to 4 activation rows) and for every
+int4 weight at one activation row the GEMV keeps more bytes in flight than two register
+buffers can: each warp streams its chunks through a ring of 4 slots in shared memory
+(cp.async, 16 bytes per lane and row, each lane reading back what it copied), the scales in a
+register ring beside it (`GemvConfig.stages`; 77 vs 89 µs on 128256x4096 on the H200), three
+chunks per warp issued before the kernel waits on the previous one (PDL), so that in the
+decode loop they stream while the glue kernels before it run (`_decode_ring`). `qmatmul(..., silu_mul=True)` computes silu(gate) * up from a fused
 [gate; up] int4 weight in the same launch. MIXQ_GEMV_STAGES=0|4|8 and MIXQ_GEMV3_POST=0 are
 benchmark switches (every shape on one pipeline; the pre-scaled 3-bit kernel only).
 
