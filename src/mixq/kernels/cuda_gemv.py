@@ -42,8 +42,9 @@ buffers can: each warp streams its chunks through a ring of 4 slots in shared me
 (cp.async, 16 bytes per lane and row, each lane reading back what it copied), the scales in a
 register ring beside it (`GemvConfig.stages`; 77 vs 89 µs on 128256x4096 on the H200), three
 chunks per warp issued before the kernel waits on the previous one (PDL), so that in the
-decode loop they stream while the glue kernels before it run (`_decode_ring`). `qmatmul(..., silu_mul=True)` computes silu(gate) * up from a fused
-[gate; up] int4 weight in the same launch. MIXQ_GEMV_STAGES=0|4|8 and MIXQ_GEMV3_POST=0 are
+decode loop they stream while the glue kernels before it run (`_decode_ring`).
+`qmatmul(..., silu_mul=True)` computes silu(gate) * up from a fused [gate; up] int4 weight in
+the same launch. MIXQ_GEMV_STAGES=0|4|8 and MIXQ_GEMV3_POST=0 are
 benchmark switches (every shape on one pipeline; the pre-scaled 3-bit kernel only).
 
 The same extension holds `norm_transform` (`csrc/hadamard.cu`): the online input transform
@@ -226,8 +227,8 @@ def pick_config(m: int, layout: PackedLayout, n_sms: int = 132) -> GemvConfig:
     if n <= 4096:
         warps = 16
     elif n <= 8192:  # fused q/k/v (6144 rows) on the H200: one row tile, 8 warps
-        return _with_stages(_decode_ring(m, GemvConfig(row_tiles=1, unroll=1,
-                                                             warps=8 if -(-k // 128) >= 8 else max(1, -(-k // 128)))))
+        warps = 8 if -(-k // 128) >= 8 else max(1, -(-k // 128))
+        return _with_stages(_decode_ring(m, GemvConfig(row_tiles=1, unroll=1, warps=warps)))
     elif n > 65536 and m > 4:
         warps = 2
     else:
@@ -248,10 +249,10 @@ def _decode_ring(m: int, cfg: GemvConfig) -> GemvConfig:
     chunks per warp before the kernel waits on the previous one (PDL), where the register pipeline
     issues two, so more of each matmul's weights stream while the decode step's glue kernels run.
     H200 decode loop (bench_e2e.py, Llama-3-8B shape, batch 1, 2026-12-01, one run): int4 1.98
-    ms/token with the ring on every GEMV, 2.01 with the register pipeline on every GEMV, and 2.15
-    with the ring on all but the wide down_proj (which alone, in the PDL chain of
-    bench_transforms.py, was 0.6 us faster without it); mixed-4.25 2.38 vs 2.49, int4 with
-    smoothing and rotation 2.15 vs 2.29."""
+    ms/token with the ring on every GEMV against 2.01 with the register pipeline on every GEMV,
+    mixed-4.25 2.38 vs 2.48, int4 with smoothing and rotation 2.14 vs 2.30; in a run before, the
+    ring on all but the wide down_proj (which alone, in the PDL chain of bench_transforms.py, was
+    0.6 us faster without it) took 2.15, slower than either."""
     if m != 1 or cfg.stages:
         return cfg
     ring = GemvConfig(cfg.row_tiles, 1, cfg.warps, 4)
