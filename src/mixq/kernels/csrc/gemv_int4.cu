@@ -61,6 +61,22 @@ __device__ __forceinline__ void reduce_store(const GemvInt4Params& p, float* par
   }
 }
 
+// Scales after the product: acc[j] += s (t[j] - (magic + zero) sx[j]) for one mma's fp32 sums
+// t of magic + code against the activations and sx of the activations alone (an all-ones A);
+// accumulators 0, 1 are row g (fp16 scale bits s0, zero point z0), 2, 3 row g + 8 (s1, z1).
+template <bool kBF16>
+__device__ __forceinline__ void post_scale(float (&acc)[4], const float (&t)[4], const float (&sx)[4], uint32_t s0,
+                                           uint32_t s1, uint32_t z0, uint32_t z1) {
+  using H = Half<kBF16>;
+  const float f0 = __half2float(__ushort_as_half((unsigned short)s0));
+  const float f1 = __half2float(__ushort_as_half((unsigned short)s1));
+  const float mz0 = H::kMagicF + float(z0), mz1 = H::kMagicF + float(z1);
+  acc[0] = fmaf(fmaf(-mz0, sx[0], t[0]), f0, acc[0]);
+  acc[1] = fmaf(fmaf(-mz0, sx[1], t[1]), f0, acc[1]);
+  acc[2] = fmaf(fmaf(-mz1, sx[2], t[2]), f1, acc[2]);
+  acc[3] = fmaf(fmaf(-mz1, sx[3], t[3]), f1, acc[3]);
+}
+
 // reduce_store for the SiLU x up product (p.glu_half): tile 0 holds gate rows, tile 1 the up
 // rows of the same outputs; each is rounded to x's dtype (+ its bias) as the separate matmuls'
 // outputs would be, then silu(gate) is rounded and multiplied by up, rounded: what the unfused
@@ -210,15 +226,7 @@ __global__ void __launch_bounds__(512, (kR == 1 && kU == 1) ? 2 : 1) gemv_int4_k
           H::mma(t, A1, b[w][2], b[w][3]);
         }
       }
-      if (!kPre) {
-        const float s0 = __half2float(__ushort_as_half((unsigned short)(sp & 0xFFFFu)));
-        const float s1 = __half2float(__ushort_as_half((unsigned short)(sp >> 16)));
-        const float mz0 = H::kMagicF + float(z0), mz1 = H::kMagicF + float(z1);
-        acc[r][0] = fmaf(fmaf(-mz0, sx[0], t[0]), s0, acc[r][0]);
-        acc[r][1] = fmaf(fmaf(-mz0, sx[1], t[1]), s0, acc[r][1]);
-        acc[r][2] = fmaf(fmaf(-mz1, sx[2], t[2]), s1, acc[r][2]);
-        acc[r][3] = fmaf(fmaf(-mz1, sx[3], t[3]), s1, acc[r][3]);
-      }
+      if (!kPre) post_scale<kBF16>(acc[r], t, sx, sp & 0xFFFFu, sp >> 16, z0, z1);
     }
   };
 
@@ -582,13 +590,7 @@ __global__ void __launch_bounds__(512) gemv_int3p_kernel(const GemvInt4Params p)
       tt[j] += tu[j];
       sx[j] += sy[j];
     }
-    const float s0 = __half2float(__ushort_as_half((unsigned short)st.s[0]));
-    const float s1 = __half2float(__ushort_as_half((unsigned short)st.s[1]));
-    const float mz0 = H::kMagicF + float(st.z[0]), mz1 = H::kMagicF + float(st.z[1]);
-    acc[0] = fmaf(fmaf(-mz0, sx[0], tt[0]), s0, acc[0]);
-    acc[1] = fmaf(fmaf(-mz0, sx[1], tt[1]), s0, acc[1]);
-    acc[2] = fmaf(fmaf(-mz1, sx[2], tt[2]), s1, acc[2]);
-    acc[3] = fmaf(fmaf(-mz1, sx[3], tt[3]), s1, acc[3]);
+    post_scale<kBF16>(acc, tt, sx, st.s[0], st.s[1], st.z[0], st.z[1]);
   };
 
   // one chunk in flight: each step's slot is refilled with the next chunk's step as it is taken
@@ -700,13 +702,7 @@ __global__ void __launch_bounds__(512) gemv_int8_kernel(const GemvInt4Params p) 
         H::mma(t, B1, b[2], b[3]);
       }
     }
-    const float s0 = __half2float(__ushort_as_half((unsigned short)ch.s[0]));
-    const float s1 = __half2float(__ushort_as_half((unsigned short)ch.s[1]));
-    const float mz0 = H::kMagicF + float(ch.z[0]), mz1 = H::kMagicF + float(ch.z[1]);
-    acc[0] = fmaf(fmaf(-mz0, sx[0], t[0]), s0, acc[0]);
-    acc[1] = fmaf(fmaf(-mz0, sx[1], t[1]), s0, acc[1]);
-    acc[2] = fmaf(fmaf(-mz1, sx[2], t[2]), s1, acc[2]);
-    acc[3] = fmaf(fmaf(-mz1, sx[3], t[3]), s1, acc[3]);
+    post_scale<kBF16>(acc, t, sx, ch.s[0], ch.s[1], ch.z[0], ch.z[1]);
   };
 
   Chunk8 buf_a, buf_b;
