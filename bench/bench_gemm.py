@@ -4,6 +4,9 @@ the CUDA GEMV at batch 1/8 and bf16 cuBLAS, timed in one run on a GPU.
 
     PYTHONPATH=src python3 bench/bench_gemm.py --out gemm.json [--quick]
 
+On sm_90 the sweep includes the Hopper kernel's launches (`GemmConfig.wgmma`) and reports its
+heuristic (`pick_wgmma_config`) beside the mma.sync kernel's.
+
 Method: bench_kernels' (CUDA-graph replays of calls rotating over >= 256 MB of weight copies,
 random codes and scales, bf16 activations). Bytes = codes + scales (+ zeros) + x + y; % = of
 the device-to-device copy bandwidth measured in the same run. Per (format, shape, batch) it
@@ -48,6 +51,14 @@ def candidates(m: int, layout, quick: bool) -> list[cuda_gemv.GemmConfig]:
         out.append(cuda_gemv.GemmConfig(rt, nt, w, s))
     for nt, rt, w in itertools.product(nts, (1, 2), (4, 8)):  # stream-K: one wave, even chunks per block
         out.append(cuda_gemv.GemmConfig(rt, nt, w, stream_k=True))
+    if cuda_gemv.wgmma_available():  # the Hopper kernel: N = 16..128 rows per tile, 1-2 warpgroups
+        nt = 2
+        while nt < 16 and 8 * nt < m:
+            nt *= 2
+        for t, w in itertools.product(sorted({nt, max(2, nt // 2)}), (4, 8)):
+            out.append(cuda_gemv.GemmConfig(1, t, w, stream_k=True, wgmma=True))
+            for s in (1, 2, 4, 8):
+                out.append(cuda_gemv.GemmConfig(1, t, w, s, wgmma=True))
     return list(dict.fromkeys(out))
 
 
@@ -114,6 +125,12 @@ def main(argv=None) -> int:
             rows.sort(key=lambda r: r[0])
             heur = cuda_gemv.pick_gemm_config(m, lay)
             t_heur = next((t for t, c in rows if c == heur), None)
+            heur_wg = cuda_gemv.pick_wgmma_config(m, lay) if cuda_gemv.wgmma_available() and m > 16 else None
+            t_heur_wg = None
+            if heur_wg is not None:
+                t_heur_wg = next((t for t, c in rows if c == heur_wg), None)
+                if t_heur_wg is None:
+                    t_heur_wg = timed(kws, lambda kw: (lambda: cuda_gemv.gemm(x, kw, None, heur_wg)))
             t_gemv = forced(kws, x, "cuda_gemv") if m <= cuda_gemv.MAX_BATCH else None
             gemv_rows = []
             if m <= cuda_gemv.MAX_BATCH and spec == "int4:g128" and not args.lean:  # the GEMV's launch shapes
@@ -134,20 +151,26 @@ def main(argv=None) -> int:
             row = dict(spec=spec, n=n, k=k, m=m, weight_bytes=kws[0].nbytes(), io_bytes=io,
                        best_us=rows[0][0] if rows else None, best=dataclasses.asdict(rows[0][1]) if rows else None,
                        heuristic_us=t_heur, heuristic=dataclasses.asdict(heur), gemv_us=t_gemv, triton_tc_us=t_tc,
+                       wgmma_heuristic_us=t_heur_wg,
+                       wgmma_heuristic=dataclasses.asdict(heur_wg) if heur_wg else None,
                        heuristic_pdl_us=t_heur_pdl, gemv_pdl_us=t_gemv_pdl,
                        gemv_all=[(t, dataclasses.asdict(c)) for t, c in gemv_rows],
                        dispatch_us=t_disp, dispatch_route=route(kws[0], x), bf16_us=t_bf16,
                        all=[(t, dataclasses.asdict(c)) for t, c in rows])
-            sk = [t for t, c in rows if c.stream_k]
-            row["best_split_us"] = min((t for t, c in rows if not c.stream_k), default=None)
+            sk = [t for t, c in rows if c.stream_k and not c.wgmma]
+            row["best_split_us"] = min((t for t, c in rows if not c.stream_k and not c.wgmma), default=None)
             row["best_stream_k_us"] = min(sk, default=None)
+            wg = [(t, c) for t, c in rows if c.wgmma]
+            row["best_wgmma_us"] = wg[0][0] if wg else None
+            row["best_wgmma"] = dataclasses.asdict(wg[0][1]) if wg else None
             results["rows"].append(row)
             f = lambda t: f"{t:6.1f}" if t else "     -"  # noqa: E731
             log(f"{spec} {n}x{k} M={m:<3} best {f(row['best_us'])} ({pct(row['best_us']):3.0f}%) "
                 f"{rows[0][1] if rows else ''} | heur {f(t_heur)} (PDL {f(t_heur_pdl)}) | gemv {f(t_gemv)} "
                 f"(PDL {f(t_gemv_pdl)}) | triton tc {f(t_tc)} | "
                 f"dispatch {f(t_disp)} ({row['dispatch_route']}) | bf16 {f(t_bf16)} | x bf16 {t_bf16 / t_disp:4.2f} | "
-                f"best split K {f(row['best_split_us'])}, stream-K {f(row['best_stream_k_us'])}")
+                f"best split K {f(row['best_split_us'])}, stream-K {f(row['best_stream_k_us'])}, "
+                f"wgmma {f(row['best_wgmma_us'])} {wg[0][1] if wg else ''} (heuristic {f(t_heur_wg)})")
             out_path.write_text(json.dumps(results, indent=1))
     finally:
         out_path.write_text(json.dumps(results, indent=1))

@@ -5,7 +5,8 @@ capture; prints nothing of its own timing.
         --section WarpStateStats python3 bench/profile_kernels.py --kernel gemm --m 16
 
 --kernel gemv (the CUDA GEMV, m <= 8; its heuristic launch shape unless --config
-rt,unroll,warps[,stages]), gemm (the tensor-core GEMM, unless --config rt,nt,warps,split) or sum
+rt,unroll,warps[,stages]), gemm (the tensor-core GEMM, unless --config
+rt,nt,warps,split[,stream_k,wgmma]) or sum
 (torch's sum over the same codes: a plain streaming read to compare with); weights: random int4:g128 codes of --shape.
 """
 
@@ -30,13 +31,16 @@ def main(argv=None) -> int:
     ap.add_argument("--m", type=int, default=16)
     ap.add_argument("--shape", default="14336x4096")
     ap.add_argument("--spec", default="int4:g128")
-    ap.add_argument("--config", default=None, help="rt,nt,warps,split of the GEMM; rt,unroll,warps[,stages] of the GEMV")
+    ap.add_argument("--config", default=None,
+                    help="rt,nt,warps,split[,stream_k,wgmma] of the GEMM (0/1 flags); rt,unroll,warps[,stages] of the GEMV")
     ap.add_argument("--calls", type=int, default=6)
     args = ap.parse_args(argv)
     n, k = (int(v) for v in args.shape.split("x"))
     kw = bk.random_weights(args.spec, n, k)
     x = torch.randn(args.m, k, device="cuda", dtype=torch.bfloat16)
     values = [int(v) for v in args.config.split(",")] if args.config else None
+    if values is not None and args.kernel == "gemm":
+        values = values[:4] + [bool(v) for v in values[4:]]
     cfg = None if values is None else (cuda_gemv.GemvConfig(*values) if args.kernel == "gemv"
                                        else cuda_gemv.GemmConfig(*values))
     for _ in range(args.calls):

@@ -65,6 +65,51 @@ def test_pick_gemm_config_follows_the_h200_sweep():
         assert (cfg.row_tiles, cfg.warps) == (2, 8) and got == want, (n, k, m, cfg)
 
 
+def test_pick_wgmma_config_follows_the_h200_sweep():
+    # (n, k, m) -> (n_tiles, split) of the fastest two-warpgroup launches in
+    # bench/results_h200/gemm_wgmma*.json (2026-12-01)
+    best = {(14336, 4096, 32): (4, 1), (14336, 4096, 64): (8, 1), (14336, 4096, 128): (16, 1),
+            (4096, 4096, 32): (4, 4), (4096, 4096, 64): (8, 4), (4096, 14336, 64): (8, 4),
+            (4096, 14336, 128): (16, 4)}
+    for (n, k, m), want in best.items():
+        cfg = cuda_gemv.pick_gemm_config(m, _layout("int4:g128", n, k), wgmma=True)
+        assert cfg.wgmma and (cfg.row_tiles, cfg.warps) == (1, 8), cfg
+        assert (cfg.n_tiles, cfg.split) == want, (n, k, m, cfg)
+    # up to 16 rows, and without wgmma, the mma.sync kernel's launch
+    assert not cuda_gemv.pick_gemm_config(16, _layout("int4:g128", 14336, 4096), wgmma=True).wgmma
+    assert not cuda_gemv.pick_gemm_config(64, _layout("int4:g128", 14336, 4096)).wgmma
+
+
+@pytest.mark.parametrize("m", [17, 33, 64, 100, 128, 129, 512])
+@pytest.mark.parametrize("n,k", [(14336, 4096), (4096, 4096), (320, 256), (128256, 4096)])
+def test_pick_wgmma_config(m, n, k):
+    cfg = cuda_gemv.pick_wgmma_config(m, _layout("int4:g128", n, k))
+    assert cfg.n_tiles in (2, 4, 8, 16) and 8 * cfg.n_tiles >= min(m, 128)
+    assert cfg.n_tiles == 2 or 8 * cfg.n_tiles < 2 * m  # no more than needed
+    tiles = -(-n // 128) * -(-m // (8 * cfg.n_tiles))
+    assert cfg.split == 1 or (tiles * cfg.split <= 132 and -(-k // 128) >= 2 * cfg.split)
+
+
+@pytest.mark.parametrize("spec,n,k,m,want", [
+    ("int4:g128", 14336, 4096, 16, False),   # up to 16 rows: Triton (20.3 vs 21.6 µs)
+    ("int4:g128", 14336, 4096, 17, True),
+    ("int4:g128", 14336, 4096, 64, True),    # 38-41 vs 43.6 µs (mma.sync) and 45.7 (Triton)
+    ("int4:g128", 6144, 4096, 64, True),     # 23.4 vs 24.0 (Triton)
+    ("int4:g128", 4096, 4096, 32, True),     # 12.4-13.3 vs 14.1
+    ("int4:g128", 4096, 4096, 64, False),    # Triton 15.9 vs 17.1
+    ("int4:g128", 4096, 14336, 64, False),   # Triton 37.1 vs 38.4
+    ("int4:g128", 4096, 4096, 65, True),     # 24.5-25.3 vs 29.4 at 128
+    ("int4:g128:asym", 4096, 4096, 64, True),  # zero points: never Triton
+    ("int4:g32", 4096, 4096, 48, True),
+    ("int4:g128:asym", 4096, 4096, 9, True),  # 9-16 rows: the mma.sync kernel, as without wgmma
+])
+def test_gemm_preferred_with_wgmma(monkeypatch, spec, n, k, m, want):
+    monkeypatch.setattr(cuda_gemv, "gemm_available", lambda layout, x: True)
+    monkeypatch.setattr(cuda_gemv, "wgmma_available", lambda: True)
+    monkeypatch.setattr(cuda_gemv, "_sm_count", lambda device: 132)
+    assert cuda_gemv.gemm_preferred(_layout(spec, n, k), torch.empty(m, k)) is want
+
+
 @pytest.mark.parametrize("spec,n,k,m,want", [
     ("int4:g128", 14336, 4096, 16, False),   # Triton 20.0 vs 21.7 µs
     ("int4:g128", 14336, 4096, 32, True),    # stream-K
@@ -221,6 +266,103 @@ def test_dependent_chain_reads_the_previous_output(m, monkeypatch):
             y = cuda_gemv.qmatmul(y, kw) if (m <= 8 and i % 2) else cuda_gemv.gemm(y, kw, None, cfg)
             if i % 2:  # keep the scale bounded; calls 2j and 2j + 1 follow each other directly
                 y = y / y.float().norm(dim=1, keepdim=True).to(y.dtype) * 32
+            if sync:
+                torch.cuda.synchronize()
+        return y
+
+    ref = chain(sync=True)
+    assert torch.equal(chain(sync=False), ref)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = chain(sync=False)
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, ref)
+
+
+# --------------------------------------------------------------------------- Hopper (wgmma)
+
+needs_wgmma = pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)),
+                                 reason="the wgmma GEMM needs an sm_90 GPU (H100, H200)")
+
+WG_CONFIGS = [cuda_gemv.GemmConfig(1, t, w, s, wgmma=True) for t in (2, 4, 8, 16) for w in (4, 8) for s in (1, 3)]
+WG_CONFIGS += [cuda_gemv.GemmConfig(1, t, w, stream_k=True, wgmma=True) for t in (2, 4, 8, 16) for w in (4, 8)]
+
+
+def test_arch_flags_build_the_wgmma_kernel_only_for_sm90():
+    assert "-DMIXQ_WGMMA=1" in cuda_gemv.arch_flags(9, 0)
+    assert any("sm_90a" in f for f in cuda_gemv.arch_flags(9, 0))
+    for cc in [(8, 0), (8, 9), (10, 0), (12, 0)]:
+        flags = cuda_gemv.arch_flags(*cc)
+        assert flags == [f"-gencode=arch=compute_{cc[0]}{cc[1]},code=sm_{cc[0]}{cc[1]}"]
+
+
+@pytest.mark.gpu
+@needs_wgmma
+def test_wgmma_is_built_on_sm90():
+    assert cuda_gemv.wgmma_available()
+
+
+@pytest.mark.gpu
+@needs_wgmma
+@pytest.mark.parametrize("spec,n,k", [("int4:g128", 200, 1088), ("int4:g64:asym", 136, 1056), ("int4:g32", 72, 544),
+                                      ("int4:ch", 100, 4096), ("int4:g128:asym", 48, 416)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_wgmma_every_launch_shape_matches_reference(spec, n, k, dtype):
+    """The Hopper kernel at every N (16..128 activation rows per tile) and one or two
+    warpgroups, split K (uneven slices, slices of one chunk) and stream-K, on odd row counts
+    (a warpgroup's 64 rows past n), K not a multiple of 128, batches below, at and past N
+    (several activation tiles), NaN-poisoned outputs, bias."""
+    kw = _gpu_case(spec, n, k, seed=n + k + 1)
+    for cfg in WG_CONFIGS:
+        for m in (1, 9, 17, 64, 130):
+            _check(kw, m, dtype, cfg, bias=(m == 9))
+
+
+@pytest.mark.gpu
+@needs_wgmma
+@pytest.mark.parametrize("m", [9, 16, 31, 33, 64, 65, 100, 128, 256])
+def test_wgmma_llama_shapes_every_batch(m):
+    for n, k in [(4096, 4096), (1024, 14336), (14336, 4096)]:
+        kw = _gpu_case("int4:g128", n, k, seed=m + 7)
+        nt = 16 if m > 64 else (8 if m > 32 else (4 if m > 16 else 2))
+        for cfg in [cuda_gemv.GemmConfig(1, nt, 4, stream_k=True, wgmma=True),
+                    cuda_gemv.GemmConfig(1, nt, 8, 2, wgmma=True)]:
+            _check(kw, m, torch.bfloat16, cfg)
+            _check(kw, m, torch.float16, cfg, bias=True)
+    ws, cnt = _WS_of(torch.device("cuda", torch.cuda.current_device()))
+    torch.cuda.synchronize()
+    assert int(cnt.abs().sum()) == 0
+
+
+@pytest.mark.gpu
+@needs_wgmma
+def test_wgmma_matches_the_mma_kernel_and_is_deterministic():
+    """Same decoded weights and fp32 accumulation as the mma.sync kernel: the two agree to
+    accumulation order; repeated split-K / stream-K calls are bitwise equal."""
+    kw = _gpu_case("int4:g128:asym", 1536, 4096, seed=11)
+    x = torch.randn(48, 4096, device="cuda", dtype=torch.bfloat16)
+    ref = cuda_gemv.gemm(x, kw, None, cuda_gemv.GemmConfig(2, 8, 8, 1))
+    for cfg in [cuda_gemv.GemmConfig(1, 8, 4, 4, wgmma=True), cuda_gemv.GemmConfig(1, 8, 8, stream_k=True, wgmma=True)]:
+        ys = [cuda_gemv.gemm(x, kw, None, cfg) for _ in range(4)]
+        assert all(torch.equal(ys[0], y) for y in ys[1:])
+        assert float((ys[0].float() - ref.float()).norm() / ref.float().norm()) < 2e-3
+
+
+@pytest.mark.gpu
+@needs_wgmma
+def test_wgmma_in_a_dependent_chain_and_a_graph(monkeypatch):
+    monkeypatch.setenv("MIXQ_PDL", "1")
+    kws = [_gpu_case(spec, 1024, 1024, seed=20 + i) for i, spec in enumerate(["int4:g128", "int4:g64:asym"] * 3)]
+    x0 = torch.randn(40, 1024, device="cuda", dtype=torch.bfloat16)
+
+    def chain(sync: bool):
+        y = x0
+        for i, kw in enumerate(kws):
+            cfg = cuda_gemv.GemmConfig(1, 8, 4 * (1 + i % 2), 1 + i % 3, stream_k=i == 4, wgmma=True)
+            y = cuda_gemv.gemm(y, kw, None, cfg)
+            y = y / y.float().norm(dim=1, keepdim=True).to(y.dtype) * 32
             if sync:
                 torch.cuda.synchronize()
         return y

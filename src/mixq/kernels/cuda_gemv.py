@@ -17,6 +17,14 @@ the data, deterministic). Measured on the H200 (bench/bench_gemm.py): it beats t
 tensor-core kernel for int4 with zero points or groups under 128 inputs, past 64 rows, and
 where it runs stream-K from 17 rows; `gemm_preferred` routes accordingly.
 
+On sm_90 (H100, H200) the extension is built for sm_90a and also holds a Hopper GEMM
+(`GemmConfig.wgmma`, the same file): each warpgroup decodes 64 weight rows the same way into
+the A fragments of wgmma.m64nNk16 (A from registers) and multiplies them by N = 16..128
+activation rows that the block rewrites, per 128-input chunk, from a cp.async ring into the
+B operand in the decoded K order (shared memory, no swizzle). It takes every batch above 16
+rows there (`pick_wgmma_config`), except 33-64 rows on weights under 6144 rows, where the
+Triton kernel measured faster. MIXQ_WGMMA=0 turns it off (a benchmark switch).
+
 8-bit codes (groups of >= 128 inputs or per channel) run `gemv_int8`: int4's work split with
 32 codes per lane and row per 128-input chunk, a pair of codes gathered by one PRMT and made
 half-precision magic + code by one LOP3 (bf16: the low seven bits and the top bit as two mmas
@@ -80,7 +88,7 @@ log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = ("gemv_int4.cpp", "gemv_int4.cu", "gemm_int4.cu", "hadamard.cu")
-HEADERS = ("gemv_int4.h", "common.cuh")
+HEADERS = ("gemv_int4.h", "common.cuh", "wgmma.cuh")
 MAX_BATCH = 8
 
 _lock = threading.Lock()
@@ -115,18 +123,31 @@ class GemmConfig:
     activation tiles per block (1, 2, 4, 8; further rows go to further blocks), warps per
     block (1..8, each on its own rows), and K slices (split-K blocks per output tile); or
     `stream_k`: as many blocks as fit on the device at once, each taking the same number of
-    128-input chunks, across tile boundaries (split is then unused)."""
+    128-input chunks, across tile boundaries (split is then unused). `wgmma`: the Hopper kernel
+    (sm_90a, `wgmma_available`): row_tiles 1, warps 4 or 8 (one or two warpgroups of 64 weight
+    rows), n_tiles 2, 4, 8 or 16 (16 to 128 activation rows per tile, one wgmma.m64nNk16 per
+    16 inputs)."""
 
     row_tiles: int = 2
     n_tiles: int = 2
     warps: int = 8
     split: int = 1
     stream_k: bool = False
+    wgmma: bool = False
 
 
 def build_error() -> str | None:
     """Why the extension is unavailable (None if it built or was never tried)."""
     return _error
+
+
+def arch_flags(major: int, minor: int) -> list[str]:
+    """nvcc flags for a device of compute capability major.minor: its own architecture; on sm_90
+    (H100, H200) the architecture-specific sm_90a, which the wgmma GEMM needs, with MIXQ_WGMMA
+    defined so that the kernel is built."""
+    if (major, minor) == (9, 0):
+        return ["-gencode=arch=compute_90a,code=sm_90a", "-DMIXQ_WGMMA=1"]
+    return [f"-gencode=arch=compute_{major}{minor},code=sm_{major}{minor}"]
 
 
 def _build():
@@ -138,11 +159,12 @@ def _build():
     digest = hashlib.sha1()
     for name in SOURCES + HEADERS:
         digest.update((CSRC / name).read_bytes())
+    flags = arch_flags(major, minor)
+    digest.update(" ".join(flags).encode())
     name = f"mixq_gemv_int4_{digest.hexdigest()[:12]}"
-    arch = f"-gencode=arch=compute_{major}{minor},code=sm_{major}{minor}"
     return cpp_extension.load(
         name=name, sources=[str(CSRC / s) for s in SOURCES], extra_include_paths=[str(CSRC)],
-        extra_cflags=["-O3"], extra_cuda_cflags=["-O3", arch], verbose=False)
+        extra_cflags=["-O3"], extra_cuda_cflags=["-O3", *flags], verbose=False)
 
 
 def extension():
@@ -367,13 +389,34 @@ def gemm_supports(layout: PackedLayout, x: torch.Tensor) -> bool:
             and gemm_layout_supported(layout))
 
 
-def pick_gemm_config(m: int, layout: PackedLayout, n_sms: int = 132) -> GemmConfig:
+def pick_wgmma_config(m: int, layout: PackedLayout, n_sms: int = 132) -> GemmConfig:
+    """The Hopper kernel's launch, from the H200 sweeps (bench/bench_gemm.py, 2026-12-01,
+    bench/results_h200/gemm_wgmma*.json): two warpgroups (128 weight rows per block), N the
+    smallest of 16, 32, 64, 128 covering the batch (more rows: further activation tiles), and
+    split K while the blocks fit in one wave (one block per SM at these register counts;
+    14336x4096: no split, 112 tiles; 4096-row weights: 4 slices), each slice >= 2 chunks."""
+    n, k = layout.out_features, layout.in_features
+    n_tiles = 2
+    while n_tiles < 16 and 8 * n_tiles < m:
+        n_tiles *= 2
+    tiles = -(-n // 128) * -(-m // (8 * n_tiles))
+    chunks = -(-k // 128)
+    split = 1
+    while tiles * split * 2 <= n_sms and chunks >= 2 * split * 2:
+        split *= 2
+    return GemmConfig(row_tiles=1, n_tiles=n_tiles, warps=8, split=split, wgmma=True)
+
+
+def pick_gemm_config(m: int, layout: PackedLayout, n_sms: int = 132, wgmma: bool = False) -> GemmConfig:
     """From the H200 sweeps (bench/bench_gemm.py, 2026-11-30): activation tiles to cover the
     batch (up to 64 rows per block), two 16-row weight tiles per warp and 8 warps (256 weight
     rows per block); then stream-K where there are at least 48 output tiles (14336x4096: 43.9
     vs 46.7 µs at 64 rows, 21.7 vs 22.2 at 16), else split K until there are about 2 blocks per
     SM up to 16 activation rows and 1 beyond (at 32 rows: 34.4 vs 37.6 µs on 14336x4096, 15.3
-    vs 20.1 on 4096x4096), every slice keeping at least 2 chunks of 128 inputs."""
+    vs 20.1 on 4096x4096), every slice keeping at least 2 chunks of 128 inputs. With `wgmma`
+    (an sm_90 device, `wgmma_available`) and more than 16 rows: `pick_wgmma_config`."""
+    if wgmma and m > 16:
+        return pick_wgmma_config(m, layout, n_sms)
     n, k = layout.out_features, layout.in_features
     n_tiles = 1
     while n_tiles < 8 and 8 * n_tiles < m:
@@ -396,6 +439,15 @@ def gemm_smem_bytes(cfg: GemmConfig) -> int:
     return 2 * 8 * cfg.n_tiles * 33 * 16
 
 
+def wgmma_available() -> bool:
+    """Whether the extension has the Hopper GEMM (`GemmConfig.wgmma`): built for sm_90a, on an
+    sm_90 device; not with MIXQ_WGMMA=0 (a benchmark switch)."""
+    if os.environ.get("MIXQ_WGMMA", "1") == "0" or not _enabled():
+        return False
+    ext = extension()
+    return ext is not None and bool(ext.gemm_wgmma_built())
+
+
 def gemm_available(layout: PackedLayout, x: torch.Tensor) -> bool:
     """Whether the tensor-core GEMM can run here: supported, the extension's build has not
     failed, and neither MIXQ_CUDA_GEMM=0 nor MIXQ_CUDA_GEMV=0 (the whole extension) is set."""
@@ -414,6 +466,12 @@ def gemm_preferred(layout: PackedLayout, x: torch.Tensor) -> bool:
     if not gemm_available(layout, x):
         return False
     m = x.shape[0]
+    if m > 16 and wgmma_available():
+        # the Hopper kernel: ahead of both others from 17 rows (14336x4096 at 64 rows: 38-41 vs
+        # 43.6 µs; at 128: 56-59 vs 74), except on weights of under 48 blocks of 128 rows at 33-64
+        # rows, where the Triton kernel is (4096x4096 at 64: 15.9 vs 17.1 µs)
+        return not (32 < m <= 64 and -(-layout.out_features // 128) < 48 and not layout.has_zeros
+                    and layout.group_size >= min(128, layout.in_features))
     if layout.has_zeros or layout.group_size < min(128, layout.in_features) or m > 64:
         return True
     return m > 16 and pick_gemm_config(m, layout, _sm_count(x.device)).stream_k
@@ -436,20 +494,20 @@ def gemm(x: torch.Tensor, kw: KernelWeights, bias: torch.Tensor | None = None, c
         return None
     ext, x, bias = ready
     m, n, k = x.shape[0], lay.out_features, lay.in_features
-    cfg = config or pick_gemm_config(m, lay, _sm_count(x.device))
+    cfg = config or pick_gemm_config(m, lay, _sm_count(x.device), wgmma=wgmma_available())
     split = max(1, min(cfg.split, -(-k // 128)))
     key = (x.device.index, m, n, k, lay.group_size, cfg, split, x.dtype)
     need = _WS_NEED.get(key)
     if need is None:  # the extension plans the launch (stream-K depends on the device's occupancy)
         need = tuple(ext.gemm_int4_workspace(m, n, k, lay.group_size, cfg.row_tiles, cfg.n_tiles, cfg.warps, split,
-                                             cfg.stream_k, x.dtype == torch.bfloat16, x.device.index or 0))
+                                             cfg.stream_k, cfg.wgmma, x.dtype == torch.bfloat16, x.device.index or 0))
         _WS_NEED[key] = need
     if need[0] > 0:
         ws, cnt = _WS.get(x.device, need[0], need[1])
     else:
         ws = cnt = kw.codes  # unused
     return ext.gemm_int4(x, kw.codes, kw.scales, kw.zeros, bias, out, ws, cnt, lay.group_size, lay.code_offset,
-                         cfg.row_tiles, cfg.n_tiles, cfg.warps, split, cfg.stream_k)
+                         cfg.row_tiles, cfg.n_tiles, cfg.warps, split, cfg.stream_k, cfg.wgmma)
 
 
 def _vector_ok(t: torch.Tensor, n: int, dtype: torch.dtype, device: torch.device) -> bool:

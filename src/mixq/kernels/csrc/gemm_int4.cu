@@ -38,6 +38,7 @@
 
 #include "common.cuh"
 #include "gemv_int4.h"
+#include "wgmma.cuh"
 
 namespace {
 
@@ -280,6 +281,257 @@ __global__ void __launch_bounds__(256) gemm_int4_kernel(const GemmInt4Params P) 
   if (!waited) pdl_wait();
 }
 
+// ----------------------------------------------------------------------------------------------
+// Hopper (sm_90a): the same int4 decoding, the products on wgmma. A warpgroup (4 warps) owns 64
+// weight rows; warp w decodes rows 16w .. 16w + 15 exactly as above (lane (g, q): rows g, g + 8,
+// inputs 32q .. 32q + 31 of each 128-input chunk, pairs (i, i + 4) of a word) into the A
+// fragments of eight k16 steps (32 registers), and one wgmma.m64nNk16 per step multiplies them
+// by N = kN activation rows read from shared memory. The wgmmas run asynchronously: a chunk's
+// eight are committed as one group, and the next chunk's x is prepared while they run. x arrives by cp.async in a raw ring of two chunks ([kN rows][128 inputs],
+// rows padded by 16 bytes) and is then rewritten, by every thread of the block, into the B
+// operand in the order of the decoded K ("plane order": step 2w + h, K position 2q + j holds
+// input 32q + 8w + 2h + 4j, position 8 + 2q + j input 32q + 8w + 2h + 1 + 4j), laid out as
+// 8-row x 16-byte core matrices (no swizzle: K neighbours 128 bytes apart, 8-row groups 256).
+// Work split, partial tiles and PDL as in gemm_int4_kernel; a tile is 64 kWG weight rows by kN
+// activation rows, and the partial-sum slots hold each thread's accumulators, coalesced.
+#ifdef MIXQ_WGMMA  // built for sm_90a only (cuda_gemv.arch_flags)
+constexpr uint32_t kRawRowBytes = 17 * 16;  // 128 inputs + 16 bytes of padding
+
+template <int kN>
+__host__ __device__ constexpr uint32_t wg_raw_bytes() { return 2u * kN * kRawRowBytes; }  // two chunks, a multiple of 128 bytes
+
+template <int kN>
+__host__ __device__ constexpr size_t wg_smem_bytes() { return wg_raw_bytes<kN>() + 2u * kN * 256u; }  // + two chunks of B
+
+template <bool kBF16, int kN, int kWG>
+__global__ void __launch_bounds__(128 * kWG) gemm_wgmma_kernel(const GemmInt4Params P) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using H = Half<kBF16>;
+  using MMA = Wgmma<kBF16, kN>;
+  constexpr int kAcc = kN / 2;
+  constexpr int kThreads = 128 * kWG;
+  constexpr uint32_t kChunkB = kN * 256u;  // B bytes per chunk: 8 steps x kN rows x 16 inputs x 2 bytes
+  constexpr uint32_t kStepB = kN * 32u;
+  const GemvInt4Params& p = P.b;
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int g = lane >> 2, q = lane & 3;
+  const int n_chunks = (p.k + kChunk - 1) / kChunk;
+  const int n_tiles = P.tiles_x * P.tiles_z;
+  const uint16_t* xs = static_cast<const uint16_t*>(p.x);
+
+  extern __shared__ uint4 xsm[];
+  __shared__ int is_last;
+  const uint32_t raw_base = uint32_t(__cvta_generic_to_shared(xsm));
+  const uint32_t b_base = raw_base + wg_raw_bytes<kN>();
+
+  const int64_t W = int64_t(n_tiles) * n_chunks;
+  int64_t u, u_end;
+  if (P.stream_k_blocks) {
+    u = int64_t(blockIdx.x) * W / P.stream_k_blocks;
+    u_end = int64_t(blockIdx.x + 1) * W / P.stream_k_blocks;
+  } else {
+    const int64_t tile = int64_t(blockIdx.z) * P.tiles_x + blockIdx.x;
+    u = tile * n_chunks + int64_t(blockIdx.y) * P.chunks_per_split;
+    u_end = tile * n_chunks + min(n_chunks, int(blockIdx.y + 1) * P.chunks_per_split);
+  }
+
+  pdl_launch_dependents();
+  bool waited = false;
+  const uint32_t mask = 0x000F000Fu, magic = H::kMagic;
+  while (u < u_end) {  // block-uniform: one segment (a tile's chunks c_begin .. c_end - 1) per pass
+    const int tile = int(u / n_chunks);
+    const int c_begin = int(u % n_chunks);
+    const int c_end = int(min(int64_t(n_chunks), c_begin + (u_end - u)));
+    const int row0 = (tile % P.tiles_x) * (64 * kWG) + warp * 16;  // rows past n: clamped, not stored
+    const int m0 = (tile / P.tiles_x) * kN;
+    uint32_t w_off[1][2], s_off[1][2], z_off[1][2];
+    row_offsets<1>(p, row0, 16, g, q * 4, p.zeros != nullptr, w_off, s_off, z_off);
+
+    auto load = [&](Chunk<1>& ch, int c) {
+      if (c >= c_end) return;  // block-uniform
+      const int kq = c * kChunk + q * 32;
+      load_chunk<1>(ch, p, c, kq < p.k, uint32_t(min(kq, p.k - 1) >> p.group_shift), p.zeros != nullptr, w_off,
+                    s_off, z_off);
+    };
+    // x rows m0 .. m0 + kN - 1 of chunk c into raw buffer b: thread t copies the 16-byte unit
+    // t % 16 of rows t / 16 + i kThreads / 16 (rows past m and inputs past k are zero-filled; the
+    // rows' outputs are not stored); one cp.async group per call, empty past the segment
+    constexpr int kUnits = kN * 16 / kThreads, kRowStep = kThreads / 16;
+    const int un = threadIdx.x & 15, row_t = threadIdx.x >> 4;
+    const char* x_src = reinterpret_cast<const char*>(xs + (size_t(min(m0 + row_t, p.m - 1)) * p.ldx + un * 8));
+    const size_t x_step = size_t(kRowStep) * p.ldx * 2;  // bytes between a thread's rows
+    const uint32_t raw_dst = raw_base + uint32_t(row_t) * kRawRowBytes + uint32_t(un) * 16u;
+    auto stage_raw = [&](int b, int c) {
+      if (c < c_end) {
+        const bool k_ok = c * kChunk + un * 8 < p.k;
+#pragma unroll
+        for (int i = 0; i < kUnits; ++i) {
+          const bool ok = k_ok && m0 + row_t + i * kRowStep < p.m;
+          const char* src = ok ? x_src + i * x_step + size_t(c) * (kChunk * 2) : reinterpret_cast<const char*>(xs);
+          const uint32_t dst = raw_dst + uint32_t(b * kN + i * kRowStep) * kRawRowBytes;
+          asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(ok ? 16 : 0));
+        }
+      }
+      asm volatile("cp.async.commit_group;" ::: "memory");
+    };
+    // raw buffer b -> B buffer b in the decoded K order: item (n, w) gathers units q = 0..3 of
+    // word w of row n and writes one 16-byte core-matrix row to each of four places
+    auto permute = [&](int b) {
+#pragma unroll
+      for (int j = 0; j < (kN * 4 + kThreads - 1) / kThreads; ++j) {
+        const int it = threadIdx.x + j * kThreads;
+        if (kN * 4 % kThreads != 0 && it >= kN * 4) break;
+        const int n = it % kN, w = it / kN;
+        const uint32_t src = raw_base + uint32_t(b * kN + n) * kRawRowBytes + uint32_t(w * 16);
+        uint32_t r0[4], r1[4], r2[4], r3[4];
+#pragma unroll
+        for (int qq = 0; qq < 4; ++qq) {
+          uint4 v;
+          asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
+                       : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                       : "r"(src + uint32_t(qq * 64)));
+          r0[qq] = __byte_perm(v.x, v.z, 0x5410);  // (x0, x4): step 2w, K 2qq, 2qq + 1
+          r1[qq] = __byte_perm(v.x, v.z, 0x7632);  // (x1, x5): step 2w, K 8 + 2qq, 9 + 2qq
+          r2[qq] = __byte_perm(v.y, v.w, 0x5410);  // (x2, x6): step 2w + 1
+          r3[qq] = __byte_perm(v.y, v.w, 0x7632);  // (x3, x7): step 2w + 1
+        }
+        const uint32_t dst = b_base + uint32_t(b) * kChunkB + uint32_t(2 * w) * kStepB + uint32_t(n >> 3) * 256u +
+                             uint32_t(n & 7) * 16u;
+        asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};" ::"r"(dst), "r"(r0[0]), "r"(r0[1]), "r"(r0[2]),
+                     "r"(r0[3]) : "memory");
+        asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};" ::"r"(dst + 128u), "r"(r1[0]), "r"(r1[1]),
+                     "r"(r1[2]), "r"(r1[3]) : "memory");
+        asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};" ::"r"(dst + kStepB), "r"(r2[0]), "r"(r2[1]),
+                     "r"(r2[2]), "r"(r2[3]) : "memory");
+        asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};" ::"r"(dst + kStepB + 128u), "r"(r3[0]), "r"(r3[1]),
+                     "r"(r3[2]), "r"(r3[3]) : "memory");
+      }
+      asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // st.shared before the wgmmas read them
+    };
+    // (code - zero) * scale in x's dtype, as in gemm_int4_kernel: A[2w + h] = the fragment of step
+    // (word w, half h)
+    uint32_t A[8][4];
+    auto decode = [&](const Chunk<1>& ch) {
+      const uint32_t sp = pack_rows(ch.s[0]), zp = pack_rows(ch.z[0]);
+      const uint32_t nz0 = H::kNegMagic | ((zp & 0xFFu) * 0x10001u), nz1 = H::kNegMagic | ((zp >> 16) * 0x10001u);
+      const uint32_t ss0 = H::scale_pair(sp & 0xFFFFu), ss1 = H::scale_pair(sp >> 16);
+#pragma unroll
+      for (int w = 0; w < 4; ++w) {
+        const uint32_t w0 = word(ch.w[0][0], w), w1 = word(ch.w[0][1], w);
+        uint32_t a0[4], a1[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          a0[i] = H::fma2(H::fma2(and_or(w0 >> (4 * i), mask, magic), H::kOne, nz0), ss0, 0x80008000u);
+          a1[i] = H::fma2(H::fma2(and_or(w1 >> (4 * i), mask, magic), H::kOne, nz1), ss1, 0x80008000u);
+        }
+        A[2 * w][0] = a0[0]; A[2 * w][1] = a1[0]; A[2 * w][2] = a0[1]; A[2 * w][3] = a1[1];
+        A[2 * w + 1][0] = a0[2]; A[2 * w + 1][1] = a1[2]; A[2 * w + 1][2] = a0[3]; A[2 * w + 1][3] = a1[3];
+      }
+    };
+
+    float acc[kAcc];
+#pragma unroll
+    for (int j = 0; j < kAcc; ++j) acc[j] = 0.f;
+    Chunk<1> ch0, ch1;
+    load(ch0, c_begin);  // weights only: may run before the wait
+    load(ch1, c_begin + 1);
+    if (!waited) {
+      pdl_wait();  // x, y and the workspace belong to the stream's previous kernels
+      waited = true;
+    }
+    stage_raw(0, c_begin);
+    stage_raw(1, c_begin + 1);
+    // chunk c: while the previous chunk's wgmmas run, rewrite its x into B buffer b; then wait for
+    // them (ptxas serializes every wgmma if registers they read are written while a group is in
+    // flight, so the decoding comes after the wait), decode its weights, refill the register
+    // buffer and issue its eight wgmmas as one group
+    auto step = [&](int c, int b, Chunk<1>& ch) {
+      asm volatile("cp.async.wait_group 1;" ::: "memory");  // raw chunk c has landed (c + 1 may not)
+      __syncthreads();  // ... from every thread; B buffer b is no longer read (chunk c - 2 is done)
+      permute(b);
+      __syncthreads();  // B buffer b complete; raw buffer b free
+      stage_raw(b, c + 2);
+      wgmma_wait<0>();
+      decode(ch);
+      load(ch, c + 2);
+      const uint64_t desc = smem_desc(b_base + uint32_t(b) * kChunkB, 128u, 256u);
+      wgmma_fence();
+#pragma unroll
+      for (int s = 0; s < 8; ++s) MMA::mma(acc, A[s], desc + uint64_t(s) * (kStepB >> 4));  // start address + step
+      wgmma_commit();
+    };
+    for (int c = c_begin; c < c_end; c += 2) {
+      step(c, 0, ch0);
+      if (c + 1 < c_end) step(c + 1, 1, ch1);
+    }
+    wgmma_wait<0>();
+    asm volatile("cp.async.wait_group 0;" ::: "memory");
+
+    auto store_y = [&](const float (&v)[kAcc]) {
+#pragma unroll
+      for (int j = 0; j < kAcc; ++j) {
+        const int row = row0 + g + 8 * ((j >> 1) & 1);
+        const int col = m0 + 8 * (j >> 2) + 2 * q + (j & 1);
+        if (row < p.n && col < p.m) {
+          float o = v[j];
+          if (p.bias) o += H::to_float(static_cast<const uint16_t*>(p.bias)[row]);
+          static_cast<uint16_t*>(p.y)[col * p.ldy + row] = H::from_float(o);
+        }
+      }
+    };
+
+    if (c_end - c_begin == n_chunks) {
+      store_y(acc);
+    } else {
+      int slot, n_slots;
+      if (P.stream_k_blocks) {
+        const int first = block_of_unit(int64_t(tile) * n_chunks, W, P.stream_k_blocks);
+        slot = int(blockIdx.x) - first;
+        n_slots = block_of_unit(int64_t(tile) * n_chunks + n_chunks - 1, W, P.stream_k_blocks) - first + 1;
+      } else {
+        slot = int(blockIdx.y);
+        n_slots = int(gridDim.y);
+      }
+      constexpr size_t kTileFloats = size_t(kWG) * 64 * kN;
+      float4* tile_ws = reinterpret_cast<float4*>(P.ws + size_t(tile) * P.slots * kTileFloats) + threadIdx.x;
+      float4* mine = tile_ws + size_t(slot) * (kTileFloats / 4);
+#pragma unroll
+      for (int j = 0; j < kAcc / 4; ++j)
+        __stcg(mine + j * kThreads, make_float4(acc[4 * j], acc[4 * j + 1], acc[4 * j + 2], acc[4 * j + 3]));
+      __threadfence();
+      __syncthreads();
+      if (threadIdx.x == 0) {
+        const int done = c_end - c_begin;
+        is_last = atomicAdd(P.cnt + tile, done) + done == n_chunks;
+      }
+      __syncthreads();
+      if (is_last) {
+        __threadfence();
+        for (int s2 = 0; s2 < n_slots; ++s2) {
+          const float4* part = tile_ws + size_t(s2) * (kTileFloats / 4);
+#pragma unroll
+          for (int j = 0; j < kAcc / 4; ++j) {
+            const float4 v = __ldcg(part + j * kThreads);
+            acc[4 * j] = s2 ? acc[4 * j] + v.x : v.x;
+            acc[4 * j + 1] = s2 ? acc[4 * j + 1] + v.y : v.y;
+            acc[4 * j + 2] = s2 ? acc[4 * j + 2] + v.z : v.z;
+            acc[4 * j + 3] = s2 ? acc[4 * j + 3] + v.w : v.w;
+          }
+        }
+        store_y(acc);
+        if (threadIdx.x == 0) P.cnt[tile] = 0;
+      }
+    }
+    __syncthreads();  // the next segment (stream-K) restages the buffers and reuses is_last
+    u += c_end - c_begin;
+  }
+  if (!waited) pdl_wait();
+#endif
+}
+
+#endif  // MIXQ_WGMMA
+
 template <bool kBF16, int kR, int kT>
 cudaError_t prepare(int warps, int* blocks_per_sm) {  // opt in to the shared memory; occupancy
   const size_t smem = gemm_int4_smem_bytes(kT);
@@ -333,17 +585,78 @@ cudaError_t with_shape(bool bf16, int row_tiles, int n_tiles, F&& f) {
   return bf16 ? by_r(integral_constant<bool, true>{}) : by_r(integral_constant<bool, false>{});
 }
 
+
+#ifdef MIXQ_WGMMA
+template <bool kBF16, int kN, int kWG>
+cudaError_t prepare_wg(int* blocks_per_sm) {  // opt in to the shared memory; occupancy
+  constexpr size_t smem = wg_smem_bytes<kN>();
+  auto kernel = gemm_wgmma_kernel<kBF16, kN, kWG>;
+  int dev = 0;
+  cudaGetDevice(&dev);
+  static size_t opted[64] = {};
+  if (smem > 48 * 1024 && smem > opted[dev & 63]) {
+    const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+    if (e != cudaSuccess) return e;
+    opted[dev & 63] = smem;
+  }
+  if (blocks_per_sm) {
+    static int cached[64] = {};
+    int& c = cached[dev & 63];
+    if (!c) {
+      const cudaError_t e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&c, kernel, 128 * kWG, smem);
+      if (e != cudaSuccess) return e;
+    }
+    *blocks_per_sm = c;
+  }
+  return cudaSuccess;
+}
+
+// Calls f(bool tag, N tag, warpgroup tag) with the wgmma kernel of n_tiles (N = 8 n_tiles: 16,
+// 32, 64, 128) and warps (4 per warpgroup: 4, 8).
+template <typename F>
+cudaError_t with_wg_shape(bool bf16, int n_tiles, int warps, F&& f) {
+  using std::integral_constant;
+  auto by_n = [&](auto bf, auto wg) -> cudaError_t {
+    switch (n_tiles) {
+      case 2: return f(bf, integral_constant<int, 16>{}, wg);
+      case 4: return f(bf, integral_constant<int, 32>{}, wg);
+      case 8: return f(bf, integral_constant<int, 64>{}, wg);
+      default: return f(bf, integral_constant<int, 128>{}, wg);
+    }
+  };
+  auto by_wg = [&](auto bf) -> cudaError_t {
+    return warps == 4 ? by_n(bf, integral_constant<int, 1>{}) : by_n(bf, integral_constant<int, 2>{});
+  };
+  return bf16 ? by_wg(integral_constant<bool, true>{}) : by_wg(integral_constant<bool, false>{});
+}
+#endif
+
 }  // namespace
 
 size_t gemm_int4_smem_bytes(int n_tiles) { return size_t(2) * 8 * n_tiles * kRowUnits * 16; }
 
+bool gemm_wgmma_built() {
+#ifdef MIXQ_WGMMA
+  return true;
+#else
+  return false;
+#endif
+}
+
 cudaError_t gemm_int4_plan(GemmInt4Params& p, bool bf16, int row_tiles, int n_tiles, int warps, int split, bool stream_k,
-                           int n_sms, size_t* ws_floats, int* tiles) {
+                           bool wgmma, int n_sms, size_t* ws_floats, int* tiles) {
   const int n_chunks = (p.b.k + kChunk - 1) / kChunk;
   if (p.b.m < 1 || p.b.n < 1 || p.b.k < 32 || p.b.k % 32 || warps < 1 || warps > 8 || split < 1 || n_sms < 1 ||
-      (row_tiles != 1 && row_tiles != 2) || (n_tiles != 1 && n_tiles != 2 && n_tiles != 4 && n_tiles != 8) ||
       p.b.group_shift < 5)
     return cudaErrorInvalidValue;
+  if (wgmma) {  // one 16-row tile per warp, whole warpgroups, N = 16 .. 128
+    if (!gemm_wgmma_built()) return cudaErrorNotSupported;
+    if (row_tiles != 1 || (warps != 4 && warps != 8) ||
+        (n_tiles != 2 && n_tiles != 4 && n_tiles != 8 && n_tiles != 16))
+      return cudaErrorInvalidValue;
+  } else if ((row_tiles != 1 && row_tiles != 2) || (n_tiles != 1 && n_tiles != 2 && n_tiles != 4 && n_tiles != 8)) {
+    return cudaErrorInvalidValue;
+  }
   p.tiles_x = (p.b.n + 16 * row_tiles * warps - 1) / (16 * row_tiles * warps);
   p.tiles_z = (p.b.m + 8 * n_tiles - 1) / (8 * n_tiles);
   const int T = p.tiles_x * p.tiles_z;
@@ -351,9 +664,19 @@ cudaError_t gemm_int4_plan(GemmInt4Params& p, bool bf16, int row_tiles, int n_ti
   *tiles = T;
   if (stream_k) {
     int per_sm = 0;
-    const cudaError_t e = with_shape(bf16, row_tiles, n_tiles, [&](auto bf, auto r, auto t) {
-      return prepare<decltype(bf)::value, decltype(r)::value, decltype(t)::value>(warps, &per_sm);
-    });
+    cudaError_t e = cudaErrorNotSupported;
+    if (!wgmma) {
+      e = with_shape(bf16, row_tiles, n_tiles, [&](auto bf, auto r, auto t) {
+        return prepare<decltype(bf)::value, decltype(r)::value, decltype(t)::value>(warps, &per_sm);
+      });
+    }
+#ifdef MIXQ_WGMMA
+    if (wgmma) {
+      e = with_wg_shape(bf16, n_tiles, warps, [&](auto bf, auto n, auto wg) {
+        return prepare_wg<decltype(bf)::value, decltype(n)::value, decltype(wg)::value>(&per_sm);
+      });
+    }
+#endif
     if (e != cudaSuccess) return e;
     const int64_t W = int64_t(T) * n_chunks;
     const int64_t G = std::max<int64_t>(1, std::min<int64_t>(W, int64_t(n_sms) * std::max(per_sm, 1)));
@@ -376,11 +699,25 @@ cudaError_t gemm_int4_plan(GemmInt4Params& p, bool bf16, int row_tiles, int n_ti
   return cudaSuccess;
 }
 
-cudaError_t gemm_int4_launch(const GemmInt4Params& p, bool bf16, int row_tiles, int n_tiles, int warps,
+cudaError_t gemm_int4_launch(const GemmInt4Params& p, bool bf16, int row_tiles, int n_tiles, int warps, bool wgmma,
                              cudaStream_t stream) {
   if (p.tiles_x < 1 || p.tiles_z < 1 || p.splits < 1 || p.slots < 1 ||
       ((p.splits > 1 || p.slots > 1) && (p.ws == nullptr || p.cnt == nullptr)))
     return cudaErrorInvalidValue;
+  if (wgmma) {
+#ifdef MIXQ_WGMMA
+    return with_wg_shape(bf16, n_tiles, warps, [&](auto bf, auto n, auto wg) -> cudaError_t {
+      constexpr bool kB = decltype(bf)::value;
+      constexpr int kN = decltype(n)::value, kWG = decltype(wg)::value;
+      const cudaError_t e = prepare_wg<kB, kN, kWG>(nullptr);
+      if (e != cudaSuccess) return e;
+      const dim3 grid = p.stream_k_blocks ? dim3(p.stream_k_blocks) : dim3(p.tiles_x, p.splits, p.tiles_z);
+      return launch_ex(gemm_wgmma_kernel<kB, kN, kWG>, grid, dim3(128 * kWG), wg_smem_bytes<kN>(), stream, p.b.pdl, p);
+    });
+#else
+    return cudaErrorNotSupported;
+#endif
+  }
   return with_shape(bf16, row_tiles, n_tiles, [&](auto bf, auto r, auto t) {
     return launch<decltype(bf)::value, decltype(r)::value, decltype(t)::value>(p, warps, stream);
   });

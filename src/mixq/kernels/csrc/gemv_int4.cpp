@@ -151,7 +151,7 @@ int sm_count(const torch::Device& device) {
 torch::Tensor gemm_int4(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, c10::optional<torch::Tensor> zeros,
                         c10::optional<torch::Tensor> bias, c10::optional<torch::Tensor> out, torch::Tensor ws,
                         torch::Tensor cnt, int64_t group_size, int64_t code_offset, int64_t row_tiles, int64_t n_tiles,
-                        int64_t warps, int64_t split, bool stream_k) {
+                        int64_t warps, int64_t split, bool stream_k, bool wgmma) {
   torch::Tensor y;
   GemmInt4Params p{};
   p.b = make_params("gemm_int4", x, codes, scales, zeros, bias, out, group_size, code_offset, 4, int64_t(1) << 20, 32, y);
@@ -159,10 +159,10 @@ torch::Tensor gemm_int4(torch::Tensor x, torch::Tensor codes, torch::Tensor scal
   const bool bf16 = x.scalar_type() == torch::kBFloat16;
   size_t need = 0;
   int tiles = 0;
-  cudaError_t err = gemm_int4_plan(p, bf16, int(row_tiles), int(n_tiles), int(warps), int(split), stream_k,
+  cudaError_t err = gemm_int4_plan(p, bf16, int(row_tiles), int(n_tiles), int(warps), int(split), stream_k, wgmma,
                                    sm_count(x.device()), &need, &tiles);
   TORCH_CHECK(err == cudaSuccess, "gemm_int4: launch shape rejected (row_tiles ", row_tiles, ", n_tiles ", n_tiles,
-              ", warps ", warps, ", split ", split, "): ", cudaGetErrorString(err));
+              ", warps ", warps, ", split ", split, ", wgmma ", wgmma, "): ", cudaGetErrorString(err));
   if (need > 0) {
     TORCH_CHECK(ws.scalar_type() == torch::kFloat && ws.is_cuda() && size_t(ws.numel()) >= need && aligned16(ws),
                 "gemm_int4: workspace must hold ", need, " float32");
@@ -171,15 +171,16 @@ torch::Tensor gemm_int4(torch::Tensor x, torch::Tensor codes, torch::Tensor scal
     p.ws = ws.data_ptr<float>();
     p.cnt = cnt.data_ptr<int>();
   }
-  err = gemm_int4_launch(p, bf16, int(row_tiles), int(n_tiles), int(warps), c10::cuda::getCurrentCUDAStream().stream());
+  err = gemm_int4_launch(p, bf16, int(row_tiles), int(n_tiles), int(warps), wgmma,
+                         c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "gemm_int4 launch failed: ", cudaGetErrorString(err));
   return y;
 }
 
 // [workspace float32 count, counter count] of a gemm_int4 call with this shape and launch.
 std::vector<int64_t> gemm_int4_workspace(int64_t m, int64_t n, int64_t k, int64_t group_size, int64_t row_tiles,
-                                         int64_t n_tiles, int64_t warps, int64_t split, bool stream_k, bool bf16,
-                                         int64_t device) {
+                                         int64_t n_tiles, int64_t warps, int64_t split, bool stream_k, bool wgmma,
+                                         bool bf16, int64_t device) {
   GemmInt4Params p{};
   p.b.m = int(m);
   p.b.n = int(n);
@@ -190,7 +191,7 @@ std::vector<int64_t> gemm_int4_workspace(int64_t m, int64_t n, int64_t k, int64_
   size_t need = 0;
   int tiles = 0;
   const cudaError_t err = gemm_int4_plan(p, bf16, int(row_tiles), int(n_tiles), int(warps), int(split), stream_k,
-                                         sm_count(dev), &need, &tiles);
+                                         wgmma, sm_count(dev), &need, &tiles);
   TORCH_CHECK(err == cudaSuccess, "gemm_int4: launch shape rejected: ", cudaGetErrorString(err));
   return {int64_t(need), int64_t(tiles)};
 }
@@ -270,5 +271,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv_int8", &gemv_int8, "int8 weight-only GEMV for <= 8 activation rows (mixq)");
   m.def("gemv_int3", &gemv_int3, "3-bit (split layout) weight-only GEMV for <= 8 activation rows (mixq)");
   m.def("gemm_int4", &gemm_int4, "int4 weight-only tensor-core GEMM at any batch (mixq)");
+  m.def("gemm_wgmma_built", &gemm_wgmma_built, "whether the sm_90a wgmma GEMM was built (mixq)");
   m.def("gemm_int4_workspace", &gemm_int4_workspace, "workspace floats and counters of a gemm_int4 call (mixq)");
 }

@@ -76,10 +76,14 @@ struct GemmInt4Params {
 // block (n_sms x the blocks that fit per SM) takes the same number of chunks, across tiles.
 // Dynamic shared memory: gemm_int4_smem_bytes(n_tiles) (two buffers of 8 n_tiles x 256
 // activations, padded).
+// wgmma: the Hopper kernel instead (built only for sm_90a, see gemm_wgmma_built): one 16-row tile
+// per warp (row_tiles 1), warps 4 or 8 (one or two warpgroups of 64 weight rows each), n_tiles
+// 2, 4, 8, 16 (N = 16 .. 128 activation rows per tile); the same work split and workspace.
 cudaError_t gemm_int4_plan(GemmInt4Params& p, bool bf16, int row_tiles, int n_tiles, int warps, int split, bool stream_k,
-                           int n_sms, size_t* ws_floats, int* tiles);
-cudaError_t gemm_int4_launch(const GemmInt4Params& p, bool bf16, int row_tiles, int n_tiles, int warps,
+                           bool wgmma, int n_sms, size_t* ws_floats, int* tiles);
+cudaError_t gemm_int4_launch(const GemmInt4Params& p, bool bf16, int row_tiles, int n_tiles, int warps, bool wgmma,
                              cudaStream_t stream);
+bool gemm_wgmma_built();  // whether this build has the wgmma kernel (MIXQ_WGMMA: compiled for sm_90a)
 size_t gemm_int4_smem_bytes(int n_tiles);
 
 // The online input transform ((r / s) * d) H_b of rows of n inputs, per block of b inputs (hadamard.cu),
