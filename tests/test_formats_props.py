@@ -288,10 +288,27 @@ def test_hypothesis_shapes_and_magnitudes(spec, rows, cols, log_scale, seed):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
 @pytest.mark.parametrize("spec", catalogue())
 def test_cuda_matches_cpu(spec):
+    """The same values on the GPU as on the CPU, bitwise. GGUF types whose block parameters come
+    from a search (the IQ4 and k-quant fits) compare candidates through float sums that a GPU
+    adds in another order, so near-ties (q2_k: super-block scales that give the same codes) may
+    go the other way: there, the squared error must be the same to 0.5%."""
+    from mixq.formats.gguf import GGUFFormat
+
     fmt = parse(spec)
     w = make_weight((64, 200) if fmt.supports((64, 200)) is None else (64, 256), 11)
-    out = fmt.fake_quant(w.cuda())
-    assert out.device.type == "cuda"
-    assert torch.equal(out.cpu(), fmt.fake_quant(w))
-    q = fmt.quantize(w.cuda())
-    assert torch.equal(fmt.dequantize(q).cpu(), fmt.fake_quant(w))
+    ref = fmt.fake_quant(w)
+
+    def same(got):
+        assert got.device.type == "cuda"
+        got = got.cpu()
+        if torch.equal(got, ref):
+            return
+        assert isinstance(fmt, GGUFFormat) and fmt.type.name in SEARCHED_GGUF, f"{spec}: CUDA differs from CPU"
+        e_gpu, e_cpu = float(((got - w) ** 2).sum()), float(((ref - w) ** 2).sum())
+        assert abs(e_gpu - e_cpu) <= 0.005 * e_cpu, (spec, e_gpu, e_cpu)
+
+    same(fmt.fake_quant(w.cuda()))
+    same(fmt.dequantize(fmt.quantize(w.cuda())))
+
+
+SEARCHED_GGUF = ("iq4_nl", "iq4_xs", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k")

@@ -125,14 +125,14 @@ def encode_header(t: GGMLType, d: torch.Tensor, dmin: torch.Tensor | None = None
     if t.name == "q2_k":
         return torch.cat([(sc | (mi << 4)).to(torch.uint8), d16, _f16_bytes(dmin)], dim=1)
     if t.name in ("q4_k", "q5_k"):
-        s = torch.zeros(n, 12, dtype=torch.long)
+        s = torch.zeros(n, 12, dtype=torch.long, device=d.device)
         s[:, 0:4] = sc[:, 0:4] | ((sc[:, 4:8] >> 4) << 6)
         s[:, 4:8] = mi[:, 0:4] | ((mi[:, 4:8] >> 4) << 6)
         s[:, 8:12] = (sc[:, 4:8] & 0xF) | ((mi[:, 4:8] & 0xF) << 4)
         return torch.cat([d16, _f16_bytes(dmin), s.to(torch.uint8)], dim=1)
     if t.name == "q3_k":
         u = sc + 32  # 0..63
-        s = torch.zeros(n, 12, dtype=torch.long)
+        s = torch.zeros(n, 12, dtype=torch.long, device=d.device)
         s[:, 0:8] = (u[:, 0:8] & 0xF) | ((u[:, 8:16] & 0xF) << 4)
         for j in range(16):
             s[:, 8 + j % 4] |= (u[:, j] >> 4) << (2 * (j // 4))
@@ -141,7 +141,7 @@ def encode_header(t: GGMLType, d: torch.Tensor, dmin: torch.Tensor | None = None
         return torch.cat([(sc & 0xFF).to(torch.uint8), d16], dim=1)
     if t.name == "iq4_xs":
         u = sc + 32
-        hi = torch.zeros(n, dtype=torch.long)
+        hi = torch.zeros(n, dtype=torch.long, device=d.device)
         for j in range(8):
             hi |= (u[:, j] >> 4) << (2 * j)
         lo = (u[:, 0::2] & 0xF) | ((u[:, 1::2] & 0xF) << 4)  # (N, 4)
@@ -202,12 +202,12 @@ def _unnibble(b: torch.Tensor) -> torch.Tensor:
 def _bitplane(bits: torch.Tensor, n_rows: int) -> torch.Tensor:
     """(N, 256) bits -> (N, n_rows) bytes: element e sets bit e // n_rows of byte e % n_rows."""
     b = bits.reshape(bits.shape[0], -1, n_rows)  # (N, 256 / n_rows, n_rows)
-    shifts = torch.arange(b.shape[1]).reshape(1, -1, 1)
+    shifts = torch.arange(b.shape[1], device=b.device).reshape(1, -1, 1)
     return (b << shifts).sum(1)
 
 
 def _unbitplane(b: torch.Tensor, n_bits: int) -> torch.Tensor:
-    shifts = torch.arange(n_bits).reshape(1, -1, 1)
+    shifts = torch.arange(n_bits, device=b.device).reshape(1, -1, 1)
     return ((b.unsqueeze(1) >> shifts) & 1).reshape(b.shape[0], -1)
 
 
@@ -215,12 +215,12 @@ def _crumbs(c: torch.Tensor) -> torch.Tensor:
     """(N, 256) 2-bit values -> (N, 64) bytes, the q2_k/q3_k order: per half of 128, byte l
     holds elements l, l + 32, l + 64, l + 96 in bits 0-1, 2-3, 4-5, 6-7."""
     c = c.reshape(c.shape[0], 2, 4, 32)
-    shifts = (2 * torch.arange(4)).reshape(1, 1, 4, 1)
+    shifts = (2 * torch.arange(4, device=c.device)).reshape(1, 1, 4, 1)
     return (c << shifts).sum(2).reshape(c.shape[0], 64)
 
 
 def _uncrumbs(b: torch.Tensor) -> torch.Tensor:
-    shifts = (2 * torch.arange(4)).reshape(1, 1, 4, 1)
+    shifts = (2 * torch.arange(4, device=b.device)).reshape(1, 1, 4, 1)
     return ((b.reshape(b.shape[0], 2, 1, 32) >> shifts) & 3).reshape(b.shape[0], 256)
 
 
@@ -231,7 +231,7 @@ def pack_codes(t: GGMLType, codes: torch.Tensor) -> torch.Tensor:
     if t.name in ("q4_0", "q4_1", "iq4_nl", "iq4_xs"):
         out = _nibbles(c)
     elif t.name in ("q5_0", "q5_1"):
-        qh = (((c >> 4) & 1) << torch.arange(32)).sum(1)  # uint32 little-endian
+        qh = (((c >> 4) & 1) << torch.arange(32, device=c.device)).sum(1)  # uint32 little-endian
         out = torch.cat([torch.stack([(qh >> (8 * i)) & 0xFF for i in range(4)], 1), _nibbles(c & 0xF)], 1)
     elif t.name == "q8_0":
         out = c ^ 0x80  # offset binary -> two's complement int8
@@ -240,15 +240,15 @@ def pack_codes(t: GGMLType, codes: torch.Tensor) -> torch.Tensor:
     elif t.name == "q3_k":
         out = torch.cat([_bitplane(c >> 2, 32), _crumbs(c & 3)], 1)
     elif t.name == "q4_k":
-        out = (c.reshape(n, 4, 2, 32) << torch.tensor([0, 4]).reshape(1, 1, 2, 1)).sum(2).reshape(n, 128)
+        out = (c.reshape(n, 4, 2, 32) << torch.tensor([0, 4], device=c.device).reshape(1, 1, 2, 1)).sum(2).reshape(n, 128)
     elif t.name == "q5_k":
-        low = ((c & 0xF).reshape(n, 4, 2, 32) << torch.tensor([0, 4]).reshape(1, 1, 2, 1)).sum(2).reshape(n, 128)
+        low = ((c & 0xF).reshape(n, 4, 2, 32) << torch.tensor([0, 4], device=c.device).reshape(1, 1, 2, 1)).sum(2).reshape(n, 128)
         out = torch.cat([_bitplane(c >> 4, 32), low], 1)
     elif t.name == "q6_k":
         q = c.reshape(n, 2, 4, 32)  # (half, quarter, l)
         ql = torch.stack([(q[:, :, 0] & 0xF) | ((q[:, :, 2] & 0xF) << 4),
                           (q[:, :, 1] & 0xF) | ((q[:, :, 3] & 0xF) << 4)], dim=2).reshape(n, 128)
-        qh = ((q >> 4) << (2 * torch.arange(4)).reshape(1, 1, 4, 1)).sum(2).reshape(n, 64)
+        qh = ((q >> 4) << (2 * torch.arange(4, device=c.device)).reshape(1, 1, 4, 1)).sum(2).reshape(n, 64)
         out = torch.cat([ql, qh], 1)
     else:
         raise AssertionError(t.name)
@@ -263,7 +263,7 @@ def unpack_codes(t: GGMLType, b: torch.Tensor) -> torch.Tensor:
         c = _unnibble(b)
     elif t.name in ("q5_0", "q5_1"):
         qh = b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16) | (b[:, 3] << 24)
-        c = _unnibble(b[:, 4:]) | (((qh.unsqueeze(1) >> torch.arange(32)) & 1) << 4)
+        c = _unnibble(b[:, 4:]) | (((qh.unsqueeze(1) >> torch.arange(32, device=b.device)) & 1) << 4)
     elif t.name == "q8_0":
         c = b ^ 0x80
     elif t.name == "q2_k":
@@ -271,15 +271,15 @@ def unpack_codes(t: GGMLType, b: torch.Tensor) -> torch.Tensor:
     elif t.name == "q3_k":
         c = _uncrumbs(b[:, 32:]) | (_unbitplane(b[:, :32], 8) << 2)
     elif t.name == "q4_k":
-        c = ((b.reshape(n, 4, 1, 32) >> torch.tensor([0, 4]).reshape(1, 1, 2, 1)) & 0xF).reshape(n, 256)
+        c = ((b.reshape(n, 4, 1, 32) >> torch.tensor([0, 4], device=b.device).reshape(1, 1, 2, 1)) & 0xF).reshape(n, 256)
     elif t.name == "q5_k":
-        low = ((b[:, 32:].reshape(n, 4, 1, 32) >> torch.tensor([0, 4]).reshape(1, 1, 2, 1)) & 0xF).reshape(n, 256)
+        low = ((b[:, 32:].reshape(n, 4, 1, 32) >> torch.tensor([0, 4], device=b.device).reshape(1, 1, 2, 1)) & 0xF).reshape(n, 256)
         c = low | (_unbitplane(b[:, :32], 8) << 4)
     elif t.name == "q6_k":
         ql = b[:, :128].reshape(n, 2, 2, 32)  # (half, l + 32 k, l)
         qh = b[:, 128:].reshape(n, 2, 1, 32)
         low = torch.stack([ql[:, :, 0] & 0xF, ql[:, :, 1] & 0xF, ql[:, :, 0] >> 4, ql[:, :, 1] >> 4], dim=2)
-        high = (qh >> (2 * torch.arange(4)).reshape(1, 1, 4, 1)) & 3
+        high = (qh >> (2 * torch.arange(4, device=b.device)).reshape(1, 1, 4, 1)) & 3
         c = (low | (high << 4)).reshape(n, 256)
     else:
         raise AssertionError(t.name)

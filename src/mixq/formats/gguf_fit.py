@@ -45,6 +45,7 @@ def _levels(t: GGMLType) -> torch.Tensor:
 
 def _nearest(y: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     """Nearest of the sorted `levels` to each y (ties to the lower)."""
+    levels = levels.to(y.device)
     mids = (levels[1:] + levels[:-1]) / 2
     return levels[torch.bucketize(y, mids)]
 
