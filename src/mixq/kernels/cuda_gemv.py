@@ -390,16 +390,20 @@ def gemm_supports(layout: PackedLayout, x: torch.Tensor) -> bool:
 
 
 def pick_wgmma_config(m: int, layout: PackedLayout, n_sms: int = 132) -> GemmConfig:
-    """The Hopper kernel's launch, from the H200 sweeps (bench/bench_gemm.py, 2026-12-01,
-    bench/results_h200/gemm_wgmma*.json): two warpgroups (128 weight rows per block), N the
-    smallest of 16, 32, 64, 128 covering the batch (more rows: further activation tiles), and
-    split K while the blocks fit in one wave (one block per SM at these register counts;
-    14336x4096: no split, 112 tiles; 4096-row weights: 4 slices), each slice >= 2 chunks."""
+    """The Hopper kernel's launch, from the H200 sweep (bench/bench_gemm.py, 2026-12-01,
+    bench/results_h200/gemm_wgmma.json): two warpgroups (128 weight rows per block), N the
+    smallest of 16, 32, 64, 128 covering the batch (more rows: further activation tiles); then
+    stream-K from 48 output tiles (14336x4096 at 128 rows: 58.2 vs 62.0 µs without a split;
+    6144x4096 at 64: 22.0 vs 23.5), else split K while the blocks fit in one wave (one block per
+    SM at these register counts; 4096x4096 at 64 rows: 4 slices, 17.0 µs), each slice keeping
+    at least 2 chunks of 128 inputs."""
     n, k = layout.out_features, layout.in_features
     n_tiles = 2
     while n_tiles < 16 and 8 * n_tiles < m:
         n_tiles *= 2
     tiles = -(-n // 128) * -(-m // (8 * n_tiles))
+    if tiles >= 48:
+        return GemmConfig(row_tiles=1, n_tiles=n_tiles, warps=8, stream_k=True, wgmma=True)
     chunks = -(-k // 128)
     split = 1
     while tiles * split * 2 <= n_sms and chunks >= 2 * split * 2:
