@@ -156,15 +156,25 @@ def _build():
     major, minor = torch.cuda.get_device_capability()
     if major < 8:
         raise RuntimeError(f"needs sm_80 or newer (bf16 mma), device is sm_{major}{minor}")
-    digest = hashlib.sha1()
-    for name in SOURCES + HEADERS:
-        digest.update((CSRC / name).read_bytes())
+    def load(flags: list[str]):
+        digest = hashlib.sha1()
+        for name in SOURCES + HEADERS:
+            digest.update((CSRC / name).read_bytes())
+        digest.update(" ".join(flags).encode())
+        return cpp_extension.load(
+            name=f"mixq_gemv_int4_{digest.hexdigest()[:12]}", sources=[str(CSRC / s) for s in SOURCES],
+            extra_include_paths=[str(CSRC)], extra_cflags=["-O3"], extra_cuda_cflags=["-O3", *flags], verbose=False)
+
     flags = arch_flags(major, minor)
-    digest.update(" ".join(flags).encode())
-    name = f"mixq_gemv_int4_{digest.hexdigest()[:12]}"
-    return cpp_extension.load(
-        name=name, sources=[str(CSRC / s) for s in SOURCES], extra_include_paths=[str(CSRC)],
-        extra_cflags=["-O3"], extra_cuda_cflags=["-O3", *flags], verbose=False)
+    try:
+        return load(flags)
+    except Exception as e:
+        if "-DMIXQ_WGMMA=1" not in flags:
+            raise
+        # an nvcc without sm_90a (CUDA < 12): the same kernels for plain sm_90, without wgmma
+        log.warning("mixq: the sm_90a build failed (%s); building for sm_90 without the wgmma GEMM",
+                    str(e)[:300])
+        return load([f"-gencode=arch=compute_{major}{minor},code=sm_{major}{minor}"])
 
 
 def extension():
