@@ -57,6 +57,46 @@ __host__ __device__ __forceinline__ int block_of_unit(int64_t u, int64_t W, int6
   return int(((u + 1) * G + W - 1) / W - 1);
 }
 
+// This block's chunk-units [u, u_end) of W = tiles x n_chunks: one K slice of one tile (split K,
+// grid (tiles_x, splits, tiles_z)), or a contiguous range that may span tiles (stream-K).
+__device__ __forceinline__ void block_units(const GemmInt4Params& P, int64_t W, int n_chunks, int64_t& u,
+                                            int64_t& u_end) {
+  if (P.stream_k_blocks) {
+    u = int64_t(blockIdx.x) * W / P.stream_k_blocks;
+    u_end = int64_t(blockIdx.x + 1) * W / P.stream_k_blocks;
+  } else {
+    const int64_t tile = int64_t(blockIdx.z) * P.tiles_x + blockIdx.x;
+    u = tile * n_chunks + int64_t(blockIdx.y) * P.chunks_per_split;
+    u_end = tile * n_chunks + min(n_chunks, int(blockIdx.y + 1) * P.chunks_per_split);
+  }
+}
+
+// This block's partial-sum slot in `tile` and the tile's number of slots.
+__device__ __forceinline__ void tile_slot(const GemmInt4Params& P, int tile, int n_chunks, int64_t W, int& slot,
+                                          int& n_slots) {
+  if (P.stream_k_blocks) {
+    const int first = block_of_unit(int64_t(tile) * n_chunks, W, P.stream_k_blocks);
+    slot = int(blockIdx.x) - first;
+    n_slots = block_of_unit(int64_t(tile) * n_chunks + n_chunks - 1, W, P.stream_k_blocks) - first + 1;
+  } else {
+    slot = int(blockIdx.y);
+    n_slots = int(gridDim.y);
+  }
+}
+
+// Once this block's partials of `tile` are stored: adds its `done` chunks to the tile's counter.
+// True, in every thread, when they complete the tile: this block then sums the slots in order,
+// writes y and resets the counter. is_last: a __shared__ int of the kernel.
+__device__ __forceinline__ bool arrive_tile(const GemmInt4Params& P, int tile, int done, int n_chunks, int& is_last) {
+  __threadfence();  // this thread's partials are visible device-wide before the block arrives
+  __syncthreads();
+  if (threadIdx.x == 0) is_last = atomicAdd(P.cnt + tile, done) + done == n_chunks;
+  __syncthreads();
+  const bool last = is_last;
+  if (last) __threadfence();
+  return last;
+}
+
 template <bool kBF16, int kR, int kT>
 __global__ void __launch_bounds__(256) gemm_int4_kernel(const GemmInt4Params P) {
   using H = Half<kBF16>;
@@ -78,18 +118,9 @@ __global__ void __launch_bounds__(256) gemm_int4_kernel(const GemmInt4Params P) 
 #pragma unroll
   for (int t = 0; t < kT; ++t) x_lane[t] = opaque(uint32_t((8 * t + g) * kRowUnits) * 16u);
 
-  // this block's chunk-units: one K slice of one tile (split K), or a contiguous range of
-  // units that may span tiles (stream-K)
   const int64_t W = int64_t(n_tiles) * n_chunks;
   int64_t u, u_end;
-  if (P.stream_k_blocks) {
-    u = int64_t(blockIdx.x) * W / P.stream_k_blocks;
-    u_end = int64_t(blockIdx.x + 1) * W / P.stream_k_blocks;
-  } else {
-    const int64_t tile = int64_t(blockIdx.z) * P.tiles_x + blockIdx.x;
-    u = tile * n_chunks + int64_t(blockIdx.y) * P.chunks_per_split;
-    u_end = tile * n_chunks + min(n_chunks, int(blockIdx.y + 1) * P.chunks_per_split);
-  }
+  block_units(P, W, n_chunks, u, u_end);
 
   pdl_launch_dependents();
   bool waited = false;
@@ -228,14 +259,7 @@ __global__ void __launch_bounds__(256) gemm_int4_kernel(const GemmInt4Params P) 
       // chunks complete the tile (per-tile chunk counter) sums the slots in order, writes y
       // and resets the counter
       int slot, n_slots;
-      if (P.stream_k_blocks) {
-        const int first = block_of_unit(int64_t(tile) * n_chunks, W, P.stream_k_blocks);
-        slot = int(blockIdx.x) - first;
-        n_slots = block_of_unit(int64_t(tile) * n_chunks + n_chunks - 1, W, P.stream_k_blocks) - first + 1;
-      } else {
-        slot = int(blockIdx.y);
-        n_slots = int(gridDim.y);
-      }
+      tile_slot(P, tile, n_chunks, W, slot, n_slots);
       const size_t tile_floats = size_t(n_warps) * kR * kT * 128;
       const size_t lane_base = (size_t(warp) * kR * kT * 128) + lane * 4;
       float* tile_ws = P.ws + size_t(tile) * P.slots * tile_floats + lane_base;
@@ -247,15 +271,7 @@ __global__ void __launch_bounds__(256) gemm_int4_kernel(const GemmInt4Params P) 
           for (int t = 0; t < kT; ++t)
             __stcg(mine + (r * kT + t) * 32, make_float4(acc[r][t][0], acc[r][t][1], acc[r][t][2], acc[r][t][3]));
       }
-      __threadfence();  // this thread's partials are visible device-wide before the block arrives
-      __syncthreads();
-      if (threadIdx.x == 0) {
-        const int done = c_end - c_begin;
-        is_last = atomicAdd(P.cnt + tile, done) + done == n_chunks;
-      }
-      __syncthreads();
-      if (is_last) {
-        __threadfence();
+      if (arrive_tile(P, tile, c_end - c_begin, n_chunks, is_last)) {
         if (active) {  // the sum, in slot order, replaces this block's own partial in acc
           for (int s2 = 0; s2 < n_slots; ++s2) {
             const float4* part = reinterpret_cast<const float4*>(tile_ws + size_t(s2) * tile_floats);
@@ -327,14 +343,7 @@ __global__ void __launch_bounds__(128 * kWG) gemm_wgmma_kernel(const GemmInt4Par
 
   const int64_t W = int64_t(n_tiles) * n_chunks;
   int64_t u, u_end;
-  if (P.stream_k_blocks) {
-    u = int64_t(blockIdx.x) * W / P.stream_k_blocks;
-    u_end = int64_t(blockIdx.x + 1) * W / P.stream_k_blocks;
-  } else {
-    const int64_t tile = int64_t(blockIdx.z) * P.tiles_x + blockIdx.x;
-    u = tile * n_chunks + int64_t(blockIdx.y) * P.chunks_per_split;
-    u_end = tile * n_chunks + min(n_chunks, int(blockIdx.y + 1) * P.chunks_per_split);
-  }
+  block_units(P, W, n_chunks, u, u_end);
 
   pdl_launch_dependents();
   bool waited = false;
@@ -485,29 +494,14 @@ __global__ void __launch_bounds__(128 * kWG) gemm_wgmma_kernel(const GemmInt4Par
       store_y(acc);
     } else {
       int slot, n_slots;
-      if (P.stream_k_blocks) {
-        const int first = block_of_unit(int64_t(tile) * n_chunks, W, P.stream_k_blocks);
-        slot = int(blockIdx.x) - first;
-        n_slots = block_of_unit(int64_t(tile) * n_chunks + n_chunks - 1, W, P.stream_k_blocks) - first + 1;
-      } else {
-        slot = int(blockIdx.y);
-        n_slots = int(gridDim.y);
-      }
+      tile_slot(P, tile, n_chunks, W, slot, n_slots);
       constexpr size_t kTileFloats = size_t(kWG) * 64 * kN;
       float4* tile_ws = reinterpret_cast<float4*>(P.ws + size_t(tile) * P.slots * kTileFloats) + threadIdx.x;
       float4* mine = tile_ws + size_t(slot) * (kTileFloats / 4);
 #pragma unroll
       for (int j = 0; j < kAcc / 4; ++j)
         __stcg(mine + j * kThreads, make_float4(acc[4 * j], acc[4 * j + 1], acc[4 * j + 2], acc[4 * j + 3]));
-      __threadfence();
-      __syncthreads();
-      if (threadIdx.x == 0) {
-        const int done = c_end - c_begin;
-        is_last = atomicAdd(P.cnt + tile, done) + done == n_chunks;
-      }
-      __syncthreads();
-      if (is_last) {
-        __threadfence();
+      if (arrive_tile(P, tile, c_end - c_begin, n_chunks, is_last)) {
         for (int s2 = 0; s2 < n_slots; ++s2) {
           const float4* part = tile_ws + size_t(s2) * (kTileFloats / 4);
 #pragma unroll
