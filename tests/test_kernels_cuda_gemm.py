@@ -249,6 +249,21 @@ def test_dispatcher_routes_asym_int4_batches_above_8_to_it():
     assert torch.equal(qmatmul(x, q.weights(), q.bias), direct)
 
 
+def _check_chain(chain):
+    """chain(sync) runs calls that each read the previous call's output (synchronizing after each
+    when sync): run back to back, eagerly and replayed from a CUDA graph into NaN-filled
+    outputs, it must give what it gives one call at a time."""
+    ref = chain(sync=True)
+    assert torch.equal(chain(sync=False), ref)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = chain(sync=False)
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, ref)
+
+
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("m", [1, 16])
@@ -272,15 +287,7 @@ def test_dependent_chain_reads_the_previous_output(m, monkeypatch):
                 torch.cuda.synchronize()
         return y
 
-    ref = chain(sync=True)
-    assert torch.equal(chain(sync=False), ref)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = chain(sync=False)
-    out.fill_(float("nan"))
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(out, ref)
+    _check_chain(chain)
 
 
 # --------------------------------------------------------------------------- Hopper (wgmma)
@@ -369,12 +376,4 @@ def test_wgmma_in_a_dependent_chain_and_a_graph(monkeypatch):
                 torch.cuda.synchronize()
         return y
 
-    ref = chain(sync=True)
-    assert torch.equal(chain(sync=False), ref)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = chain(sync=False)
-    out.fill_(float("nan"))
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(out, ref)
+    _check_chain(chain)
