@@ -8,7 +8,9 @@
 # 2. the GPU tests of both kernels (tests/test_kernels_cuda_gemm.py, tests/test_kernels_cuda.py);
 # 3. the launch-shape sweep against the Triton tensor-core kernel, the GEMV and bf16
 #    (bench_gemm.py), then the peers at batch 16 and 64 (peer_gemv.py: tinygemm, gemlite).
-# gemlite is installed from $GEMLITE_SDIST (default whl/gemlite-*.tar.gz) when present.
+# gemlite is installed from $GEMLITE_SDIST (default whl/gemlite-*.tar.gz) when present (whl/ is
+# not tracked: pass it to the GPU machine with the device tool's carry). On sm_90 the sweep
+# includes the Hopper (wgmma) kernel's launches.
 # 4. with E2E=1, the decode loop (bench_e2e.py), with E2E_PDL=1 each quantized plan again
 #    without programmatic dependent launch (MIXQ_PDL=0; on by default on sm_90+);
 # 5. with PROFILE=1, Nsight Compute sections of the GEMV (batch 1) and the GEMM (16, 64);
