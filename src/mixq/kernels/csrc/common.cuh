@@ -142,6 +142,36 @@ __device__ __forceinline__ void load_chunk(Chunk<kR>& ch, const Params& p, int c
 // (row g) | (row g + 8) << 16 of a chunk's two per-row values, when the chunk is decoded.
 __device__ __forceinline__ uint32_t pack_rows(const uint32_t (&v)[2]) { return v[0] | (v[1] << 16); }
 
+// The constants of pre-scaled decoding for row tile r of a chunk: -(magic + zero) (nz) and the
+// scale in x's dtype (ss), each as a pair, of rows g ([0]) and g + 8 ([1]).
+template <bool kBF16, int kR>
+__device__ __forceinline__ void prescale_consts(const Chunk<kR>& ch, int r, uint32_t (&nz)[2], uint32_t (&ss)[2]) {
+  using H = Half<kBF16>;
+  const uint32_t sp = pack_rows(ch.s[r]);  // rows g (low half), g + 8
+  const uint32_t zp = pack_rows(ch.z[r]);
+  nz[0] = H::kNegMagic | ((zp & 0xFFu) * 0x10001u);
+  nz[1] = H::kNegMagic | ((zp >> 16) * 0x10001u);
+  ss[0] = H::scale_pair(sp & 0xFFFFu);
+  ss[1] = H::scale_pair(sp >> 16);
+}
+
+// Word w0 of row g and w1 of row g + 8 (8 LSB-first int4 codes each) as (code - zero) * scale
+// in x's dtype (exact subtraction, one rounding), in the A fragments of two mma.m16n8k16 k16
+// steps: pairs (i, i + 4) of the word, A0 from i = 0, 1 and A1 from i = 2, 3.
+template <bool kBF16>
+__device__ __forceinline__ void prescaled_fragments(uint32_t w0, uint32_t w1, const uint32_t (&nz)[2],
+                                                    const uint32_t (&ss)[2], uint32_t (&A0)[4], uint32_t (&A1)[4]) {
+  using H = Half<kBF16>;
+  uint32_t a0[4], a1[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    a0[i] = H::fma2(H::fma2(and_or(w0 >> (4 * i), 0x000F000Fu, H::kMagic), H::kOne, nz[0]), ss[0], 0x80008000u);
+    a1[i] = H::fma2(H::fma2(and_or(w1 >> (4 * i), 0x000F000Fu, H::kMagic), H::kOne, nz[1]), ss[1], 0x80008000u);
+  }
+  A0[0] = a0[0]; A0[1] = a1[0]; A0[2] = a0[1]; A0[3] = a1[1];
+  A1[0] = a0[2]; A1[1] = a1[2]; A1[2] = a0[3]; A1[3] = a1[3];
+}
+
 // Programmatic dependent launch (sm_90+, opt-in: gemv_int4.h pdl_enabled). A kernel launched
 // with `launch_ex(..., pdl = true)` may start while the previous kernel of the stream is still
 // running: it lets the next kernel start too (`pdl_launch_dependents`), reads only its weights

@@ -158,35 +158,18 @@ __global__ void __launch_bounds__(256) gemm_int4_kernel(const GemmInt4Params P) 
     };
 
     float acc[kR][kT][4] = {};
-    const uint32_t mask = 0x000F000Fu, magic = H::kMagic;
     auto compute = [&](const Chunk<kR>& ch, int b, int cc) {  // x from buffer b, chunk cc of the stage
       uint32_t nz[kR][2], ss[kR][2];
 #pragma unroll
-      for (int r = 0; r < kR; ++r) {
-        const uint32_t sp = pack_rows(ch.s[r]);  // rows g (low half), g + 8
-        const uint32_t zp = pack_rows(ch.z[r]);
-        nz[r][0] = H::kNegMagic | ((zp & 0xFFu) * 0x10001u);  // -(magic + zero) x2
-        nz[r][1] = H::kNegMagic | ((zp >> 16) * 0x10001u);
-        ss[r][0] = H::scale_pair(sp & 0xFFFFu);
-        ss[r][1] = H::scale_pair(sp >> 16);
-      }
+      for (int r = 0; r < kR; ++r) prescale_consts<kBF16>(ch, r, nz[r], ss[r]);
       const uint32_t xb = xs_base + uint32_t(b * 8 * kT * kRowUnits) * 16u;
 #pragma unroll
       for (int w = 0; w < 4; ++w) {
         const uint32_t unit = uint32_t(swizzle(cc * 16 + 4 * q + w)) * 16u;
         uint32_t A[kR][2][4];  // [row tile][half word]: pairs (i, i + 4) of rows g, g + 8
 #pragma unroll
-        for (int r = 0; r < kR; ++r) {
-          const uint32_t w0 = word(ch.w[r][0], w), w1 = word(ch.w[r][1], w);
-          uint32_t a0[4], a1[4];
-#pragma unroll
-          for (int i = 0; i < 4; ++i) {  // (code - zero) * scale: exact subtraction, one rounding
-            a0[i] = H::fma2(H::fma2(and_or(w0 >> (4 * i), mask, magic), H::kOne, nz[r][0]), ss[r][0], 0x80008000u);
-            a1[i] = H::fma2(H::fma2(and_or(w1 >> (4 * i), mask, magic), H::kOne, nz[r][1]), ss[r][1], 0x80008000u);
-          }
-          A[r][0][0] = a0[0]; A[r][0][1] = a1[0]; A[r][0][2] = a0[1]; A[r][0][3] = a1[1];
-          A[r][1][0] = a0[2]; A[r][1][1] = a1[2]; A[r][1][2] = a0[3]; A[r][1][3] = a1[3];
-        }
+        for (int r = 0; r < kR; ++r)
+          prescaled_fragments<kBF16>(word(ch.w[r][0], w), word(ch.w[r][1], w), nz[r], ss[r], A[r][0], A[r][1]);
 #pragma unroll
         for (int t = 0; t < kT; ++t) {
           uint4 xv;
@@ -347,7 +330,6 @@ __global__ void __launch_bounds__(128 * kWG) gemm_wgmma_kernel(const GemmInt4Par
 
   pdl_launch_dependents();
   bool waited = false;
-  const uint32_t mask = 0x000F000Fu, magic = H::kMagic;
   while (u < u_end) {  // block-uniform: one segment (a tile's chunks c_begin .. c_end - 1) per pass
     const int tile = int(u / n_chunks);
     const int c_begin = int(u % n_chunks);
@@ -422,21 +404,11 @@ __global__ void __launch_bounds__(128 * kWG) gemm_wgmma_kernel(const GemmInt4Par
     // (word w, half h)
     uint32_t A[8][4];
     auto decode = [&](const Chunk<1>& ch) {
-      const uint32_t sp = pack_rows(ch.s[0]), zp = pack_rows(ch.z[0]);
-      const uint32_t nz0 = H::kNegMagic | ((zp & 0xFFu) * 0x10001u), nz1 = H::kNegMagic | ((zp >> 16) * 0x10001u);
-      const uint32_t ss0 = H::scale_pair(sp & 0xFFFFu), ss1 = H::scale_pair(sp >> 16);
+      uint32_t nz[2], ss[2];
+      prescale_consts<kBF16>(ch, 0, nz, ss);
 #pragma unroll
-      for (int w = 0; w < 4; ++w) {
-        const uint32_t w0 = word(ch.w[0][0], w), w1 = word(ch.w[0][1], w);
-        uint32_t a0[4], a1[4];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          a0[i] = H::fma2(H::fma2(and_or(w0 >> (4 * i), mask, magic), H::kOne, nz0), ss0, 0x80008000u);
-          a1[i] = H::fma2(H::fma2(and_or(w1 >> (4 * i), mask, magic), H::kOne, nz1), ss1, 0x80008000u);
-        }
-        A[2 * w][0] = a0[0]; A[2 * w][1] = a1[0]; A[2 * w][2] = a0[1]; A[2 * w][3] = a1[1];
-        A[2 * w + 1][0] = a0[2]; A[2 * w + 1][1] = a1[2]; A[2 * w + 1][2] = a0[3]; A[2 * w + 1][3] = a1[3];
-      }
+      for (int w = 0; w < 4; ++w)
+        prescaled_fragments<kBF16>(word(ch.w[0][0], w), word(ch.w[0][1], w), nz, ss, A[2 * w], A[2 * w + 1]);
     };
 
     float acc[kAcc];
