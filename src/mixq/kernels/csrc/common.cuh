@@ -142,6 +142,15 @@ __device__ __forceinline__ void load_chunk(Chunk<kR>& ch, const Params& p, int c
 // (row g) | (row g + 8) << 16 of a chunk's two per-row values, when the chunk is decoded.
 __device__ __forceinline__ uint32_t pack_rows(const uint32_t (&v)[2]) { return v[0] | (v[1] << 16); }
 
+// 16 bytes of x, inputs 0..7 of one code word, as the B operand pairs that match the decoded A
+// fragments (pairs (i, i + 4) of the word): b = (x0, x4), (x1, x5), (x2, x6), (x3, x7).
+__device__ __forceinline__ void x_pairs(const uint4& v, uint32_t (&b)[4]) {
+  b[0] = __byte_perm(v.x, v.z, 0x5410);
+  b[1] = __byte_perm(v.x, v.z, 0x7632);
+  b[2] = __byte_perm(v.y, v.w, 0x5410);
+  b[3] = __byte_perm(v.y, v.w, 0x7632);
+}
+
 // The constants of pre-scaled decoding for row tile r of a chunk: -(magic + zero) (nz) and the
 // scale in x's dtype (ss), each as a pair, of rows g ([0]) and g + 8 ([1]).
 template <bool kBF16, int kR>

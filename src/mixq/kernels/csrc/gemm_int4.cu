@@ -176,14 +176,12 @@ __global__ void __launch_bounds__(256) gemm_int4_kernel(const GemmInt4Params P) 
           asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
                        : "=r"(xv.x), "=r"(xv.y), "=r"(xv.z), "=r"(xv.w)
                        : "r"(xb + x_lane[t] + unit));
-          const uint32_t b0 = __byte_perm(xv.x, xv.z, 0x5410);  // (x0, x4)
-          const uint32_t b1 = __byte_perm(xv.x, xv.z, 0x7632);  // (x1, x5)
-          const uint32_t b2 = __byte_perm(xv.y, xv.w, 0x5410);  // (x2, x6)
-          const uint32_t b3 = __byte_perm(xv.y, xv.w, 0x7632);  // (x3, x7)
+          uint32_t b[4];
+          x_pairs(xv, b);
 #pragma unroll
           for (int r = 0; r < kR; ++r) {
-            H::mma(acc[r][t], A[r][0], b0, b1);
-            H::mma(acc[r][t], A[r][1], b2, b3);
+            H::mma(acc[r][t], A[r][0], b[0], b[1]);
+            H::mma(acc[r][t], A[r][1], b[2], b[3]);
           }
         }
       }
@@ -375,6 +373,8 @@ __global__ void __launch_bounds__(128 * kWG) gemm_wgmma_kernel(const GemmInt4Par
         if (kN * 4 % kThreads != 0 && it >= kN * 4) break;
         const int n = it % kN, w = it / kN;
         const uint32_t src = raw_base + uint32_t(b * kN + n) * kRawRowBytes + uint32_t(w * 16);
+        // r0: (x0, x4) to step 2w, K 2qq, 2qq + 1; r1: (x1, x5) to step 2w, K 8 + 2qq, 9 + 2qq;
+        // r2, r3: (x2, x6), (x3, x7) the same in step 2w + 1
         uint32_t r0[4], r1[4], r2[4], r3[4];
 #pragma unroll
         for (int qq = 0; qq < 4; ++qq) {
@@ -382,10 +382,12 @@ __global__ void __launch_bounds__(128 * kWG) gemm_wgmma_kernel(const GemmInt4Par
           asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
                        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
                        : "r"(src + uint32_t(qq * 64)));
-          r0[qq] = __byte_perm(v.x, v.z, 0x5410);  // (x0, x4): step 2w, K 2qq, 2qq + 1
-          r1[qq] = __byte_perm(v.x, v.z, 0x7632);  // (x1, x5): step 2w, K 8 + 2qq, 9 + 2qq
-          r2[qq] = __byte_perm(v.y, v.w, 0x5410);  // (x2, x6): step 2w + 1
-          r3[qq] = __byte_perm(v.y, v.w, 0x7632);  // (x3, x7): step 2w + 1
+          uint32_t pr[4];
+          x_pairs(v, pr);
+          r0[qq] = pr[0];
+          r1[qq] = pr[1];
+          r2[qq] = pr[2];
+          r3[qq] = pr[3];
         }
         const uint32_t dst = b_base + uint32_t(b) * kChunkB + uint32_t(2 * w) * kStepB + uint32_t(n >> 3) * 256u +
                              uint32_t(n & 7) * 16u;

@@ -172,12 +172,7 @@ __global__ void __launch_bounds__(512, (kR == 1 && kU == 1) ? 2 : 1) gemv_int4_k
     // B operands: word w covers inputs 8w .. 8w + 7 = xv[w] = (x0x1, x2x3, x4x5, x6x7)
     uint32_t b[4][4];
 #pragma unroll
-    for (int w = 0; w < 4; ++w) {
-      b[w][0] = __byte_perm(xv[w].x, xv[w].z, 0x5410);  // (x0, x4)
-      b[w][1] = __byte_perm(xv[w].x, xv[w].z, 0x7632);  // (x1, x5)
-      b[w][2] = __byte_perm(xv[w].y, xv[w].w, 0x5410);  // (x2, x6)
-      b[w][3] = __byte_perm(xv[w].y, xv[w].w, 0x7632);  // (x3, x7)
-    }
+    for (int w = 0; w < 4; ++w) x_pairs(xv[w], b[w]);
     // kPre == false: the mma runs on magic + code (no subtraction), and the offset is taken
     // out in fp32 afterwards: sum (magic + c) x - (magic + zero) sum x, with sum x (per
     // activation row, over the chunk) from an mma of all-ones A with the same B
@@ -669,10 +664,7 @@ __global__ void __launch_bounds__(512) gemv_int8_kernel(const GemvInt4Params p) 
 #pragma unroll
     for (int v = 0; v < 4; ++v) {  // inputs 8v .. 8v + 7 of the lane: x in xv[v]
       uint32_t b[4];
-      b[0] = __byte_perm(xv[v].x, xv[v].z, 0x5410);  // (x0, x4)
-      b[1] = __byte_perm(xv[v].x, xv[v].z, 0x7632);  // (x1, x5)
-      b[2] = __byte_perm(xv[v].y, xv[v].w, 0x5410);  // (x2, x6)
-      b[3] = __byte_perm(xv[v].y, xv[v].w, 0x7632);  // (x3, x7)
+      x_pairs(xv[v], b);
       H::mma(sx, ones, b[0], b[1]);
       H::mma(sx, ones, b[2], b[3]);
       uint32_t lo[2][4], hi[2][4];  // [row half][pair i]: magic + code (bf16: low seven bits, 128 h)
