@@ -305,6 +305,8 @@ def test_arch_flags_build_the_wgmma_kernel_only_for_sm90():
     for cc in [(8, 0), (8, 9), (10, 0), (12, 0)]:
         flags = cuda_gemv.arch_flags(*cc)
         assert flags == [f"-gencode=arch=compute_{cc[0]}{cc[1]},code=sm_{cc[0]}{cc[1]}"]
+    # the fallback build of an nvcc without sm_90a
+    assert cuda_gemv.arch_flags(9, 0, wgmma=False) == ["-gencode=arch=compute_90,code=sm_90"]
 
 
 @pytest.mark.gpu

@@ -141,11 +141,11 @@ def build_error() -> str | None:
     return _error
 
 
-def arch_flags(major: int, minor: int) -> list[str]:
+def arch_flags(major: int, minor: int, wgmma: bool = True) -> list[str]:
     """nvcc flags for a device of compute capability major.minor: its own architecture; on sm_90
-    (H100, H200) the architecture-specific sm_90a, which the wgmma GEMM needs, with MIXQ_WGMMA
-    defined so that the kernel is built."""
-    if (major, minor) == (9, 0):
+    (H100, H200), unless not `wgmma`, the architecture-specific sm_90a, which the wgmma GEMM
+    needs, with MIXQ_WGMMA defined so that the kernel is built."""
+    if wgmma and (major, minor) == (9, 0):
         return ["-gencode=arch=compute_90a,code=sm_90a", "-DMIXQ_WGMMA=1"]
     return [f"-gencode=arch=compute_{major}{minor},code=sm_{major}{minor}"]
 
@@ -166,15 +166,16 @@ def _build():
             extra_include_paths=[str(CSRC)], extra_cflags=["-O3"], extra_cuda_cflags=["-O3", *flags], verbose=False)
 
     flags = arch_flags(major, minor)
+    plain = arch_flags(major, minor, wgmma=False)
     try:
         return load(flags)
     except Exception as e:
-        if "-DMIXQ_WGMMA=1" not in flags:
+        if flags == plain:
             raise
         # an nvcc without sm_90a (CUDA < 12): the same kernels for plain sm_90, without wgmma
         log.warning("mixq: the sm_90a build failed (%s); building for sm_90 without the wgmma GEMM",
                     str(e)[:300])
-        return load([f"-gencode=arch=compute_{major}{minor},code=sm_{major}{minor}"])
+        return load(plain)
 
 
 def extension():
@@ -453,13 +454,21 @@ def gemm_smem_bytes(cfg: GemmConfig) -> int:
     return 2 * 8 * cfg.n_tiles * 33 * 16
 
 
+_WGMMA_BUILT: bool | None = None  # the built extension's answer, asked once
+
+
 def wgmma_available() -> bool:
     """Whether the extension has the Hopper GEMM (`GemmConfig.wgmma`): built for sm_90a, on an
     sm_90 device; not with MIXQ_WGMMA=0 (a benchmark switch)."""
+    global _WGMMA_BUILT
     if os.environ.get("MIXQ_WGMMA", "1") == "0" or not _enabled():
         return False
-    ext = extension()
-    return ext is not None and bool(ext.gemm_wgmma_built())
+    if _WGMMA_BUILT is None:
+        ext = extension()
+        if ext is None:
+            return False
+        _WGMMA_BUILT = bool(ext.gemm_wgmma_built())
+    return _WGMMA_BUILT
 
 
 def gemm_available(layout: PackedLayout, x: torch.Tensor) -> bool:
@@ -480,13 +489,13 @@ def gemm_preferred(layout: PackedLayout, x: torch.Tensor) -> bool:
     if not gemm_available(layout, x):
         return False
     m = x.shape[0]
+    slow_on_triton = layout.has_zeros or layout.group_size < min(128, layout.in_features)
     if m > 16 and wgmma_available():
         # the Hopper kernel: ahead of both others from 17 rows (14336x4096 at 64 rows: 38-41 vs
         # 43.6 µs; at 128: 56-59 vs 74), except on weights of under 48 blocks of 128 rows at 33-64
         # rows, where the Triton kernel is (4096x4096 at 64: 15.9 vs 17.1 µs)
-        return not (32 < m <= 64 and -(-layout.out_features // 128) < 48 and not layout.has_zeros
-                    and layout.group_size >= min(128, layout.in_features))
-    if layout.has_zeros or layout.group_size < min(128, layout.in_features) or m > 64:
+        return slow_on_triton or not (32 < m <= 64 and -(-layout.out_features // 128) < 48)
+    if slow_on_triton or m > 64:
         return True
     return m > 16 and pick_gemm_config(m, layout, _sm_count(x.device)).stream_k
 
