@@ -131,16 +131,19 @@ def main(argv=None) -> int:
                 t_heur_wg = next((t for t, c in rows if c == heur_wg), None)
                 if t_heur_wg is None:
                     t_heur_wg = timed(kws, lambda kw: (lambda: cuda_gemv.gemm(x, kw, None, heur_wg)))
-            t_gemv = forced(kws, x, "cuda_gemv") if m <= cuda_gemv.MAX_BATCH else None
+            gemv_max = cuda_gemv.max_batch(lay)
+            t_gemv = forced(kws, x, "cuda_gemv") if m <= gemv_max else None
             gemv_rows = []
-            if m <= cuda_gemv.MAX_BATCH and spec == "int4:g128" and not args.lean:  # the GEMV's launch shapes
-                for rt, w in itertools.product((1, 2), (2, 4, 8, 16)):
-                    gcfg = cuda_gemv.GemvConfig(rt, 1, w)
+            if m <= gemv_max and spec == "int4:g128" and not args.lean:  # the GEMV's launch shapes
+                for rt, w, st in itertools.product((1, 2), (2, 4, 8, 16), (0, 4)):
+                    gcfg = cuda_gemv.GemvConfig(rt, 1, w, st)
+                    if gcfg.ring_bytes() > cuda_gemv.MAX_RING_BYTES:
+                        continue
                     gemv_rows.append((timed(kws, lambda kw, c=gcfg: (lambda: cuda_gemv.qmatmul(x, kw, None, c))), gcfg))
                 gemv_rows.sort(key=lambda r: r[0])
                 log(f"  gemv best {gemv_rows[0][0]:.1f} {gemv_rows[0][1]} | heuristic {cuda_gemv.pick_config(m, lay)}")
             # with programmatic dependent launch: consecutive calls of the same kernel overlap
-            lean_skip = args.lean or m > cuda_gemv.MAX_BATCH
+            lean_skip = args.lean or m > gemv_max
             t_gemv_pdl = None if lean_skip else forced(kws, x, "cuda_gemv", {"MIXQ_PDL": "1"})
             t_heur_pdl = None if args.lean else forced(kws, x, "cuda_tc", {"MIXQ_PDL": "1"})
             t_tc = None if (args.no_triton or args.lean) else forced(kws, x, "tc")

@@ -4,7 +4,7 @@ capture; prints nothing of its own timing.
     ncu -k regex:gem[mv]_int4 --launch-skip 3 --launch-count 1 --section SpeedOfLight \\
         --section WarpStateStats python3 bench/profile_kernels.py --kernel gemm --m 16
 
---kernel gemv (the CUDA GEMV, m <= 8; its heuristic launch shape unless --config
+--kernel gemv (the CUDA GEMV, m <= 16 for int4; its heuristic launch shape unless --config
 rt,unroll,warps[,stages]), gemm (the tensor-core GEMM, unless --config
 rt,nt,warps,split[,stream_k,wgmma]) or sum
 (torch's sum over the same codes: a plain streaming read to compare with); weights: random int4:g128 codes of --shape.

@@ -3,7 +3,7 @@
 CPU tests (always run): which layouts it takes, the launch-shape heuristic, and the fallback
 when the extension cannot be built. GPU tests (marked `gpu`, skipped without CUDA): every
 launch shape against the float32 reference on odd shapes with NaN-poisoned outputs, bf16
-and fp16, sym/asym, groups 32/64/128/per-channel, batch 1..8, bias; the dispatcher; CUDA
+and fp16, sym/asym, groups 32/64/128/per-channel, batch 1..8 (int4: 1..16), bias; the dispatcher; CUDA
 graph capture. Bound: ||out - ref|| / ||ref|| < 1e-2 (bf16 rounding of x and y is ~3e-3).
 """
 
@@ -85,6 +85,31 @@ def test_ring_launch_shapes_are_checked_before_the_extension():
             cuda_gemv._check_config(cfg)
     cuda_gemv._check_config(cuda_gemv.GemvConfig(2, 1, 8, 8))  # 128 KiB: accepted
     assert not cuda_gemv.supports(kw.layout, x)  # CPU input: never reaches the kernel
+    # 9-16 rows (two B tiles): the register pipeline of one chunk per buffer, or the 4-slot ring
+    cuda_gemv._check_config(cuda_gemv.GemvConfig(2, 1, 8, 4), m=16)
+    cuda_gemv._check_config(cuda_gemv.GemvConfig(1, 1, 8, 0), m=9)
+    for cfg in (cuda_gemv.GemvConfig(2, 1, 8, 8), cuda_gemv.GemvConfig(1, 2, 4, 0)):
+        cuda_gemv._check_config(cfg, m=8)
+        with pytest.raises(ValueError, match="for 9 activation rows"):
+            cuda_gemv._check_config(cfg, m=9)
+
+
+def test_batch_limits_per_format(monkeypatch):
+    """int4 takes up to 16 activation rows (two B tiles), 3-bit and int8 up to 8; the heuristic
+    never gives 9-16 rows a launch shape the kernel refuses, even under MIXQ_GEMV_STAGES=8."""
+    assert cuda_gemv.max_batch(_layout("int4:g128", k=1024)) == 16
+    assert cuda_gemv.max_batch(_layout("int3:g128", k=1024)) == 8
+    assert cuda_gemv.max_batch(_layout("int8:ch", k=1024)) == 8
+    for stages in (None, "0", "4", "8"):
+        if stages is None:
+            monkeypatch.delenv("MIXQ_GEMV_STAGES", raising=False)
+        else:
+            monkeypatch.setenv("MIXQ_GEMV_STAGES", stages)
+        for n, k in [(4096, 4096), (14336, 4096), (4096, 14336), (6144, 4096), (128256, 4096), (200, 1088)]:
+            lay = _layout("int4:g128", n=16, k=k)
+            lay = type(lay)(**{**lay.__dict__, "out_features": n})
+            for m in (9, 12, 16):
+                cuda_gemv._check_config(cuda_gemv.pick_config(m, lay), m)
 
 
 def test_pick_config_keeps_a_chunk_per_warp():
@@ -134,12 +159,12 @@ def _check(kw, m, dtype, cfg=None, bias=False):
 ONE_TILE = [cuda_gemv.GemvConfig(1, 1, w) for w in (1, 2, 3, 4, 16)]  # the 3-bit and int8 kernels: 1..16 warps
 
 
-def _check_configs(kw, dtype, configs):
-    """Every launch shape of `configs` at 1, 3 and 8 activation rows (bias at 3)."""
+def _check_configs(kw, dtype, configs, ms=(1, 3, 8)):
+    """Every launch shape of `configs` at `ms` activation rows (bias at the second)."""
     assert cuda_gemv.layout_supported(kw.layout)
     for cfg in configs:
-        for m in (1, 3, 8):
-            _check(kw, m, dtype, cfg, bias=(m == 3))
+        for m in ms:
+            _check(kw, m, dtype, cfg, bias=(m == ms[1]))
 
 
 @pytest.mark.gpu
@@ -162,6 +187,19 @@ def test_ring_pipeline_matches_reference(spec, n, k, dtype):
     on one warp), more (4128 = 32.25 chunks, 14336 = 112), a partial last chunk, tail rows."""
     _check_configs(_gpu_case(spec, n, k, seed=n + k + 1), dtype,
                    [cuda_gemv.GemvConfig(r, 1, w, s) for r in (1, 2) for w in (1, 3, 8) for s in (4, 8)])
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("spec,n,k", [("int4:g64", 192, 576), ("int4:g128", 200, 1088), ("int4:g128:asym", 192, 576),
+                                      ("int4:g32:asym", 72, 4128), ("int4:ch", 100, 4096), ("int4:g128", 4096, 14336)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_two_b_tiles_match_reference(spec, n, k, dtype):
+    """int4 at 9-16 activation rows (two B tiles of 8 sharing each decoded weight): the register
+    pipeline and the 4-slot ring, one and two row tiles, 1-8 warps; 9 rows (one row in the second
+    tile, lanes past m reading row m - 1), 12 with bias, 16 (both tiles full)."""
+    _check_configs(_gpu_case(spec, n, k, seed=n + k + 2), dtype,
+                   [cuda_gemv.GemvConfig(r, 1, w, s) for r in (1, 2) for w in (1, 3, 8) for s in (0, 4)], ms=(9, 12, 16))
 
 
 @pytest.mark.gpu
@@ -206,7 +244,7 @@ def test_silu_mul_launch_matches_the_two_steps(spec, half, k, dtype):
 
     kw = _gpu_case(spec, 2 * half, k, seed=half + k)
     w_ref = dequantize(kw)
-    for m in (1, 3, 8):
+    for m in (1, 3, 8, 9, 16):
         x = torch.randn(m, k, device="cuda", dtype=dtype)
         b = torch.randn(2 * half, device="cuda", dtype=dtype) if m == 3 else None
         out = torch.full((m, half), float("nan"), device="cuda", dtype=dtype)
@@ -218,7 +256,8 @@ def test_silu_mul_launch_matches_the_two_steps(spec, half, k, dtype):
         two = cuda_gemv.qmatmul(x, kw, b)
         sep = decode_ops.silu_mul(two[:, :half], two[:, half:]).float()
         assert float((y.float() - sep).norm() / sep.norm()) < 1e-2, (m, dtype)
-        for cfg in (cuda_gemv.GemvConfig(2, 1, 3, 4), cuda_gemv.GemvConfig(2, 1, 8, 8)):  # the cp.async ring
+        rings = (cuda_gemv.GemvConfig(2, 1, 3, 4),) + ((cuda_gemv.GemvConfig(2, 1, 8, 8),) if m <= 8 else ())
+        for cfg in rings:  # the cp.async ring
             out.fill_(float("nan"))
             yr = cuda_gemv.qmatmul(x, kw, b, config=cfg, out=out, silu_mul=True)
             assert bool(torch.isfinite(yr).all())
@@ -230,7 +269,7 @@ def test_silu_mul_launch_matches_the_two_steps(spec, half, k, dtype):
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("m", range(1, 9))
+@pytest.mark.parametrize("m", range(1, 17))
 def test_llama_shape_every_batch(m):
     kw = _gpu_case("int4:g128", 4096, 4096, seed=m)
     _check(kw, m, torch.bfloat16)
@@ -389,3 +428,28 @@ def test_decode_step_with_transforms_in_bf16(monkeypatch):
         a, b = fused.forward(t, p).float(), plain.forward(t, p).float()
         assert float((a - b).norm() / b.norm()) < 3e-2, pos
     assert calls.count(True) == 2 * 2 * 2  # two norms per layer, two layers, two forwards
+
+
+def test_two_tile_routes_and_launch_shapes():
+    """int4 at 9-12 rows goes to the GEMV except with zero points, on 4097-8192-row weights and
+    on LM heads (the H200 sweep, bench/bench_gemv16.py); 3-bit / int8 never past 8 rows; the launch shapes of
+    the sweep, with warps halved until each keeps a 128-input chunk."""
+    def lay(spec, n, k):
+        base = _layout(spec, n=16, k=k)
+        return type(base)(**{**base.__dict__, "out_features": n})
+
+    for n, k, want in [(14336, 4096, True), (4096, 4096, True), (4096, 14336, True), (28672, 4096, True),
+                       (6144, 4096, False), (128256, 4096, False)]:
+        for m in (9, 12):
+            assert cuda_gemv.gemv_beats_gemm(lay("int4:g128", n, k), m) is want, (n, k, m)
+        assert not cuda_gemv.gemv_beats_gemm(lay("int4:g128", n, k), 13)
+        assert not cuda_gemv.gemv_beats_gemm(lay("int4:g128", n, k), 8)  # the GEMV's own range
+    assert cuda_gemv.gemv_beats_gemm(lay("int4:g64", 14336, 4096), 12)
+    assert not cuda_gemv.gemv_beats_gemm(lay("int4:g128:asym", 14336, 4096), 9)  # zero points: the CUDA GEMM
+    assert not cuda_gemv.gemv_beats_gemm(lay("int3:g128", 14336, 4096), 9)
+    assert not cuda_gemv.gemv_beats_gemm(lay("int8:ch", 14336, 4096), 9)
+    shapes = {(14336, 4096): (2, 4, 4), (4096, 4096): (1, 8, 0), (4096, 14336): (2, 16, 4), (6144, 4096): (1, 4, 0),
+              (28672, 4096): (2, 2, 0), (128256, 4096): (2, 2, 4), (200, 256): (2, 2, 4)}
+    for (n, k), want in shapes.items():
+        cfg = cuda_gemv.pick_config(12, lay("int4:g128", n, k))
+        assert (cfg.row_tiles, cfg.warps, cfg.stages) == want, (n, k)

@@ -7,7 +7,8 @@
 layout and the batch (rows of x):
 
 * "cuda_gemv": the hand-written CUDA GEMV (`cuda_gemv`, built on first use) for int4, int8
-  and 3-bit layouts at batch <= `CUDA_GEMV_MAX_BATCH`;
+  and 3-bit layouts at batch <= `CUDA_GEMV_MAX_BATCH`, and for int4 at 9-12 rows where it
+  measured faster than the tensor-core kernels (`cuda_gemv.gemv_beats_gemm`);
 * "cuda_tc": the hand-written CUDA tensor-core GEMM (`cuda_gemv.gemm`, same extension) for
   int4 layouts above that batch where it measured faster than the Triton kernel
   (`cuda_gemv.gemm_preferred`: zero points, groups under 128 inputs, more than 64 rows, or
@@ -65,7 +66,7 @@ def route(kw: KernelWeights, x: torch.Tensor) -> str:
         raise FormatError(f"MIXQ_KERNEL={forced!r}: expected one of {ROUTES}")
     m = x.shape[0]
     if forced in (None, "cuda_gemv") and kw.codes.is_cuda and cuda_gemv.preferred(kw.layout, x):
-        if forced == "cuda_gemv" or m <= CUDA_GEMV_MAX_BATCH:
+        if forced == "cuda_gemv" or m <= CUDA_GEMV_MAX_BATCH or cuda_gemv.gemv_beats_gemm(kw.layout, m):
             return "cuda_gemv"
     if forced == "cuda_tc" and kw.codes.is_cuda and cuda_gemv.gemm_available(kw.layout, x):
         return "cuda_tc"

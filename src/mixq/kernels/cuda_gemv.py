@@ -89,7 +89,8 @@ log = logging.getLogger(__name__)
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = ("gemv_int4.cpp", "gemv_int4.cu", "gemm_int4.cu", "hadamard.cu")
 HEADERS = ("gemv_int4.h", "common.cuh", "wgmma.cuh")
-MAX_BATCH = 8
+MAX_BATCH = 8  # 3-bit and int8 GEMVs: one B tile of 8 activation rows
+MAX_BATCH_INT4 = 16  # int4: two B tiles from 9 rows (the decoded weights meet both)
 
 _lock = threading.Lock()
 _ext = None
@@ -217,10 +218,15 @@ def layout_supported(layout: PackedLayout) -> bool:
             and (g >= k or (g >= 32 and g & (g - 1) == 0)))
 
 
+def max_batch(layout: PackedLayout) -> int:
+    """Most activation rows the GEMV takes for this layout: 16 for int4, 8 for 3-bit and int8."""
+    return MAX_BATCH_INT4 if layout.bits == 4 else MAX_BATCH
+
+
 def supports(layout: PackedLayout, x: torch.Tensor) -> bool:
-    """True when the CUDA kernel can take `x` (2-D, M <= 8 rows) with this layout (the
-    extension itself is built lazily by `qmatmul`)."""
-    return (x.is_cuda and x.dim() == 2 and 1 <= x.shape[0] <= MAX_BATCH
+    """True when the CUDA kernel can take `x` (2-D, M <= `max_batch` rows: 16 for int4, 8
+    otherwise) with this layout (the extension itself is built lazily by `qmatmul`)."""
+    return (x.is_cuda and x.dim() == 2 and 1 <= x.shape[0] <= max_batch(layout)
             and x.dtype in (torch.float16, torch.bfloat16) and layout_supported(layout))
 
 
@@ -257,11 +263,13 @@ def pick_config(m: int, layout: PackedLayout, n_sms: int = 132) -> GemvConfig:
         while warps > 1 and chunks < warps:
             warps //= 2
         return GemvConfig(row_tiles=1, unroll=1, warps=warps)
+    if m > MAX_BATCH:  # two B tiles
+        return _with_stages(_two_tiles_config(n, k), m)
     if n <= 4096:
         warps = 16
     elif n <= 8192:  # fused q/k/v (6144 rows) on the H200: one row tile, 8 warps
         warps = 8 if -(-k // 128) >= 8 else max(1, -(-k // 128))
-        return _with_stages(_decode_ring(m, GemvConfig(row_tiles=1, unroll=1, warps=warps)))
+        return _with_stages(_decode_ring(m, GemvConfig(row_tiles=1, unroll=1, warps=warps)), m)
     elif n > 65536 and m > 4:
         warps = 2
     else:
@@ -273,8 +281,43 @@ def pick_config(m: int, layout: PackedLayout, n_sms: int = 132) -> GemvConfig:
     # 13.7 vs 14.3 us), two for square and tall ones (14336x4096: 14.1 vs 14.6)
     row_tiles = 1 if (m == 1 and k > n) else 2
     if n > 65536 and m <= 4:  # LM heads: the cp.async ring (H200, 128256x4096: 80.7 vs 88.9 us at m=1)
-        return _with_stages(GemvConfig(row_tiles=2, unroll=1, warps=4, stages=4))
-    return _with_stages(_decode_ring(m, GemvConfig(row_tiles=row_tiles, unroll=1, warps=warps)))
+        return _with_stages(GemvConfig(row_tiles=2, unroll=1, warps=4, stages=4), m)
+    return _with_stages(_decode_ring(m, GemvConfig(row_tiles=row_tiles, unroll=1, warps=warps)), m)
+
+
+def _two_tiles_config(n: int, k: int) -> GemvConfig:
+    """int4 at 9-16 rows: the fastest launch of the H200 sweep (bench/bench_gemv16.py,
+    2026-12-01, 9/12/16 rows, `gemv16.json`): one row tile and 8 warps for 4096x4096, two and
+    16 warps on the ring for wide weights (4096x14336), one and 4 for 4097-8192 rows (6144x4096),
+    two and 4 on the ring up to 16384 rows (14336x4096), two and 2 beyond (28672x4096; the ring
+    past 65536 rows: the LM head)."""
+    if n <= 4096:
+        cfg = GemvConfig(1, 1, 8) if k <= n else GemvConfig(2, 1, 16, 4)
+    elif n <= 8192:
+        cfg = GemvConfig(1, 1, 4)
+    elif n <= 16384:
+        cfg = GemvConfig(2, 1, 4, 4)
+    else:
+        cfg = GemvConfig(2, 1, 2, 4 if n > 65536 else 0)
+    chunks = -(-k // 128)
+    while cfg.warps > 1 and chunks < cfg.warps:  # every warp keeps at least one chunk of 128 inputs
+        cfg = GemvConfig(cfg.row_tiles, 1, cfg.warps // 2, cfg.stages)
+    return cfg
+
+
+def gemv_beats_gemm(layout: PackedLayout, m: int) -> bool:
+    """Whether the int4 GEMV (two B tiles) takes 9-16 activation rows from the tensor-core
+    kernels: 9-12 rows without zero points, except on 4097-8192-row weights (fused q/k/v) and
+    LM heads (> 65536 rows), where the Triton kernel measured faster. H200,
+    bench/bench_gemv16.py (2026-12-01, `gemv16.json`, int4:g128, µs, GEMV vs the route before):
+    14336x4096 at 9 / 12 rows 19.1 / 19.8 vs 25.1 / 26.0 (Triton), 4096x4096 8.8 / 8.8 vs 11.1 /
+    11.3, 4096x14336 18.6 / 19.2 vs 23.5 / 24.0, 28672x4096 33.6 / 34.3 vs 47.4 / 48.9; int4:g64
+    19.6 / 20.3 vs 22.3 / 22.0 (CUDA GEMM); 6144x4096 11.7 vs 10.6 (Triton). Zero points: 21.7 /
+    22.5 vs 22.0 / 21.6 (CUDA GEMM), so they stay. At 16 rows the routes tie (14336x4096: 20.3 vs
+    19.9), so they stay too."""
+    n = layout.out_features
+    return (layout.bits == 4 and not layout.has_zeros and MAX_BATCH < m <= 12 and not 4096 < n <= 8192
+            and n <= 65536)
 
 
 def _decode_ring(m: int, cfg: GemvConfig) -> GemvConfig:
@@ -292,14 +335,17 @@ def _decode_ring(m: int, cfg: GemvConfig) -> GemvConfig:
     return ring if ring.ring_bytes() <= MAX_RING_BYTES else cfg
 
 
-def _with_stages(cfg: GemvConfig) -> GemvConfig:
+def _with_stages(cfg: GemvConfig, m: int = 1) -> GemvConfig:
     """`cfg`, or with MIXQ_GEMV_STAGES=0/4/8 set (a tuning switch for benchmarks), that pipeline
-    instead, with warps halved until the ring fits MAX_RING_BYTES."""
+    instead (8 slots become 4 above MAX_BATCH rows), with warps halved until the ring fits
+    MAX_RING_BYTES."""
     forced = os.environ.get("MIXQ_GEMV_STAGES")
     if forced is None:
         return cfg
     if forced not in ("0", "4", "8"):
         raise ValueError(f"MIXQ_GEMV_STAGES={forced!r}: expected 0, 4 or 8")
+    if forced == "8" and m > MAX_BATCH:
+        forced = "4"
     out = GemvConfig(cfg.row_tiles, 1 if forced != "0" else cfg.unroll, cfg.warps, int(forced))
     while out.ring_bytes() > MAX_RING_BYTES:
         out = GemvConfig(out.row_tiles, out.unroll, out.warps // 2, out.stages)
@@ -337,18 +383,22 @@ def _operands(x: torch.Tensor, bias: torch.Tensor | None, lay: PackedLayout, ok:
     return ext, x, bias
 
 
-def _check_config(cfg: GemvConfig) -> None:
-    """ValueError naming the limits when `cfg` is not a launch shape of the int4 GEMV."""
+def _check_config(cfg: GemvConfig, m: int = 1) -> None:
+    """ValueError naming the limits when `cfg` is not a launch shape of the int4 GEMV for `m`
+    activation rows."""
     if (cfg.row_tiles not in (1, 2) or cfg.unroll not in (1, 2) or not 1 <= cfg.warps <= 16
             or cfg.stages not in (0, 4, 8) or (cfg.stages and cfg.unroll != 1) or cfg.ring_bytes() > MAX_RING_BYTES):
         raise ValueError(f"cuda_gemv: {cfg} is not a launch shape: row_tiles 1 or 2, unroll 1 or 2, warps 1..16, "
                          f"stages 0, 4 or 8 (unroll 1 with a ring), a ring of at most {MAX_RING_BYTES} bytes "
                          f"(warps x stages x row_tiles KiB)")
+    if m > MAX_BATCH and (cfg.unroll != 1 or cfg.stages == 8):
+        raise ValueError(f"cuda_gemv: {cfg} is not a launch shape for {m} activation rows: above {MAX_BATCH} rows "
+                         f"the int4 GEMV takes unroll 1 and stages 0 or 4")
 
 
 def silu_mul_supported(layout: PackedLayout, x: torch.Tensor) -> bool:
     """Whether `qmatmul(..., silu_mul=True)` takes this weight and input: int4, an even number
-    of rows (the gate half, then the up half), M <= 8."""
+    of rows (the gate half, then the up half), M <= 16."""
     return layout.bits == 4 and layout.out_features % 2 == 0 and supports(layout, x)
 
 
@@ -363,8 +413,9 @@ def qmatmul(x: torch.Tensor, kw: KernelWeights, bias: torch.Tensor | None = None
     rejects."""
     lay = kw.layout
     ok = silu_mul_supported(lay, x) if silu_mul else supports(lay, x)
-    ready = _operands(x, bias, lay, ok, f"cuda_gemv takes (M <= {MAX_BATCH}, {lay.in_features}) "
-                      f"bf16/fp16 CUDA input and int4, int8 or 3-bit fp16-scale layouts"
+    ready = _operands(x, bias, lay, ok, f"cuda_gemv takes (M <= {max_batch(lay)}, {lay.in_features}) "
+                      f"bf16/fp16 CUDA input and int4 (M <= {MAX_BATCH_INT4}), int8 or 3-bit (M <= {MAX_BATCH}) "
+                      f"fp16-scale layouts"
                       + (" (silu_mul: int4 with an even number of rows)" if silu_mul else ""))
     if ready is None:
         return None
@@ -379,7 +430,7 @@ def qmatmul(x: torch.Tensor, kw: KernelWeights, bias: torch.Tensor | None = None
         return ext.gemv_int3(x, kw.codes, kw.scales, kw.zeros, bias, out, lay.group_size, lay.code_offset, cfg.warps)
     if lay.bits == 8:
         return ext.gemv_int8(x, kw.codes, kw.scales, kw.zeros, bias, out, lay.group_size, lay.code_offset, cfg.warps)
-    _check_config(cfg)
+    _check_config(cfg, x.shape[0])
     # scales after the product need whole 128-input chunks per group
     pre_scale = lay.group_size < 128 and lay.group_size < lay.in_features
     return ext.gemv_int4(x, kw.codes, kw.scales, kw.zeros, bias, out, lay.group_size, lay.code_offset,

@@ -101,7 +101,7 @@ torch::Tensor gemv_int4(torch::Tensor x, torch::Tensor codes, torch::Tensor scal
   const int64_t n = codes.size(0);
   TORCH_CHECK(!silu_mul || (n % 2 == 0 && row_tiles == 2 && unroll == 1),
               "gemv_int4: silu_mul needs an even number of rows (gate half, up half), row_tiles 2, unroll 1");
-  GemvInt4Params p = make_params("gemv_int4", x, codes, scales, zeros, bias, out, group_size, code_offset, 4, 8, 32, y,
+  GemvInt4Params p = make_params("gemv_int4", x, codes, scales, zeros, bias, out, group_size, code_offset, 4, 16, 32, y,
                                  silu_mul ? n / 2 : n);
   p.glu_half = silu_mul ? int(n / 2) : 0;
   TORCH_CHECK(pre_scale || p.group_shift >= 7, "gemv_int4: scales after the product need group_size >= 128");

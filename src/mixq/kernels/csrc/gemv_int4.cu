@@ -1,4 +1,5 @@
-// Weight-only int4 GEMV / small-batch GEMM, y = x @ dequant(W)^T, for m <= 8 activation rows,
+// Weight-only int4 GEMV / small-batch GEMM, y = x @ dequant(W)^T, for m <= 16 activation rows
+// (3-bit and int8: m <= 8),
 // reading mixq's packed int4 layout directly (row-major int32 words, 8 LSB-first codes each;
 // float16 group scales (n, n_groups); optional uint8 zero points).
 //
@@ -9,7 +10,8 @@
 // of rows g and g + 8: a warp load covers 8 rows x 64 contiguous bytes, every sector whole.
 //
 // Arithmetic on the tensor cores: mma.m16n8k16 with the 16 weight rows as A and the (<= 8)
-// activation rows as B, fp32 accumulation. The k order inside an mma is free as long as A
+// activation rows as B, fp32 accumulation; int4 at 9-16 rows (kB = 2) runs each decoded A
+// against two B tiles (activation rows 0-7 and 8-15), so the decode is shared by both. The k order inside an mma is free as long as A
 // and B agree, so a lane's A pair i of word w holds the codes of inputs (8w + i, 8w + i + 4):
 // nibbles i and i + 4 of the word, which one LOP3 ((w >> 4i) & 0x000F000F | magic) turns into
 // two half-precision values magic + code, exact (bf16 128 + c, fp16 1024 + c). The lane's
@@ -35,25 +37,28 @@ namespace {
 using namespace mixq_kernels;
 
 
-// The block's end: each warp's kR x 4 fp32 accumulators summed over the warps through shared
-// memory `partials` (warps, kR * 4, 32), plus bias, stored in x's dtype. Accumulator j of lane
-// (g, q) of tile r: row row0 + 16r + g + 8 (j >> 1), activation row 2q + (j & 1).
-template <bool kBF16, int kR>
-__device__ __forceinline__ void reduce_store(const GemvInt4Params& p, float* partials, const float (&acc)[kR][4],
+// The block's end: each warp's kR x kB x 4 fp32 accumulators summed over the warps through
+// shared memory `partials` (warps, kR * kB * 4, 32), plus bias, stored in x's dtype.
+// Accumulator j of lane (g, q) of row tile r and B tile b: row row0 + 16r + g + 8 (j >> 1),
+// activation row 8b + 2q + (j & 1).
+template <bool kBF16, int kR, int kB>
+__device__ __forceinline__ void reduce_store(const GemvInt4Params& p, float* partials, const float (&acc)[kR][kB][4],
                                              int row0) {
   using H = Half<kBF16>;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
 #pragma unroll
   for (int r = 0; r < kR; ++r)
 #pragma unroll
-    for (int j = 0; j < 4; ++j) partials[(warp * kR * 4 + r * 4 + j) * 32 + lane] = acc[r][j];
+    for (int b = 0; b < kB; ++b)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) partials[(warp * kR * kB * 4 + (r * kB + b) * 4 + j) * 32 + lane] = acc[r][b][j];
   __syncthreads();
-  for (int e = threadIdx.x; e < kR * 128; e += blockDim.x) {
+  for (int e = threadIdx.x; e < kR * kB * 128; e += blockDim.x) {
     float v = 0.f;
-    for (int wi = 0; wi < n_warps; ++wi) v += partials[wi * kR * 128 + e];
-    const int ln = e & 31, j = (e >> 5) & 3, r = e >> 7;
+    for (int wi = 0; wi < n_warps; ++wi) v += partials[wi * kR * kB * 128 + e];
+    const int ln = e & 31, j = (e >> 5) & 3, r = (e >> 7) / kB, b = (e >> 7) % kB;
     const int row = row0 + r * 16 + (ln >> 2) + 8 * (j >> 1);
-    const int col = 2 * (ln & 3) + (j & 1);
+    const int col = 8 * b + 2 * (ln & 3) + (j & 1);
     if (row < p.n && col < p.m) {
       if (p.bias) v += H::to_float(static_cast<const uint16_t*>(p.bias)[row]);
       static_cast<uint16_t*>(p.y)[col * p.ldy + row] = H::from_float(v);
@@ -81,25 +86,27 @@ __device__ __forceinline__ void post_scale(float (&acc)[4], const float (&t)[4],
 // rows of the same outputs; each is rounded to x's dtype (+ its bias) as the separate matmuls'
 // outputs would be, then silu(gate) is rounded and multiplied by up, rounded: what the unfused
 // step computes (decode_ops.silu_mul). Output row j < glu_half of y.
-template <bool kBF16>
-__device__ __forceinline__ void reduce_store_glu(const GemvInt4Params& p, float* partials, const float (&acc)[2][4],
+template <bool kBF16, int kB>
+__device__ __forceinline__ void reduce_store_glu(const GemvInt4Params& p, float* partials, const float (&acc)[2][kB][4],
                                                  int row0) {
   using H = Half<kBF16>;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
 #pragma unroll
   for (int r = 0; r < 2; ++r)
 #pragma unroll
-    for (int j = 0; j < 4; ++j) partials[(warp * 8 + r * 4 + j) * 32 + lane] = acc[r][j];
+    for (int b = 0; b < kB; ++b)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) partials[(warp * 8 * kB + (r * kB + b) * 4 + j) * 32 + lane] = acc[r][b][j];
   __syncthreads();
-  for (int e = threadIdx.x; e < 128; e += blockDim.x) {
+  for (int e = threadIdx.x; e < kB * 128; e += blockDim.x) {
     float gate = 0.f, up = 0.f;
     for (int wi = 0; wi < n_warps; ++wi) {
-      gate += partials[wi * 256 + e];
-      up += partials[wi * 256 + 128 + e];
+      gate += partials[wi * 256 * kB + e];
+      up += partials[wi * 256 * kB + 128 * kB + e];
     }
-    const int ln = e & 31, j = (e >> 5) & 3;
+    const int ln = e & 31, j = (e >> 5) & 3, b = e >> 7;
     const int row = row0 + (ln >> 2) + 8 * (j >> 1);
-    const int col = 2 * (ln & 3) + (j & 1);
+    const int col = 8 * b + 2 * (ln & 3) + (j & 1);
     if (row < p.glu_half && col < p.m) {
       if (p.bias) {
         gate += H::to_float(static_cast<const uint16_t*>(p.bias)[row]);
@@ -123,8 +130,10 @@ __device__ __forceinline__ void reduce_store_glu(const GemvInt4Params& p, float*
 // over the kS slots). It keeps more bytes in flight per SM than the register pipeline can at the
 // same register count, for the weights where a warp has only a few chunks and DRAM latency, not
 // bandwidth, sets the time.
-template <bool kBF16, bool kPre, bool kZeros, int kR, int kU, int kS>
-__global__ void __launch_bounds__(512, (kR == 1 && kU == 1) ? 2 : 1) gemv_int4_kernel(const GemvInt4Params p) {
+//
+// kB = 2 (9-16 activation rows): each decoded A meets two B tiles, activation rows 0-7 and 8-15.
+template <bool kBF16, bool kPre, bool kZeros, int kR, int kU, int kS, int kB>
+__global__ void __launch_bounds__(512, (kR == 1 && kU == 1 && kB == 1) ? 2 : 1) gemv_int4_kernel(const GemvInt4Params p) {
   using H = Half<kBF16>;
   // kS == 0: partials (warps, kR * 4, 32) floats; kS > 0: the ring (warps, kS, kR * 2, 32) uint4 first
   extern __shared__ uint4 smem_u4[];
@@ -138,10 +147,13 @@ __global__ void __launch_bounds__(512, (kR == 1 && kU == 1) ? 2 : 1) gemv_int4_k
   const int row0 = blockIdx.x * (p.glu_half ? 16 : 16 * kR);
   const int tile_stride = p.glu_half ? p.glu_half : 16;
   const int n_chunks = (p.k + kChunk - 1) / kChunk;
-  // B column g is activation row g; lanes past m read row m - 1 (their columns are not stored).
-  // Offsets are 32-bit element offsets (a 64-bit pointer per row gets rematerialized).
+  // B column g of tile b is activation row 8b + g; lanes past m read row m - 1 (their columns
+  // are not stored). Offsets are 32-bit element offsets (a 64-bit pointer per row gets
+  // rematerialized).
   const uint16_t* xs = static_cast<const uint16_t*>(p.x);
-  const uint32_t x_off = opaque(uint32_t(min(g, p.m - 1)) * uint32_t(p.ldx) + q * 32);
+  uint32_t x_off[kB];
+#pragma unroll
+  for (int b = 0; b < kB; ++b) x_off[b] = opaque(uint32_t(min(8 * b + g, p.m - 1)) * uint32_t(p.ldx) + q * 32);
 
   // rows g and g + 8 of each tile (tail rows clamped: computed, not stored)
   uint32_t w_off[kR][2], s_off[kR][2], z_off[kR][2];
@@ -154,35 +166,42 @@ __global__ void __launch_bounds__(512, (kR == 1 && kU == 1) ? 2 : 1) gemv_int4_k
     load_chunk<kR>(ch, p, c, kq < p.k, grp, kZeros, w_off, s_off, z_off);
   };
 
-  float acc[kR][4];
+  float acc[kR][kB][4];
 #pragma unroll
   for (int r = 0; r < kR; ++r)
 #pragma unroll
-    for (int j = 0; j < 4; ++j) acc[r][j] = 0.f;
+    for (int b = 0; b < kB; ++b)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) acc[r][b][j] = 0.f;
 
   const uint32_t mask = 0x000F000Fu, magic = H::kMagic;
   auto compute = [&](const Chunk<kR>& ch, int c) {
     const int kq = c * kChunk + q * 32;
-    uint4 xv[4] = {make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0)};
-    if (kq < p.k) {
-      const uint4* xp = reinterpret_cast<const uint4*>(xs + (x_off + c * kChunk));
-#pragma unroll
-      for (int i = 0; i < 4; ++i) xv[i] = __ldg(xp + i);
-    }
-    // B operands: word w covers inputs 8w .. 8w + 7 = xv[w] = (x0x1, x2x3, x4x5, x6x7)
-    uint32_t b[4][4];
-#pragma unroll
-    for (int w = 0; w < 4; ++w) x_pairs(xv[w], b[w]);
+    // B operands of tile bt: word w covers inputs 8w .. 8w + 7 = xv[w] = (x0x1, x2x3, x4x5, x6x7)
+    uint32_t b[kB][4][4];
     // kPre == false: the mma runs on magic + code (no subtraction), and the offset is taken
     // out in fp32 afterwards: sum (magic + c) x - (magic + zero) sum x, with sum x (per
     // activation row, over the chunk) from an mma of all-ones A with the same B
-    float sx[4] = {0.f, 0.f, 0.f, 0.f};
-    if (!kPre) {
-      const uint32_t ones[4] = {H::kOne, H::kOne, H::kOne, H::kOne};
+    float sx[kB][4];
 #pragma unroll
-      for (int w = 0; w < 4; ++w) {
-        H::mma(sx, ones, b[w][0], b[w][1]);
-        H::mma(sx, ones, b[w][2], b[w][3]);
+    for (int bt = 0; bt < kB; ++bt) {
+      uint4 xv[4] = {make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0)};
+      if (kq < p.k) {
+        const uint4* xp = reinterpret_cast<const uint4*>(xs + (x_off[bt] + c * kChunk));
+#pragma unroll
+        for (int i = 0; i < 4; ++i) xv[i] = __ldg(xp + i);
+      }
+#pragma unroll
+      for (int w = 0; w < 4; ++w) x_pairs(xv[w], b[bt][w]);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) sx[bt][j] = 0.f;
+      if (!kPre) {
+        const uint32_t ones[4] = {H::kOne, H::kOne, H::kOne, H::kOne};
+#pragma unroll
+        for (int w = 0; w < 4; ++w) {
+          H::mma(sx[bt], ones, b[bt][w][0], b[bt][w][1]);
+          H::mma(sx[bt], ones, b[bt][w][2], b[bt][w][3]);
+        }
       }
     }
 #pragma unroll
@@ -197,7 +216,11 @@ __global__ void __launch_bounds__(512, (kR == 1 && kU == 1) ? 2 : 1) gemv_int4_k
         ss0 = H::scale_pair(sp & 0xFFFFu);
         ss1 = H::scale_pair(sp >> 16);
       }
-      float t[4] = {0.f, 0.f, 0.f, 0.f};
+      float t[kB][4];
+#pragma unroll
+      for (int bt = 0; bt < kB; ++bt)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) t[bt][j] = 0.f;
 #pragma unroll
       for (int w = 0; w < 4; ++w) {
         const uint32_t w0 = word(ch.w[r][0], w), w1 = word(ch.w[r][1], w);
@@ -213,15 +236,21 @@ __global__ void __launch_bounds__(512, (kR == 1 && kU == 1) ? 2 : 1) gemv_int4_k
         }
         const uint32_t A0[4] = {a0[0], a1[0], a0[1], a1[1]};
         const uint32_t A1[4] = {a0[2], a1[2], a0[3], a1[3]};
-        if (kPre) {
-          H::mma(acc[r], A0, b[w][0], b[w][1]);
-          H::mma(acc[r], A1, b[w][2], b[w][3]);
-        } else {
-          H::mma(t, A0, b[w][0], b[w][1]);
-          H::mma(t, A1, b[w][2], b[w][3]);
+#pragma unroll
+        for (int bt = 0; bt < kB; ++bt) {
+          if constexpr (kPre) {
+            H::mma(acc[r][bt], A0, b[bt][w][0], b[bt][w][1]);
+            H::mma(acc[r][bt], A1, b[bt][w][2], b[bt][w][3]);
+          } else {
+            H::mma(t[bt], A0, b[bt][w][0], b[bt][w][1]);
+            H::mma(t[bt], A1, b[bt][w][2], b[bt][w][3]);
+          }
         }
       }
-      if (!kPre) post_scale<kBF16>(acc[r], t, sx, sp & 0xFFFFu, sp >> 16, z0, z1);
+      if (!kPre) {
+#pragma unroll
+        for (int bt = 0; bt < kB; ++bt) post_scale<kBF16>(acc[r][bt], t[bt], sx[bt], sp & 0xFFFFu, sp >> 16, z0, z1);
+      }
     }
   };
 
@@ -309,19 +338,19 @@ __global__ void __launch_bounds__(512, (kR == 1 && kU == 1) ? 2 : 1) gemv_int4_k
 
   if constexpr (kR == 2) {
     if (p.glu_half) {
-      reduce_store_glu<kBF16>(p, partials, acc, row0);
+      reduce_store_glu<kBF16, kB>(p, partials, acc, row0);
       return;
     }
   }
-  reduce_store<kBF16, kR>(p, partials, acc, row0);
+  reduce_store<kBF16, kR, kB>(p, partials, acc, row0);
 }
 
-template <bool kBF16, bool kPre, bool kZeros, int kR, int kU, int kS>
+template <bool kBF16, bool kPre, bool kZeros, int kR, int kU, int kS, int kB>
 cudaError_t launch(const GemvInt4Params& p, int warps, cudaStream_t stream) {
   const dim3 grid(p.glu_half ? (p.glu_half + 15) / 16 : (p.n + 16 * kR - 1) / (16 * kR));
   const dim3 block(32 * warps);
-  const size_t smem = size_t(warps) * kR * 128 * sizeof(float) + gemv_int4_ring_bytes(kR, kS, warps);
-  auto kernel = gemv_int4_kernel<kBF16, kPre, kZeros, kR, kU, kS>;
+  const size_t smem = size_t(warps) * kR * kB * 128 * sizeof(float) + gemv_int4_ring_bytes(kR, kS, warps);
+  auto kernel = gemv_int4_kernel<kBF16, kPre, kZeros, kR, kU, kS, kB>;
   if (smem > 48 * 1024) {  // opt in to this much dynamic shared memory, per instantiation and device
     static size_t opted[64] = {};
     int dev = 0;
@@ -337,11 +366,18 @@ cudaError_t launch(const GemvInt4Params& p, int warps, cudaStream_t stream) {
 
 template <bool kBF16, bool kPre, bool kZeros, int kR>
 cudaError_t launch_pipe(const GemvInt4Params& p, int unroll, int stages, int warps, cudaStream_t stream) {
+  if (p.m > 8) {  // two B tiles: the register pipeline (unroll 1) or the 4-slot ring
+    switch (stages) {
+      case 0: return launch<kBF16, kPre, kZeros, kR, 1, 0, 2>(p, warps, stream);
+      case 4: return launch<kBF16, kPre, kZeros, kR, 1, 4, 2>(p, warps, stream);
+      default: return cudaErrorInvalidValue;
+    }
+  }
   switch (stages) {
-    case 0: return unroll == 1 ? launch<kBF16, kPre, kZeros, kR, 1, 0>(p, warps, stream)
-                               : launch<kBF16, kPre, kZeros, kR, 2, 0>(p, warps, stream);
-    case 4: return launch<kBF16, kPre, kZeros, kR, 1, 4>(p, warps, stream);
-    case 8: return launch<kBF16, kPre, kZeros, kR, 1, 8>(p, warps, stream);
+    case 0: return unroll == 1 ? launch<kBF16, kPre, kZeros, kR, 1, 0, 1>(p, warps, stream)
+                               : launch<kBF16, kPre, kZeros, kR, 2, 0, 1>(p, warps, stream);
+    case 4: return launch<kBF16, kPre, kZeros, kR, 1, 4, 1>(p, warps, stream);
+    case 8: return launch<kBF16, kPre, kZeros, kR, 1, 8, 1>(p, warps, stream);
     default: return cudaErrorInvalidValue;
   }
 }
@@ -495,8 +531,8 @@ __global__ void __launch_bounds__(512) gemv_int3_kernel(const GemvInt4Params p) 
     load(buf_b, c + 3 * step);
   }
 
-  const float acc1[1][4] = {{acc[0], acc[1], acc[2], acc[3]}};
-  reduce_store<kBF16, 1>(p, partials, acc1, row0);
+  const float acc1[1][1][4] = {{{acc[0], acc[1], acc[2], acc[3]}}};
+  reduce_store<kBF16, 1, 1>(p, partials, acc1, row0);
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -604,8 +640,8 @@ __global__ void __launch_bounds__(512) gemv_int3p_kernel(const GemvInt4Params p)
     }
   }
 
-  const float acc1[1][4] = {{acc[0], acc[1], acc[2], acc[3]}};
-  reduce_store<kBF16, 1>(p, partials3, acc1, row0);
+  const float acc1[1][1][4] = {{{acc[0], acc[1], acc[2], acc[3]}}};
+  reduce_store<kBF16, 1, 1>(p, partials3, acc1, row0);
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -709,8 +745,8 @@ __global__ void __launch_bounds__(512) gemv_int8_kernel(const GemvInt4Params p) 
     if (c + step < n_chunks) compute(buf_b, c + step);
     load(buf_b, c + 3 * step);
   }
-  const float acc1[1][4] = {{acc[0], acc[1], acc[2], acc[3]}};
-  reduce_store<kBF16, 1>(p, partials8, acc1, row0);
+  const float acc1[1][1][4] = {{{acc[0], acc[1], acc[2], acc[3]}}};
+  reduce_store<kBF16, 1, 1>(p, partials8, acc1, row0);
 }
 
 template <bool kBF16, bool kZeros>
@@ -741,9 +777,10 @@ size_t gemv_int4_ring_bytes(int row_tiles, int stages, int warps) {
 
 cudaError_t gemv_int4_launch(const GemvInt4Params& p, bool bf16, bool pre_scale, int row_tiles, int unroll,
                              int stages, int warps, cudaStream_t stream) {
-  if (p.m < 1 || p.m > 8 || p.n < 1 || p.k < 32 || p.k % 32 || warps < 1 || warps > 16 ||
+  if (p.m < 1 || p.m > 16 || p.n < 1 || p.k < 32 || p.k % 32 || warps < 1 || warps > 16 ||
       (row_tiles != 1 && row_tiles != 2) || (unroll != 1 && unroll != 2) ||
       (stages != 0 && stages != 4 && stages != 8) || (stages && unroll != 1) ||
+      (p.m > 8 && (unroll != 1 || stages == 8)) ||
       (p.glu_half && (row_tiles != 2 || 2 * p.glu_half != p.n)) ||
       (!pre_scale && p.group_shift < 7) || p.group_shift < 5)
     return cudaErrorInvalidValue;
