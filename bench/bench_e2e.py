@@ -1,8 +1,8 @@
 """End-to-end decode speed of a Llama-3-8B-shaped model through mixq's decode loop
 (`export.decoder.StaticDecoder`: static KV cache, each step one CUDA-graph replay), bf16
-against packed plans, batch 1, on a GPU.
+against packed plans, batch 1 (or --batch rows decoded together), on a GPU.
 
-    PYTHONPATH=src python3 bench/bench_e2e.py --out e2e.json [--layers 32] [--ctx 1024]
+    PYTHONPATH=src python3 bench/bench_e2e.py --out e2e.json [--layers 32] [--ctx 1024] [--batch 1]
 
 The model is built from its config, never downloaded: LlamaConfig(hidden_size=4096,
 intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -170,11 +170,11 @@ def weight_stats(model, units) -> tuple[int, float]:
     return nbytes, 8 * nbytes / n_params
 
 
-def time_decode(model, ctx: int, steps: int, fused: bool | None = None) -> float:
-    """ms per token of graph-replayed greedy steps."""
-    dec = StaticDecoder(model, max_len=ctx, fused=fused)
+def time_decode(model, ctx: int, steps: int, fused: bool | None = None, batch: int = 1) -> float:
+    """ms per step (one token for each of `batch` rows) of graph-replayed greedy steps."""
+    dec = StaticDecoder(model, max_len=ctx, batch=batch, fused=fused)
     with torch.no_grad():
-        dec.forward(torch.randint(0, 1000, (1, 8), device="cuda"), torch.zeros(1, dtype=torch.long, device="cuda"))
+        dec.forward(torch.randint(0, 1000, (batch, 8), device="cuda"), torch.zeros(1, dtype=torch.long, device="cuda"))
         graph, state = dec.step_graph()
         # the timed steps end at the last position of the cache, so attention reads about ctx keys
         state["pos"].fill_(max(0, ctx - 1 - (3 + 3 * steps)))
@@ -237,6 +237,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ctx", type=int, default=1024)
     ap.add_argument("--vocab", type=int, default=128256)
     ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=1, help="sequences decoded together (one token each per step)")
     ap.add_argument("--plans", default="bf16,int4,mixed-4.25,mixed-3.5,bf16:unfused,int4:unfused",
                     help="plans; ':unfused' runs the decode step without the fused element-wise kernels")
     ap.add_argument("--variants", default="",
@@ -247,7 +248,7 @@ def main(argv=None) -> int:
     variants = [dict(kv.split("=", 1) for kv in v.split(",")) for v in args.variants.split(";") if v.strip()]
     props = torch.cuda.get_device_properties(0)
     res = dict(device=props.name, torch=torch.__version__, date=time.strftime("%Y-%m-%d %H:%M:%S"),
-               layers=args.layers, ctx=args.ctx, vocab=args.vocab, rows=[])
+               layers=args.layers, ctx=args.ctx, vocab=args.vocab, batch=args.batch, rows=[])
     out = Path(args.out)
     for label in args.plans.split(","):
         name, _, mode = label.partition(":")
@@ -263,15 +264,15 @@ def main(argv=None) -> int:
             add_transforms(model, tf_kinds)
         nbytes, bpw = weight_stats(model, units)
         t_build = time.time() - t0
-        ms = time_decode(model, args.ctx, args.steps, fused=False if mode == "unfused" else None)
+        ms = time_decode(model, args.ctx, args.steps, fused=False if mode == "unfused" else None, batch=args.batch)
         counts = {}
         for spec in (plan or {}).values():
             counts[spec] = counts.get(spec, 0) + 1
-        row = dict(plan=label, ms_per_token=ms, tokens_per_s=1e3 / ms, weight_GB=nbytes / 1e9, bpw=bpw,
+        row = dict(plan=label, ms_per_token=ms, tokens_per_s=args.batch * 1e3 / ms, weight_GB=nbytes / 1e9, bpw=bpw,
                    weight_GBps=nbytes / (ms * 1e-3) / 1e9, formats=counts, build_s=t_build)
         res["rows"].append(row)
         base = res["rows"][0]["tokens_per_s"] if res["rows"][0]["plan"] == "bf16" else None
-        log(f"{label:>18}: {ms:6.2f} ms/token {1e3 / ms:7.1f} tok/s  weights {nbytes / 1e9:5.2f} GB ({bpw:.3f} bpw) "
+        log(f"{label:>18}: {ms:6.2f} ms/token {args.batch * 1e3 / ms:7.1f} tok/s  weights {nbytes / 1e9:5.2f} GB ({bpw:.3f} bpw) "
             f"-> {row['weight_GBps']:6.0f} GB/s" + (f"  x{row['tokens_per_s'] / base:.2f} bf16" if base else "")
             + f"  {counts}  (build {t_build:.0f} s)")
         if args.profile:
@@ -281,8 +282,9 @@ def main(argv=None) -> int:
                 f"{ms * 1e3:.0f}: " + "; ".join(f"{r['kernel'][:48]} x{r['calls']:.0f} {r['us']:.0f}us" for r in pr["top"][:8]))
         for env in (variants if plan is not None else []):
             with temp_env(env):
-                ms_v = time_decode(model, args.ctx, args.steps, fused=False if mode == "unfused" else None)
-                vrow = dict(plan=label, env=env, ms_per_token=ms_v, tokens_per_s=1e3 / ms_v, bpw=bpw,
+                ms_v = time_decode(model, args.ctx, args.steps, fused=False if mode == "unfused" else None,
+                                   batch=args.batch)
+                vrow = dict(plan=label, env=env, ms_per_token=ms_v, tokens_per_s=args.batch * 1e3 / ms_v, bpw=bpw,
                             weight_GBps=nbytes / (ms_v * 1e-3) / 1e9)
                 if args.profile:
                     vrow["profile"] = profile_step(model, args.ctx)

@@ -95,11 +95,15 @@ def test_ring_launch_shapes_are_checked_before_the_extension():
 
 
 def test_batch_limits_per_format(monkeypatch):
-    """int4 takes up to 16 activation rows (two B tiles), 3-bit and int8 up to 8; the heuristic
+    """int4, int8 and 3-bit codes with groups of >= 128 inputs take up to 16 activation rows (two
+    B tiles), 3-bit with smaller groups up to 8 (its pre-scaled kernel has one); the heuristic
     never gives 9-16 rows a launch shape the kernel refuses, even under MIXQ_GEMV_STAGES=8."""
     assert cuda_gemv.max_batch(_layout("int4:g128", k=1024)) == 16
-    assert cuda_gemv.max_batch(_layout("int3:g128", k=1024)) == 8
-    assert cuda_gemv.max_batch(_layout("int8:ch", k=1024)) == 8
+    assert cuda_gemv.max_batch(_layout("int4:g32", k=1024)) == 16
+    assert cuda_gemv.max_batch(_layout("int3:g128", k=1024)) == 16
+    assert cuda_gemv.max_batch(_layout("int3:ch", k=1024)) == 16
+    assert cuda_gemv.max_batch(_layout("int3:g64", k=1024)) == 8
+    assert cuda_gemv.max_batch(_layout("int8:ch", k=1024)) == 16
     for stages in (None, "0", "4", "8"):
         if stages is None:
             monkeypatch.delenv("MIXQ_GEMV_STAGES", raising=False)
@@ -229,6 +233,24 @@ def test_int8_every_launch_shape_matches_reference(spec, n, k, dtype):
     codes = kw.codes.view(torch.uint8)
     assert int(codes.min()) < 16 and int(codes.max()) > 240
     _check_configs(kw, dtype, ONE_TILE)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("spec,n,k", [("int3:g128", 200, 1152), ("int3:g128:asym", 72, 4096), ("int3:ch", 100, 1024),
+                                      ("int3:g256:asym", 24, 640), ("int8:ch", 200, 1152), ("int8:g128:asym", 136, 640),
+                                      ("int8:g256", 24, 640), ("int8:ch", 4096, 14336)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_int3_int8_two_b_tiles_match_reference(spec, n, k, dtype):
+    """The 3-bit post-scaled kernel and the 8-bit kernel at 9-16 rows (two B tiles): odd row
+    counts, partial chunks and groups, every warp count; 3-bit with groups under 128 inputs is
+    refused past 8 rows (its pre-scaled kernel has one B tile)."""
+    _check_configs(_gpu_case(spec, n, k, seed=n + k + 3), dtype, ONE_TILE, ms=(9, 12, 16))
+    kw = _gpu_case("int3:g64", 40, 1152, seed=5)
+    x = torch.zeros(9, 1152, device="cuda", dtype=dtype)
+    assert not cuda_gemv.supports(kw.layout, x)
+    with pytest.raises(ValueError, match="M <= 16"):  # refused before the extension is called
+        cuda_gemv.qmatmul(x, kw)
 
 
 @pytest.mark.gpu
@@ -430,7 +452,7 @@ def test_decode_step_with_transforms_in_bf16(monkeypatch):
     assert calls.count(True) == 2 * 2 * 2  # two norms per layer, two layers, two forwards
 
 
-def test_two_tile_routes_and_launch_shapes():
+def test_two_tile_routes_and_launch_shapes(monkeypatch):
     """int4 at 9-12 rows goes to the GEMV except with zero points, on 4097-8192-row weights and
     on LM heads (the H200 sweep, bench/bench_gemv16.py); 3-bit / int8 never past 8 rows; the launch shapes of
     the sweep, with warps halved until each keeps a 128-input chunk."""
@@ -446,10 +468,22 @@ def test_two_tile_routes_and_launch_shapes():
         assert not cuda_gemv.gemv_beats_gemm(lay("int4:g128", n, k), 8)  # the GEMV's own range
     assert cuda_gemv.gemv_beats_gemm(lay("int4:g64", 14336, 4096), 12)
     assert not cuda_gemv.gemv_beats_gemm(lay("int4:g128:asym", 14336, 4096), 9)  # zero points: the CUDA GEMM
-    assert not cuda_gemv.gemv_beats_gemm(lay("int3:g128", 14336, 4096), 9)
-    assert not cuda_gemv.gemv_beats_gemm(lay("int8:ch", 14336, 4096), 9)
+    for spec in ("int3:g128", "int3:ch", "int8:ch", "int8:g128:asym"):  # 3-bit (groups >= 128) and int8: 9-16 rows
+        for n in (4096, 6144, 14336, 28672):
+            assert cuda_gemv.gemv_beats_gemm(lay(spec, n, 4096), 9) and cuda_gemv.gemv_beats_gemm(lay(spec, n, 4096), 16)
+            assert not cuda_gemv.gemv_beats_gemm(lay(spec, n, 4096), 17)
+    assert not cuda_gemv.gemv_beats_gemm(lay("int3:g64", 14336, 4096), 9)  # one B tile only
     shapes = {(14336, 4096): (2, 4, 4), (4096, 4096): (1, 8, 0), (4096, 14336): (2, 16, 4), (6144, 4096): (1, 4, 0),
               (28672, 4096): (2, 2, 0), (128256, 4096): (2, 2, 4), (200, 256): (2, 2, 4)}
     for (n, k), want in shapes.items():
         cfg = cuda_gemv.pick_config(12, lay("int4:g128", n, k))
         assert (cfg.row_tiles, cfg.warps, cfg.stages) == want, (n, k)
+    # int8 from 8 rows and 3-bit from 9 (bench_gemv16.py): warps per shape, one row tile
+    for spec, m, n, k, warps in [("int8:ch", 12, 14336, 4096, 4), ("int8:ch", 8, 4096, 14336, 8), ("int8:ch", 16, 6144, 4096, 4),
+                                 ("int8:ch", 4, 4096, 14336, 16), ("int3:g128", 12, 14336, 4096, 2),
+                                 ("int3:g128", 12, 4096, 14336, 8), ("int3:g128", 16, 28672, 4096, 8)]:
+        cfg = cuda_gemv.pick_config(m, lay(spec, n, k))
+        assert (cfg.row_tiles, cfg.warps) == (1, warps), (spec, m, n, k)
+    monkeypatch.setenv("MIXQ_GEMV_TWO_TILES", "0")  # the benchmark switch: the routes before
+    assert not cuda_gemv.gemv_beats_gemm(lay("int4:g128", 14336, 4096), 9)
+    assert not cuda_gemv.gemv_beats_gemm(lay("int3:g128", 14336, 4096), 9)

@@ -7,8 +7,9 @@
 layout and the batch (rows of x):
 
 * "cuda_gemv": the hand-written CUDA GEMV (`cuda_gemv`, built on first use) for int4, int8
-  and 3-bit layouts at batch <= `CUDA_GEMV_MAX_BATCH`, and for int4 at 9-12 rows where it
-  measured faster than the tensor-core kernels (`cuda_gemv.gemv_beats_gemm`);
+  and 3-bit layouts at batch <= `CUDA_GEMV_MAX_BATCH`, and at 9-16 rows where it measured
+  faster than the other kernels (`cuda_gemv.gemv_beats_gemm`: int8 and 3-bit codes with groups
+  of >= 128 inputs; int4 at 9-12 rows without zero points, outside fused q/k/v and LM heads);
 * "cuda_tc": the hand-written CUDA tensor-core GEMM (`cuda_gemv.gemm`, same extension) for
   int4 layouts above that batch where it measured faster than the Triton kernel
   (`cuda_gemv.gemm_preferred`: zero points, groups under 128 inputs, more than 64 rows, or

@@ -89,8 +89,8 @@ log = logging.getLogger(__name__)
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = ("gemv_int4.cpp", "gemv_int4.cu", "gemm_int4.cu", "hadamard.cu")
 HEADERS = ("gemv_int4.h", "common.cuh", "wgmma.cuh")
-MAX_BATCH = 8  # 3-bit and int8 GEMVs: one B tile of 8 activation rows
-MAX_BATCH_INT4 = 16  # int4: two B tiles from 9 rows (the decoded weights meet both)
+MAX_BATCH = 8  # one B tile of 8 activation rows (3-bit with groups under 128 inputs)
+MAX_BATCH_INT4 = 16  # two B tiles from 9 rows (the decoded weights meet both): int4, int8, 3-bit g >= 128
 
 _lock = threading.Lock()
 _ext = None
@@ -219,13 +219,16 @@ def layout_supported(layout: PackedLayout) -> bool:
 
 
 def max_batch(layout: PackedLayout) -> int:
-    """Most activation rows the GEMV takes for this layout: 16 for int4, 8 for 3-bit and int8."""
-    return MAX_BATCH_INT4 if layout.bits == 4 else MAX_BATCH
+    """Most activation rows the GEMV takes for this layout: 16 (two B tiles from 9 rows), 8 for
+    3-bit codes with groups under 128 inputs (their pre-scaled kernel has one B tile)."""
+    if layout.bits == 3 and layout.group_size < min(128, layout.in_features):
+        return MAX_BATCH
+    return MAX_BATCH_INT4
 
 
 def supports(layout: PackedLayout, x: torch.Tensor) -> bool:
-    """True when the CUDA kernel can take `x` (2-D, M <= `max_batch` rows: 16 for int4, 8
-    otherwise) with this layout (the extension itself is built lazily by `qmatmul`)."""
+    """True when the CUDA kernel can take `x` (2-D, M <= `max_batch` rows) with this layout
+    (the extension itself is built lazily by `qmatmul`)."""
     return (x.is_cuda and x.dim() == 2 and 1 <= x.shape[0] <= max_batch(layout)
             and x.dtype in (torch.float16, torch.bfloat16) and layout_supported(layout))
 
@@ -252,13 +255,17 @@ def pick_config(m: int, layout: PackedLayout, n_sms: int = 132) -> GemvConfig:
     the decode loop (2026-12-01), the ring for every int4 weight at batch 1 (`_decode_ring`).
     int8 takes int4's warps with one row tile (not swept)."""
     n, k = layout.out_features, layout.in_features
-    if layout.bits == 8:  # one row tile; int4's warps (the int8 chunk is int4's 128 inputs); not swept
+    if layout.bits == 8:  # one row tile; below 8 rows int4's warps (not swept)
         warps = 16 if n <= 4096 else (8 if n <= 8192 else 4)
+        if m >= MAX_BATCH:  # H200 sweep at 8-16 rows (bench_gemv16.py, 2026-12-01): 8 warps on 4096 rows, else 4
+            warps = 8 if n <= 4096 else 4
         while warps > 1 and k // 128 < warps:
             warps //= 2
         return GemvConfig(row_tiles=1, unroll=1, warps=warps)
     if layout.bits == 3:  # H200 sweep (bench_tc.py, 2026-11-30): 8 warps, 4 for tall batch-1 weights
         warps = 4 if (n > 8192 and m == 1) else 8
+        if m > MAX_BATCH and 8192 < n <= 16384:  # two B tiles (bench_gemv16.py): 14336x4096 at 16 rows 31.6 vs 35.0 us
+            warps = 2
         chunks = -(-k // 512)
         while warps > 1 and chunks < warps:
             warps //= 2
@@ -306,16 +313,25 @@ def _two_tiles_config(n: int, k: int) -> GemvConfig:
 
 
 def gemv_beats_gemm(layout: PackedLayout, m: int) -> bool:
-    """Whether the int4 GEMV (two B tiles) takes 9-16 activation rows from the tensor-core
-    kernels: 9-12 rows without zero points, except on 4097-8192-row weights (fused q/k/v) and
-    LM heads (> 65536 rows), where the Triton kernel measured faster. H200,
+    """Whether the GEMV (two B tiles) takes 9-16 activation rows from the other kernels. 3-bit
+    codes (groups of >= 128 inputs) and int8: always (H200, bench/bench_gemv16.py, 2026-12-01,
+    `gemv16_other.json`, µs at 9 / 16 rows, GEMV vs the route before: int3:g128 14336x4096 28.5 /
+    31.6 vs 51.1 / 50.5 (the older Triton kernel), 4096x14336 26.2 / 29.5 vs 41.9 / 41.2,
+    28672x4096 51.3 / 60.3 vs 95.3 / 95.4; int8:ch 14336x4096 25.5 / 27.1 vs 29.8 / 31.1 (the
+    Triton tensor-core kernel), 4096x14336 24.1 / 25.9 vs 28.0 / 29.3, 6144x4096 13.5 / 13.5 vs
+    16.4 / 16.9). int4: 9-12 rows without zero points, except on 4097-8192-row weights (fused
+    q/k/v) and LM heads (> 65536 rows), where the Triton kernel measured faster. H200,
     bench/bench_gemv16.py (2026-12-01, `gemv16.json`, int4:g128, µs, GEMV vs the route before):
     14336x4096 at 9 / 12 rows 19.1 / 19.8 vs 25.1 / 26.0 (Triton), 4096x4096 8.8 / 8.8 vs 11.1 /
     11.3, 4096x14336 18.6 / 19.2 vs 23.5 / 24.0, 28672x4096 33.6 / 34.3 vs 47.4 / 48.9; int4:g64
     19.6 / 20.3 vs 22.3 / 22.0 (CUDA GEMM); 6144x4096 11.7 vs 10.6 (Triton). Zero points: 21.7 /
     22.5 vs 22.0 / 21.6 (CUDA GEMM), so they stay. At 16 rows the routes tie (14336x4096: 20.3 vs
     19.9), so they stay too."""
+    if os.environ.get("MIXQ_GEMV_TWO_TILES") == "0":  # benchmark switch: the routes before
+        return False
     n = layout.out_features
+    if layout.bits in (3, 8):
+        return MAX_BATCH < m <= max_batch(layout)
     return (layout.bits == 4 and not layout.has_zeros and MAX_BATCH < m <= 12 and not 4096 < n <= 8192
             and n <= 65536)
 
@@ -414,8 +430,8 @@ def qmatmul(x: torch.Tensor, kw: KernelWeights, bias: torch.Tensor | None = None
     lay = kw.layout
     ok = silu_mul_supported(lay, x) if silu_mul else supports(lay, x)
     ready = _operands(x, bias, lay, ok, f"cuda_gemv takes (M <= {max_batch(lay)}, {lay.in_features}) "
-                      f"bf16/fp16 CUDA input and int4 (M <= {MAX_BATCH_INT4}), int8 or 3-bit (M <= {MAX_BATCH}) "
-                      f"fp16-scale layouts"
+                      f"bf16/fp16 CUDA input and int4, int8 or 3-bit fp16-scale layouts (M <= {MAX_BATCH_INT4}; "
+                      f"3-bit with groups under 128 inputs M <= {MAX_BATCH})"
                       + (" (silu_mul: int4 with an even number of rows)" if silu_mul else ""))
     if ready is None:
         return None

@@ -118,7 +118,8 @@ torch::Tensor gemv_int3(torch::Tensor x, torch::Tensor codes, torch::Tensor scal
                         c10::optional<torch::Tensor> bias, c10::optional<torch::Tensor> out, int64_t group_size,
                         int64_t code_offset, int64_t warps) {
   torch::Tensor y;
-  const GemvInt4Params p = make_params("gemv_int3", x, codes, scales, zeros, bias, out, group_size, code_offset, 3, 8, 128, y);
+  const GemvInt4Params p = make_params("gemv_int3", x, codes, scales, zeros, bias, out, group_size, code_offset, 3, 16, 128, y);
+  TORCH_CHECK(x.size(0) <= 8 || p.group_shift >= 7, "gemv_int3: 9-16 rows need groups of >= 128 inputs, got ", group_size);
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaError_t err = gemv_int3_launch(p, x.scalar_type() == torch::kBFloat16, int(warps),
                                            c10::cuda::getCurrentCUDAStream().stream());
@@ -132,7 +133,7 @@ torch::Tensor gemv_int8(torch::Tensor x, torch::Tensor codes, torch::Tensor scal
                         c10::optional<torch::Tensor> bias, c10::optional<torch::Tensor> out, int64_t group_size,
                         int64_t code_offset, int64_t warps) {
   torch::Tensor y;
-  const GemvInt4Params p = make_params("gemv_int8", x, codes, scales, zeros, bias, out, group_size, code_offset, 8, 8, 128, y);
+  const GemvInt4Params p = make_params("gemv_int8", x, codes, scales, zeros, bias, out, group_size, code_offset, 8, 16, 128, y);
   TORCH_CHECK(p.group_shift >= 7, "gemv_int8: needs groups of >= 128 inputs or one per row, got ", group_size);
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaError_t err = gemv_int8_launch(p, x.scalar_type() == torch::kBFloat16, int(warps),
@@ -267,9 +268,9 @@ void norm_transform(torch::Tensor h, c10::optional<torch::Tensor> delta, c10::op
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("norm_transform", &norm_transform, "online Hadamard transform, optionally of a fused RMSNorm (mixq)");
-  m.def("gemv_int4", &gemv_int4, "int4 weight-only GEMV for <= 8 activation rows (mixq)");
-  m.def("gemv_int8", &gemv_int8, "int8 weight-only GEMV for <= 8 activation rows (mixq)");
-  m.def("gemv_int3", &gemv_int3, "3-bit (split layout) weight-only GEMV for <= 8 activation rows (mixq)");
+  m.def("gemv_int4", &gemv_int4, "int4 weight-only GEMV for <= 16 activation rows (mixq)");
+  m.def("gemv_int8", &gemv_int8, "int8 weight-only GEMV for <= 16 activation rows (mixq)");
+  m.def("gemv_int3", &gemv_int3, "3-bit (split layout) weight-only GEMV for <= 16 activation rows (groups >= 128 past 8) (mixq)");
   m.def("gemm_int4", &gemm_int4, "int4 weight-only tensor-core GEMM at any batch (mixq)");
   m.def("gemm_wgmma_built", &gemm_wgmma_built, "whether the sm_90a wgmma GEMM was built (mixq)");
   m.def("gemm_int4_workspace", &gemm_int4_workspace, "workspace floats and counters of a gemm_int4 call (mixq)");

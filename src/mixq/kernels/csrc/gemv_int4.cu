@@ -543,7 +543,8 @@ __global__ void __launch_bounds__(512) gemv_int3_kernel(const GemvInt4Params p) 
 // each step's fp32 result is corrected and scaled once, as int4's post-scale path does:
 // s * (sum (magic + c) x - (magic + zero) * sum x), sum x from an mma of all-ones A. A lane's
 // units are four words 16 bytes apart in each plane: 4-byte loads (the quad's loads of a step
-// cover 16 contiguous bytes of each row and plane, the chunk's four steps 64).
+// cover 16 contiguous bytes of each row and plane, the chunk's four steps 64). kB = 2 (9-16
+// activation rows): each decoded pair meets two B tiles, as in the int4 kernel.
 
 struct Step3 {      // one step t of a chunk: unit 4t + q of the chunk, rows g and g + 8
   uint32_t w[2][3];  // [row half][plane] words
@@ -551,10 +552,10 @@ struct Step3 {      // one step t of a chunk: unit 4t + q of the chunk, rows g a
   uint32_t z[2];     // zero points per row
 };
 
-template <bool kBF16, bool kZeros>
+template <bool kBF16, bool kZeros, int kB>
 __global__ void __launch_bounds__(512) gemv_int3p_kernel(const GemvInt4Params p) {
   using H = Half<kBF16>;
-  extern __shared__ float partials3[];  // (warps, 4, 32)
+  extern __shared__ float partials3[];  // (warps, kB * 4, 32)
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int n_warps = blockDim.x >> 5;
@@ -563,7 +564,9 @@ __global__ void __launch_bounds__(512) gemv_int3p_kernel(const GemvInt4Params p)
   const int n_units = p.k >> 5;  // J, a multiple of 4
   const int n_chunks = (n_units + 15) >> 4;
   const uint16_t* xs = static_cast<const uint16_t*>(p.x);
-  const uint32_t x_off = opaque(uint32_t(min(g, p.m - 1)) * uint32_t(p.ldx) + q * 32);
+  uint32_t x_off[kB];  // B tile b: activation row 8b + g
+#pragma unroll
+  for (int b = 0; b < kB; ++b) x_off[b] = opaque(uint32_t(min(8 * b + g, p.m - 1)) * uint32_t(p.ldx) + q * 32);
   uint32_t w_offs[1][2], s_offs[1][2], z_offs[1][2];  // rows g, g + 8
   row_offsets<1>(p, row0, 16, g, q, kZeros, w_offs, s_offs, z_offs);
   const uint32_t (&w_off)[2] = w_offs[0], (&s_off)[2] = s_offs[0], (&z_off)[2] = z_offs[0];
@@ -582,19 +585,23 @@ __global__ void __launch_bounds__(512) gemv_int3p_kernel(const GemvInt4Params p)
     }
   };
 
-  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  float acc[kB][4] = {};
   const uint32_t m2 = opaque(0x00030003u), m1 = opaque(0x00040004u), magic = opaque(H::kMagic);
   const uint32_t ones[4] = {H::kOne, H::kOne, H::kOne, H::kOne};
+  // mma chains per B tile and sum: one B tile keeps the low and high half-units apart (four
+  // chains of four), two tiles share one chain per tile and sum (four chains of eight)
+  constexpr int kC = kB == 1 ? 2 : 1;
   auto compute = [&](const Step3& st, int c, int t) {
     const int j0 = c * 16 + 4 * t;
     if (c >= n_chunks || j0 >= n_units) return;  // warp-uniform
-    uint4 xv[4];
-    const uint4* xp = reinterpret_cast<const uint4*>(xs + (x_off + j0 * 32));
+    uint4 xv[kB][4];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) xv[i] = __ldg(xp + i);
-    // two accumulators each for the low and high half-units: four mma chains of four
-    float tt[4] = {0.f, 0.f, 0.f, 0.f}, sx[4] = {0.f, 0.f, 0.f, 0.f};
-    float tu[4] = {0.f, 0.f, 0.f, 0.f}, sy[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int b = 0; b < kB; ++b) {
+      const uint4* xp = reinterpret_cast<const uint4*>(xs + (x_off[b] + j0 * 32));
+#pragma unroll
+      for (int i = 0; i < 4; ++i) xv[b][i] = __ldg(xp + i);
+    }
+    float tt[kB][kC][4] = {}, sx[kB][kC][4] = {};
 #pragma unroll
     for (int i = 0; i < 8; i += 2) {
       uint32_t lo[2][2], hi[2][2];  // [row half][pair]: magic + code
@@ -607,21 +614,29 @@ __global__ void __launch_bounds__(512) gemv_int3p_kernel(const GemvInt4Params p)
           hi[h][e] = decode3(st.w[h][1], st.w[h][2], ii, true, m1, m2, magic);
         }
       }
-      uint32_t bl[2], bh[2];
-      unit3_b(xv, i, bl, bh);
       const uint32_t A0[4] = {lo[0][0], lo[1][0], lo[0][1], lo[1][1]};
       const uint32_t A1[4] = {hi[0][0], hi[1][0], hi[0][1], hi[1][1]};
-      H::mma(tt, A0, bl[0], bl[1]);
-      H::mma(tu, A1, bh[0], bh[1]);
-      H::mma(sx, ones, bl[0], bl[1]);
-      H::mma(sy, ones, bh[0], bh[1]);
+#pragma unroll
+      for (int b = 0; b < kB; ++b) {
+        uint32_t bl[2], bh[2];
+        unit3_b(xv[b], i, bl, bh);
+        H::mma(tt[b][0], A0, bl[0], bl[1]);
+        H::mma(tt[b][kC - 1], A1, bh[0], bh[1]);
+        H::mma(sx[b][0], ones, bl[0], bl[1]);
+        H::mma(sx[b][kC - 1], ones, bh[0], bh[1]);
+      }
     }
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      tt[j] += tu[j];
-      sx[j] += sy[j];
+    for (int b = 0; b < kB; ++b) {
+      if constexpr (kC == 2) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          tt[b][0][j] += tt[b][1][j];
+          sx[b][0][j] += sx[b][1][j];
+        }
+      }
+      post_scale<kBF16>(acc[b], tt[b][0], sx[b][0], st.s[0], st.s[1], st.z[0], st.z[1]);
     }
-    post_scale<kBF16>(acc, tt, sx, st.s[0], st.s[1], st.z[0], st.z[1]);
   };
 
   // one chunk in flight: each step's slot is refilled with the next chunk's step as it is taken
@@ -640,8 +655,8 @@ __global__ void __launch_bounds__(512) gemv_int3p_kernel(const GemvInt4Params p)
     }
   }
 
-  const float acc1[1][1][4] = {{{acc[0], acc[1], acc[2], acc[3]}}};
-  reduce_store<kBF16, 1, 1>(p, partials3, acc1, row0);
+  const float(&acc1)[1][kB][4] = *reinterpret_cast<const float(*)[1][kB][4]>(&acc);
+  reduce_store<kBF16, 1, kB>(p, partials3, acc1, row0);
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -653,12 +668,13 @@ __global__ void __launch_bounds__(512) gemv_int3p_kernel(const GemvInt4Params p)
 // of both words, which one PRMT gathers and one LOP3 turns into half-precision magic + code:
 // fp16 1024 + c, exact. bf16 holds 128 + c exactly only below 128, so there the low seven bits
 // (128 + l) and the top bit (128 h: a sign-replicating PTX prmt and an AND) go to two mmas on the
-// same accumulator: their sum is 128 + c, each product exact.
+// same accumulator: their sum is 128 + c, each product exact. kB = 2 (9-16 activation rows):
+// each decoded pair meets two B tiles, as in the int4 kernel.
 
-template <bool kBF16, bool kZeros>
+template <bool kBF16, bool kZeros, int kB>
 __global__ void __launch_bounds__(512) gemv_int8_kernel(const GemvInt4Params p) {
   using H = Half<kBF16>;
-  extern __shared__ float partials8[];  // (warps, 4, 32)
+  extern __shared__ float partials8[];  // (warps, kB * 4, 32)
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int n_warps = blockDim.x >> 5;
@@ -666,7 +682,9 @@ __global__ void __launch_bounds__(512) gemv_int8_kernel(const GemvInt4Params p) 
   const int row0 = blockIdx.x * 16;
   const int n_chunks = p.k >> 7;  // k a multiple of 128
   const uint16_t* xs = static_cast<const uint16_t*>(p.x);
-  const uint32_t x_off = opaque(uint32_t(min(g, p.m - 1)) * uint32_t(p.ldx) + q * 16);
+  uint32_t x_off[kB];  // B tile b: activation row 8b + g
+#pragma unroll
+  for (int b = 0; b < kB; ++b) x_off[b] = opaque(uint32_t(min(8 * b + g, p.m - 1)) * uint32_t(p.ldx) + q * 16);
   uint32_t w_offs[1][2], s_offs[1][2], z_offs[1][2];  // rows g, g + 8
   row_offsets<1>(p, row0, 16, g, q * 4, kZeros, w_offs, s_offs, z_offs);
   const uint32_t (&w_off)[2] = w_offs[0], (&s_off)[2] = s_offs[0], (&z_off)[2] = z_offs[0];
@@ -687,22 +705,28 @@ __global__ void __launch_bounds__(512) gemv_int8_kernel(const GemvInt4Params p) 
     }
   };
 
-  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  float acc[kB][4] = {};
   const uint32_t ones[4] = {H::kOne, H::kOne, H::kOne, H::kOne};
   auto compute = [&](const Chunk8& ch, int c) {
-    uint4 xv[4];
-    const uint4* xp = reinterpret_cast<const uint4*>(xs + (x_off + c * 128));
-    xv[0] = __ldg(xp);
-    xv[1] = __ldg(xp + 1);
-    xv[2] = __ldg(xp + 8);  // inputs 64 + 16q ..
-    xv[3] = __ldg(xp + 9);
-    float t[4] = {0.f, 0.f, 0.f, 0.f}, sx[4] = {0.f, 0.f, 0.f, 0.f};
+    uint4 xv[kB][4];
 #pragma unroll
-    for (int v = 0; v < 4; ++v) {  // inputs 8v .. 8v + 7 of the lane: x in xv[v]
-      uint32_t b[4];
-      x_pairs(xv[v], b);
-      H::mma(sx, ones, b[0], b[1]);
-      H::mma(sx, ones, b[2], b[3]);
+    for (int bt = 0; bt < kB; ++bt) {
+      const uint4* xp = reinterpret_cast<const uint4*>(xs + (x_off[bt] + c * 128));
+      xv[bt][0] = __ldg(xp);
+      xv[bt][1] = __ldg(xp + 1);
+      xv[bt][2] = __ldg(xp + 8);  // inputs 64 + 16q ..
+      xv[bt][3] = __ldg(xp + 9);
+    }
+    float t[kB][4] = {}, sx[kB][4] = {};
+#pragma unroll
+    for (int v = 0; v < 4; ++v) {  // inputs 8v .. 8v + 7 of the lane: x in xv[.][v]
+      uint32_t b[kB][4];
+#pragma unroll
+      for (int bt = 0; bt < kB; ++bt) {
+        x_pairs(xv[bt][v], b[bt]);
+        H::mma(sx[bt], ones, b[bt][0], b[bt][1]);
+        H::mma(sx[bt], ones, b[bt][2], b[bt][3]);
+      }
       uint32_t lo[2][4], hi[2][4];  // [row half][pair i]: magic + code (bf16: low seven bits, 128 h)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
@@ -721,16 +745,20 @@ __global__ void __launch_bounds__(512) gemv_int8_kernel(const GemvInt4Params p) 
       }
       const uint32_t A0[4] = {lo[0][0], lo[1][0], lo[0][1], lo[1][1]};
       const uint32_t A1[4] = {lo[0][2], lo[1][2], lo[0][3], lo[1][3]};
-      H::mma(t, A0, b[0], b[1]);
-      H::mma(t, A1, b[2], b[3]);
-      if (kBF16) {
-        const uint32_t B0[4] = {hi[0][0], hi[1][0], hi[0][1], hi[1][1]};
-        const uint32_t B1[4] = {hi[0][2], hi[1][2], hi[0][3], hi[1][3]};
-        H::mma(t, B0, b[0], b[1]);
-        H::mma(t, B1, b[2], b[3]);
+#pragma unroll
+      for (int bt = 0; bt < kB; ++bt) {
+        H::mma(t[bt], A0, b[bt][0], b[bt][1]);
+        H::mma(t[bt], A1, b[bt][2], b[bt][3]);
+        if (kBF16) {
+          const uint32_t B0[4] = {hi[0][0], hi[1][0], hi[0][1], hi[1][1]};
+          const uint32_t B1[4] = {hi[0][2], hi[1][2], hi[0][3], hi[1][3]};
+          H::mma(t[bt], B0, b[bt][0], b[bt][1]);
+          H::mma(t[bt], B1, b[bt][2], b[bt][3]);
+        }
       }
     }
-    post_scale<kBF16>(acc, t, sx, ch.s[0], ch.s[1], ch.z[0], ch.z[1]);
+#pragma unroll
+    for (int bt = 0; bt < kB; ++bt) post_scale<kBF16>(acc[bt], t[bt], sx[bt], ch.s[0], ch.s[1], ch.z[0], ch.z[1]);
   };
 
   Chunk8 buf_a, buf_b;
@@ -745,16 +773,19 @@ __global__ void __launch_bounds__(512) gemv_int8_kernel(const GemvInt4Params p) 
     if (c + step < n_chunks) compute(buf_b, c + step);
     load(buf_b, c + 3 * step);
   }
-  const float acc1[1][1][4] = {{{acc[0], acc[1], acc[2], acc[3]}}};
-  reduce_store<kBF16, 1, 1>(p, partials8, acc1, row0);
+  const float(&acc1)[1][kB][4] = *reinterpret_cast<const float(*)[1][kB][4]>(&acc);
+  reduce_store<kBF16, 1, kB>(p, partials8, acc1, row0);
 }
 
 template <bool kBF16, bool kZeros>
 cudaError_t launch8(const GemvInt4Params& p, int warps, cudaStream_t stream) {
   const dim3 grid((p.n + 15) / 16);
   const dim3 block(32 * warps);
-  const size_t smem = size_t(warps) * 128 * sizeof(float);
-  return launch_ex(gemv_int8_kernel<kBF16, kZeros>, grid, block, smem, stream, p.pdl, p);
+  if (p.m > 8)  // two B tiles
+    return launch_ex(gemv_int8_kernel<kBF16, kZeros, 2>, grid, block, size_t(warps) * 256 * sizeof(float), stream,
+                     p.pdl, p);
+  return launch_ex(gemv_int8_kernel<kBF16, kZeros, 1>, grid, block, size_t(warps) * 128 * sizeof(float), stream, p.pdl,
+                   p);
 }
 
 template <bool kBF16, bool kZeros>
@@ -764,8 +795,12 @@ cudaError_t launch3(const GemvInt4Params& p, int warps, cudaStream_t stream) {
   const size_t smem = size_t(warps) * 128 * sizeof(float);
   // groups of >= 128 inputs from 5 activation rows: post-scaled, interleaved units (H200,
   // int3:g128 28672x4096: 42.2 vs 48.2 us at 8 rows; at 1 row 33.8 vs 30.9, so not below)
+  // 9-16 rows: the post-scaled kernel with two B tiles (groups of >= 128 inputs only)
+  if (p.m > 8)
+    return p.group_shift >= 7 ? launch_ex(gemv_int3p_kernel<kBF16, kZeros, 2>, grid, block, 2 * smem, stream, p.pdl, p)
+                              : cudaErrorInvalidValue;
   if (p.group_shift >= 7 && p.int3_post && p.m >= 5)
-    return launch_ex(gemv_int3p_kernel<kBF16, kZeros>, grid, block, smem, stream, p.pdl, p);
+    return launch_ex(gemv_int3p_kernel<kBF16, kZeros, 1>, grid, block, smem, stream, p.pdl, p);
   return launch_ex(gemv_int3_kernel<kBF16, kZeros>, grid, block, smem, stream, p.pdl, p);
 }
 
@@ -791,14 +826,14 @@ cudaError_t gemv_int4_launch(const GemvInt4Params& p, bool bf16, bool pre_scale,
 }
 
 cudaError_t gemv_int3_launch(const GemvInt4Params& p, bool bf16, int warps, cudaStream_t stream) {
-  if (p.m < 1 || p.m > 8 || p.n < 1 || p.k < 128 || p.k % 128 || warps < 1 || warps > 16 || p.group_shift < 5)
+  if (p.m < 1 || p.m > 16 || p.n < 1 || p.k < 128 || p.k % 128 || warps < 1 || warps > 16 || p.group_shift < 5)
     return cudaErrorInvalidValue;
   if (bf16) return p.zeros ? launch3<true, true>(p, warps, stream) : launch3<true, false>(p, warps, stream);
   return p.zeros ? launch3<false, true>(p, warps, stream) : launch3<false, false>(p, warps, stream);
 }
 
 cudaError_t gemv_int8_launch(const GemvInt4Params& p, bool bf16, int warps, cudaStream_t stream) {
-  if (p.m < 1 || p.m > 8 || p.n < 1 || p.k < 128 || p.k % 128 || warps < 1 || warps > 16 || p.group_shift < 7)
+  if (p.m < 1 || p.m > 16 || p.n < 1 || p.k < 128 || p.k % 128 || warps < 1 || warps > 16 || p.group_shift < 7)
     return cudaErrorInvalidValue;
   if (bf16) return p.zeros ? launch8<true, true>(p, warps, stream) : launch8<true, false>(p, warps, stream);
   return p.zeros ? launch8<false, true>(p, warps, stream) : launch8<false, false>(p, warps, stream);

@@ -34,7 +34,8 @@ struct GemvInt4Params {
   int glu_half;           // int4 GEMV, two row tiles: > 0 = n / 2, y = silu(rows < n / 2) * (rows >= n / 2)
 };
 
-// Launches on `stream`; returns the launch error (cudaSuccess if none).
+// Launches on `stream`; returns the launch error (cudaSuccess if none). int4: m <= 16 (two B
+// tiles of 8 activation rows from 9).
 // bf16: x is bfloat16 (else float16). pre_scale: scales are folded into the decoded weights
 // before the tensor-core product (group_size >= 32); else they are applied to fp32 partial
 // sums per 128-input chunk (group_size >= 128). group_size is a power of two. row_tiles:
@@ -47,12 +48,14 @@ cudaError_t gemv_int4_launch(const GemvInt4Params& p, bool bf16, bool pre_scale,
 size_t gemv_int4_ring_bytes(int row_tiles, int stages, int warps);
 
 // 3-bit codes in the split layout (codes: (n, 3 * k / 32) int32, planar; ld_codes = words per
-// row), k a multiple of 128, group_size a power of two >= 32; the weights are always formed as
-// (code - zero) * scale in x's dtype before the tensor-core product. warps: per block (1..16).
+// row), k a multiple of 128, group_size a power of two >= 32; m <= 8, or <= 16 with groups of
+// >= 128 inputs. Groups of >= 128 from 5 rows (and always from 9) take the post-scaled kernel;
+// otherwise the weights are formed as (code - zero) * scale in x's dtype before the tensor-core
+// product. warps: per block (1..16).
 cudaError_t gemv_int3_launch(const GemvInt4Params& p, bool bf16, int warps, cudaStream_t stream);
 
 // 8-bit codes (codes: (n, k / 4) int32, 4 LSB-first bytes per word), k a multiple of 128, groups
-// of >= 128 inputs (power of two) or one per row, scales after the product. warps: 1..16.
+// of >= 128 inputs (power of two) or one per row, scales after the product; m <= 16. warps: 1..16.
 cudaError_t gemv_int8_launch(const GemvInt4Params& p, bool bf16, int warps, cudaStream_t stream);
 
 // Tensor-core GEMM for int4 codes at any batch (gemm_int4.cu). b: as for the GEMV (any m >= 1;
