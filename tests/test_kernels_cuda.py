@@ -452,10 +452,57 @@ def test_decode_step_with_transforms_in_bf16(monkeypatch):
     assert calls.count(True) == 2 * 2 * 2  # two norms per layer, two layers, two forwards
 
 
+@pytest.mark.gpu
+@needs_cuda
+def test_decode_step_of_twelve_sequences_on_the_two_tile_gemv(monkeypatch):
+    """A bf16 Llama with a mixed plan (int4 q/k/v and down, int8 o_proj, int3:g128 gate/up)
+    decoding 12 sequences at once: the fused step, whose matmuls take the GEMV's two-tile
+    kernels (12 activation rows), gives the logits of the unfused step on the reference path
+    (dequantize, then matmul), prefill and one decode step, within bf16 rounding."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mixq.export.decoder import StaticDecoder
+    from mixq.nn import QuantLinear
+
+    torch.manual_seed(1)
+    cfg = LlamaConfig(hidden_size=768, intermediate_size=1536, num_hidden_layers=2, num_attention_heads=6,
+                      num_key_value_heads=2, vocab_size=256, max_position_embeddings=64, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg).to(device="cuda", dtype=torch.bfloat16).eval()
+    plan = {"q_proj": "int4:g128", "k_proj": "int4:g128", "v_proj": "int4:g128", "o_proj": "int8:ch",
+            "gate_proj": "int3:g128", "up_proj": "int3:g128", "down_proj": "int4:g128"}
+    for ly in model.model.layers:
+        for mod in (ly.self_attn, ly.mlp):
+            for name, spec in plan.items():
+                if hasattr(mod, name):
+                    fmt = formats.parse(spec)
+                    w = getattr(mod, name).weight.detach().float()
+                    setattr(mod, name, QuantLinear.from_qtensor(fmt.quantize(w), fmt).cuda())
+    rows = []
+    real = cuda_gemv.qmatmul
+    monkeypatch.setattr(cuda_gemv, "qmatmul", lambda x, kw, *a, **k: rows.append((kw.layout.bits, x.shape[0]))
+                        or real(x, kw, *a, **k))
+    ids = torch.randint(0, 256, (12, 5), device="cuda")
+    fused = StaticDecoder(model, max_len=32, batch=12, fused=True, use_graph=False)
+    plain = StaticDecoder(model, max_len=32, batch=12, fused=False, use_graph=False)
+    for t, pos in ((ids, 0), (ids[:, :1], 5)):
+        p = torch.tensor([pos], device="cuda")
+        rows.clear()
+        a = fused.forward(t, p).float()
+        if t.shape[1] == 1:  # the decode step: every matmul of the blocks on the two-tile GEMV
+            assert {(b, m) for b, m in rows} == {(3, 12), (4, 12), (8, 12)}, rows
+            assert len(rows) == 2 * 4  # q/k/v, o, gate/up, down per layer (q/k/v and gate/up fused)
+        with monkeypatch.context() as mp:
+            mp.setenv("MIXQ_KERNEL", "reference")
+            b = plain.forward(t, p).float()
+        assert bool(torch.isfinite(a).all())
+        assert float((a - b).norm() / b.norm()) < 3e-2, pos
+
+
 def test_two_tile_routes_and_launch_shapes(monkeypatch):
     """int4 at 9-12 rows goes to the GEMV except with zero points, on 4097-8192-row weights and
-    on LM heads (the H200 sweep, bench/bench_gemv16.py); 3-bit / int8 never past 8 rows; the launch shapes of
-    the sweep, with warps halved until each keeps a 128-input chunk."""
+    on LM heads (the H200 sweep, bench/bench_gemv16.py); int8 and 3-bit codes with groups of
+    >= 128 inputs at 9-16 rows; the launch shapes of the sweep, with warps halved until each
+    keeps a 128-input chunk."""
     def lay(spec, n, k):
         base = _layout(spec, n=16, k=k)
         return type(base)(**{**base.__dict__, "out_features": n})
