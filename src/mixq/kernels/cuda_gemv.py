@@ -90,7 +90,7 @@ CSRC = Path(__file__).parent / "csrc"
 SOURCES = ("gemv_int4.cpp", "gemv_int4.cu", "gemm_int4.cu", "hadamard.cu")
 HEADERS = ("gemv_int4.h", "common.cuh", "wgmma.cuh")
 MAX_BATCH = 8  # one B tile of 8 activation rows (3-bit with groups under 128 inputs)
-MAX_BATCH_INT4 = 16  # two B tiles from 9 rows (the decoded weights meet both): int4, int8, 3-bit g >= 128
+MAX_BATCH_TWO_TILES = 16  # two B tiles from 9 rows (each decoded weight meets both): int4, int8, 3-bit g >= 128
 
 _lock = threading.Lock()
 _ext = None
@@ -223,7 +223,7 @@ def max_batch(layout: PackedLayout) -> int:
     3-bit codes with groups under 128 inputs (their pre-scaled kernel has one B tile)."""
     if layout.bits == 3 and layout.group_size < min(128, layout.in_features):
         return MAX_BATCH
-    return MAX_BATCH_INT4
+    return MAX_BATCH_TWO_TILES
 
 
 def supports(layout: PackedLayout, x: torch.Tensor) -> bool:
@@ -253,7 +253,9 @@ def pick_config(m: int, layout: PackedLayout, n_sms: int = 132) -> GemvConfig:
     4097..8192 rows (fused q/k/v) and 3-bit codes; from the H200 sweep of 2026-12-01, one row
     tile only for wide batch-1 matrices and the cp.async ring for LM heads up to batch 4; from
     the decode loop (2026-12-01), the ring for every int4 weight at batch 1 (`_decode_ring`).
-    int8 takes int4's warps with one row tile (not swept)."""
+    int8 takes int4's warps with one row tile below 8 rows (not swept). From 9 rows (two B
+    tiles), the H200 sweep of bench/bench_gemv16.py (2026-12-01): `_two_tiles_config` for int4,
+    warps per shape for int8 (from 8 rows) and 3-bit."""
     n, k = layout.out_features, layout.in_features
     if layout.bits == 8:  # one row tile; below 8 rows int4's warps (not swept)
         warps = 16 if n <= 4096 else (8 if n <= 8192 else 4)
@@ -430,7 +432,7 @@ def qmatmul(x: torch.Tensor, kw: KernelWeights, bias: torch.Tensor | None = None
     lay = kw.layout
     ok = silu_mul_supported(lay, x) if silu_mul else supports(lay, x)
     ready = _operands(x, bias, lay, ok, f"cuda_gemv takes (M <= {max_batch(lay)}, {lay.in_features}) "
-                      f"bf16/fp16 CUDA input and int4, int8 or 3-bit fp16-scale layouts (M <= {MAX_BATCH_INT4}; "
+                      f"bf16/fp16 CUDA input and int4, int8 or 3-bit fp16-scale layouts (M <= {MAX_BATCH_TWO_TILES}; "
                       f"3-bit with groups under 128 inputs M <= {MAX_BATCH})"
                       + (" (silu_mul: int4 with an even number of rows)" if silu_mul else ""))
     if ready is None:

@@ -66,6 +66,16 @@ __device__ __forceinline__ void reduce_store(const GemvInt4Params& p, float* par
   }
 }
 
+// Element offsets into x of a lane's activation row in each of kB B tiles, at input column
+// `col`: tile b holds activation rows 8b .. 8b + 7, lane group g reads row 8b + g, and lanes past
+// m read row m - 1 (their columns are computed, not stored). 32-bit, since a 64-bit pointer per
+// row gets rematerialized.
+template <int kB>
+__device__ __forceinline__ void x_offsets(const GemvInt4Params& p, int g, uint32_t col, uint32_t (&off)[kB]) {
+#pragma unroll
+  for (int b = 0; b < kB; ++b) off[b] = opaque(uint32_t(min(8 * b + g, p.m - 1)) * uint32_t(p.ldx) + col);
+}
+
 // Scales after the product: acc[j] += s (t[j] - (magic + zero) sx[j]) for one mma's fp32 sums
 // t of magic + code against the activations and sx of the activations alone (an all-ones A);
 // accumulators 0, 1 are row g (fp16 scale bits s0, zero point z0), 2, 3 row g + 8 (s1, z1).
@@ -147,13 +157,9 @@ __global__ void __launch_bounds__(512, (kR == 1 && kU == 1 && kB == 1) ? 2 : 1) 
   const int row0 = blockIdx.x * (p.glu_half ? 16 : 16 * kR);
   const int tile_stride = p.glu_half ? p.glu_half : 16;
   const int n_chunks = (p.k + kChunk - 1) / kChunk;
-  // B column g of tile b is activation row 8b + g; lanes past m read row m - 1 (their columns
-  // are not stored). Offsets are 32-bit element offsets (a 64-bit pointer per row gets
-  // rematerialized).
   const uint16_t* xs = static_cast<const uint16_t*>(p.x);
   uint32_t x_off[kB];
-#pragma unroll
-  for (int b = 0; b < kB; ++b) x_off[b] = opaque(uint32_t(min(8 * b + g, p.m - 1)) * uint32_t(p.ldx) + q * 32);
+  x_offsets<kB>(p, g, q * 32, x_off);
 
   // rows g and g + 8 of each tile (tail rows clamped: computed, not stored)
   uint32_t w_off[kR][2], s_off[kR][2], z_off[kR][2];
@@ -448,7 +454,9 @@ __global__ void __launch_bounds__(512) gemv_int3_kernel(const GemvInt4Params p) 
   const int n_units = p.k >> 5;  // J
   const int n_chunks = (n_units + 15) >> 4;
   const uint16_t* xs = static_cast<const uint16_t*>(p.x);
-  const uint32_t x_off = opaque(uint32_t(min(g, p.m - 1)) * uint32_t(p.ldx) + q * 128);
+  uint32_t x_offs[1];
+  x_offsets<1>(p, g, q * 128, x_offs);
+  const uint32_t x_off = x_offs[0];
   uint32_t w_offs[1][2], s_offs[1][2], z_offs[1][2];  // rows g, g + 8
   row_offsets<1>(p, row0, 16, g, q * 4, kZeros, w_offs, s_offs, z_offs);
   const uint32_t (&w_off)[2] = w_offs[0], (&s_off)[2] = s_offs[0], (&z_off)[2] = z_offs[0];
@@ -564,9 +572,8 @@ __global__ void __launch_bounds__(512) gemv_int3p_kernel(const GemvInt4Params p)
   const int n_units = p.k >> 5;  // J, a multiple of 4
   const int n_chunks = (n_units + 15) >> 4;
   const uint16_t* xs = static_cast<const uint16_t*>(p.x);
-  uint32_t x_off[kB];  // B tile b: activation row 8b + g
-#pragma unroll
-  for (int b = 0; b < kB; ++b) x_off[b] = opaque(uint32_t(min(8 * b + g, p.m - 1)) * uint32_t(p.ldx) + q * 32);
+  uint32_t x_off[kB];
+  x_offsets<kB>(p, g, q * 32, x_off);
   uint32_t w_offs[1][2], s_offs[1][2], z_offs[1][2];  // rows g, g + 8
   row_offsets<1>(p, row0, 16, g, q, kZeros, w_offs, s_offs, z_offs);
   const uint32_t (&w_off)[2] = w_offs[0], (&s_off)[2] = s_offs[0], (&z_off)[2] = z_offs[0];
@@ -682,9 +689,8 @@ __global__ void __launch_bounds__(512) gemv_int8_kernel(const GemvInt4Params p) 
   const int row0 = blockIdx.x * 16;
   const int n_chunks = p.k >> 7;  // k a multiple of 128
   const uint16_t* xs = static_cast<const uint16_t*>(p.x);
-  uint32_t x_off[kB];  // B tile b: activation row 8b + g
-#pragma unroll
-  for (int b = 0; b < kB; ++b) x_off[b] = opaque(uint32_t(min(8 * b + g, p.m - 1)) * uint32_t(p.ldx) + q * 16);
+  uint32_t x_off[kB];
+  x_offsets<kB>(p, g, q * 16, x_off);
   uint32_t w_offs[1][2], s_offs[1][2], z_offs[1][2];  // rows g, g + 8
   row_offsets<1>(p, row0, 16, g, q * 4, kZeros, w_offs, s_offs, z_offs);
   const uint32_t (&w_off)[2] = w_offs[0], (&s_off)[2] = s_offs[0], (&z_off)[2] = z_offs[0];
