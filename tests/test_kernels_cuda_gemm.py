@@ -139,14 +139,16 @@ def _check(kw, m, dtype, cfg=None, bias=False):
     return check(cuda_gemv.gemm, kw, m, dtype, cfg, bias)
 
 
+# formats on odd row counts and K not a multiple of 128, for both GEMM kernels
+ODD_CASES = [("int4:g128", 200, 1088), ("int4:g64:asym", 136, 1056), ("int4:g32", 72, 544), ("int4:ch", 100, 4096),
+             ("int4:g128:asym", 48, 416)]
 CONFIGS = [cuda_gemv.GemmConfig(r, t, w, s) for r in (1, 2) for t in (1, 2, 4, 8) for w in (1, 3, 8) for s in (1, 3)]
 CONFIGS += [cuda_gemv.GemmConfig(r, t, w, stream_k=True) for r in (1, 2) for t in (1, 2, 4, 8) for w in (1, 3, 8)]
 
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("spec,n,k", [("int4:g128", 200, 1088), ("int4:g64:asym", 136, 1056), ("int4:g32", 72, 544),
-                                      ("int4:ch", 100, 4096), ("int4:g128:asym", 48, 416)])
+@pytest.mark.parametrize("spec,n,k", ODD_CASES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_every_launch_shape_matches_reference(spec, n, k, dtype):
     """Odd row counts (past every tile edge), K not a multiple of 128 (partial last chunk),
@@ -317,8 +319,7 @@ def test_wgmma_is_built_on_sm90():
 
 @pytest.mark.gpu
 @needs_wgmma
-@pytest.mark.parametrize("spec,n,k", [("int4:g128", 200, 1088), ("int4:g64:asym", 136, 1056), ("int4:g32", 72, 544),
-                                      ("int4:ch", 100, 4096), ("int4:g128:asym", 48, 416)])
+@pytest.mark.parametrize("spec,n,k", ODD_CASES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_wgmma_every_launch_shape_matches_reference(spec, n, k, dtype):
     """The Hopper kernel at every N (16..128 activation rows per tile) and one or two

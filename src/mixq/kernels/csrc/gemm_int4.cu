@@ -71,6 +71,15 @@ __device__ __forceinline__ void block_units(const GemmInt4Params& P, int64_t W, 
   }
 }
 
+// The part of the chunk-units [u, u_end) that lies in one tile: `tile` (= u / n_chunks) and its
+// chunks c_begin .. c_end - 1; the caller then advances u by c_end - c_begin.
+__device__ __forceinline__ void tile_segment(int64_t u, int64_t u_end, int n_chunks, int& tile, int& c_begin,
+                                             int& c_end) {
+  tile = int(u / n_chunks);
+  c_begin = int(u % n_chunks);
+  c_end = int(min(int64_t(n_chunks), c_begin + (u_end - u)));
+}
+
 // This block's partial-sum slot in `tile` and the tile's number of slots.
 __device__ __forceinline__ void tile_slot(const GemmInt4Params& P, int tile, int n_chunks, int64_t W, int& slot,
                                           int& n_slots) {
@@ -125,9 +134,8 @@ __global__ void __launch_bounds__(256) gemm_int4_kernel(const GemmInt4Params P) 
   pdl_launch_dependents();
   bool waited = false;
   while (u < u_end) {  // block-uniform: one segment (a tile's chunks c_begin .. c_end - 1) per pass
-    const int tile = int(u / n_chunks);
-    const int c_begin = int(u % n_chunks);
-    const int c_end = int(min(int64_t(n_chunks), c_begin + (u_end - u)));
+    int tile, c_begin, c_end;
+    tile_segment(u, u_end, n_chunks, tile, c_begin, c_end);
     const int row0 = ((tile % P.tiles_x) * n_warps + warp) * (16 * kR);
     const int m0 = (tile / P.tiles_x) * (8 * kT);
     const bool active = row0 < p.n;  // warp-uniform; idle warps still join the block's barriers
@@ -329,9 +337,8 @@ __global__ void __launch_bounds__(128 * kWG) gemm_wgmma_kernel(const GemmInt4Par
   pdl_launch_dependents();
   bool waited = false;
   while (u < u_end) {  // block-uniform: one segment (a tile's chunks c_begin .. c_end - 1) per pass
-    const int tile = int(u / n_chunks);
-    const int c_begin = int(u % n_chunks);
-    const int c_end = int(min(int64_t(n_chunks), c_begin + (u_end - u)));
+    int tile, c_begin, c_end;
+    tile_segment(u, u_end, n_chunks, tile, c_begin, c_end);
     const int row0 = (tile % P.tiles_x) * (64 * kWG) + warp * 16;  // rows past n: clamped, not stored
     const int m0 = (tile / P.tiles_x) * kN;
     uint32_t w_off[1][2], s_off[1][2], z_off[1][2];

@@ -1,5 +1,4 @@
-// Weight-only int4 GEMV / small-batch GEMM, y = x @ dequant(W)^T, for m <= 16 activation rows
-// (3-bit and int8: m <= 8),
+// Weight-only int4 GEMV / small-batch GEMM, y = x @ dequant(W)^T, for m <= 16 activation rows,
 // reading mixq's packed int4 layout directly (row-major int32 words, 8 LSB-first codes each;
 // float16 group scales (n, n_groups); optional uint8 zero points).
 //
@@ -10,9 +9,9 @@
 // of rows g and g + 8: a warp load covers 8 rows x 64 contiguous bytes, every sector whole.
 //
 // Arithmetic on the tensor cores: mma.m16n8k16 with the 16 weight rows as A and the (<= 8)
-// activation rows as B, fp32 accumulation; int4 at 9-16 rows (kB = 2) runs each decoded A
-// against two B tiles (activation rows 0-7 and 8-15), so the decode is shared by both. The k order inside an mma is free as long as A
-// and B agree, so a lane's A pair i of word w holds the codes of inputs (8w + i, 8w + i + 4):
+// activation rows as B, fp32 accumulation; at 9-16 rows (kB = 2, here and in the int8 and
+// post-scaled 3-bit kernels) each decoded A meets two B tiles (activation rows 0-7 and 8-15),
+// so the decode is shared by both. The k order inside an mma is free as long as A and B agree, so a lane's A pair i of word w holds the codes of inputs (8w + i, 8w + i + 4):
 // nibbles i and i + 4 of the word, which one LOP3 ((w >> 4i) & 0x000F000F | magic) turns into
 // two half-precision values magic + code, exact (bf16 128 + c, fp16 1024 + c). The lane's
 // activations are permuted to match with four PRMTs per word.
@@ -592,7 +591,7 @@ __global__ void __launch_bounds__(512) gemv_int3p_kernel(const GemvInt4Params p)
     }
   };
 
-  float acc[kB][4] = {};
+  float acc[1][kB][4] = {};  // reduce_store's (row tiles, B tiles, 4)
   const uint32_t m2 = opaque(0x00030003u), m1 = opaque(0x00040004u), magic = opaque(H::kMagic);
   const uint32_t ones[4] = {H::kOne, H::kOne, H::kOne, H::kOne};
   // mma chains per B tile and sum: one B tile keeps the low and high half-units apart (four
@@ -642,7 +641,7 @@ __global__ void __launch_bounds__(512) gemv_int3p_kernel(const GemvInt4Params p)
           sx[b][0][j] += sx[b][1][j];
         }
       }
-      post_scale<kBF16>(acc[b], tt[b][0], sx[b][0], st.s[0], st.s[1], st.z[0], st.z[1]);
+      post_scale<kBF16>(acc[0][b], tt[b][0], sx[b][0], st.s[0], st.s[1], st.z[0], st.z[1]);
     }
   };
 
@@ -662,8 +661,7 @@ __global__ void __launch_bounds__(512) gemv_int3p_kernel(const GemvInt4Params p)
     }
   }
 
-  const float(&acc1)[1][kB][4] = *reinterpret_cast<const float(*)[1][kB][4]>(&acc);
-  reduce_store<kBF16, 1, kB>(p, partials3, acc1, row0);
+  reduce_store<kBF16, 1, kB>(p, partials3, acc, row0);
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -711,7 +709,7 @@ __global__ void __launch_bounds__(512) gemv_int8_kernel(const GemvInt4Params p) 
     }
   };
 
-  float acc[kB][4] = {};
+  float acc[1][kB][4] = {};  // reduce_store's (row tiles, B tiles, 4)
   const uint32_t ones[4] = {H::kOne, H::kOne, H::kOne, H::kOne};
   auto compute = [&](const Chunk8& ch, int c) {
     uint4 xv[kB][4];
@@ -764,7 +762,7 @@ __global__ void __launch_bounds__(512) gemv_int8_kernel(const GemvInt4Params p) 
       }
     }
 #pragma unroll
-    for (int bt = 0; bt < kB; ++bt) post_scale<kBF16>(acc[bt], t[bt], sx[bt], ch.s[0], ch.s[1], ch.z[0], ch.z[1]);
+    for (int bt = 0; bt < kB; ++bt) post_scale<kBF16>(acc[0][bt], t[bt], sx[bt], ch.s[0], ch.s[1], ch.z[0], ch.z[1]);
   };
 
   Chunk8 buf_a, buf_b;
@@ -779,8 +777,7 @@ __global__ void __launch_bounds__(512) gemv_int8_kernel(const GemvInt4Params p) 
     if (c + step < n_chunks) compute(buf_b, c + step);
     load(buf_b, c + 3 * step);
   }
-  const float(&acc1)[1][kB][4] = *reinterpret_cast<const float(*)[1][kB][4]>(&acc);
-  reduce_store<kBF16, 1, kB>(p, partials8, acc1, row0);
+  reduce_store<kBF16, 1, kB>(p, partials8, acc, row0);
 }
 
 template <bool kBF16, bool kZeros>
