@@ -200,6 +200,12 @@ def extension():
     return _ext
 
 
+def pre_scaled(layout: PackedLayout) -> bool:
+    """Groups under 128 inputs (and not one per row): a 128-input chunk spans several scales, so
+    the kernels scale each weight before the product instead of each chunk's sum after it."""
+    return layout.group_size < min(128, layout.in_features)
+
+
 def layout_supported(layout: PackedLayout) -> bool:
     """int4 (in_features a multiple of 32), 3-bit codes in the split layout (a multiple of 128;
     off with MIXQ_CUDA_GEMV3=0) or int8 (a multiple of 128, groups of >= 128 inputs), with an
@@ -210,7 +216,7 @@ def layout_supported(layout: PackedLayout) -> bool:
         if os.environ.get("MIXQ_CUDA_GEMV3", "1") == "0" or k % 128:
             return False
     elif layout.bits == 8:  # post-scaled only: whole 128-input chunks per group
-        if k % 128 or g < min(128, k):
+        if k % 128 or pre_scaled(layout):
             return False
     elif layout.bits != 4 or k % 32:
         return False
@@ -221,7 +227,7 @@ def layout_supported(layout: PackedLayout) -> bool:
 def max_batch(layout: PackedLayout) -> int:
     """Most activation rows the GEMV takes for this layout: 16 (two B tiles from 9 rows), 8 for
     3-bit codes with groups under 128 inputs (their pre-scaled kernel has one B tile)."""
-    if layout.bits == 3 and layout.group_size < min(128, layout.in_features):
+    if layout.bits == 3 and pre_scaled(layout):
         return MAX_BATCH
     return MAX_BATCH_TWO_TILES
 
@@ -449,10 +455,8 @@ def qmatmul(x: torch.Tensor, kw: KernelWeights, bias: torch.Tensor | None = None
     if lay.bits == 8:
         return ext.gemv_int8(x, kw.codes, kw.scales, kw.zeros, bias, out, lay.group_size, lay.code_offset, cfg.warps)
     _check_config(cfg, x.shape[0])
-    # scales after the product need whole 128-input chunks per group
-    pre_scale = lay.group_size < 128 and lay.group_size < lay.in_features
     return ext.gemv_int4(x, kw.codes, kw.scales, kw.zeros, bias, out, lay.group_size, lay.code_offset,
-                         pre_scale, cfg.row_tiles, cfg.unroll, cfg.stages, cfg.warps, silu_mul)
+                         pre_scaled(lay), cfg.row_tiles, cfg.unroll, cfg.stages, cfg.warps, silu_mul)
 
 
 # --------------------------------------------------------------------------- tensor-core GEMM
@@ -558,7 +562,7 @@ def gemm_preferred(layout: PackedLayout, x: torch.Tensor) -> bool:
     if not gemm_available(layout, x):
         return False
     m = x.shape[0]
-    slow_on_triton = layout.has_zeros or layout.group_size < min(128, layout.in_features)
+    slow_on_triton = layout.has_zeros or pre_scaled(layout)
     if m > 16 and wgmma_available():
         # the Hopper kernel: ahead of both others from 17 rows (14336x4096 at 64 rows: 38-41 vs
         # 43.6 µs; at 128: 56-59 vs 74), except on weights of under 48 blocks of 128 rows at 33-64
