@@ -8,7 +8,7 @@ import torch
 from mixq import formats
 from mixq.errors import FormatError
 from mixq.kernels import dequantize, pack_codes, prepack, qmatmul, reference_matmul, unpack_codes
-from mixq.kernels.packed import e4m3_to_float, unit_shape
+from mixq.kernels.packed import e4m3_to_float, split3_unit_columns, unit_shape
 
 # GGUF block types have no packed kernel (llama.cpp runs them; mixq dequantizes them).
 QUANTIZED_SPECS = [s for s in formats.catalogue()
@@ -36,6 +36,51 @@ def test_pack_matches_formats_bitstream_when_bits_divide_32(bits):
     for row in range(codes.shape[0]):
         stream = packing.pack(codes[row], bits)  # uint8 bytes
         assert torch.equal(words[row].contiguous().view(torch.uint8), stream)
+
+
+def _decode3_like_the_gpu(w: list[int], slot: int, bf16: bool) -> tuple[float, float]:
+    """The two codes of pair slot `slot` of a 3-bit unit's words w, decoded as gemv_int4.cu's
+    decode3 + unscale3 do: one mask (after a shift for fields 2-4 of a word; three masks for
+    the last slot) into half-precision magic + mult * code, then the exact rescale."""
+    import numpy as np
+
+    magic = 0x4300 if bf16 else 0x6400
+
+    def half(bits: int) -> float:
+        if bf16:
+            return float(np.frombuffer(np.uint32(bits << 16).tobytes(), np.float32)[0])
+        return float(np.frombuffer(np.uint16(bits).tobytes(), np.float16)[0])
+
+    if slot == 15:
+        v, mult = ((w[0] >> 2) & 0x00100010) | ((w[1] >> 1) & 0x00200020) | (w[2] & 0x00400040), 16
+    else:
+        r = slot % 5
+        v = (w[slot // 5] >> (0 if r < 2 else (7 if r < 4 else 13))) & (0x00380038 if r & 1 else 0x00070007)
+        mult = 8 if r & 1 else 1
+    v |= magic * 0x10001
+    m = half(magic)
+    return tuple((half((v >> s) & 0xFFFF) - m) / mult for s in (0, 16))
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_3bit_layout_is_what_the_gpu_decoder_reads(bf16):
+    """Every pair slot of the 3-bit unit decodes, by the GPU kernels' mask-and-magic steps, to its
+    codes (i, i + 8) / (i + 8, i + 16), and each block of 16 units is stored interleaved by four
+    (unit 4t + q at column 4q + t; a last block of 12 units with stride 3)."""
+    torch.manual_seed(3)
+    n_units = 28  # one block of 16, a last block of 12
+    codes = torch.randint(0, 8, (2, 32 * n_units), dtype=torch.uint8)
+    words = pack_codes(codes, 3).view(2, 3, n_units)  # (row, plane, column)
+    cols = split3_unit_columns(n_units)
+    assert cols[:16].tolist() == [4 * (j % 4) + j // 4 for j in range(16)]
+    assert cols[16:].tolist() == [16 + 3 * (j % 4) + j // 4 for j in range(12)]
+    for row in range(2):
+        for unit in range(n_units):
+            w = [int(words[row, u, cols[unit]]) & 0xFFFFFFFF for u in range(3)]
+            c = codes[row, 32 * unit: 32 * unit + 32].tolist()
+            for slot in range(16):
+                first = slot if slot < 8 else slot + 8
+                assert _decode3_like_the_gpu(w, slot, bf16) == (c[first], c[first + 8]), (row, unit, slot)
 
 
 def test_pack_rejects_partial_units():

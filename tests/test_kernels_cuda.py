@@ -36,7 +36,7 @@ def _layout(spec: str, n: int = 8, k: int = 576):
     ("int8:g64@1024", False),
 ])
 def test_layout_supported(spec, ok):
-    """int4 with in % 32 == 0; 3-bit (split layout) and int8 with in % 128 == 0 (576 is not);
+    """int4 with in % 32 == 0; 3-bit (its 3-word units) and int8 with in % 128 == 0 (576 is not);
     int8 only with groups of >= 128 inputs (scales after the product)."""
     spec, _, k = spec.partition("@")
     assert cuda_gemv.layout_supported(_layout(spec, k=int(k or 576))) is ok
@@ -210,13 +210,15 @@ def test_two_b_tiles_match_reference(spec, n, k, dtype):
 @needs_cuda
 @pytest.mark.parametrize("spec,n,k", [("int3:g64", 200, 1152), ("int3:g128:asym", 72, 4096), ("int3:g32", 136, 640),
                                       ("int3:ch", 100, 1024), ("int3:g128", 4096, 14336), ("int3:g128", 40, 1152),
-                                      ("int3:g256:asym", 24, 640)])
+                                      ("int3:g256:asym", 24, 640), ("int3:g64:asym", 56, 768), ("int3:g128", 88, 896)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("post", ["1", "0"])
+@pytest.mark.parametrize("post", ["1", "0", "all"])
 def test_int3_every_launch_shape_matches_reference(spec, n, k, dtype, post, monkeypatch):
-    """The 3-bit kernels: odd row counts, partial 512-input chunks (1152, 640), every warp count;
-    groups of >= 128 inputs through the post-scaled kernel and (MIXQ_GEMV3_POST=0) the
-    pre-scaled one."""
+    """The 3-bit kernels: odd row counts, partial 512-input chunks of 4, 8 and 12 units (1152,
+    640; 768; 896: units stored interleaved with stride 1, 2, 3 there), every warp count;
+    groups of >= 128 inputs through the post-scaled kernel from 5 rows, from 1 row
+    (MIXQ_GEMV3_POST=all) or never (=0: the pre-scaled one). Random codes fill all 16 pair
+    slots of the 3-bit unit, the one spread over three words included."""
     monkeypatch.setenv("MIXQ_GEMV3_POST", post)
     _check_configs(_gpu_case(spec, n, k, seed=n + k), dtype, ONE_TILE)
 
@@ -238,7 +240,7 @@ def test_int8_every_launch_shape_matches_reference(spec, n, k, dtype):
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("spec,n,k", [("int3:g128", 200, 1152), ("int3:g128:asym", 72, 4096), ("int3:ch", 100, 1024),
-                                      ("int3:g256:asym", 24, 640), ("int8:ch", 200, 1152), ("int8:g128:asym", 136, 640),
+                                      ("int3:g256:asym", 24, 640), ("int3:g128:asym", 40, 896), ("int3:g128", 56, 768), ("int8:ch", 200, 1152), ("int8:g128:asym", 136, 640),
                                       ("int8:g256", 24, 640), ("int8:ch", 4096, 14336)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_int3_int8_two_b_tiles_match_reference(spec, n, k, dtype):
@@ -287,6 +289,39 @@ def test_silu_mul_launch_matches_the_two_steps(spec, half, k, dtype):
     with pytest.raises(ValueError, match="silu_mul"):
         cuda_gemv.qmatmul(torch.zeros(1, 544, device="cuda", dtype=dtype),
                           _gpu_case("int4:g32", 25, 544, seed=0), silu_mul=True)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("spec,half,k", [("int3:g128", 200, 1152), ("int3:g64:asym", 72, 640), ("int3:ch", 24, 896),
+                                         ("int3:g128:asym", 4096, 4096)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("post", ["1", "0"])
+def test_silu_mul_launch_3bit(spec, half, k, dtype, post, monkeypatch):
+    """The 3-bit kernels' SiLU x up launch (a block's 16-row tile is 8 gate rows and the same 8 up
+    rows): against the rounded float32 reference and the separate steps, every warp count, 1-16
+    rows (1-8 with groups under 128 inputs), both kernels (MIXQ_GEMV3_POST=0: the pre-scaled one
+    up to 8 rows), tail rows (200, 72, 24 gate rows), NaN-filled outputs."""
+    from mixq.kernels import decode_ops
+
+    monkeypatch.setenv("MIXQ_GEMV3_POST", post)
+    kw = _gpu_case(spec, 2 * half, k, seed=half + k + 7)
+    w_ref = dequantize(kw)
+    for m in (1, 3, 8) + ((9, 16) if kw.layout.group_size >= 128 else ()):
+        x = torch.randn(m, k, device="cuda", dtype=dtype)
+        b = torch.randn(2 * half, device="cuda", dtype=dtype) if m == 3 else None
+        full = (x.float() @ w_ref.T + (b.float() if b is not None else 0.0)).to(dtype)
+        ref = decode_ops.reference_silu_mul(full[:, :half], full[:, half:]).float()
+        two = cuda_gemv.qmatmul(x, kw, b)
+        sep = decode_ops.silu_mul(two[:, :half], two[:, half:]).float()
+        for warps in (1, 3, 8):
+            out = torch.full((m, half), float("nan"), device="cuda", dtype=dtype)
+            y = cuda_gemv.qmatmul(x, kw, b, config=cuda_gemv.GemvConfig(1, 1, warps), out=out, silu_mul=True)
+            assert y.data_ptr() == out.data_ptr() and bool(torch.isfinite(y).all())
+            assert float((y.float() - ref).norm() / ref.norm()) < REL_TOL, (m, warps)
+            assert float((y.float() - sep).norm() / sep.norm()) < 1e-2, (m, warps)
+    assert cuda_gemv.silu_mul_supported(kw.layout, x)
+    assert not cuda_gemv.silu_mul_supported(_gpu_case(spec, 2 * half + 1, k, seed=1).layout, x)  # odd row count
 
 
 @pytest.mark.gpu
@@ -525,9 +560,11 @@ def test_two_tile_routes_and_launch_shapes(monkeypatch):
     for (n, k), want in shapes.items():
         cfg = cuda_gemv.pick_config(12, lay("int4:g128", n, k))
         assert (cfg.row_tiles, cfg.warps, cfg.stages) == want, (n, k)
-    # int8 from 8 rows and 3-bit from 9 (bench_gemv16.py): warps per shape, one row tile
+    # int8 from 8 rows and 3-bit (bench_gemv16.py, bench_gemv.py --int3-warps): warps per shape, one row tile
     for spec, m, n, k, warps in [("int8:ch", 12, 14336, 4096, 4), ("int8:ch", 8, 4096, 14336, 8), ("int8:ch", 16, 6144, 4096, 4),
                                  ("int8:ch", 4, 4096, 14336, 16), ("int3:g128", 12, 14336, 4096, 2),
+                                 ("int3:g128", 8, 14336, 4096, 2), ("int3:g128", 1, 28672, 4096, 4),
+                                 ("int3:g128", 8, 28672, 4096, 8),
                                  ("int3:g128", 12, 4096, 14336, 8), ("int3:g128", 16, 28672, 4096, 8)]:
         cfg = cuda_gemv.pick_config(m, lay(spec, n, k))
         assert (cfg.row_tiles, cfg.warps) == (1, warps), (spec, m, n, k)

@@ -1,7 +1,7 @@
 """The Triton kernels against the pure-torch reference, on the CPU under Triton's interpreter
 (no GPU: see tests/_triton_interpret.py) or compiled on a GPU: the tensor-core kernel
 (`triton_tc`) for every layout it takes, its block shapes, split-K, post- and pre-scaling;
-the older kernels (`triton_qmm`) on the split 3-bit layout; the fused input transform.
+the older kernels (`triton_qmm`) on the 3-bit unit layout; the fused input transform.
 
 Shapes are small and odd (72 rows: a partial weight tile; 17-unit inputs: a partial K
 step) so the interpreter stays fast. Bound: ||out - ref|| / ||ref|| < 1e-2 against a
@@ -21,9 +21,10 @@ from mixq.kernels import dequantize, prepack
 pytestmark = needs_kernels
 REL_TOL = 1e-2
 
-# (spec, in_features): 544 = 17 units of 32 (int3), 68 of 8 (int4), 17 groups of 32
+# (spec, in_features): 544 = 17 units of 32 (int3), 68 of 8 (int4), 17 groups of 32; 3-bit
+# units past the last full block of 16: 1 (544, stored in order), 4 (640), 12 (896: interleaved)
 TC_SPECS = [("int4:g128", 640), ("int4:g64:asym", 576), ("int4:g32", 544), ("int4:ch", 544),
-            ("int8:ch", 544), ("int8:g64:asym", 576), ("int3:g64", 544), ("int3:g128:asym", 640),
+            ("int8:ch", 544), ("int8:g64:asym", 576), ("int3:g64", 544), ("int3:g128:asym", 640), ("int3:g32", 896),
             ("int2:g64", 576), ("nf4:g64", 576), ("mxfp4", 544), ("nvfp4", 544), ("fp8_e4m3:ch", 544)]
 
 

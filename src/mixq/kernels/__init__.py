@@ -15,7 +15,7 @@ layout and the batch (rows of x):
   (`cuda_gemv.gemm_preferred`: zero points, groups under 128 inputs, more than 64 rows, or
   stream-K launches from 17 rows);
 * "tc": the Triton tensor-core kernel (`triton_tc`) for the layouts it takes (1, 2, 4,
-  8-bit codes and the split 3-bit layout), above the batch sizes where the older kernels
+  8-bit codes and the 3-bit layout of 3-word units), above the batch sizes where the older kernels
   measured faster (`_OLD_KERNEL_MAX_BATCH`);
 * "triton": the older Triton kernels (`triton_qmm`: CUDA-core GEMV, tensor-core GEMM) below
   those batch sizes and for the remaining layouts (6-bit codes, other multi-word units);
@@ -119,8 +119,8 @@ def qmatmul(x: torch.Tensor, kw: KernelWeights, bias: torch.Tensor | None = None
 
 def silu_mul_applies(kw: KernelWeights, x: torch.Tensor) -> bool:
     """Whether `qmatmul_silu_mul` runs its one launch for this weight and an input shaped like
-    x (..., in_features): where `qmatmul` would take the CUDA GEMV, for int4 with an even
-    number of rows."""
+    x (..., in_features): where `qmatmul` would take the CUDA GEMV, for int4 or 3-bit codes with
+    an even number of rows."""
     x2 = x.reshape(-1, x.shape[-1])
     return route(kw, x2) == "cuda_gemv" and cuda_gemv.silu_mul_supported(kw.layout, x2)
 

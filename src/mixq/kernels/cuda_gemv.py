@@ -30,10 +30,11 @@ Triton kernel measured faster. MIXQ_WGMMA=0 turns it off (a benchmark switch).
 half-precision magic + code by one LOP3 (bf16: the low seven bits and the top bit as two mmas
 on one accumulator), scales after the product.
 
-3-bit codes (the split layout of `kernels.packed`) run `gemv_int3`: 512-input chunks (each
-lane loads 16 bytes of each of the three planes), pairs of codes 16 bits apart decoded by a
-shift and two LOP3s into half-precision magic + code, (code - zero) * scale formed in x's
-dtype, the same mma.m16n8k16 and reduction as int4.
+3-bit codes (the 3-word units of `kernels.packed`) run `gemv_int3`: 512-input chunks (each
+lane loads 16 bytes of each of the three planes), pairs of codes 16 bits apart decoded into
+half-precision magic + code by one LOP3 (after a shift for 6 of 16 pairs; 24 LOP3s and 8
+shifts per 32 codes), (code - zero) * scale formed in x's dtype, the same mma.m16n8k16 and
+reduction as int4.
 
 Same math and the same `KernelWeights` as `triton_qmm` (no repacking): codes are row-major
 int32 words of 8 LSB-first 4-bit codes, scales float16 (N, n_groups), optional uint8 zeros.
@@ -51,9 +52,10 @@ buffers can: each warp streams its chunks through a ring of 4 slots in shared me
 register ring beside it (`GemvConfig.stages`; 77 vs 89 µs on 128256x4096 on the H200), three
 chunks per warp issued before the kernel waits on the previous one (PDL), so that in the
 decode loop they stream while the glue kernels before it run (`_decode_ring`).
-`qmatmul(..., silu_mul=True)` computes silu(gate) * up from a fused [gate; up] int4 weight in
-the same launch. MIXQ_GEMV_STAGES=0|4|8 and MIXQ_GEMV3_POST=0 are
-benchmark switches (every shape on one pipeline; the pre-scaled 3-bit kernel only).
+`qmatmul(..., silu_mul=True)` computes silu(gate) * up from a fused [gate; up] int4 or 3-bit
+weight in the same launch. MIXQ_GEMV_STAGES=0|4|8 and MIXQ_GEMV3_POST=0 are
+benchmark switches (every shape on one pipeline; the pre-scaled 3-bit kernel for every group
+size up to 8 rows).
 
 The same extension holds `norm_transform` (`csrc/hadamard.cu`): the online input transform
 ((r / s) * d) H_b of a unit for rotation blocks of 256..8192 inputs, a block of b / 8 threads
@@ -207,7 +209,7 @@ def pre_scaled(layout: PackedLayout) -> bool:
 
 
 def layout_supported(layout: PackedLayout) -> bool:
-    """int4 (in_features a multiple of 32), 3-bit codes in the split layout (a multiple of 128;
+    """int4 (in_features a multiple of 32), 3-bit codes (in_features a multiple of 128;
     off with MIXQ_CUDA_GEMV3=0) or int8 (a multiple of 128, groups of >= 128 inputs), with an
     integer grid, float16 scales, no tensor scale, power-of-two groups >= 32 (or one group per
     row)."""
@@ -272,8 +274,8 @@ def pick_config(m: int, layout: PackedLayout, n_sms: int = 132) -> GemvConfig:
         return GemvConfig(row_tiles=1, unroll=1, warps=warps)
     if layout.bits == 3:  # H200 sweep (bench_tc.py, 2026-11-30): 8 warps, 4 for tall batch-1 weights
         warps = 4 if (n > 8192 and m == 1) else 8
-        if m > MAX_BATCH and 8192 < n <= 16384:  # two B tiles (bench_gemv16.py): 14336x4096 at 16 rows 31.6 vs 35.0 us
-            warps = 2
+        if 8192 < n <= 16384:  # H200, 2 warps at 1-16 rows (bench_gemv16.py; bench_gemv.py --int3-warps on the
+            warps = 2  # interleaved 3-bit units, 2026-12-01): 14336x4096 at 8 rows 17.5 vs 19.5 us, at 16 26.7 vs 31.9
         chunks = -(-k // 512)
         while warps > 1 and chunks < warps:
             warps //= 2
@@ -421,18 +423,19 @@ def _check_config(cfg: GemvConfig, m: int = 1) -> None:
 
 
 def silu_mul_supported(layout: PackedLayout, x: torch.Tensor) -> bool:
-    """Whether `qmatmul(..., silu_mul=True)` takes this weight and input: int4, an even number
-    of rows (the gate half, then the up half), M <= 16."""
-    return layout.bits == 4 and layout.out_features % 2 == 0 and supports(layout, x)
+    """Whether `qmatmul(..., silu_mul=True)` takes this weight and input: int4 or 3-bit codes, an
+    even number of rows (the gate half, then the up half), and the batch `supports` takes."""
+    return layout.bits in (3, 4) and layout.out_features % 2 == 0 and supports(layout, x)
 
 
 def qmatmul(x: torch.Tensor, kw: KernelWeights, bias: torch.Tensor | None = None,
             config: GemvConfig | None = None, out: torch.Tensor | None = None,
             silu_mul: bool = False) -> torch.Tensor | None:
     """`x @ dequant(W)^T (+ bias)` for x of shape (M <= 8, in_features), bf16 or fp16, in x's
-    dtype (fp32 accumulation). With `silu_mul` (int4, W = [gate; up] of 2H rows): silu(gate) *
-    up, (M, H), each rounded as the separate matmuls and `decode_ops.silu_mul` round it, in
-    one launch (a block takes 16 gate rows and the same 16 up rows). Returns None when the
+    dtype (fp32 accumulation). With `silu_mul` (int4 or 3-bit, W = [gate; up] of 2H rows):
+    silu(gate) * up, (M, H), each rounded as the separate matmuls and `decode_ops.silu_mul` round
+    it, in one launch (an int4 block takes 16 gate rows and the same 16 up rows, a 3-bit block 8
+    and 8 as the two halves of its 16-row tile). Returns None when the
     extension is unavailable (the caller falls back); raises ValueError for inputs `supports`
     rejects."""
     lay = kw.layout
@@ -440,18 +443,19 @@ def qmatmul(x: torch.Tensor, kw: KernelWeights, bias: torch.Tensor | None = None
     ready = _operands(x, bias, lay, ok, f"cuda_gemv takes (M <= {max_batch(lay)}, {lay.in_features}) "
                       f"bf16/fp16 CUDA input and int4, int8 or 3-bit fp16-scale layouts (M <= {MAX_BATCH_TWO_TILES}; "
                       f"3-bit with groups under 128 inputs M <= {MAX_BATCH})"
-                      + (" (silu_mul: int4 with an even number of rows)" if silu_mul else ""))
+                      + (" (silu_mul: int4 or 3-bit with an even number of rows)" if silu_mul else ""))
     if ready is None:
         return None
     ext, x, bias = ready
-    if silu_mul:  # two row tiles, gate and up; the launch of a weight of half the rows
+    if silu_mul and lay.bits == 4:  # two row tiles, gate and up; the launch of a weight of half the rows
         half = dataclasses.replace(lay, out_features=lay.out_features // 2)
         cfg = config or pick_config(x.shape[0], half, _sm_count(x.device))
         cfg = GemvConfig(2, 1, cfg.warps, cfg.stages)
     else:
         cfg = config or pick_config(x.shape[0], lay, _sm_count(x.device))
     if lay.bits == 3:
-        return ext.gemv_int3(x, kw.codes, kw.scales, kw.zeros, bias, out, lay.group_size, lay.code_offset, cfg.warps)
+        return ext.gemv_int3(x, kw.codes, kw.scales, kw.zeros, bias, out, lay.group_size, lay.code_offset, cfg.warps,
+                             silu_mul)
     if lay.bits == 8:
         return ext.gemv_int8(x, kw.codes, kw.scales, kw.zeros, bias, out, lay.group_size, lay.code_offset, cfg.warps)
     _check_config(cfg, x.shape[0])

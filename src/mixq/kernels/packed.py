@@ -10,14 +10,21 @@ Layout (`KernelWeights`) of a weight of shape (out, in) = (N, K) with b-bit code
   little-endian (32*U)-bit integer (a code may straddle two words when b does not divide 32).
   For b in {1, 2, 4, 8} this is exactly the row-wise LSB-first bitstream of
   `formats.packing`, read as int32 words.
-* b = 3 is split instead (no code straddles a word, and pairs of codes 16 bits apart decode
-  with one mask into two half-precision values): word 0 holds the low two bits of codes
-  0..15 (code i at bits [2i, 2i + 2)), word 1 those of codes 16..31, and word 2 the high
-  bits, code i's at bit `split3_high_bit(i)` (i with its bits 3 and 4 swapped: codes i and
-  i + 8 of each half of the unit then sit 16 bits apart, as their low bits do).
+* b = 3 has its own field order instead (no code straddles a word, and a kernel turns each
+  pair of codes into two half-precision values with one shift and one mask, or none): the codes
+  form 16 pairs, (i, i + 8) for i < 8 and (i + 8, i + 16) for 8 <= i < 16 (pair slot i). Slot s
+  < 15 is 3-bit field r = s % 5 of word s // 5: its first code at bit `SPLIT3_POS[r]` = 0, 3,
+  7, 10 or 13, its second 16 bits higher. Both fields at 0 and 3 lie inside a bfloat16
+  mantissa as stored (value magic + code, and magic + 8 code), those at 7 and 10 after one
+  shift by 7, that at 13 after a shift by 13. The last pair (codes 23, 31) holds bit j of its
+  codes at bits 6 and 22 of word j (see `split3_fields`).
 * `codes` is an int32 tensor (N, U * J), J = K / C units per row, stored *planar*: word u of
   unit j of row n lives at `codes[n, u * J + j]`, so each plane is contiguous along the input
   dim and a kernel loads it with 16-byte vector loads (for U = 1 this is plain row-major).
+  b = 3 stores the units of each block of 16 (512 inputs) interleaved by four instead: unit
+  4t + q of a block at column q * 4 + t of it, so that a GPU lane taking units q, q + 4, q + 8,
+  q + 12 loads them as one 16-byte word (`split3_unit_columns`; a last block of u < 16 units
+  interleaves with stride u / 4 when u is a multiple of 4, else keeps its order).
 * `scales` stay in the format's own storage dtype, one per (row, group), shape
   (N, K / group_size): float16, or uint8 E8M0 biased exponents (MX: 2**(e - 127)), or uint8
   E4M3 bit patterns (NVFP4, multiplied by the fp32 `tensor_scale`). `zeros` (asymmetric INT)
@@ -112,21 +119,38 @@ class KernelWeights:
 # --------------------------------------------------------------------------- bit packing
 
 
-def split3_high_bit(i: int) -> int:
-    """Bit of word 2 that holds the high bit of code i (0..31) of a 3-bit unit: i with its
-    bits 3 and 4 swapped (codes i, i + 8 of each 16-code half land 16 bits apart)."""
-    return (i & 7) | ((i & 8) << 1) | ((i & 16) >> 1)
+SPLIT3_POS = (0, 3, 7, 10, 13)  # bit of a 3-bit pair slot's first code in its word, by s % 5
+
+
+def split3_fields(i: int) -> list[tuple[int, int, int, int]]:
+    """Bit fields (word, shift in the word, width, shift in the code) of code i (0..31) of a
+    3-bit unit (see the module docstring)."""
+    slot = (i & 7) + 8 * (i >> 4)  # pair slot: (i, i + 8) for i < 8, (i + 8, i + 16) above
+    upper = 16 * ((i >> 3) & 1)  # the pair's second code sits 16 bits above the first
+    if slot < 15:
+        return [(slot // 5, upper + SPLIT3_POS[slot % 5], 3, 0)]
+    return [(word, upper + 6, 1, word) for word in range(3)]  # bit j of the code in word j
+
+
+def split3_unit_columns(n_units: int) -> torch.Tensor:
+    """Column (within each plane) of each of the n_units 3-bit units of a row (see the module
+    docstring): unit base + 4t + q of a block of u units (16, or fewer in the last block) at
+    base + q * (u / 4) + t."""
+    j = torch.arange(n_units)
+    base = j // 16 * 16
+    u = torch.clamp(n_units - base, max=16)
+    return torch.where(u % 4 == 0, base + (j % 4) * (u // 4) + (j % 16) // 4, j)
 
 
 def _code_fields(bits: int) -> list[list[tuple[int, int, int, int]]]:
     """Per code i of a unit, its bit fields: (word, shift in the word, width, shift in the
     code). Bitstream units: one field, or two when the code straddles a word; b = 3: the
-    split layout of the module docstring."""
+    field order of the module docstring."""
     c_per_unit, _ = unit_shape(bits)
     fields = []
     for i in range(c_per_unit):
         if bits == 3:
-            fields.append([(i // 16, 2 * (i % 16), 2, 0), (2, split3_high_bit(i), 1, 2)])
+            fields.append(split3_fields(i))
             continue
         word, shift = divmod(bits * i, 32)
         if shift + bits > 32:  # straddles into the next word
@@ -149,6 +173,10 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
         for word, shift, width, at in fields:
             words[:, :, word] |= ((c[:, :, i] >> at) & ((1 << width) - 1)) << shift
     words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # uint32 -> int32 bits
+    if bits == 3:  # units interleaved by four in blocks of 16
+        stored = torch.empty_like(words)
+        stored[:, split3_unit_columns(n_units).to(words.device)] = words
+        words = stored
     return words.permute(0, 2, 1).reshape(n_rows, w_per_unit * n_units).contiguous()
 
 
@@ -158,6 +186,8 @@ def unpack_codes(words: torch.Tensor, bits: int, in_features: int) -> torch.Tens
     c_per_unit, w_per_unit = unit_shape(bits)
     n_units = in_features // c_per_unit
     w = words.reshape(n_rows, w_per_unit, n_units).permute(0, 2, 1).to(torch.int64) & 0xFFFFFFFF
+    if bits == 3:
+        w = w[:, split3_unit_columns(n_units).to(words.device)]
     out = torch.zeros(n_rows, n_units, c_per_unit, dtype=torch.int64, device=words.device)
     for i, fields in enumerate(_code_fields(bits)):
         for word, shift, width, at in fields:

@@ -49,7 +49,7 @@ def _shift_exponent(S, BITS: tl.constexpr, INPLACE: tl.constexpr):
     """E: a code found at bit S of its word is decoded as code * 2**E ("in place", no shift
     instruction) when it ends below bit 23; codes ending higher are read from word >> 16
     (E = S - 16); codes straddling two words, and all codes when not INPLACE, get E = 0."""
-    if INPLACE and BITS != 3:  # the split 3-bit layout decodes through a plain code
+    if INPLACE and BITS != 3:  # the 3-bit layout decodes through a plain code
         E = tl.where(S + BITS > 32, 0, tl.where(S + BITS > 23, S - 16, S))
     else:
         E = S * 0
@@ -64,11 +64,15 @@ def _decode_unit(w0, w1, w2, lut_ptr, MAGIC, S, WORD, BITS: tl.constexpr,
     compile-time constants per register slot; w*: uint32 words). Affine grids come back times
     2**E (see _shift_exponent) and, with zero points, without the zero subtracted."""
     MASK: tl.constexpr = (1 << BITS) - 1
-    if BITS == 3:  # split layout (packed.py): low bits in words 0/1, high bits in word 2
+    if BITS == 3:  # mixq's 3-bit unit layout (packed.py, split3_fields)
         idx = (WORD * 32 + S) // 3  # code index in the unit
-        low = (tl.where(idx < 16, w0, w1) >> (2 * (idx % 16))) & 3
-        high = (w2 >> ((idx & 7) | ((idx & 8) << 1) | ((idx & 16) >> 1))) & 1
-        code = low | (high << 2)  # uint32
+        slot = (idx & 7) + 8 * (idx >> 4)  # its pair slot
+        up = 16 * ((idx >> 3) & 1)  # the pair's second code: 16 bits up
+        r = slot % 5
+        pos = 3 * r + tl.where(r >= 2, 1, 0) + up  # 0, 3, 7, 10, 13 (+ 16)
+        src = tl.where(slot < 5, w0, tl.where(slot < 10, w1, w2))
+        spare = ((w0 >> (6 + up)) & 1) | (((w1 >> (6 + up)) & 1) << 1) | (((w2 >> (6 + up)) & 1) << 2)
+        code = tl.where(slot == 15, spare, (src >> pos) & 7)  # uint32
         if VALUE_MODE == 0:  # E = 0 (_shift_exponent): no in-place decoding
             bits = code | MAGIC
             if HAS_ZERO:
@@ -103,6 +107,18 @@ def _decode_unit(w0, w1, w2, lut_ptr, MAGIC, S, WORD, BITS: tl.constexpr,
             h = ((c & 0x80) << 8) | ((c & 0x7F) << 7)
             v = h.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
     return v
+
+
+@triton.jit
+def _unit_cols(j, J, BITS: tl.constexpr):
+    """Column of unit j in each plane of a row of J units: j, but for 3-bit codes, whose units
+    packed.py interleaves by four in blocks of 16 (`split3_unit_columns`)."""
+    if BITS == 3:
+        base = j // 16 * 16
+        u = tl.minimum(J - base, 16)
+        return tl.where(u % 4 == 0, base + (j % 4) * (u // 4) + (j % 16) // 4, j)
+    else:
+        return j
 
 
 @triton.jit
@@ -203,7 +219,7 @@ def _qgemv_kernel(
     # decoded, so every thread keeps a tile of loads in flight while it computes
     offs_j = j_start + tl.arange(0, BLOCK_J)
     mask2 = (offs_j < J)[:, None] & n_mask[None, :]  # (BJ, BN)
-    n0, n1, n2 = _load_words(w_cols + offs_j[:, None, None], mask2[:, :, None], J, U)  # (BJ, BN, 1)
+    n0, n1, n2 = _load_words(w_cols + _unit_cols(offs_j, J, BITS)[:, None, None], mask2[:, :, None], J, U)  # (BJ, BN, 1)
     for j0 in range(0, J_PER_SPLIT, BLOCK_J):
         w0 = n0.to(tl.uint32, bitcast=True)
         w1 = n1.to(tl.uint32, bitcast=True)
@@ -212,7 +228,7 @@ def _qgemv_kernel(
         mask2 = j_mask[:, None] & n_mask[None, :]
         offs_next = offs_j + BLOCK_J
         mask_next = ((offs_next < J) & (offs_next < j_end))[:, None] & n_mask[None, :]
-        n0, n1, n2 = _load_words(w_cols + offs_next[:, None, None], mask_next[:, :, None], J, U)
+        n0, n1, n2 = _load_words(w_cols + _unit_cols(offs_next, J, BITS)[:, None, None], mask_next[:, :, None], J, U)
         s_off = s_cols + (offs_j // UNITS_PER_GROUP)[:, None]
         s_raw = tl.load(s_ptr + s_off, mask=mask2, other=0)
         v = _decode_unit(w0, w1, w2, lut_ptr, MAGIC, S, WORD, BITS, VALUE_MODE, CODE_OFFSET, HAS_ZERO, True)
@@ -273,7 +289,7 @@ def _qgemm_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     offs_j = j_start + tl.arange(0, BLOCK_J)
     mask = (offs_j < J)[:, None, None] & n_mask[None, None, :]  # (BJ, 1, BN)
-    n0, n1, n2 = _load_words(w_cols + offs_j[:, None, None], mask, J, U)  # prefetched tile
+    n0, n1, n2 = _load_words(w_cols + _unit_cols(offs_j, J, BITS)[:, None, None], mask, J, U)  # prefetched tile
     for j0 in range(0, J_PER_SPLIT, BLOCK_J):
         w0 = n0.to(tl.uint32, bitcast=True)
         w1 = n1.to(tl.uint32, bitcast=True)
@@ -282,7 +298,7 @@ def _qgemm_kernel(
         mask = j_mask[:, None, None] & n_mask[None, None, :]
         offs_next = offs_j + BLOCK_J
         mask_next = ((offs_next < J) & (offs_next < j_end))[:, None, None] & n_mask[None, None, :]
-        n0, n1, n2 = _load_words(w_cols + offs_next[:, None, None], mask_next, J, U)
+        n0, n1, n2 = _load_words(w_cols + _unit_cols(offs_next, J, BITS)[:, None, None], mask_next, J, U)
         v = _decode_unit(w0, w1, w2, lut_ptr, MAGIC, S, WORD, BITS, VALUE_MODE, CODE_OFFSET, HAS_ZERO,
                          SCALED_X)  # (BJ, C, BN)
         s_off = s_cols + (offs_j // UNITS_PER_GROUP)[:, None, None]

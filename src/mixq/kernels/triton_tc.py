@@ -1,7 +1,7 @@
 """Tensor-core weight-only matmul `y = x @ dequant(W)^T` for batch 1..128, reading the packed
 layout of `mixq.kernels.packed` as it is (codes, native scales, zeros). Entry point:
 `qmatmul(x, kw, bias, config)`; `supports(layout)` says which layouts it takes (1, 2, 4 and
-8-bit codes, one word per unit, and the split 3-bit layout; any grid and scale mode).
+8-bit codes, one word per unit, and the 3-bit layout of 3-word units; any grid and scale mode).
 
 Swapped operands: the program computes a (BLOCK_N weight rows, BLOCK_M batch rows) tile of
 yᵀ = W xᵀ, so the weight is the tensor-core A operand (M dimension >= 64, as Hopper's wgmma
@@ -40,7 +40,7 @@ import triton.language as tl
 
 from mixq.errors import FormatError
 from mixq.kernels.packed import KernelWeights, PackedLayout
-from mixq.kernels.triton_qmm import _SCALE_MODE_ID, _VALUE_MODE_ID, _scale, _sm_count, checked_input
+from mixq.kernels.triton_qmm import _SCALE_MODE_ID, _VALUE_MODE_ID, _scale, _sm_count, _unit_cols, checked_input
 from mixq.kernels.workspace import Workspace
 
 # byte k of two int32 words a, b -> (a.k, a.k, b.k, b.k): prmt selectors per k
@@ -112,13 +112,19 @@ def _asm_pair(w, s, nz, ASM: tl.constexpr, PRE: tl.constexpr, IS_BF16: tl.conste
 @triton.jit
 def _code(w0, w1, w2, I: tl.constexpr, BITS: tl.constexpr):
     """Integer codes (int32) at position I of each unit (one word per unit, or split 3-bit)."""
-    if BITS == 3:
-        if I < 16:
-            low = (w0 >> (2 * I)) & 3
+    if BITS == 3:  # mixq's 3-bit unit layout (packed.py, split3_fields)
+        SLOT: tl.constexpr = (I & 7) + 8 * (I >> 4)  # pair slot
+        UP: tl.constexpr = 16 * ((I >> 3) & 1)  # the pair's second code: 16 bits up
+        if SLOT == 15:  # bit j of the code in word j
+            c = ((w0 >> (6 + UP)) & 1) | (((w1 >> (6 + UP)) & 1) << 1) | (((w2 >> (6 + UP)) & 1) << 2)
         else:
-            low = (w1 >> (2 * (I - 16))) & 3
-        HB: tl.constexpr = (I & 7) | ((I & 8) << 1) | ((I & 16) >> 1)
-        c = low | (((w2 >> HB) & 1) << 2)
+            POS: tl.constexpr = 3 * (SLOT % 5) + (1 if SLOT % 5 >= 2 else 0) + UP
+            if SLOT < 5:
+                c = (w0 >> POS) & 7
+            elif SLOT < 10:
+                c = (w1 >> POS) & 7
+            else:
+                c = (w2 >> POS) & 7
     else:
         c = (w0 >> (BITS * I)) & ((1 << BITS) - 1)
     return c
@@ -314,7 +320,7 @@ def _tc_kernel(
             j_mask = offs_j < j_end
             wmask = n_mask[:, None] & j_mask[None, :]
             xmask = ((j0 + r_unit) < j_end)[:, None] & m_mask[None, :]
-        wp = w_rows + offs_j[None, :]
+        wp = w_rows + _unit_cols(offs_j, J, BITS)[None, :]
         w0 = tl.load(wp, mask=wmask, other=0)  # (BN, BJ) int32
         if U == 3:
             w1 = tl.load(wp + J, mask=wmask, other=0)

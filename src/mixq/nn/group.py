@@ -157,7 +157,7 @@ class LinearGroup(nn.Module):
 
     def silu_mul(self, x: torch.Tensor, *, transformed: bool = False) -> torch.Tensor | None:
         """silu(gate(x)) * up(x) for a (gate, up) group in one kernel launch (the fused packed
-        int4 weight on the CUDA GEMV); None where that kernel does not apply (the caller runs
+        int4 or 3-bit weight on the CUDA GEMV); None where that kernel does not apply (the caller runs
         the group and the element-wise step). transformed: as for forward."""
         from mixq.kernels import qmatmul_silu_mul, silu_mul_applies
 

@@ -19,6 +19,10 @@ struct Half<true> {  // bfloat16: 0x4300 = 128.0 (7 mantissa bits: 128 + c exact
   static constexpr float kMagicF = 128.f;
   static constexpr uint32_t kNegMagic = 0xC300C300u;  // -(128 + z) = kNegMagic | z (per half)
   static constexpr uint32_t kOne = 0x3F803F80u;
+  // 3-bit fields stored 3 or 4 bits up in a mantissa (magic + 8 c, magic + 16 c; gemv_int4.cu):
+  // (magic + k c) / k + (magic - magic / k) = magic + c with 1/8, 1/16 and 128 - 16, 128 - 8
+  static constexpr uint32_t kInv8 = 0x3E003E00u, kInv16 = 0x3D803D80u;
+  static constexpr uint32_t kRest8 = 0x42E042E0u, kRest16 = 0x42F042F0u;
   static __device__ __forceinline__ uint32_t fma2(uint32_t a, uint32_t b, uint32_t c) {
     uint32_t d;
     asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
@@ -44,6 +48,9 @@ struct Half<false> {  // float16: 0x6400 = 1024.0 (10 mantissa bits)
   static constexpr float kMagicF = 1024.f;
   static constexpr uint32_t kNegMagic = 0xE400E400u;
   static constexpr uint32_t kOne = 0x3C003C00u;
+  // as for bfloat16: 1/8, 1/16, 1024 - 128, 1024 - 64
+  static constexpr uint32_t kInv8 = 0x30003000u, kInv16 = 0x2C002C00u;
+  static constexpr uint32_t kRest8 = 0x63006300u, kRest16 = 0x63806380u;
   static __device__ __forceinline__ uint32_t fma2(uint32_t a, uint32_t b, uint32_t c) {
     uint32_t d;
     asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));

@@ -85,7 +85,7 @@ GemvInt4Params make_params(const char* op, const torch::Tensor& x, const torch::
   p.group_shift = group_shift(op, group_size, k);
   p.code_offset = int(code_offset);
   p.pdl = pdl_enabled(at::cuda::getDeviceProperties(x.device().index())->major);
-  const char* post3 = std::getenv("MIXQ_GEMV3_POST");  // 0: the pre-scaled 3-bit kernel for every group size
+  const char* post3 = std::getenv("MIXQ_GEMV3_POST");  // 0: the pre-scaled 3-bit kernel up to 8 rows
   p.int3_post = !(post3 && post3[0] == '0');
   return p;
 }
@@ -112,13 +112,18 @@ torch::Tensor gemv_int4(torch::Tensor x, torch::Tensor codes, torch::Tensor scal
   return y;
 }
 
-// y (m, n) = x (m, k) @ dequant(codes, scales, zeros)^T (+ bias) for 3-bit codes in mixq's split
-// layout (codes (n, 3 * k / 32) int32, planar), written into `out` if given.
+// y (m, n) = x (m, k) @ dequant(codes, scales, zeros)^T (+ bias) for 3-bit codes in mixq's 3-bit
+// layout (codes (n, 3 * k / 32) int32, planar), written into `out` if given; silu_mul: y (m, n / 2)
+// = silu(rows < n / 2) * (rows >= n / 2), as gemv_int4's.
 torch::Tensor gemv_int3(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, c10::optional<torch::Tensor> zeros,
                         c10::optional<torch::Tensor> bias, c10::optional<torch::Tensor> out, int64_t group_size,
-                        int64_t code_offset, int64_t warps) {
+                        int64_t code_offset, int64_t warps, bool silu_mul) {
   torch::Tensor y;
-  const GemvInt4Params p = make_params("gemv_int3", x, codes, scales, zeros, bias, out, group_size, code_offset, 3, 16, 128, y);
+  const int64_t n = codes.size(0);
+  TORCH_CHECK(!silu_mul || n % 2 == 0, "gemv_int3: silu_mul needs an even number of rows (gate half, up half)");
+  GemvInt4Params p = make_params("gemv_int3", x, codes, scales, zeros, bias, out, group_size, code_offset, 3, 16, 128, y,
+                                 silu_mul ? n / 2 : n);
+  p.glu_half = silu_mul ? int(n / 2) : 0;
   TORCH_CHECK(x.size(0) <= 8 || p.group_shift >= 7, "gemv_int3: 9-16 rows need groups of >= 128 inputs, got ", group_size);
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaError_t err = gemv_int3_launch(p, x.scalar_type() == torch::kBFloat16, int(warps),
@@ -270,7 +275,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("norm_transform", &norm_transform, "online Hadamard transform, optionally of a fused RMSNorm (mixq)");
   m.def("gemv_int4", &gemv_int4, "int4 weight-only GEMV for <= 16 activation rows (mixq)");
   m.def("gemv_int8", &gemv_int8, "int8 weight-only GEMV for <= 16 activation rows (mixq)");
-  m.def("gemv_int3", &gemv_int3, "3-bit (split layout) weight-only GEMV for <= 16 activation rows (groups >= 128 past 8) (mixq)");
+  m.def("gemv_int3", &gemv_int3, "3-bit weight-only GEMV for <= 16 activation rows (groups >= 128 past 8), optionally SiLU x up (mixq)");
   m.def("gemm_int4", &gemm_int4, "int4 weight-only tensor-core GEMM at any batch (mixq)");
   m.def("gemm_wgmma_built", &gemm_wgmma_built, "whether the sm_90a wgmma GEMM was built (mixq)");
   m.def("gemm_int4_workspace", &gemm_int4_workspace, "workspace floats and counters of a gemm_int4 call (mixq)");

@@ -95,10 +95,23 @@ __device__ __forceinline__ void post_scale(float (&acc)[4], const float (&t)[4],
 // rows of the same outputs; each is rounded to x's dtype (+ its bias) as the separate matmuls'
 // outputs would be, then silu(gate) is rounded and multiplied by up, rounded: what the unfused
 // step computes (decode_ops.silu_mul). Output row j < glu_half of y.
+template <bool kBF16>
+__device__ __forceinline__ void glu_store(const GemvInt4Params& p, float gate, float up, int row, int col) {
+  using H = Half<kBF16>;
+  if (row < p.glu_half && col < p.m) {
+    if (p.bias) {
+      gate += H::to_float(static_cast<const uint16_t*>(p.bias)[row]);
+      up += H::to_float(static_cast<const uint16_t*>(p.bias)[p.glu_half + row]);
+    }
+    const float g = H::to_float(H::from_float(gate)), u = H::to_float(H::from_float(up));
+    const float s = H::to_float(H::from_float(g / (1.f + expf(-g))));
+    static_cast<uint16_t*>(p.y)[col * p.ldy + row] = H::from_float(s * u);
+  }
+}
+
 template <bool kBF16, int kB>
 __device__ __forceinline__ void reduce_store_glu(const GemvInt4Params& p, float* partials, const float (&acc)[2][kB][4],
                                                  int row0) {
-  using H = Half<kBF16>;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
 #pragma unroll
   for (int r = 0; r < 2; ++r)
@@ -114,17 +127,30 @@ __device__ __forceinline__ void reduce_store_glu(const GemvInt4Params& p, float*
       up += partials[wi * 256 * kB + 128 * kB + e];
     }
     const int ln = e & 31, j = (e >> 5) & 3, b = e >> 7;
-    const int row = row0 + (ln >> 2) + 8 * (j >> 1);
-    const int col = 8 * b + 2 * (ln & 3) + (j & 1);
-    if (row < p.glu_half && col < p.m) {
-      if (p.bias) {
-        gate += H::to_float(static_cast<const uint16_t*>(p.bias)[row]);
-        up += H::to_float(static_cast<const uint16_t*>(p.bias)[p.glu_half + row]);
-      }
-      const float g = H::to_float(H::from_float(gate)), u = H::to_float(H::from_float(up));
-      const float s = H::to_float(H::from_float(g / (1.f + expf(-g))));
-      static_cast<uint16_t*>(p.y)[col * p.ldy + row] = H::from_float(s * u);
+    glu_store<kBF16>(p, gate, up, row0 + (ln >> 2) + 8 * (j >> 1), 8 * b + 2 * (ln & 3) + (j & 1));
+  }
+}
+
+// reduce_store for the SiLU x up product with one 16-row tile (the 3-bit kernels, p.glu_half): its
+// rows 0-7 are the gate rows row0 .. row0 + 7 (accumulators 0, 1 of a lane), rows 8-15 the up rows
+// of the same outputs (accumulators 2, 3), rounded as reduce_store_glu rounds them.
+template <bool kBF16, int kB>
+__device__ __forceinline__ void reduce_store_glu8(const GemvInt4Params& p, float* partials, const float (&acc)[1][kB][4],
+                                                  int row0) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
+#pragma unroll
+  for (int b = 0; b < kB; ++b)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) partials[(warp * kB * 4 + b * 4 + j) * 32 + lane] = acc[0][b][j];
+  __syncthreads();
+  for (int e = threadIdx.x; e < kB * 64; e += blockDim.x) {
+    const int ln = e & 31, jj = (e >> 5) & 1, b = e >> 6;
+    float gate = 0.f, up = 0.f;
+    for (int wi = 0; wi < n_warps; ++wi) {
+      gate += partials[wi * kB * 128 + (b * 4 + jj) * 32 + ln];
+      up += partials[wi * kB * 128 + (b * 4 + 2 + jj) * 32 + ln];
     }
+    glu_store<kBF16>(p, gate, up, row0 + (ln >> 2), 8 * b + 2 * (ln & 3) + jj);
   }
 }
 
@@ -401,27 +427,41 @@ cudaError_t launch_zeros(const GemvInt4Params& p, int row_tiles, int unroll, int
 
 
 // ----------------------------------------------------------------------------------------------
-// 3-bit codes, mixq's split layout (packed.py): a unit of 32 inputs is 3 words, stored planar
-// (plane u of unit j at codes[n, u * J + j]): plane 0 holds the low two bits of codes 0..15
-// (code i at bits 2i), plane 1 those of codes 16..31, plane 2 the high bits, code i's at bit
-// i with bits 3 and 4 swapped. So codes i and i + 8 (i < 8) of a half-unit sit 16 bits apart in
-// both their low-bit and high-bit words, and one shift + LOP3 per word gives the pair's
-// half-precision magic + code values, as for int4.
+// 3-bit codes, mixq's 3-bit unit layout (packed.py): a unit of 32 inputs is 3 words, stored
+// planar (plane u of unit j at codes[n, u * J + j]). Its codes form 16 pairs, slot i < 8 codes
+// (i, i + 8), slot 8 + i codes (16 + i, 24 + i), 16 bits apart in their word. Slot s < 15 is
+// field s % 5 of word s / 5, at bits 0, 3 (inside a half-precision mantissa as stored: one LOP3
+// gives magic + code, or magic + 8 code), 7, 10 (the same after a shift by 7) or 13 (by 13); the
+// last slot has bit j of its codes at bits 6 and 22 of word j (three LOP3s: magic + 16 code).
+// So a unit's 16 pairs take 24 LOP3s and 8 shifts.
 //
-// Work split as for int4, with 512-input chunks: lane (g, q) loads 16 bytes of each plane
-// (units 4q .. 4q + 3 of the chunk) for rows g and g + 8. An mma's k-slots then span the four
-// lanes' units, 128 inputs apart, which may lie in different groups, so (code - zero) * scale
-// is always formed in x's dtype before the mma (two packed FMAs per pair).
+// Work split as for int4, with 512-input chunks: at step t of a chunk lane (g, q) decodes unit
+// 4t + q of rows g and g + 8; packed.py stores a chunk's units in that order (load_units3), so
+// each lane loads 16 bytes of each plane per chunk (load_chunk3). This kernel takes groups under 128 inputs
+// (and, with MIXQ_GEMV3_POST=0, any): an mma's k-slots span the four lanes' units, which may
+// then lie in different groups, so (code - zero) * scale is formed in x's dtype before the mma
+// (two packed FMAs per pair).
 
 constexpr int kChunk3 = 512;  // inputs per warp per chunk: 4 lanes x 4 units x 32 codes
 
-// Half-precision magic + code of the codes (ii, ii + 8) of a unit's low half (upper false: low
-// bits in word 0 `lo2`, high bits at bits ii, 16 + ii of word 2 `p2`) or of codes (16 + ii,
-// 24 + ii) of its high half (upper: word 1, bits 8 + ii, 24 + ii): one shift and two LOP3s.
-__device__ __forceinline__ uint32_t decode3(uint32_t lo2, uint32_t p2, int ii, bool upper, uint32_t m1, uint32_t m2,
-                                            uint32_t magic) {
-  const uint32_t hb = upper ? p2 >> (6 + ii) : (ii >= 2 ? (p2 >> (ii - 2)) : (p2 << (2 - ii)));  // -> bits 2, 18
-  return and_or(hb, m1, and_or(lo2 >> (2 * ii), m2, magic));
+// The factor a pair slot's field carries as decoded: magic + mult * code.
+__host__ __device__ constexpr int split3_mult(int s) { return s == 15 ? 16 : ((s % 5) & 1) ? 8 : 1; }
+
+// Half-precision magic + mult * code of pair slot s (0..15, a compile-time constant once
+// unrolled) of a unit with words w0, w1, w2.
+__device__ __forceinline__ uint32_t decode3(uint32_t w0, uint32_t w1, uint32_t w2, int s, uint32_t magic) {
+  if (s == 15) return and_or(w2, 0x00400040u, and_or(w1 >> 1, 0x00200020u, and_or(w0 >> 2, 0x00100010u, magic)));
+  const uint32_t w = s < 5 ? w0 : (s < 10 ? w1 : w2);
+  const int r = s % 5;
+  return and_or(w >> (r < 2 ? 0 : (r < 4 ? 7 : 13)), (r & 1) ? 0x00380038u : 0x00070007u, magic);
+}
+
+// magic + mult * code -> magic + code (exact: the product by 1/mult is exact, and so is the sum)
+template <bool kBF16>
+__device__ __forceinline__ uint32_t unscale3(uint32_t v, int s) {
+  using H = Half<kBF16>;
+  const int k = split3_mult(s);
+  return k == 1 ? v : H::fma2(v, k == 8 ? H::kInv8 : H::kInv16, k == 8 ? H::kRest8 : H::kRest16);
 }
 
 // B operands of pairs i, i + 1 (i even) of a 3-bit unit from its 32 activations xv, as both
@@ -435,11 +475,65 @@ __device__ __forceinline__ void unit3_b(const uint4 (&xv)[4], int i, uint32_t (&
   bh[1] = __byte_perm(word(xv[2], i >> 1), word(xv[3], i >> 1), sel1);
 }
 
+// A lane's words of one plane of a 3-bit row for steps t = 0..3 of the last chunk c when it is
+// partial (u = 4, 8 or 12 units, stored with stride S = u / 4: see Chunk3); steps past it get 0.
+__device__ __forceinline__ uint4 load_units3_tail(const uint32_t* plane, int c, int q, int n_units) {
+  const int S = (n_units - c * 16) >> 2;
+  const uint32_t* w = plane + c * 16 + q * S;
+  return make_uint4(__ldg(w), S > 1 ? __ldg(w + 1) : 0u, S > 2 ? __ldg(w + 2) : 0u, 0u);
+}
+
+// A lane's words of a 3-bit chunk c: units c * 16 + 4t + q for steps t = 0..3. packed.py stores a
+// chunk's units interleaved by four (unit c * 16 + 4t + q at word c * 16 + q S + t, S = the
+// chunk's units / 4: 4, or fewer in a last, partial chunk), so a full chunk is one 16-byte load
+// per lane, plane and row.
+// Rows of a 3-bit kernel's 16-row tile: row0 + g and row0 + 8 + g; with p.glu_half (SiLU x up,
+// row0 = 8 per block) the gate row row0 + g and the up row of the same output, glu_half further.
+__device__ __forceinline__ void row_offsets3(const GemvInt4Params& p, int row0, int g, bool zeros,
+                                             uint32_t (&w_off)[1][2], uint32_t (&s_off)[1][2], uint32_t (&z_off)[1][2]) {
+  if (!p.glu_half) return row_offsets<1>(p, row0, 16, g, 0, zeros, w_off, s_off, z_off);
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const uint32_t row = min(row0 + g, p.glu_half - 1) + h * p.glu_half;
+    w_off[0][h] = opaque(row * uint32_t(p.ld_codes));
+    s_off[0][h] = opaque(row * uint32_t(p.ld_scales));
+    z_off[0][h] = zeros ? opaque(row * uint32_t(p.ld_zeros)) : 0u;
+  }
+}
+
 struct Chunk3 {
-  uint4 w[2][3];   // rows g, g + 8: planes 0, 1, 2 of the lane's 4 units
-  uint32_t s[2][4];  // fp16 scale bits per row and unit
-  uint32_t z[2][4];  // zero points per row and unit
+  uint4 w[2][3];     // rows g, g + 8: planes 0, 1, 2; word t = step t's unit c * 16 + 4t + q
+  uint32_t s[2][4];  // fp16 scale bits per row and step
+  uint32_t z[2][4];  // zero points per row and step
 };
+
+// Chunk c of rows g, g + 8 (nothing past the last chunk: warp-uniform): words, and the scale and
+// zero point of each step's unit.
+template <bool kZeros, class Params>
+__device__ __forceinline__ void load_chunk3(Chunk3& ch, const Params& p, int c, int q, int n_units,
+                                            const uint32_t (&w_off)[2], const uint32_t (&s_off)[2],
+                                            const uint32_t (&z_off)[2]) {
+  if (c * 16 + 16 <= n_units) {  // a full chunk (warp-uniform)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int u = 0; u < 3; ++u) ch.w[h][u] = load_stream(p.codes + (w_off[h] + u * n_units + c * 16 + 4 * q));
+  } else {
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int u = 0; u < 3; ++u) ch.w[h][u] = load_units3_tail(p.codes + (w_off[h] + u * n_units), c, q, n_units);
+  }
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+#pragma unroll
+    for (int t = 0; t < 4; ++t) {
+      const uint32_t grp = uint32_t((min(c * 16 + 4 * t + q, n_units - 1) * 32) >> p.group_shift);
+      ch.s[h][t] = __ldg(p.scales + (s_off[h] + grp));
+      ch.z[h][t] = kZeros ? uint32_t(__ldg(p.zeros + (z_off[h] + grp))) : uint32_t(p.code_offset);
+    }
+  }
+}
 
 template <bool kBF16, bool kZeros>
 __global__ void __launch_bounds__(512) gemv_int3_kernel(const GemvInt4Params p) {
@@ -449,48 +543,31 @@ __global__ void __launch_bounds__(512) gemv_int3_kernel(const GemvInt4Params p) 
   const int warp = threadIdx.x >> 5;
   const int n_warps = blockDim.x >> 5;
   const int g = lane >> 2, q = lane & 3;
-  const int row0 = blockIdx.x * 16;
-  const int n_units = p.k >> 5;  // J
+  const int row0 = blockIdx.x * (p.glu_half ? 8 : 16);
+  const int n_units = p.k >> 5;  // J, a multiple of 4
   const int n_chunks = (n_units + 15) >> 4;
   const uint16_t* xs = static_cast<const uint16_t*>(p.x);
   uint32_t x_offs[1];
-  x_offsets<1>(p, g, q * 128, x_offs);
+  x_offsets<1>(p, g, q * 32, x_offs);
   const uint32_t x_off = x_offs[0];
   uint32_t w_offs[1][2], s_offs[1][2], z_offs[1][2];  // rows g, g + 8
-  row_offsets<1>(p, row0, 16, g, q * 4, kZeros, w_offs, s_offs, z_offs);
+  row_offsets3(p, row0, g, kZeros, w_offs, s_offs, z_offs);
   const uint32_t (&w_off)[2] = w_offs[0], (&s_off)[2] = s_offs[0], (&z_off)[2] = z_offs[0];
 
   auto load = [&](Chunk3& ch, int c) {
-    if (c >= n_chunks) return;  // warp-uniform
-    const int j0 = c * 16 + q * 4;  // the lane's first unit
-    const bool ok = j0 < n_units;   // J % 4 == 0: a lane's 4 units are all in range or all out
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-#pragma unroll
-      for (int u = 0; u < 3; ++u)
-        ch.w[h][u] = ok ? load_stream(p.codes + (w_off[h] + u * n_units + c * 16)) : make_uint4(0, 0, 0, 0);
-#pragma unroll
-      for (int t = 0; t < 4; ++t) {
-        const uint32_t grp = uint32_t((min(j0 + t, n_units - 1) * 32) >> p.group_shift);
-        ch.s[h][t] = ok ? uint32_t(__ldg(p.scales + (s_off[h] + grp))) : 0u;
-        ch.z[h][t] = kZeros ? uint32_t(__ldg(p.zeros + (z_off[h] + grp))) : uint32_t(p.code_offset);
-      }
-    }
+    if (c < n_chunks) load_chunk3<kZeros>(ch, p, c, q, n_units, w_off, s_off, z_off);  // warp-uniform
   };
 
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
-  const uint32_t m2 = opaque(0x00030003u), m1 = opaque(0x00040004u), magic = opaque(H::kMagic);
+  const uint32_t magic = opaque(H::kMagic);
   auto compute = [&](const Chunk3& ch, int c) {
-    // lanes past the last unit still join every mma (a warp-wide instruction) with zero x
-    const bool ok = c * 16 + q * 4 < n_units;
 #pragma unroll
-    for (int t = 0; t < 4; ++t) {  // the lane's units
-      uint4 xv[4] = {make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0)};
-      if (ok) {
-        const uint4* xp = reinterpret_cast<const uint4*>(xs + (x_off + c * kChunk3 + t * 32));
+    for (int t = 0; t < 4; ++t) {  // the lane's unit c * 16 + 4t + q
+      if (c * 16 + 4 * t >= n_units) break;  // past a partial last chunk: warp-uniform
+      uint4 xv[4];
+      const uint4* xp = reinterpret_cast<const uint4*>(xs + (x_off + c * kChunk3 + t * 128));
 #pragma unroll
-        for (int i = 0; i < 4; ++i) xv[i] = __ldg(xp + i);
-      }
+      for (int i = 0; i < 4; ++i) xv[i] = __ldg(xp + i);
       uint32_t p0[2], p1[2], p2[2], nz[2], ss[2];  // rows g, g + 8
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
@@ -500,8 +577,13 @@ __global__ void __launch_bounds__(512) gemv_int3_kernel(const GemvInt4Params p) 
         nz[h] = H::kNegMagic | (ch.z[h][t] * 0x10001u);  // -(magic + zero) x2
         ss[h] = H::scale_pair(ch.s[h][t]);
       }
-      // pair i: codes (i, i + 8) of the low half-unit, (16 + i, 24 + i) of the high one, with
-      // B pairs (x[i], x[i + 8]), (x[16 + i], x[24 + i]); two pairs per mma
+      // (code - zero) * scale of pair slot s, from magic + code
+      auto value = [&](int h, int s) {
+        const uint32_t v = unscale3<kBF16>(decode3(p0[h], p1[h], p2[h], s, magic), s);
+        return H::fma2(H::fma2(v, H::kOne, nz[h]), ss[h], 0x80008000u);
+      };
+      // slot i: codes (i, i + 8) of the low half-unit, slot 8 + i: (16 + i, 24 + i) of the high
+      // one, with B pairs (x[i], x[i + 8]), (x[16 + i], x[24 + i]); two pairs per mma
 #pragma unroll
       for (int i = 0; i < 8; i += 2) {
         uint32_t lo[2][2], hi[2][2];  // [row half][pair]
@@ -509,11 +591,8 @@ __global__ void __launch_bounds__(512) gemv_int3_kernel(const GemvInt4Params p) 
         for (int h = 0; h < 2; ++h)
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            const int ii = i + e;
-            const uint32_t v0 = decode3(p0[h], p2[h], ii, false, m1, m2, magic);
-            const uint32_t v1 = decode3(p1[h], p2[h], ii, true, m1, m2, magic);
-            lo[h][e] = H::fma2(H::fma2(v0, H::kOne, nz[h]), ss[h], 0x80008000u);  // (code - zero) * scale
-            hi[h][e] = H::fma2(H::fma2(v1, H::kOne, nz[h]), ss[h], 0x80008000u);
+            lo[h][e] = value(h, i + e);
+            hi[h][e] = value(h, 8 + i + e);
           }
         uint32_t bl[2], bh[2];
         unit3_b(xv, i, bl, bh);
@@ -539,19 +618,23 @@ __global__ void __launch_bounds__(512) gemv_int3_kernel(const GemvInt4Params p) 
   }
 
   const float acc1[1][1][4] = {{{acc[0], acc[1], acc[2], acc[3]}}};
-  reduce_store<kBF16, 1, 1>(p, partials, acc1, row0);
+  if (p.glu_half)
+    reduce_store_glu8<kBF16, 1>(p, partials, acc1, row0);
+  else
+    reduce_store<kBF16, 1, 1>(p, partials, acc1, row0);
 }
 
 // ----------------------------------------------------------------------------------------------
-// 3-bit codes with groups of >= 128 inputs (or one per row), post-scaled. The lanes of a quad
-// take interleaved units: at step t of a 512-input chunk, lane q decodes unit 4t + q, so the
-// four lanes of an mma hold units 4t .. 4t + 3 = one 128-input group. Its mmas then run on
-// magic + code directly (no per-weight scaling: one shift and two LOP3s per pair of codes), and
-// each step's fp32 result is corrected and scaled once, as int4's post-scale path does:
-// s * (sum (magic + c) x - (magic + zero) * sum x), sum x from an mma of all-ones A. A lane's
-// units are four words 16 bytes apart in each plane: 4-byte loads (the quad's loads of a step
-// cover 16 contiguous bytes of each row and plane, the chunk's four steps 64). kB = 2 (9-16
-// activation rows): each decoded pair meets two B tiles, as in the int4 kernel.
+// 3-bit codes with groups of >= 128 inputs (or one per row), post-scaled. At step t of a
+// 512-input chunk lane q decodes unit 4t + q (the interleaved order above), so the four lanes of
+// an mma hold units 4t .. 4t + 3 = one 128-input group. Its mmas then run on magic + code
+// directly (no per-weight scaling: decode3, and one packed FMA for the 7 of 16 pair slots stored
+// 3 or 4 bits up in the mantissa), and each step's fp32 result is corrected and scaled once, as
+// int4's post-scale path does: s * (sum (magic + c) x - (magic + zero) * sum x), sum x from an mma
+// of all-ones A. One activation tile (kB = 1): a lane's four units of a chunk are one 16-byte load
+// per plane and row, two chunks in flight per warp (as the pre-scaled kernel). kB = 2 (9-16
+// activation rows): each decoded pair meets two B tiles, as in the int4 kernel; to stay within
+// 128 registers it holds one chunk in flight, as a ring of four steps refilled by 4-byte loads.
 
 struct Step3 {      // one step t of a chunk: unit 4t + q of the chunk, rows g and g + 8
   uint32_t w[2][3];  // [row half][plane] words
@@ -567,32 +650,18 @@ __global__ void __launch_bounds__(512) gemv_int3p_kernel(const GemvInt4Params p)
   const int warp = threadIdx.x >> 5;
   const int n_warps = blockDim.x >> 5;
   const int g = lane >> 2, q = lane & 3;
-  const int row0 = blockIdx.x * 16;
+  const int row0 = blockIdx.x * (p.glu_half ? 8 : 16);
   const int n_units = p.k >> 5;  // J, a multiple of 4
   const int n_chunks = (n_units + 15) >> 4;
   const uint16_t* xs = static_cast<const uint16_t*>(p.x);
   uint32_t x_off[kB];
   x_offsets<kB>(p, g, q * 32, x_off);
   uint32_t w_offs[1][2], s_offs[1][2], z_offs[1][2];  // rows g, g + 8
-  row_offsets<1>(p, row0, 16, g, q, kZeros, w_offs, s_offs, z_offs);
+  row_offsets3(p, row0, g, kZeros, w_offs, s_offs, z_offs);
   const uint32_t (&w_off)[2] = w_offs[0], (&s_off)[2] = s_offs[0], (&z_off)[2] = z_offs[0];
 
-  // step t of chunk c (nothing past the last chunk or unit: warp-uniform)
-  auto load = [&](Step3& st, int c, int t) {
-    const int j0 = c * 16 + 4 * t;  // the quad's first unit
-    if (c >= n_chunks || j0 >= n_units) return;
-    const uint32_t grp = uint32_t((j0 * 32) >> p.group_shift);
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-#pragma unroll
-      for (int u = 0; u < 3; ++u) st.w[h][u] = __ldg(p.codes + (w_off[h] + u * n_units + j0));
-      st.s[h] = __ldg(p.scales + (s_off[h] + grp));
-      st.z[h] = kZeros ? uint32_t(__ldg(p.zeros + (z_off[h] + grp))) : uint32_t(p.code_offset);
-    }
-  };
-
   float acc[1][kB][4] = {};  // reduce_store's (row tiles, B tiles, 4)
-  const uint32_t m2 = opaque(0x00030003u), m1 = opaque(0x00040004u), magic = opaque(H::kMagic);
+  const uint32_t magic = opaque(H::kMagic);
   const uint32_t ones[4] = {H::kOne, H::kOne, H::kOne, H::kOne};
   // mma chains per B tile and sum: one B tile keeps the low and high half-units apart (four
   // chains of four), two tiles share one chain per tile and sum (four chains of eight)
@@ -614,10 +683,9 @@ __global__ void __launch_bounds__(512) gemv_int3p_kernel(const GemvInt4Params p)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int ii = i + e;
-          lo[h][e] = decode3(st.w[h][0], st.w[h][2], ii, false, m1, m2, magic);
-          hi[h][e] = decode3(st.w[h][1], st.w[h][2], ii, true, m1, m2, magic);
+        for (int e = 0; e < 2; ++e) {  // slots i + e (low half-unit) and 8 + i + e (high)
+          lo[h][e] = unscale3<kBF16>(decode3(st.w[h][0], st.w[h][1], st.w[h][2], i + e, magic), i + e);
+          hi[h][e] = unscale3<kBF16>(decode3(st.w[h][0], st.w[h][1], st.w[h][2], 8 + i + e, magic), 8 + i + e);
         }
       }
       const uint32_t A0[4] = {lo[0][0], lo[1][0], lo[0][1], lo[1][1]};
@@ -645,23 +713,92 @@ __global__ void __launch_bounds__(512) gemv_int3p_kernel(const GemvInt4Params p)
     }
   };
 
-  // one chunk in flight: each step's slot is refilled with the next chunk's step as it is taken
-  Step3 ring[4];
   const int step = n_warps;
   pdl_launch_dependents();
+  if constexpr (kB == 1) {
+    auto load = [&](Chunk3& ch, int c) {
+      if (c < n_chunks) load_chunk3<kZeros>(ch, p, c, q, n_units, w_off, s_off, z_off);  // warp-uniform
+    };
+    auto compute_chunk = [&](const Chunk3& ch, int c) {
 #pragma unroll
-  for (int t = 0; t < 4; ++t) load(ring[t], warp, t);  // weights only: before the wait
-  pdl_wait();
-  for (int c = warp; c < n_chunks; c += step) {
+      for (int t = 0; t < 4; ++t) {
+        Step3 st;
 #pragma unroll
-    for (int t = 0; t < 4; ++t) {
-      const Step3 cur = ring[t];
-      load(ring[t], c + step, t);
-      compute(cur, c, t);
+        for (int h = 0; h < 2; ++h) {
+#pragma unroll
+          for (int u = 0; u < 3; ++u) st.w[h][u] = word(ch.w[h][u], t);
+          st.s[h] = ch.s[h][t];
+          st.z[h] = ch.z[h][t];
+        }
+        compute(st, c, t);
+      }
+    };
+    Chunk3 buf_a, buf_b;
+    load(buf_a, warp);  // weights only, both buffers: before the wait
+    load(buf_b, warp + step);
+    pdl_wait();
+    for (int c = warp; c < n_chunks; c += 2 * step) {
+      compute_chunk(buf_a, c);
+      load(buf_a, c + 2 * step);
+      if (c + step < n_chunks) compute_chunk(buf_b, c + step);
+      load(buf_b, c + 3 * step);
+    }
+  } else {
+    // steps 2k, 2k + 1 of chunk c (units c * 16 + 4t + q at words c * 16 + q S + t): one 8-byte
+    // load per plane and row in a full chunk; nothing past the last chunk or unit (warp-uniform)
+    struct Pair3 {
+      uint2 w[2][3];               // [row half][plane]: words of steps 2k, 2k + 1
+      uint32_t s[2][2], z[2][2];   // [row half][step]
+    };
+    auto load = [&](Pair3& pr, int c, int k) {
+      const int u = min(16, n_units - c * 16);  // the chunk's units
+      if (c >= n_chunks || 8 * k >= u) return;
+      const int S = u >> 2;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+#pragma unroll
+        for (int u3 = 0; u3 < 3; ++u3) {
+          const uint32_t* w = p.codes + (w_off[h] + u3 * n_units + c * 16 + q * S + 2 * k);
+          pr.w[h][u3] = S == 4 ? __ldg(reinterpret_cast<const uint2*>(w)) : make_uint2(__ldg(w), 2 * k + 1 < S ? __ldg(w + 1) : 0u);
+        }
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const uint32_t grp = uint32_t((min(c * 16 + 4 * (2 * k + e), n_units - 1) * 32) >> p.group_shift);
+          pr.s[h][e] = __ldg(p.scales + (s_off[h] + grp));
+          pr.z[h][e] = kZeros ? uint32_t(__ldg(p.zeros + (z_off[h] + grp))) : uint32_t(p.code_offset);
+        }
+      }
+    };
+    // one chunk in flight: each half-chunk slot is refilled with the next chunk's as it is taken
+    Pair3 ring[2];
+#pragma unroll
+    for (int k = 0; k < 2; ++k) load(ring[k], warp, k);  // weights only: before the wait
+    pdl_wait();
+    for (int c = warp; c < n_chunks; c += step) {
+#pragma unroll
+      for (int k = 0; k < 2; ++k) {
+        const Pair3 cur = ring[k];
+        load(ring[k], c + step, k);
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          Step3 st;
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+#pragma unroll
+            for (int u3 = 0; u3 < 3; ++u3) st.w[h][u3] = e ? cur.w[h][u3].y : cur.w[h][u3].x;
+            st.s[h] = cur.s[h][e];
+            st.z[h] = cur.z[h][e];
+          }
+          compute(st, c, 2 * k + e);
+        }
+      }
     }
   }
 
-  reduce_store<kBF16, 1, kB>(p, partials3, acc, row0);
+  if (p.glu_half)
+    reduce_store_glu8<kBF16, kB>(p, partials3, acc, row0);
+  else
+    reduce_store<kBF16, 1, kB>(p, partials3, acc, row0);
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -793,16 +930,15 @@ cudaError_t launch8(const GemvInt4Params& p, int warps, cudaStream_t stream) {
 
 template <bool kBF16, bool kZeros>
 cudaError_t launch3(const GemvInt4Params& p, int warps, cudaStream_t stream) {
-  const dim3 grid((p.n + 15) / 16);
+  const dim3 grid(p.glu_half ? (p.glu_half + 7) / 8 : (p.n + 15) / 16);  // SiLU x up: 8 outputs per block
   const dim3 block(32 * warps);
   const size_t smem = size_t(warps) * 128 * sizeof(float);
-  // groups of >= 128 inputs from 5 activation rows: post-scaled, interleaved units (H200,
-  // int3:g128 28672x4096: 42.2 vs 48.2 us at 8 rows; at 1 row 33.8 vs 30.9, so not below)
-  // 9-16 rows: the post-scaled kernel with two B tiles (groups of >= 128 inputs only)
+  // groups of >= 128 inputs: the post-scaled kernel at every batch (H200, int3:g128 28672x4096:
+  // 24.4 vs 26.2 us at 1 row, 31.4 vs 32.5 at 8); 9-16 rows: with two B tiles (groups >= 128 only)
   if (p.m > 8)
     return p.group_shift >= 7 ? launch_ex(gemv_int3p_kernel<kBF16, kZeros, 2>, grid, block, 2 * smem, stream, p.pdl, p)
                               : cudaErrorInvalidValue;
-  if (p.group_shift >= 7 && p.int3_post && p.m >= 5)
+  if (p.group_shift >= 7 && p.int3_post)
     return launch_ex(gemv_int3p_kernel<kBF16, kZeros, 1>, grid, block, smem, stream, p.pdl, p);
   return launch_ex(gemv_int3_kernel<kBF16, kZeros>, grid, block, smem, stream, p.pdl, p);
 }
@@ -829,7 +965,8 @@ cudaError_t gemv_int4_launch(const GemvInt4Params& p, bool bf16, bool pre_scale,
 }
 
 cudaError_t gemv_int3_launch(const GemvInt4Params& p, bool bf16, int warps, cudaStream_t stream) {
-  if (p.m < 1 || p.m > 16 || p.n < 1 || p.k < 128 || p.k % 128 || warps < 1 || warps > 16 || p.group_shift < 5)
+  if (p.m < 1 || p.m > 16 || p.n < 1 || p.k < 128 || p.k % 128 || warps < 1 || warps > 16 || p.group_shift < 5 ||
+      (p.glu_half && 2 * p.glu_half != p.n))
     return cudaErrorInvalidValue;
   if (bf16) return p.zeros ? launch3<true, true>(p, warps, stream) : launch3<true, false>(p, warps, stream);
   return p.zeros ? launch3<false, true>(p, warps, stream) : launch3<false, false>(p, warps, stream);

@@ -30,8 +30,8 @@ struct GemvInt4Params {
   int group_shift;        // log2(group_size); >= 30 when one group spans the whole row
   int code_offset;        // symmetric formats: value = code - code_offset
   bool pdl;               // launch with programmatic dependent launch (common.cuh: pdl_enabled)
-  bool int3_post;         // 3-bit codes, groups >= 128, m >= 5: the post-scaled kernel (else pre-scaled)
-  int glu_half;           // int4 GEMV, two row tiles: > 0 = n / 2, y = silu(rows < n / 2) * (rows >= n / 2)
+  bool int3_post;         // 3-bit codes, groups >= 128: the post-scaled kernel (else pre-scaled)
+  int glu_half;           // > 0 = n / 2: y = silu(rows < n / 2) * (rows >= n / 2) (int4: two row tiles; 3-bit: 8 + 8 rows)
 };
 
 // Launches on `stream`; returns the launch error (cudaSuccess if none). int4: m <= 16 (two B
