@@ -221,14 +221,14 @@ def bench(copy_bw: float, results: dict, do_sweep: bool, quick: bool = False,
 
 def int3_warps(copy_bw: float, results: dict, batches: tuple[int, ...], warps: tuple[int, ...]) -> None:
     """The 3-bit GEMV (int3:g128, one row tile) at each warps-per-block count of `warps`, on
-    SHAPES: the launch shapes pick_config chooses among. From 5 rows both kernels (the
-    post-scaled one, and the pre-scaled one with MIXQ_GEMV3_POST=0); below, the pre-scaled."""
+    SHAPES: the launch shapes pick_config chooses among. Both kernels (the post-scaled one, and
+    the pre-scaled one with MIXQ_GEMV3_POST=0)."""
     rows = results.setdefault("int3_warps", [])
     for n, k in SHAPES:
         cp = Copies("int3:g128", n, k)
         for m in batches:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            for post in (("1", "0") if m >= 5 else ("0",)):
+            for post in ("1", "0"):
                 for w in warps:
                     cfg = cuda_gemv.GemvConfig(1, 1, w)
                     with temp_env({"MIXQ_GEMV3_POST": post}):
@@ -243,10 +243,10 @@ def int3_warps(copy_bw: float, results: dict, batches: tuple[int, ...], warps: t
 
 
 def formats_per_byte(copy_bw: float, results: dict, batches: tuple[int, ...]) -> None:
-    """Bytes per second of the 3-bit GEMV (int3:g128, sym and asym; the post-scaled kernel where
-    it runs, from 5 rows, and with MIXQ_GEMV3_POST=0 the pre-scaled one) and the 8-bit one
-    (int8:ch) against int4:g128 on each shape of SHAPES: goal 3 of the kernel issue is int3 at
-    least as fast per byte as int4."""
+    """Bytes per second of the 3-bit GEMV (int3:g128, sym and asym; the post-scaled kernel that
+    runs for groups of >= 128 inputs, and with MIXQ_GEMV3_POST=0 the pre-scaled one) and the
+    8-bit one (int8:ch) against int4:g128 on each shape of SHAPES: goal 3 of the kernel issue is
+    int3 at least as fast per byte as int4."""
     rows = results.setdefault("formats_per_byte", [])
     for n, k in SHAPES:
         for spec, posts in (("int4:g128", ("1",)), ("int8:ch", ("1",)), ("int3:g128", ("1", "0")),
@@ -254,13 +254,13 @@ def formats_per_byte(copy_bw: float, results: dict, batches: tuple[int, ...]) ->
             cp = Copies(spec, n, k)
             for m in batches:
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-                for post in (posts if m >= 5 else posts[-1:]):  # below 5 rows both run the pre-scaled kernel
+                for post in posts:
                     with temp_env({"MIXQ_GEMV3_POST": post}):
                         t = cp.time_us(lambda kw: (lambda: cuda_gemv.qmatmul(x, kw)))
                     g = gbps(cp.nbytes, m, n, k, t)
-                    rows.append(dict(fmt=spec, shape=f"{n}x{k}", batch=m, post_scaled=post == "1" and m >= 5, us=t, GBps=g,
+                    rows.append(dict(fmt=spec, shape=f"{n}x{k}", batch=m, post_scaled=post == "1", us=t, GBps=g,
                                      pct_copy=100 * g * 1e9 / copy_bw, nbytes=cp.nbytes))
-                    kind = "" if spec.startswith(("int4", "int8")) else ("post " if post == "1" and m >= 5 else "pre  ")
+                    kind = "" if spec.startswith(("int4", "int8")) else ("post " if post == "1" else "pre  ")
                     log(f"{spec:>15} {n:>6}x{k:<5} m={m} {kind}{t:7.1f} us "
                         f"{g:6.0f} GB/s ({rows[-1]['pct_copy']:3.0f}%)")
             del cp

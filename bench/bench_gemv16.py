@@ -10,7 +10,7 @@ one run on a GPU.
 Method: bench_kernels' (CUDA-graph replays of calls rotating over >= 256 MB of weight copies,
 random codes and scales, bf16 activations); % = of the device-to-device copy bandwidth
 measured in the same run. Formats: int4:g128 on every shape; int4:g128:asym and int4:g64 on
-14336x4096 (the heuristic's launch only); int3:g128 and int8:ch on three shapes.
+14336x4096 (the heuristic's launch only); int3:g128 and int8:ch on three shapes, int3:g128:asym on one.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from bench_tc import copies, time_dispatch  # noqa: E402
 from mixq.kernels import cuda_gemv, route  # noqa: E402
 
 SHAPES = [(14336, 4096), (4096, 4096), (4096, 14336), (6144, 4096), (28672, 4096), (128256, 4096)]
-OTHER = [("int4:g128:asym", 14336, 4096), ("int4:g64", 14336, 4096), ("int3:g128", 14336, 4096),
+OTHER = [("int4:g128:asym", 14336, 4096), ("int4:g64", 14336, 4096), ("int3:g128", 14336, 4096), ("int3:g128:asym", 14336, 4096),
          ("int3:g128", 4096, 14336), ("int3:g128", 28672, 4096), ("int8:ch", 14336, 4096), ("int8:ch", 4096, 14336),
          ("int8:ch", 6144, 4096)]
 log = bk.log
@@ -60,6 +60,7 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default=None, help="out x in shapes, e.g. 14336x4096 (default: six Llama-3-8B shapes)")
     ap.add_argument("--no-other", action="store_true", help="skip the other formats")
     ap.add_argument("--other-only", action="store_true", help="only the other formats")
+    ap.add_argument("--specs", default=None, help="only these of the other formats, e.g. int3:g128")
     args = ap.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES
@@ -73,7 +74,7 @@ def main(argv=None) -> int:
     log(f"device {props.name}; copy {copy_bw / 1e9:.0f} GB/s")
     points = [] if args.other_only else [("int4:g128", n, k) for n, k in shapes]
     if not args.no_other:
-        points += OTHER
+        points += [o for o in OTHER if args.specs is None or o[0] in args.specs.split(",")]
     for spec, n, k in points:
         kws = copies(spec, n, k)
         lay = kws[0].layout
