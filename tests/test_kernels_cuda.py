@@ -563,7 +563,8 @@ def test_two_tile_routes_and_launch_shapes(monkeypatch):
     # int8 from 8 rows and 3-bit (bench_gemv16.py, bench_gemv.py --int3-warps): warps per shape, one row tile
     for spec, m, n, k, warps in [("int8:ch", 12, 14336, 4096, 4), ("int8:ch", 8, 4096, 14336, 8), ("int8:ch", 16, 6144, 4096, 4),
                                  ("int8:ch", 4, 4096, 14336, 16), ("int3:g128", 12, 14336, 4096, 2),
-                                 ("int3:g128", 8, 14336, 4096, 2), ("int3:g128", 1, 28672, 4096, 4),
+                                 ("int3:g128", 8, 14336, 4096, 2), ("int3:g128", 1, 14336, 4096, 4),
+                                 ("int3:g128", 1, 28672, 4096, 4),
                                  ("int3:g128", 8, 28672, 4096, 8),
                                  ("int3:g128", 12, 4096, 14336, 8), ("int3:g128", 16, 28672, 4096, 8)]:
         cfg = cuda_gemv.pick_config(m, lay(spec, n, k))

@@ -274,8 +274,8 @@ def pick_config(m: int, layout: PackedLayout, n_sms: int = 132) -> GemvConfig:
         return GemvConfig(row_tiles=1, unroll=1, warps=warps)
     if layout.bits == 3:  # H200 sweep (bench_tc.py, 2026-11-30): 8 warps, 4 for tall batch-1 weights
         warps = 4 if (n > 8192 and m == 1) else 8
-        if 8192 < n <= 16384:  # H200, 2 warps at 1-16 rows (bench_gemv16.py; bench_gemv.py --int3-warps on the
-            warps = 2  # interleaved 3-bit units, 2026-12-01): 14336x4096 at 8 rows 17.5 vs 19.5 us, at 16 26.7 vs 31.9
+        if m > 1 and 8192 < n <= 16384:  # H200, 2 warps at 2-16 rows (bench_gemv16.py; bench_gemv.py --int3-warps on
+            warps = 2  # the interleaved 3-bit units, 2026-12-01): 14336x4096 at 8 rows 17.5 vs 19.5 us, at 16 26.7 vs 31.9
         chunks = -(-k // 512)
         while warps > 1 and chunks < warps:
             warps //= 2
