@@ -75,6 +75,23 @@ __device__ __forceinline__ void x_offsets(const GemvInt4Params& p, int g, uint32
   for (int b = 0; b < kB; ++b) off[b] = opaque(uint32_t(min(8 * b + g, p.m - 1)) * uint32_t(p.ldx) + col);
 }
 
+// The register double buffer of the int8 and 3-bit GEMVs: a warp takes chunks warp, warp + step,
+// ... of n_chunks; both buffers' weights are issued before the PDL wait (x and y belong to the
+// stream's previous kernels), and each buffer is refilled right after it is decoded.
+template <class Buf, class Load, class Compute>
+__device__ __forceinline__ void double_buffered(int warp, int step, int n_chunks, Load&& load, Compute&& compute) {
+  Buf buf_a, buf_b;
+  load(buf_a, warp);
+  load(buf_b, warp + step);
+  pdl_wait();
+  for (int c = warp; c < n_chunks; c += 2 * step) {
+    compute(buf_a, c);
+    load(buf_a, c + 2 * step);
+    if (c + step < n_chunks) compute(buf_b, c + step);
+    load(buf_b, c + 3 * step);
+  }
+}
+
 // Scales after the product: acc[j] += s (t[j] - (magic + zero) sx[j]) for one mma's fp32 sums
 // t of magic + code against the activations and sx of the activations alone (an all-ones A);
 // accumulators 0, 1 are row g (fp16 scale bits s0, zero point z0), 2, 3 row g + 8 (s1, z1).
@@ -604,18 +621,8 @@ __global__ void __launch_bounds__(512) gemv_int3_kernel(const GemvInt4Params p) 
     }
   };
 
-  Chunk3 buf_a, buf_b;
-  const int step = n_warps;
   pdl_launch_dependents();
-  load(buf_a, warp);  // weights only, both buffers: before the wait
-  load(buf_b, warp + step);
-  pdl_wait();         // x and y belong to the stream's previous kernels
-  for (int c = warp; c < n_chunks; c += 2 * step) {
-    compute(buf_a, c);
-    load(buf_a, c + 2 * step);
-    if (c + step < n_chunks) compute(buf_b, c + step);
-    load(buf_b, c + 3 * step);
-  }
+  double_buffered<Chunk3>(warp, n_warps, n_chunks, load, compute);
 
   const float acc1[1][1][4] = {{{acc[0], acc[1], acc[2], acc[3]}}};
   if (p.glu_half)
@@ -733,16 +740,7 @@ __global__ void __launch_bounds__(512) gemv_int3p_kernel(const GemvInt4Params p)
         compute(st, c, t);
       }
     };
-    Chunk3 buf_a, buf_b;
-    load(buf_a, warp);  // weights only, both buffers: before the wait
-    load(buf_b, warp + step);
-    pdl_wait();
-    for (int c = warp; c < n_chunks; c += 2 * step) {
-      compute_chunk(buf_a, c);
-      load(buf_a, c + 2 * step);
-      if (c + step < n_chunks) compute_chunk(buf_b, c + step);
-      load(buf_b, c + 3 * step);
-    }
+    double_buffered<Chunk3>(warp, step, n_chunks, load, compute_chunk);
   } else {
     // steps 2k, 2k + 1 of chunk c (units c * 16 + 4t + q at words c * 16 + q S + t): one 8-byte
     // load per plane and row in a full chunk; nothing past the last chunk or unit (warp-uniform)
@@ -902,18 +900,8 @@ __global__ void __launch_bounds__(512) gemv_int8_kernel(const GemvInt4Params p) 
     for (int bt = 0; bt < kB; ++bt) post_scale<kBF16>(acc[0][bt], t[bt], sx[bt], ch.s[0], ch.s[1], ch.z[0], ch.z[1]);
   };
 
-  Chunk8 buf_a, buf_b;
-  const int step = n_warps;
   pdl_launch_dependents();
-  load(buf_a, warp);  // weights only, both buffers: before the wait
-  load(buf_b, warp + step);
-  pdl_wait();
-  for (int c = warp; c < n_chunks; c += 2 * step) {
-    compute(buf_a, c);
-    load(buf_a, c + 2 * step);
-    if (c + step < n_chunks) compute(buf_b, c + step);
-    load(buf_b, c + 3 * step);
-  }
+  double_buffered<Chunk8>(warp, n_warps, n_chunks, load, compute);
   reduce_store<kBF16, 1, kB>(p, partials8, acc, row0);
 }
 
