@@ -79,8 +79,31 @@ def test_tc_block_shapes_split_k_and_scaling_modes(spec):
         assert err < REL_TOL, f"{spec} M={m} {cfg}: rel err {err:.2e}"
 
 
+@pytest.mark.parametrize("spec,k", [("int3:g128", 1408), ("int3:ch", 1536)])
+def test_tc_kernel_3bit_steps_over_interleaved_units(spec, k):
+    """The tensor-core kernel takes 3-bit K steps in stored column order (units interleaved by
+    four in blocks of 16): x and the scales follow each column's unit; scales after the product
+    only where a step's units share a group (per channel on 48 units), else before it. Steps of
+    4 and 16 units, split K over 3 programs, both scale orders asked for; 1408 = 2 full blocks
+    and a last block of 12 units."""
+    from mixq.kernels import triton_tc
+    from mixq.kernels.triton_tc import TcConfig
+
+    kw = _weights(spec, k, out_features=24)
+    assert triton_tc.post_scale_ok(kw.layout, 4) is (spec == "int3:ch")
+    w_ref = dequantize(kw).float()
+    x = torch.randn(3, k, device=KERNEL_DEVICE).to(torch.float16)
+    ref = x.float() @ w_ref.T
+    for bj in (4, 16):
+        for split in (1, 3):
+            for post in (True, False):
+                cfg = TcConfig(16, 16, bj, split, 4, 1, post, False)
+                err = _rel_err(triton_tc.qmatmul(x, kw, None, cfg), ref)
+                assert err < REL_TOL, f"{spec} {cfg}: rel err {err:.2e}"
+
+
 @pytest.mark.parametrize("spec", ["int3:g64", "int3:g64:asym", "int3:ch"])
-def test_old_kernels_read_the_split_3bit_layout(spec):
+def test_old_kernels_read_the_3bit_layout(spec):
     from mixq.kernels import triton_qmm
 
     kw = _weights(spec, 544)

@@ -122,6 +122,19 @@ def _unit_cols(j, J, BITS: tl.constexpr):
 
 
 @triton.jit
+def _col_units(p, J, BITS: tl.constexpr):
+    """Inverse of `_unit_cols`: the unit stored at column p of each plane of a row of J units."""
+    if BITS == 3:
+        base = p // 16 * 16
+        u = tl.minimum(J - base, 16)
+        s = tl.maximum(u // 4, 1)
+        local = p - base
+        return tl.where(u % 4 == 0, base + 4 * (local % s) + local // s, p)
+    else:
+        return p
+
+
+@triton.jit
 def _load_words(wp, mask, J, U: tl.constexpr):
     """The U planes of unit words at pointers wp (plane u is u * J words further)."""
     w0 = tl.load(wp, mask=mask, other=0)

@@ -40,7 +40,7 @@ import triton.language as tl
 
 from mixq.errors import FormatError
 from mixq.kernels.packed import KernelWeights, PackedLayout
-from mixq.kernels.triton_qmm import _SCALE_MODE_ID, _VALUE_MODE_ID, _scale, _sm_count, _unit_cols, checked_input
+from mixq.kernels.triton_qmm import _SCALE_MODE_ID, _VALUE_MODE_ID, _col_units, _scale, _sm_count, checked_input
 from mixq.kernels.workspace import Workspace
 
 # byte k of two int32 words a, b -> (a.k, a.k, b.k, b.k): prmt selectors per k
@@ -289,7 +289,9 @@ def _tc_kernel(
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
     """(BLOCK_N, BLOCK_M) tile of yᵀ over units [pid_k * J_PER_SPLIT, ... + J_PER_SPLIT): per
-    K step one (BN, C * BJ) x (C * BJ, BM) tensor-core product, K in plane order."""
+    K step one (BN, C * BJ) x (C * BJ, BM) tensor-core product, K in plane order. 3-bit codes:
+    the range and each K step are over stored columns (contiguous loads), whose units packed.py
+    interleaves by four in blocks of 16; x and the scales follow each column's unit."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -306,11 +308,14 @@ def _tc_kernel(
     # B rows in plane order: row r = i * BJ + j holds input C * j + i of the step
     r = tl.arange(0, BLOCK_K)
     r_unit = r % BLOCK_J
-    x_tile = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm + (r_unit * C + r // BLOCK_J)[:, None]  # (BK, BM)
+    x_rows = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm  # (1, BM)
+    x_tile = x_rows + (r_unit * C + r // BLOCK_J)[:, None]  # (BK, BM)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     j_start = pid_k * J_PER_SPLIT
     j_end = tl.minimum(j_start + J_PER_SPLIT, J)
-    GROUP_TILE: tl.constexpr = UNITS_PER_GROUP % BLOCK_J == 0  # a K step lies in one group
+    # a K step lies in one group (3-bit: a step's columns hold units of whole blocks of 16)
+    GROUP_TILE: tl.constexpr = UNITS_PER_GROUP % BLOCK_J == 0 and (
+        BITS != 3 or (UNITS_PER_GROUP % 16 == 0 and (16 % BLOCK_J == 0 or BLOCK_J % 16 == 0)))
     for j0 in range(j_start, j_end, BLOCK_J):
         offs_j = j0 + tl.arange(0, BLOCK_J)
         if EVEN_K:
@@ -320,7 +325,7 @@ def _tc_kernel(
             j_mask = offs_j < j_end
             wmask = n_mask[:, None] & j_mask[None, :]
             xmask = ((j0 + r_unit) < j_end)[:, None] & m_mask[None, :]
-        wp = w_rows + _unit_cols(offs_j, J, BITS)[None, :]
+        wp = w_rows + offs_j[None, :]
         w0 = tl.load(wp, mask=wmask, other=0)  # (BN, BJ) int32
         if U == 3:
             w1 = tl.load(wp + J, mask=wmask, other=0)
@@ -332,7 +337,7 @@ def _tc_kernel(
             g_off = s_rows + j0 // UNITS_PER_GROUP
             gmask = n_mask[:, None]
         else:  # (BN, BJ): the group of each unit
-            g_off = s_rows + (offs_j // UNITS_PER_GROUP)[None, :]
+            g_off = s_rows + (_col_units(offs_j, J, BITS) // UNITS_PER_GROUP)[None, :]
             gmask = n_mask[:, None] & (offs_j < j_end)[None, :]
         scale = _scale(tl.load(s_ptr + g_off, mask=gmask, other=0), SCALE_MODE) * VALUE_MULT  # fp32
         if HAS_ZERO:
@@ -352,7 +357,10 @@ def _tc_kernel(
         else:
             a = _decode_tile(w0, w1, w2, lut_ptr, scale, zero, BITS, C, VALUE_MODE, CODE_OFFSET, HAS_ZERO, POST, DT,
                              BLOCK_N, BLOCK_K)
-        xt = tl.load(x_tile + j0 * C, mask=xmask, other=0.0)  # (BK, BM)
+        if BITS == 3:  # row r of the step: input r // BJ of the unit at column j0 + r % BJ
+            xt = tl.load(x_rows + (_col_units(j0 + r_unit, J, BITS) * C + r // BLOCK_J)[:, None], mask=xmask, other=0.0)
+        else:
+            xt = tl.load(x_tile + j0 * C, mask=xmask, other=0.0)  # (BK, BM)
         if POST:
             acc += scale * tl.dot(a, xt)  # the step's product ran on c - z; scale: (BN, 1)
         else:
@@ -416,9 +424,11 @@ def supports(layout: PackedLayout) -> bool:
 
 def post_scale_ok(layout: PackedLayout, block_j: int) -> bool:
     """Whether scales can be applied after each K step's dots: an integer grid, fp16 scales
-    and every K step of block_j units inside one scale group."""
+    and every K step of block_j units inside one scale group (3-bit codes: a step's columns
+    hold units from a block of 16, so groups of whole blocks, 512 inputs)."""
     upg = layout.group_size // layout.codes_per_unit
-    return layout.value_mode == "affine" and upg % block_j == 0
+    blocks_ok = layout.bits != 3 or (upg % 16 == 0 and (16 % block_j == 0 or block_j % 16 == 0))
+    return layout.value_mode == "affine" and upg % block_j == 0 and blocks_ok
 
 
 def asm_ok(layout: PackedLayout, x: torch.Tensor) -> bool:
