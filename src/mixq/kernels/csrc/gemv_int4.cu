@@ -500,10 +500,16 @@ __device__ __forceinline__ uint4 load_units3_tail(const uint32_t* plane, int c, 
   return make_uint4(__ldg(w), S > 1 ? __ldg(w + 1) : 0u, S > 2 ? __ldg(w + 2) : 0u, 0u);
 }
 
-// A lane's words of a 3-bit chunk c: units c * 16 + 4t + q for steps t = 0..3. packed.py stores a
-// chunk's units interleaved by four (unit c * 16 + 4t + q at word c * 16 + q S + t, S = the
-// chunk's units / 4: 4, or fewer in a last, partial chunk), so a full chunk is one 16-byte load
-// per lane, plane and row.
+// The end of a 3-bit kernel (one 16-row tile): reduce_store, or with p.glu_half its SiLU x up.
+template <bool kBF16, int kB>
+__device__ __forceinline__ void reduce_store3(const GemvInt4Params& p, float* partials, const float (&acc)[1][kB][4],
+                                              int row0) {
+  if (p.glu_half)
+    reduce_store_glu8<kBF16, kB>(p, partials, acc, row0);
+  else
+    reduce_store<kBF16, 1, kB>(p, partials, acc, row0);
+}
+
 // Rows of a 3-bit kernel's 16-row tile: row0 + g and row0 + 8 + g; with p.glu_half (SiLU x up,
 // row0 = 8 per block) the gate row row0 + g and the up row of the same output, glu_half further.
 __device__ __forceinline__ void row_offsets3(const GemvInt4Params& p, int row0, int g, bool zeros,
@@ -524,8 +530,10 @@ struct Chunk3 {
   uint32_t z[2][4];  // zero points per row and step
 };
 
-// Chunk c of rows g, g + 8 (nothing past the last chunk: warp-uniform): words, and the scale and
-// zero point of each step's unit.
+// Chunk c of rows g, g + 8: for steps t = 0..3 the words of units c * 16 + 4t + q, and the scale
+// and zero point of each step's unit. packed.py stores a chunk's units interleaved by four (unit
+// c * 16 + 4t + q at word c * 16 + q S + t, S = the chunk's units / 4: 4, or fewer in a last,
+// partial chunk), so a full chunk is one 16-byte load per lane, plane and row.
 template <bool kZeros, class Params>
 __device__ __forceinline__ void load_chunk3(Chunk3& ch, const Params& p, int c, int q, int n_units,
                                             const uint32_t (&w_off)[2], const uint32_t (&s_off)[2],
@@ -625,10 +633,7 @@ __global__ void __launch_bounds__(512) gemv_int3_kernel(const GemvInt4Params p) 
   double_buffered<Chunk3>(warp, n_warps, n_chunks, load, compute);
 
   const float acc1[1][1][4] = {{{acc[0], acc[1], acc[2], acc[3]}}};
-  if (p.glu_half)
-    reduce_store_glu8<kBF16, 1>(p, partials, acc1, row0);
-  else
-    reduce_store<kBF16, 1, 1>(p, partials, acc1, row0);
+  reduce_store3<kBF16, 1>(p, partials, acc1, row0);
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -641,7 +646,8 @@ __global__ void __launch_bounds__(512) gemv_int3_kernel(const GemvInt4Params p) 
 // of all-ones A. One activation tile (kB = 1): a lane's four units of a chunk are one 16-byte load
 // per plane and row, two chunks in flight per warp (as the pre-scaled kernel). kB = 2 (9-16
 // activation rows): each decoded pair meets two B tiles, as in the int4 kernel; to stay within
-// 128 registers it holds one chunk in flight, as a ring of four steps refilled by 4-byte loads.
+// 128 registers it holds one chunk in flight, as a ring of two half-chunk slots refilled by 8-byte
+// loads (steps 2k and 2k + 1 of a lane are adjacent words).
 
 struct Step3 {      // one step t of a chunk: unit 4t + q of the chunk, rows g and g + 8
   uint32_t w[2][3];  // [row half][plane] words
@@ -793,10 +799,7 @@ __global__ void __launch_bounds__(512) gemv_int3p_kernel(const GemvInt4Params p)
     }
   }
 
-  if (p.glu_half)
-    reduce_store_glu8<kBF16, kB>(p, partials3, acc, row0);
-  else
-    reduce_store<kBF16, 1, kB>(p, partials3, acc, row0);
+  reduce_store3<kBF16, kB>(p, partials3, acc, row0);
 }
 
 // ----------------------------------------------------------------------------------------------
